@@ -1,0 +1,48 @@
+"""Training losses in one place: the seed's L_simple and the x-space losses with SNR weights.
+
+- ``eps-mse``: L_simple = ||eps - eps_hat||^2 (Ho et al. 2020, eq. 14), uniform t.
+- ``snr-trunc``: max(SNR, 1)·||x - x_hat||^2 ("truncated SNR", Salimans & Ho 2022 §4).
+- ``snr+1``: (SNR + 1)·||x - x_hat||^2 (equals the v-MSE, Salimans & Ho 2022 §4).
+All are means over the example's elements, returned per example so callers can reduce as they like.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import param as P
+from fastdiff.schedules import Schedule
+
+WEIGHTINGS = ("eps-mse", "snr-trunc", "snr+1")
+
+
+def snr_weight(logsnr: torch.Tensor, weighting: str) -> torch.Tensor:
+    """(B,) weight on ||x - x_hat||^2 for the x-space losses."""
+    snr = torch.exp(logsnr)
+    if weighting == "snr-trunc":
+        return snr.clamp(min=1.0)
+    if weighting == "snr+1":
+        return snr + 1.0
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+
+
+def weighted_loss(out, x0, eps, x_t, alpha, sigma, logsnr, param: str, weighting: str) -> torch.Tensor:
+    """(B,) loss of network output `out` (in `param`) against the clean x0 and noise eps."""
+    dims = tuple(range(1, x0.ndim))
+    if weighting == "eps-mse":
+        _, eps_hat = P.to_x0_eps(out, x_t, alpha, sigma, param)
+        return (eps - eps_hat).pow(2).mean(dims)
+    x0_hat, _ = P.to_x0_eps(out, x_t, alpha, sigma, param)
+    return snr_weight(logsnr, weighting) * (x0 - x0_hat).pow(2).mean(dims)
+
+
+def diffusion_loss(net, x0, schedule: Schedule, param: str, weighting: str, generator: torch.Generator,
+                   t_min: float = 1e-3, y=None) -> torch.Tensor:
+    """(B,) denoising loss at t ~ U[t_min, 1] with x_t = alpha x0 + sigma eps (noise from `generator`)."""
+    b = x0.shape[0]
+    t = t_min + (1 - t_min) * torch.rand(b, generator=generator, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    alpha, sigma = (a.to(x0) for a in schedule.alpha_sigma(t))
+    logsnr = schedule.logsnr(t).to(x0)
+    x_t = P.append_dims(alpha, x0.ndim) * x0 + P.append_dims(sigma, x0.ndim) * eps
+    out = net(x_t, t.to(x0), y) if y is not None else net(x_t, t.to(x0))
+    return weighted_loss(out.float(), x0, eps, x_t, alpha, sigma, logsnr, param, weighting)

@@ -1,0 +1,130 @@
+"""DDPM-style U-Net (Ho et al. 2020, App. B) conditioned on continuous t in [0, 1].
+
+Residual blocks with GroupNorm and a timestep (+ class) embedding, self-attention at chosen
+resolutions through the one dispatch function `fastdiff.ops.attention` (Triton on CUDA, SDPA elsewhere).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fastdiff.models.embeddings import CondEmbedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    head_dim: int = 64
+    dropout: float = 0.1
+    num_classes: int = 0
+    scalar_cond: bool = False
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, ch), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2, self.drop = _norm(cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H·W tokens."""
+
+    def __init__(self, ch: int, head_dim: int):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm, self.qkv, self.proj = _norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, emb=None):
+        from fastdiff.ops import attention
+
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, N, d)
+        out = attention(q.contiguous(), k.contiguous(), v.contiguous())
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """(B, C, H, W) noisy images, (B,) t -> (B, C, H, W) output in the trained parameterization."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, emb_dim = cfg.channels, 4 * cfg.channels
+        self.embed = CondEmbedding(ch, emb_dim, cfg.num_classes, cfg.scalar_cond)
+        self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.down, skips, res = nn.ModuleList(), [ch], cfg.image_size
+        cur = ch
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout)]
+                cur = ch * mult
+                if res in cfg.attn_resolutions:
+                    blocks.append(AttnBlock(cur, cfg.head_dim))
+                self.down.append(nn.ModuleList(blocks))
+                skips.append(cur)
+            if level != len(cfg.channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                skips.append(cur)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), AttnBlock(cur, cfg.head_dim),
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(cur + skips.pop(), ch * mult, emb_dim, cfg.dropout)]
+                cur = ch * mult
+                if res in cfg.attn_resolutions:
+                    blocks.append(AttnBlock(cur, cfg.head_dim))
+                self.up.append(nn.ModuleList(blocks))
+            if level != 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(cur, cur, 3, padding=1)]))
+                res *= 2
+        self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, y=None, w=None):
+        emb = self.embed(t, y, w)
+        h = self.stem(x)
+        hs = [h]
+        for blocks in self.down:
+            for blk in blocks:
+                h = blk(h, emb) if isinstance(blk, (ResBlock, AttnBlock)) else blk(h)
+            hs.append(h)
+        for blk in self.mid:
+            h = blk(h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            for blk in blocks:
+                h = blk(h, emb) if isinstance(blk, (ResBlock, AttnBlock)) else blk(h)
+        return self.out(h)

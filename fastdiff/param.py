@@ -1,0 +1,44 @@
+"""Network parameterizations: conversions between the network output and (x0, eps).
+
+x_t = alpha x0 + sigma eps;  v = alpha eps - sigma x0  (Salimans & Ho 2022, eq. in App. D), so
+x0 = alpha x_t - sigma v,  eps = sigma x_t + alpha v,  x0 = (x_t - sigma eps) / alpha.
+alpha, sigma are per-sample tensors of shape (B,) and broadcast over the remaining dims.
+"""
+from __future__ import annotations
+
+import torch
+
+PARAMS = ("eps", "x0", "v")
+
+
+def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) with `ndim` dims in all, for broadcasting per-sample scalars."""
+    return a.reshape(a.shape + (1,) * (ndim - a.ndim))
+
+
+def to_x0_eps(out, x_t, alpha, sigma, param: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ...) network output in `param` -> (x0_hat, eps_hat)."""
+    alpha, sigma = append_dims(alpha, x_t.ndim), append_dims(sigma, x_t.ndim)
+    if param == "eps":
+        return (x_t - sigma * out) / alpha, out
+    if param == "x0":
+        return out, (x_t - alpha * out) / sigma
+    if param == "v":
+        return alpha * x_t - sigma * out, sigma * x_t + alpha * out
+    raise ValueError(f"unknown parameterization {param!r}; choose one of {PARAMS}")
+
+
+def eps_from_x0(x0, x_t, alpha, sigma) -> torch.Tensor:
+    """eps = (x_t - alpha x0) / sigma: the noise consistent with x0 (used after clipping x0)."""
+    return (x_t - append_dims(alpha, x_t.ndim) * x0) / append_dims(sigma, x_t.ndim)
+
+
+def target(x0, eps, alpha, sigma, param: str) -> torch.Tensor:
+    """The regression target for a network that outputs `param`."""
+    if param == "eps":
+        return eps
+    if param == "x0":
+        return x0
+    if param == "v":
+        return append_dims(alpha, x0.ndim) * eps - append_dims(sigma, x0.ndim) * x0
+    raise ValueError(f"unknown parameterization {param!r}; choose one of {PARAMS}")

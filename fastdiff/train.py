@@ -1,0 +1,312 @@
+"""Teacher training: `python -m fastdiff.train --preset digits [--field value ...]`.
+
+A run directory holds the resolved `config.json`, `metrics.csv`, `checkpoint.pt` (written atomically
+every `ckpt_every` steps) and periodic sample pictures. Re-running the same command resumes from the
+checkpoint and ends with the same weights as an uninterrupted run (on CPU); a run dir holding a
+different config is refused.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from fastdiff import config as C
+from fastdiff import distributed as D
+from fastdiff.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from fastdiff.data import get_data, static_info
+from fastdiff.errors import FastdiffError, run_cli
+from fastdiff.io import write_text
+from fastdiff.losses import WEIGHTINGS, diffusion_loss
+from fastdiff.models import MLPConfig, UNetConfig, build_model
+from fastdiff.param import PARAMS
+from fastdiff.schedules import SCHEDULES, Schedule
+
+log = logging.getLogger(__name__)
+
+# Fields that change neither the trajectory nor the result: a run may be resumed with other values.
+NON_RESULT_FIELDS = ("out_dir", "device", "steps", "log_every", "sample_every", "ckpt_every")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a teacher run. Presets below are instances of it."""
+
+    dataset: str = "digits"
+    data_root: str = ""
+    image_size: int = 32
+    cond: str = "none"
+    label_dropout: float = 0.1
+    schedule: str = "cosine"
+    T: int = 1000
+    param: str = "v"
+    weighting: str = "snr-trunc"
+    arch: str = "unet"
+    channels: int = 48
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (4,)
+    head_dim: int = 32
+    dropout: float = 0.0
+    hidden: int = 256
+    layers: int = 4
+    scalar_cond: bool = False
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    flip: bool = False
+    seed: int = 0
+    ckpt_every: int = 250
+    sample_every: int = 1000
+    log_every: int = 50
+    out_dir: str = "runs/teacher-digits"
+    device: str = "auto"
+
+
+PRESETS = {
+    "toy2d": TrainConfig(dataset="toy2d", arch="mlp", hidden=256, layers=4, steps=4000, batch_size=512, lr=2e-3,
+                         warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=2000, out_dir="runs/teacher-toy2d"),
+    "digits": TrainConfig(),
+    # The DDPM paper's CIFAR-10 settings (Ho et al. 2020, App. B): 35.7M-parameter U-Net, linear schedule,
+    # L_simple, lr 2e-4 with 5000 warm-up steps, batch 128, dropout 0.1, EMA 0.9999, 800k steps, flips.
+    "cifar10": TrainConfig(dataset="cifar10", schedule="linear", param="eps", weighting="eps-mse", channels=128,
+                           channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), head_dim=256,
+                           dropout=0.1, steps=800_000, lr=2e-4, warmup=5000, ema_decay=0.9999, flip=True,
+                           ckpt_every=5000, sample_every=20_000, log_every=100, out_dir="runs/teacher-cifar10"),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise FastdiffError for field values no run could use."""
+    choices = {"schedule": SCHEDULES, "param": PARAMS, "weighting": WEIGHTINGS, "arch": ("unet", "mlp"),
+               "cond": ("none", "class")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise FastdiffError(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for name in ("steps", "batch_size", "T", "channels", "hidden", "layers", "ckpt_every", "log_every", "sample_every"):
+        if getattr(cfg, name) < 1:
+            raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.label_dropout < 1:
+        raise FastdiffError("need lr > 0, 0 <= ema-decay < 1 and 0 <= label-dropout < 1")
+    shape, num_classes = static_info(cfg.dataset, cfg.image_size)
+    if (cfg.arch == "mlp") != (len(shape) == 1):
+        raise FastdiffError(f"--arch {cfg.arch} does not fit data set {cfg.dataset!r} (use mlp for toy2d, unet for images)")
+    if cfg.cond == "class" and num_classes == 0:
+        raise FastdiffError(f"--cond class needs a labelled data set; {cfg.dataset!r} has no labels")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise FastdiffError(f"--device {cfg.device!r}: use auto, cpu or cuda[:N]")
+
+
+def build_network(cfg: TrainConfig) -> torch.nn.Module:
+    """The network a TrainConfig describes (data shape and classes come from the data set's name)."""
+    shape, num_classes = static_info(cfg.dataset, cfg.image_size)
+    num_classes = num_classes if cfg.cond == "class" else 0
+    if cfg.arch == "mlp":
+        return build_model(MLPConfig(dim=shape[0], hidden=cfg.hidden, layers=cfg.layers, num_classes=num_classes,
+                                     scalar_cond=cfg.scalar_cond))
+    return build_model(UNetConfig(image_size=shape[1], in_channels=shape[0], channels=cfg.channels,
+                                  channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
+                                  attn_resolutions=cfg.attn_resolutions, head_dim=cfg.head_dim, dropout=cfg.dropout,
+                                  num_classes=num_classes, scalar_cond=cfg.scalar_cond))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastdiffError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str]) -> Path:
+    """Create/check a run dir: refuse one whose config.json differs in a field that matters."""
+    run = Path(out_dir)
+    cfg_path = run / "config.json"
+    if cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another --out-dir") from None
+        keep = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
+        changes = C.diff(keep(old), keep(config))
+        if changes:
+            raise FastdiffError(f"run dir {str(run)!r} holds a different config ({'; '.join(changes[:3])}); "
+                                "use another --out-dir or delete that one")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable --out-dir") from None
+    return run
+
+
+class MetricsLog:
+    """Append-only CSV of training metrics that a resume trims back to the checkpoint's step."""
+
+    def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "step"):
+        self.path, self.fields = path, list(fields)
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    try:
+                        if int(row[key]) <= resume_step and None not in row.values():
+                            rows.append(row)
+                    except (KeyError, TypeError, ValueError):
+                        continue  # a row cut short by a kill
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
+
+    def append(self, row: dict) -> None:
+        if D.is_main():
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerow(row)
+
+
+def save_sample_picture(net, cfg: TrainConfig, device, path: Path, n: int = 64) -> None:
+    """DDIM(eta=0, 32 steps) samples from `net` to a PNG, with fixed per-index noise."""
+    from fastdiff.data import to_uint8
+    from fastdiff.samplers import ddim, make_grid, randn_like_per_sample, sample_generators
+    from fastdiff.viz import save_samples
+
+    schedule = Schedule(cfg.schedule, cfg.T)
+    shape, _ = static_info(cfg.dataset, cfg.image_size)
+    n = n if len(shape) > 1 else 2000
+    x = randn_like_per_sample((n, *shape), sample_generators(cfg.seed, range(n)), torch.float32, device)
+    with torch.no_grad():
+        out = ddim(net, x, make_grid("student", 32, schedule), schedule=schedule, param=cfg.param,
+                   clip=len(shape) > 1).x
+    arr = to_uint8(out).cpu().numpy() if len(shape) > 1 else out.cpu().numpy()
+    save_samples(arr, path, title=path.stem)
+
+
+def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
+    """Train (or resume) the teacher described by `cfg`; returns the run dir."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
+    config = C.to_dict(cfg)
+    run = prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS) if D.is_main() else Path(cfg.out_dir)
+    D.barrier()
+    if D.is_main():
+        write_text(run / "config.json", C.dumps(cfg))
+
+    torch.manual_seed(cfg.seed + D.rank())  # dropout; the data/noise stream has its own generator
+    net = build_network(cfg).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + D.rank())
+    step = 0
+    ckpt_path = run / CKPT_NAME
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        gen.set_state(ckpt["rng"]["data"][D.rank()])
+        torch.set_rng_state(ckpt["rng"]["torch"][D.rank()])
+        log.info("resuming %s from step %d", run, step)
+    if step >= cfg.steps:
+        log.info("%s already finished (%d steps); nothing to do", run, step)
+        return run
+    metrics = MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], step)
+    model = D.wrap_ddp(net, device)
+    x_all = data.x.to(device)
+    y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
+    schedule = Schedule(cfg.schedule, cfg.T)
+    local_batch = D.local_batch_size(cfg.batch_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t_start, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.dataset}", disable=not progress or not D.is_main(),
+               dynamic_ncols=True)
+    while step < cfg.steps:
+        idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
+        x0 = x_all[idx]
+        if cfg.flip:
+            flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        y = None
+        if y_all is not None:
+            drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
+            y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss = diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
+        if not torch.isfinite(loss):
+            raise FastdiffError(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint kept)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
+            metrics.append({"step": step, "loss": f"{loss_acc / n_acc:.6f}", "lr": f"{lr:.3g}",
+                            "grad_norm": f"{grad_norm.item():.4f}", "wall_s": f"{time.perf_counter() - t_start:.1f}"})
+            loss_acc, n_acc = 0.0, 0
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            rng = {"data": D.gather_objects(gen.get_state()), "torch": D.gather_objects(torch.get_rng_state())}
+            if D.is_main():
+                save_checkpoint(ckpt_path, {"kind": "teacher", "config": config, "param": cfg.param,
+                                            "data_shape": list(data.shape), "model": net.state_dict(),
+                                            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                            "rng": rng})
+        if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
+            save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    log.info("trained %s for %d steps in %.1f s", run, step, time.perf_counter() - t_start)
+    return run
+
+
+def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, description: str):
+    """Parse `--preset NAME` and field overrides into a frozen config."""
+    parser = C.make_parser(prog, description)
+    parser.add_argument("--preset", default=next(iter(presets)) if "digits" not in presets else "digits",
+                        help=f"one of {', '.join(presets)}")
+    C.add_dataclass_args(parser, cls)
+    args = parser.parse_args(argv)
+    if args.preset not in presets:
+        raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)}")
+    return dataclasses.replace(presets[args.preset], **C.overrides_from_args(cls, args)), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train", "Train a teacher diffusion model.")
+    with D.init_from_env(cfg.device):
+        t0 = time.perf_counter()
+        run = train(cfg)
+        if D.is_main():
+            print(f"teacher ready: {run / CKPT_NAME} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
