@@ -1,0 +1,150 @@
+"""Dispatch for the hot paths: one function per kernel, Triton on CUDA and plain torch elsewhere.
+
+`FASTDIFF_KERNELS` picks the path: `auto` (default; Triton for CUDA tensors when Triton imports and supports
+the dtype, torch otherwise), `torch`, or `triton` (on a CPU tensor this runs Triton's interpreter, which
+needs TRITON_INTERPRET=1 set before Triton is first imported). Importing this module does not import Triton.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff.errors import FastdiffError
+from fastdiff.param import PARAMS, append_dims, to_x0_eps
+
+KERNEL_MODES = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_HEAD_DIM = 256
+_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, index) over the 64-bit seed space
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    # the same truth values Triton reads TRITON_INTERPRET with
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+def _use_triton(x: torch.Tensor, supported: bool) -> bool:
+    """Whether to run the Triton path for tensors like `x`; `supported`: whether the kernel handles them."""
+    mode = os.environ.get("FASTDIFF_KERNELS", "auto")
+    if mode not in KERNEL_MODES:
+        raise FastdiffError(f"FASTDIFF_KERNELS={mode!r}: choose one of {', '.join(KERNEL_MODES)}")
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return x.is_cuda and supported and _triton_importable()
+    if not _triton_importable():
+        raise FastdiffError("FASTDIFF_KERNELS=triton but triton does not import; install it or use auto/torch")
+    if not x.is_cuda and not _interpreting():
+        raise FastdiffError("FASTDIFF_KERNELS=triton on a CPU tensor needs Triton's interpreter: set "
+                            "TRITON_INTERPRET=1 before anything imports triton, or use FASTDIFF_KERNELS=auto")
+    if not supported:
+        raise ValueError(f"the Triton kernel does not support these inputs ({x.dtype}, shape {tuple(x.shape)}); "
+                         "use FASTDIFF_KERNELS=auto or torch")
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) q, k, v -> (B, heads, N, d) softmax(q k^T / sqrt(d)) v, no mask, in q's dtype.
+
+    Triton flash attention (differentiable) or torch's scaled_dot_product_attention.
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention needs q, k, v of one shape (B, heads, N, d); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device) or not q.is_floating_point():
+        raise ValueError(f"attention needs q, k, v of one floating dtype on one device; got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
+    if _use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM):
+        from fastdiff.kernels.attention import attention as flash_attention
+
+        return flash_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
+                 coef_x0: torch.Tensor, coef_xt: torch.Tensor, coef_noise: torch.Tensor, clip: bool = False,
+                 noise: torch.Tensor | None = None, seed: int | None = None, sample_index: torch.Tensor | None = None,
+                 out_uncond: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+    """(B, ...) x_t and network output -> (B, ...) x_s = coef_x0 x0_hat + coef_xt x_t + coef_noise z, in x_t's dtype.
+
+    x0_hat comes from `out` in the parameterization `param` (eps, x0 or v) at (alpha_t, sigma_t), after the
+    guidance combine out = u + w (c - u) when `out_uncond` (u) and `guidance` (w) are given, clamped to
+    [-1, 1] when `clip`. The five coefficients are per-sample (B,) tensors. z is `noise` when given; else,
+    with `seed` and `sample_index` ((B,) global sample indices), noise that depends only on
+    (seed, sample index, element), so sample k gets the same noise in any batch; else there is no noise term
+    (coef_noise must then be 0). The two paths draw that seeded noise from different generators (Philox
+    in the Triton kernel, one torch CPU generator per sample here), so their seeded outputs differ.
+    Math runs in fp32, or fp64 for fp64 inputs on the torch path.
+    """
+    if param not in PARAMS:
+        raise ValueError(f"unknown parameterization {param!r}; choose one of {PARAMS}")
+    if x_t.ndim < 1 or not x_t.is_floating_point():
+        raise ValueError(f"x_t must be a floating (B, ...) tensor; got {x_t.dtype} of shape {tuple(x_t.shape)}")
+    batch = x_t.shape[0]
+    for name, t in (("out", out), ("noise", noise), ("out_uncond", out_uncond)):
+        if t is not None and (t.shape != x_t.shape or not t.is_floating_point()):
+            raise ValueError(f"{name} must be a floating tensor of x_t's shape {tuple(x_t.shape)}; "
+                             f"got {t.dtype} of shape {tuple(t.shape)}")
+    coefs = {"alpha_t": alpha_t, "sigma_t": sigma_t, "coef_x0": coef_x0, "coef_xt": coef_xt, "coef_noise": coef_noise}
+    for name, c in coefs.items():
+        if not isinstance(c, torch.Tensor) or c.shape != (batch,):
+            raise ValueError(f"{name} must be a per-sample tensor of shape ({batch},); got {c!r:.80}")
+    if (out_uncond is None) != (guidance is None):
+        raise ValueError("classifier-free guidance needs both out_uncond and guidance")
+    if noise is not None and seed is not None:
+        raise ValueError("give either noise or seed, not both")
+    if seed is not None:
+        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63); got {seed!r}")
+        if sample_index is None or sample_index.shape != (batch,) or sample_index.is_floating_point():
+            raise ValueError(f"seeded noise needs sample_index, an integer tensor of shape ({batch},)")
+    elif noise is None and bool((coef_noise != 0).any()):
+        raise ValueError("coef_noise is nonzero but there is no noise: pass noise, or seed and sample_index")
+    kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance, noise=noise)
+    if _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
+        from fastdiff.kernels.sampler_step import sampler_step as fused_step
+
+        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, seed=seed,
+                          sample_index=sample_index, **kwargs)
+    if seed is not None:
+        kwargs["noise"] = _seeded_noise(x_t, seed, sample_index)
+    return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
+
+
+def _seeded_noise(x_t: torch.Tensor, seed: int, sample_index: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, ...) standard normals; sample i's from a CPU generator seeded by (seed, sample_index[i])."""
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    gens = (torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in sample_index.tolist())
+    return torch.stack([torch.randn(x_t.shape[1:], generator=g, dtype=dtype) for g in gens]).to(x_t.device)
+
+
+def _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, *, param, clip, out_uncond,
+                        guidance, noise) -> torch.Tensor:
+    """The fused update in plain torch ops, in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x, out = x_t.to(dtype), out.to(dtype)
+    alpha_t, sigma_t, coef_x0, coef_xt, coef_noise = (
+        append_dims(c.to(device=x_t.device, dtype=dtype), x_t.ndim) for c in (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise))
+    # classifier-free guidance (Ho & Salimans 2022): out = u + w (c - u)
+    if out_uncond is not None:
+        out = torch.lerp(out_uncond.to(dtype), out, guidance)
+    x0 = to_x0_eps(out, x, alpha_t, sigma_t, param)[0]
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    x_s = coef_x0 * x0 + coef_xt * x
+    if noise is not None:
+        x_s = x_s + coef_noise * noise.to(dtype)
+    return x_s.to(x_t.dtype)

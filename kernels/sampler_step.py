@@ -1,0 +1,132 @@
+"""Fused diffusion sampler step: x_s = c_x0 * x0_hat + c_xt * x_t + c_noise * z in one pass over memory.
+
+One kernel reads x_t and the network output (and the unconditional output under classifier-free guidance,
+and the noise when it is given) and writes x_s; everything else happens in registers:
+
+    out    = u + w (c - u)                      classifier-free guidance (Ho & Salimans 2022), optional
+    x0_hat = (x_t - sigma out) / alpha          eps-prediction
+           = out                                x0-prediction
+           = alpha x_t - sigma out              v-prediction (Salimans & Ho 2022)
+    x0_hat = clamp(x0_hat, -1, 1)               optional
+    x_s    = c_x0 x0_hat + c_xt x_t + c_noise z
+
+The coefficients are per-sample scalars, so DDPM ancestral, DDIM(eta) and the distilled students' updates
+are all this one kernel. z is a given tensor or Philox noise made in the kernel from
+(seed, sample index, element index), which is the same whatever the launch grid and BLOCK are.
+"""
+import torch
+import triton
+import triton.language as tl
+
+PARAMS = ("eps", "x0", "v")
+NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
+
+
+@triton.jit
+def _philox_normal_quads(seed, quad, sample_index):
+    """(Q,) element-quad indices -> (Q, 4) standard normals for elements 4 quad .. 4 quad + 3.
+
+    Counter = (quad, sample_index lo, sample_index hi, 0), key = seed: one Philox4x32-10 call gives four
+    uint32, and two Box-Muller transforms turn them into four normals, so no random bits are wasted.
+    """
+    c0 = quad.to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + (sample_index & 0xFFFFFFFF).to(tl.uint32)
+    c2 = zero + (sample_index >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    j = tl.arange(0, 4)[None, :]
+    return tl.where(j == 0, n0[:, None], tl.where(j == 1, n1[:, None], tl.where(j == 2, n2[:, None], n3[:, None])))
+
+
+@triton.jit(do_not_specialize=["guidance", "seed"])
+def _sampler_step_kernel(
+    x_ptr, out_ptr, uncond_ptr, noise_ptr, y_ptr,  # (B, n) row-major
+    alpha_ptr, sigma_ptr, c_x0_ptr, c_xt_ptr, c_noise_ptr, index_ptr,  # (B,)
+    n, guidance, seed,
+    PARAM: tl.constexpr, CLIP: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # program (i, b) owns elements [i BLOCK, (i + 1) BLOCK) of sample b, seen as a (BLOCK/4, 4) tile so
+    # that a row of the tile is one Philox counter
+    row = tl.program_id(1)
+    quad = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]
+    mask = offs < n
+    base = row.to(tl.int64) * n
+    # per-sample coefficients, loaded once per program
+    alpha = tl.load(alpha_ptr + row)
+    sigma = tl.load(sigma_ptr + row)
+    c_x0 = tl.load(c_x0_ptr + row)
+    c_xt = tl.load(c_xt_ptr + row)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    # classifier-free guidance: out = u + w (c - u)
+    if CFG:
+        u = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        out = u + guidance * (out - u)
+    # network output -> x0_hat for the eps / x0 / v parameterizations
+    if PARAM == 0:
+        x0 = (x - sigma * out) / alpha
+    elif PARAM == 1:
+        x0 = out
+    else:
+        x0 = alpha * x - sigma * out
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    y = c_x0 * x0 + c_xt * x
+    # noise term c_noise z; in-kernel noise is skipped for rows whose coefficient is 0 (last DDPM step, DDIM eta=0)
+    if NOISE == 1:
+        c_noise = tl.load(c_noise_ptr + row)
+        y += c_noise * tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE == 2:
+        c_noise = tl.load(c_noise_ptr + row)
+        if c_noise != 0.0:
+            y += c_noise * _philox_normal_quads(seed, quad, tl.load(index_ptr + row))
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=False, out_uncond=None,
+                 guidance=None, noise=None, seed=None, sample_index=None, block=4096, num_warps=8):
+    """(B, ...) x_t and network output, (B,) coefficients -> (B, ...) x_s in x_t's dtype.
+
+    `noise` given: z = noise. Else `seed` (int) and `sample_index` ((B,) int64) given: z is Philox noise.
+    Else no noise term. `block` must be a power of two >= 4; it changes the grid, never the result.
+    """
+    batch = x_t.shape[0]
+    n = x_t.numel() // batch
+    x_t, out = x_t.contiguous(), out.contiguous()
+    y = torch.empty_like(x_t)
+    coef = [c.to(device=x_t.device, dtype=torch.float32).contiguous() for c in (alpha, sigma, c_x0, c_xt, c_noise)]
+    if noise is not None:
+        mode, noise = NOISE_GIVEN, noise.contiguous()
+    elif seed is not None:
+        mode, sample_index = NOISE_PHILOX, sample_index.to(device=x_t.device, dtype=torch.int64).contiguous()
+    else:
+        mode = NOISE_NONE
+    cfg = out_uncond is not None
+    # unused pointers get x_t: the constexpr flags compile their loads away
+    _sampler_step_kernel[(triton.cdiv(n, block), batch)](
+        x_t, out, out_uncond.contiguous() if cfg else x_t, noise if noise is not None else x_t, y,
+        *coef, sample_index if mode == NOISE_PHILOX else coef[0],
+        n, float(guidance) if cfg else 1.0, int(seed) if mode == NOISE_PHILOX else 0,
+        PARAM=PARAMS.index(param), CLIP=bool(clip), CFG=cfg, NOISE=mode, BLOCK=block, num_warps=num_warps,
+    )
+    return y
+
+
+def sampler_step_reference(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=False, out_uncond=None,
+                           guidance=None, noise=None):
+    """(B, ...) x_t and network output, (B,) coefficients -> (B, ...) x_s: the same update in plain torch (fp32)."""
+    view = (-1,) + (1,) * (x_t.ndim - 1)
+    alpha, sigma, c_x0, c_xt, c_noise = (c.to(torch.float32).reshape(view) for c in (alpha, sigma, c_x0, c_xt, c_noise))
+    x, out = x_t.float(), out.float()
+    if out_uncond is not None:
+        out = out_uncond.float() + guidance * (out - out_uncond.float())
+    x0 = {"eps": lambda: (x - sigma * out) / alpha, "x0": lambda: out, "v": lambda: alpha * x - sigma * out}[param]()
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    y = c_x0 * x0 + c_xt * x
+    if noise is not None:
+        y = y + c_noise * noise.float()
+    return y.to(x_t.dtype)
