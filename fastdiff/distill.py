@@ -1,0 +1,340 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): `python -m fastdiff.distill`.
+
+With no arguments it runs the bundled default end to end on a CPU: train (or reuse) the `digits`
+teacher, distill it round by round from `start_steps` down to 1 step, evaluate every round, then run
+the FID-vs-steps sweep and write the report. Every round is resumable: kill it at any moment and
+re-run the same command; it continues inside the current round from the last checkpoint.
+
+Run dir layout: `config.json`, `state.pt` (the round in progress), `rounds.csv` (one row per finished
+round), `students/student_N{N}.pt` (each a checkpoint loadable by `fastdiff.load_model`, which records
+its own grid N: sample it with DDIM eta=0 on t_i = i/N).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from fastdiff import config as C
+from fastdiff import distributed as D
+from fastdiff import param as P
+from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_checkpoint, load_model, save_checkpoint
+from fastdiff.data import get_data, static_info
+from fastdiff.errors import FastdiffError, run_cli
+from fastdiff.io import atomic_path, write_text
+from fastdiff.losses import snr_weight
+from fastdiff.schedules import Schedule
+from fastdiff.train import PRESETS as TRAIN_PRESETS
+from fastdiff.train import TrainConfig, build_network, config_from_argv, prepare_run_dir, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
+                "teacher_ddim_value", "wall_clock_s"]
+NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A progressive-distillation run; `teacher_preset` names the TrainConfig preset of the teacher."""
+
+    teacher: str = ""
+    teacher_preset: str = "digits"
+    teacher_steps: int = 0
+    start_steps: int = 64
+    rounds: int = 0
+    steps_per_round: int = 600
+    last_rounds_factor: int = 2
+    param: str = "v"
+    weighting: str = "snr-trunc"
+    lr: float = 2e-4
+    batch_size: int = 128
+    seed: int = 0
+    ckpt_every: int = 100
+    eval_samples: int = 500
+    out_dir: str = "runs/distill-digits"
+    device: str = "auto"
+    bench: bool = True
+    bench_steps: tuple[int, ...] = ()
+    results_dir: str = "results"
+
+
+PRESETS = {
+    "digits": DistillConfig(),
+    "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, steps_per_round=800, lr=5e-4, batch_size=512,
+                           eval_samples=2000, out_dir="runs/distill-toy2d"),
+    # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
+    # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
+    "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, steps_per_round=50_000, lr=5e-5,
+                             ckpt_every=2000, eval_samples=10_000, out_dir="runs/distill-cifar10"),
+}
+
+
+def num_rounds(cfg: DistillConfig) -> int:
+    full = int(math.log2(cfg.start_steps))
+    return min(cfg.rounds, full) if cfg.rounds > 0 else full
+
+
+def round_updates(cfg: DistillConfig, r: int) -> int:
+    """Updates in round r (0-based); the paper doubles the last two rounds (to 1 and 2 steps)."""
+    return cfg.steps_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
+
+
+def validate(cfg: DistillConfig) -> None:
+    if cfg.teacher_preset not in TRAIN_PRESETS:
+        raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    if cfg.start_steps < 2 or cfg.start_steps & (cfg.start_steps - 1):
+        raise FastdiffError(f"--start-steps must be a power of two >= 2, got {cfg.start_steps}")
+    if cfg.param not in P.PARAMS:
+        raise FastdiffError(f"--param {cfg.param!r} is not one of {', '.join(P.PARAMS)}")
+    if cfg.weighting not in ("snr-trunc", "snr+1"):
+        raise FastdiffError(f"--weighting {cfg.weighting!r} is not one of snr-trunc, snr+1")
+    for name in ("steps_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
+        if getattr(cfg, name) < 1:
+            raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.lr <= 0 or cfg.rounds < 0:
+        raise FastdiffError("need --lr > 0 and --rounds >= 0")
+
+
+def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.Tensor:
+    """(B, ...) x_tilde: the x the student must predict at z_t so that one DDIM step hits two teacher steps.
+
+    Salimans & Ho 2022, Algorithm 2: t' = t - 0.5/N, t'' = t - 1/N; z_t -> z_t' -> z_t'' by DDIM (eta=0,
+    no clipping) with the teacher; x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
+    `x0_fn(z, t)` returns the teacher's (x0_hat, eps_hat); t is (B,) float64.
+    """
+    def ddim_to(z, s_from, s_to):
+        x0, eps = x0_fn(z, s_from)
+        a, s = (P.append_dims(v.to(z), z.ndim) for v in schedule.alpha_sigma(s_to))
+        return a * x0 + s * eps  # DDIM eta=0: x_s = alpha_s x0_hat + sigma_s eps_hat
+
+    t1, t2 = t - 0.5 / n_student, t - 1.0 / n_student
+    z2 = ddim_to(ddim_to(z_t, t, t1), t1, t2)
+    a_t, s_t = schedule.alpha_sigma(t)
+    a_2, s_2 = schedule.alpha_sigma(t2)
+    ratio = s_2 / s_t
+    num = z2 - P.append_dims((ratio).to(z_t), z_t.ndim) * z_t
+    return num / P.append_dims((a_2 - ratio * a_t).to(z_t), z_t.ndim)
+
+
+def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Schedule):
+    """Teacher as (z, t float64) -> (x0_hat, eps_hat), through fastdiff.param (eps, x0 or v teachers)."""
+    net = model.net if isinstance(model, LoadedModel) else model
+
+    def fn(z, t):
+        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
+        return P.to_x0_eps(net(z, t.to(z)), z, a, s, param)
+
+    return fn
+
+
+def student_loss(student, teacher, x0, schedule, cfg: DistillConfig, teacher_param: str, n_student: int, gen):
+    """(B,) w(lambda_t)·||x_tilde - x_hat_student(z_t)||^2 at t = i/N, i ~ U{1..N}."""
+    b = x0.shape[0]
+    i = torch.randint(1, n_student + 1, (b,), generator=gen)
+    t = i.double() / n_student
+    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    a, s = (v.to(x0) for v in schedule.alpha_sigma(t))
+    z_t = P.append_dims(a, x0.ndim) * x0 + P.append_dims(s, x0.ndim) * eps
+    with torch.no_grad():
+        target = distill_target(z_t, t, teacher_fn(teacher, teacher_param, schedule), schedule, n_student)
+    x_hat, _ = P.to_x0_eps(student(z_t, t.to(x0)), z_t, a, s, cfg.param)
+    w = snr_weight(schedule.logsnr(t).to(x0), cfg.weighting)
+    return w * (target - x_hat).pow(2).mean(tuple(range(1, x0.ndim)))
+
+
+def load_student(path) -> LoadedModel:
+    """A distilled student by path; `.steps` is its own grid N (sample with DDIM eta=0 on i/N)."""
+    model = load_model(path)
+    if model.kind != "student":
+        raise FastdiffError(f"{path} is a {model.kind} checkpoint, not a distilled student")
+    return model
+
+
+def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student"):
+    """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps."""
+    from fastdiff.samplers import ddim, make_grid, randn_like_per_sample, sample_generators
+
+    net = model.net if isinstance(model, LoadedModel) else model
+    x = randn_like_per_sample((n, *shape), sample_generators(seed, range(n)), torch.float32, device)
+    with torch.no_grad():
+        return ddim(net, x, make_grid(grid, n_steps, schedule), schedule=schedule, param=param,
+                    clip=len(shape) > 1).x
+
+
+class RoundLog:
+    """rounds.csv, rewritten atomically: one row per finished round, never duplicated."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+
+    def done(self, r: int) -> bool:
+        return any(int(row["round"]) == r for row in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows = [x for x in self.rows if int(x["round"]) != row["round"]] + [row]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, ROUND_FIELDS)
+            writer.writeheader()
+            writer.writerows(sorted(self.rows, key=lambda x: int(x["round"])))
+
+
+def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
+    """The teacher checkpoint: --teacher if given, else train (or reuse) the preset's teacher."""
+    if cfg.teacher:
+        return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
+    tcfg = TRAIN_PRESETS[cfg.teacher_preset]
+    tcfg = dataclasses.replace(tcfg, device=cfg.device, **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}))
+    return train(tcfg, progress=progress) / CKPT_NAME
+
+
+def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
+    """Refuse a teacher whose schedule or data shape doesn't match the preset."""
+    expected = TRAIN_PRESETS[cfg.teacher_preset]
+    shape, _ = static_info(expected.dataset, expected.image_size)
+    tcfg = teacher.config
+    if tcfg["schedule"] != expected.schedule or tuple(teacher.data_shape) != tuple(shape):
+        raise FastdiffError(
+            f"teacher {teacher.path} (schedule {tcfg['schedule']}, data shape {tuple(teacher.data_shape)}) does not match "
+            f"preset {cfg.teacher_preset!r} (schedule {expected.schedule}, data shape {shape}); "
+            "pass --teacher-preset matching the teacher or another --teacher")
+    if teacher.kind != "teacher":
+        raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --teacher needs a teacher")
+
+
+def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> Path:
+    """Run (or resume) every round; returns the run dir."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    teacher_path = resolve_teacher(cfg, progress)
+    teacher0 = load_model(teacher_path, device)
+    check_teacher(teacher0, cfg)
+    resolved = {**C.to_dict(cfg), "teacher": str(teacher_path)}
+    run = prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS) if D.is_main() else Path(cfg.out_dir)
+    if D.is_main():
+        write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    D.barrier()
+    tcfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in teacher0.config.items()})
+    student_cfg = C.to_dict(dataclasses.replace(tcfg, param=cfg.param))
+    schedule = teacher0.schedule
+    data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
+    x_all = data.x.to(device)
+    rounds = RoundLog(run / "rounds.csv")
+    (run / "students").mkdir(exist_ok=True)
+    state_path = run / "state.pt"
+    t_run = time.perf_counter()
+    if all(rounds.done(r) for r in range(num_rounds(cfg))):
+        log.info("%s already finished all %d rounds; nothing to distill", run, num_rounds(cfg))
+    teacher_net, teacher_param = teacher0.net, teacher0.param
+    for r in range(num_rounds(cfg)):
+        n_student = cfg.start_steps // 2 ** (r + 1)
+        student_path = run / "students" / f"student_N{n_student}.pt"
+        if rounds.done(r) and student_path.exists():
+            prev = load_model(student_path, device)
+            teacher_net, teacher_param = prev.net, prev.param
+            continue
+        teacher_net.eval().requires_grad_(False)
+        student = build_network(tcfg).to(device)
+        student.load_state_dict(teacher_net.state_dict())
+        student.train().requires_grad_(True)
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + r * 104729 + D.rank())
+        updates, total = 0, round_updates(cfg, r)
+        round_wall = 0.0
+        if state_path.exists():
+            state = load_checkpoint(state_path, map_location=device)
+            if state["round"] == r:
+                student.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                gen.set_state(state["rng"][D.rank()])
+                updates, round_wall = state["step"], state["wall_clock_s"]
+                log.info("resuming round %d at update %d/%d", r, updates, total)
+        model = D.wrap_ddp(student, device)
+        local_batch = D.local_batch_size(cfg.batch_size)
+        bar = tqdm(total=total, initial=updates, desc=f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps",
+                   disable=not progress or not D.is_main(), dynamic_ncols=True)
+        t0, recent = time.perf_counter() - round_wall, []
+        while updates < total:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * (1 - updates / total)  # linear decay to 0 within the round
+            idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
+            loss = student_loss(model, teacher_net, x_all[idx], schedule, cfg, teacher_param, n_student, gen).mean()
+            if not torch.isfinite(loss):
+                raise FastdiffError(f"distillation loss became {loss.item()} in round {r} at update {updates}; "
+                                    f"the last good checkpoint {state_path} is kept — lower --lr and re-run")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            updates += 1
+            recent = (recent + [loss.item()])[-50:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+            if updates % cfg.ckpt_every == 0 and updates < total:
+                rng = D.gather_objects(gen.get_state())
+                if D.is_main():
+                    save_checkpoint(state_path, {"kind": "distill-state", "config": student_cfg, "model": student.state_dict(),
+                                                 "round": r, "step": updates, "optimizer": opt.state_dict(), "rng": rng,
+                                                 "wall_clock_s": time.perf_counter() - t0})
+            if on_step is not None:
+                on_step(r, updates)
+        bar.close()
+        wall = time.perf_counter() - t0
+        student.eval().requires_grad_(False)
+        if D.is_main():
+            save_checkpoint(student_path, {"kind": "student", "config": student_cfg, "param": cfg.param, "steps": n_student,
+                                           "data_shape": list(data.shape), "model": student.state_dict(), "round": r,
+                                           "updates": updates, "teacher": str(teacher_path)})
+            row = evaluate_round(student, teacher0, n_student, cfg, tcfg, schedule, device)
+            rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": updates,
+                        "loss": f"{sum(recent) / max(len(recent), 1):.6f}", "wall_clock_s": f"{wall:.1f}", **row})
+            log.info("round %d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r, n_student, row["metric"],
+                     row["student_value"], n_student, row["teacher_ddim_value"])
+        D.barrier()
+        teacher_net, teacher_param = student, cfg.param
+    log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
+    return run
+
+
+def evaluate_round(student, teacher: LoadedModel, n_student: int, cfg: DistillConfig, tcfg: TrainConfig,
+                   schedule: Schedule, device) -> dict:
+    """Score the N-step student and the teacher's N-step DDIM on the same per-index noise."""
+    from fastdiff.metrics import quick_score
+
+    shape = tuple(teacher.data_shape)
+    a = sample_model(student, n_student, cfg.eval_samples, shape, schedule, cfg.param, cfg.seed, device)
+    b = sample_model(teacher, n_student, cfg.eval_samples, shape, schedule, teacher.param, cfg.seed, device)
+    name, va = quick_score(a, tcfg.dataset)
+    _, vb = quick_score(b, tcfg.dataset)
+    return {"metric": name, "student_value": f"{va:.6g}", "teacher_ddim_value": f"{vb:.6g}"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
+                              "Progressively distill a teacher into few-step students, then benchmark and report.")
+    t0 = time.perf_counter()
+    with D.init_from_env(cfg.device):
+        run = distill(cfg)
+        if cfg.bench:
+            from fastdiff.bench import bench_after_distill
+
+            bench_after_distill(run, cfg)
+        D.barrier()
+    if D.is_main():
+        print(f"done: students in {run / 'students'}, per-round table {run / 'rounds.csv'} "
+              f"(total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
