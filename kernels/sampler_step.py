@@ -45,13 +45,14 @@ def _sampler_step_kernel(
     x_ptr, out_ptr, uncond_ptr, noise_ptr, y_ptr,  # (B, n) row-major
     alpha_ptr, sigma_ptr, c_x0_ptr, c_xt_ptr, c_noise_ptr, index_ptr,  # (B,)
     n, guidance, seed,
-    PARAM: tl.constexpr, CLIP: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+    PARAM: tl.constexpr, CLIP: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr,
+    BLOCK: tl.constexpr, WIDTH: tl.constexpr,
 ):
-    # program (i, b) owns elements [i BLOCK, (i + 1) BLOCK) of sample b, seen as a (BLOCK/4, 4) tile so
-    # that a row of the tile is one Philox counter
+    # program (i, b) owns elements [i BLOCK, (i + 1) BLOCK) of sample b as a (BLOCK / WIDTH, WIDTH) tile:
+    # WIDTH = 4 makes a tile row one Philox counter, WIDTH = 8 gives 16-byte loads of 16-bit dtypes
     row = tl.program_id(1)
-    quad = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]
+    tile_row = tl.program_id(0) * (BLOCK // WIDTH) + tl.arange(0, BLOCK // WIDTH)
+    offs = tile_row[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
     mask = offs < n
     base = row.to(tl.int64) * n
     # per-sample coefficients, loaded once per program
@@ -80,9 +81,10 @@ def _sampler_step_kernel(
         c_noise = tl.load(c_noise_ptr + row)
         y += c_noise * tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     elif NOISE == 2:
+        tl.static_assert(WIDTH == 4, "Philox noise needs 4-wide tile rows")
         c_noise = tl.load(c_noise_ptr + row)
         if c_noise != 0.0:
-            y += c_noise * _philox_normal_quads(seed, quad, tl.load(index_ptr + row))
+            y += c_noise * _philox_normal_quads(seed, tile_row, tl.load(index_ptr + row))
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,7 +93,7 @@ def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=Fal
     """(B, ...) x_t and network output, (B,) coefficients -> (B, ...) x_s in x_t's dtype.
 
     `noise` given: z = noise. Else `seed` (int) and `sample_index` ((B,) int64) given: z is Philox noise.
-    Else no noise term. `block` must be a power of two >= 4; it changes the grid, never the result.
+    Else no noise term. `block` must be a power of two >= 8; it changes the grid, never the result.
     """
     batch = x_t.shape[0]
     n = x_t.numel() // batch
@@ -110,7 +112,8 @@ def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=Fal
         x_t, out, out_uncond.contiguous() if cfg else x_t, noise if noise is not None else x_t, y,
         *coef, sample_index if mode == NOISE_PHILOX else coef[0],
         n, float(guidance) if cfg else 1.0, int(seed) if mode == NOISE_PHILOX else 0,
-        PARAM=PARAMS.index(param), CLIP=bool(clip), CFG=cfg, NOISE=mode, BLOCK=block, num_warps=num_warps,
+        PARAM=PARAMS.index(param), CLIP=bool(clip), CFG=cfg, NOISE=mode, BLOCK=block,
+        WIDTH=4 if mode == NOISE_PHILOX else 8, num_warps=num_warps,
     )
     return y
 

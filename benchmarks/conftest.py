@@ -1,0 +1,54 @@
+"""Benchmark fixtures: GPU kernels are timed with triton.testing.do_bench (L2 flushed between runs, median of
+repeats after warm-up) and the figures land in `benchmark.extra_info`; pytest-benchmark's own rounds time the
+same call on the host, synchronised, so its statistics include launch overhead.
+
+With FASTDIFF_BENCH_LOG=FILE each GPU figure is also appended to FILE as one JSON line the moment it is
+measured, so a run cut short (gpu.sh's time limits) keeps what it measured.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(items):
+    """GPU benchmarks (those using the `cuda` fixture) are skipped, with the reason, on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="GPU benchmark: no CUDA device")
+    for item in items:
+        if "cuda" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda():
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def gpu_bench(benchmark, cuda):
+    """gpu_bench(fn, bytes=..., flops=..., **info) -> median ms of fn on the GPU, recorded with GB/s or TFLOP/s."""
+
+    def run(fn, *, bytes=None, flops=None, **info):
+        from triton.testing import do_bench
+
+        ms = do_bench(fn, warmup=25, rep=75, return_mode="median")
+        benchmark.extra_info.update(info, ms=ms)
+        if bytes is not None:
+            benchmark.extra_info.update(bytes=bytes, gbps=bytes / ms / 1e6)
+        if flops is not None:
+            benchmark.extra_info.update(flops=flops, tflops=flops / ms / 1e9)
+        if os.environ.get("FASTDIFF_BENCH_LOG"):
+            with open(os.environ["FASTDIFF_BENCH_LOG"], "a") as f:
+                f.write(json.dumps(benchmark.extra_info) + "\n")
+
+        def synced():
+            fn()
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(synced, rounds=10, warmup_rounds=2)
+        return ms
+
+    return run
