@@ -1,0 +1,247 @@
+"""Samplers: plain functions over an explicit decreasing time grid ts (k-diffusion style).
+
+Every sampler is `name(model, x, ts, *, schedule, param, clip=False, generator=None, return_trajectory=False,
+guidance=None, ...) -> Sample`: `x` (B, ...) is the state at ts[0] (the initial noise when ts[0] = 1), `ts`
+a (steps+1,) float64 grid from `fastdiff.grids`, and `model(x, t) -> out` a plain callable with t a (B,)
+tensor of continuous times in x's dtype and `out` in the parameterization `param` ("eps", "x0" or "v").
+
+- guidance=w (float): `model(x, t)` returns the pair (out_cond, out_uncond) from one batched forward and the
+  sampler uses out_uncond + w (out_cond - out_uncond) (Ho & Salimans 2022; w = 0 unconditional, w = 1
+  conditional). A guided forward counts as 1 NFE.
+- clip: x0_hat is clamped to [-1, 1] and eps_hat recomputed from the clamped x0_hat.
+- generator: None (torch's global RNG), one torch.Generator, or a list of B generators, row i drawing only from
+  generator[i] (see `sample_generators`), so sample k gets the same noise in any batch.
+- Sample.trajectory (return_trajectory=True) holds the B-batch state at every grid point, ts[0] first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from fastdiff import param as P
+from fastdiff.errors import FastdiffError
+from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid,  # noqa: F401
+                            strided_grid, student_grid)
+from fastdiff.ops import sampler_step
+from fastdiff.schedules import Schedule
+
+VARIANCES = ("large", "small")
+_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, as in fastdiff.ops: spreads (seed, index) over 64 bits
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class Sample:
+    """(B, ...) final x, the number of network evaluations, and the states at the grid points (or None)."""
+
+    x: torch.Tensor
+    nfe: int
+    trajectory: list[torch.Tensor] | None = None
+
+
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64.
+
+    This is the seeding of `fastdiff.ops`' seeded torch noise, so both give sample k the same stream.
+    """
+    return [torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in indices]
+
+
+def randn_like_per_sample(shape, generators: Sequence[torch.Generator], dtype, device) -> torch.Tensor:
+    """(B, ...) `shape` standard normals, row i drawn on the CPU from generators[i], then moved to `device`."""
+    if len(generators) != shape[0]:
+        raise FastdiffError(f"{len(generators)} generators for a batch of {shape[0]}: give one per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators]).to(device)
+
+
+def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """(B, ...) standard normals like x from the global RNG, one generator, or one generator per row."""
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return randn_like_per_sample(x.shape, generator, x.dtype, x.device)
+
+
+def _evaluate(model, x: torch.Tensor, t: torch.Tensor, guidance: float | None):
+    """One (guided) forward at the (B,) times t -> (out, out_uncond), out_uncond None without guidance."""
+    out = model(x, t)
+    return (out, None) if guidance is None else out
+
+
+def _guided(out, out_uncond, guidance):
+    """Classifier-free guidance (Ho & Salimans 2022): out_uncond + w (out_cond - out_uncond)."""
+    return out if out_uncond is None else torch.lerp(out_uncond, out, guidance)
+
+
+def _x0_eps(model, x, t: float, schedule: Schedule, param: str, clip: bool, guidance):
+    """(B, ...) x at time t -> (x0_hat, eps_hat), x0_hat clamped to [-1, 1] if clip, eps_hat consistent with it."""
+    b = x.shape[0]
+    alpha, sigma = (v.to(x).expand(b) for v in schedule.alpha_sigma(t))
+    out = _guided(*_evaluate(model, x, torch.full((b,), t, dtype=x.dtype, device=x.device), guidance), guidance)
+    x0, eps = P.to_x0_eps(out, x, alpha, sigma, param)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = P.eps_from_x0(x0, x, alpha, sigma)
+    return x0, eps
+
+
+def _check_grid(ts: torch.Tensor) -> None:
+    if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()) or ts[-1] < 0 or ts[0] > 1:
+        raise FastdiffError("a time grid must be a strictly decreasing 1-D tensor in [0, 1] with >= 2 points; "
+                            "build one with fastdiff.grids.make_grid")
+
+
+def _linear_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generator, return_trajectory,
+                  guidance) -> Sample:
+    """Run the per-step updates x <- coef_x0 x0_hat + coef_xt x + coef_noise z (one fastdiff.ops.sampler_step each).
+
+    t_net, alpha, sigma: (steps,) float64 time, alpha and sigma of the network evaluation at step i;
+    coefs: (steps, 3) float64 (coef_x0, coef_xt, coef_noise); a step draws z only when its coef_noise != 0.
+    """
+    b = x.shape[0]
+    noisy = (coefs[:, 2] != 0).tolist()
+    t_in = t_net.to(device=x.device, dtype=x.dtype)
+    alpha, sigma, coefs = (v.to(x.device) for v in (alpha, sigma, coefs))
+    trajectory = [x] if return_trajectory else None
+    for i in range(len(t_net)):
+        out, out_uncond = _evaluate(model, x, t_in[i].expand(b), guidance)
+        c = coefs[i]
+        x = sampler_step(x, out, param=param, alpha_t=alpha[i].expand(b), sigma_t=sigma[i].expand(b),
+                         coef_x0=c[0].expand(b), coef_xt=c[1].expand(b), coef_noise=c[2].expand(b), clip=clip,
+                         noise=_randn(x, generator) if noisy[i] else None, out_uncond=out_uncond, guidance=guidance)
+        if trajectory is not None:
+            trajectory.append(x)
+    return Sample(x, len(t_net), trajectory)
+
+
+def _pairs(ts: torch.Tensor, schedule: Schedule):
+    """(steps+1,) grid -> (alpha_t, sigma_t, alpha_s, sigma_s, beta_ts), each (steps,) float64, for s < t consecutive.
+
+    beta_{t|s} = 1 - abar_t/abar_s, computed with expm1 so it stays exact on fine grids.
+    """
+    _check_grid(ts)
+    alpha, sigma = schedule.alpha_sigma(ts)
+    beta_ts = -torch.expm1(2 * (alpha[:-1].log() - alpha[1:].log()))
+    return alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], beta_ts
+
+
+def _coefs(alpha_t, sigma_t, alpha_s, d, c) -> torch.Tensor:
+    """(steps,) each -> (steps, 3) (coef_x0, coef_xt, coef_noise) of x_s = alpha_s x0 + d eps + c z.
+
+    eps = (x_t - alpha_t x0)/sigma_t makes it x_s = (alpha_s - d alpha_t/sigma_t) x0 + (d/sigma_t) x_t + c z.
+    """
+    return torch.stack([alpha_s - d * alpha_t / sigma_t, d / sigma_t, c], 1)
+
+
+def ddpm(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
+         return_trajectory: bool = False, guidance: float | None = None, variance: str = "large") -> Sample:
+    """(B, ...) noise at ts[0] -> Sample: DDPM ancestral sampling between consecutive grid points s < t.
+
+    On the full grid k/T this is Ho et al. 2020 Alg. 2; on a sub-grid it is strided DDPM (Nichol & Dhariwal
+    2021 respacing). variance "large" is beta_{t|s}, "small" the posterior's beta-tilde. No noise on a step to 0.
+    """
+    if variance not in VARIANCES:
+        raise FastdiffError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    alpha_t, sigma_t, alpha_s, sigma_s, beta_ts = _pairs(ts, schedule)
+    # posterior mean (Ho et al. 2020 eq. 7 between any s < t):
+    # mu = sqrt(abar_s) beta_{t|s}/(1 - abar_t) x0 + sqrt(1 - beta_{t|s}) (1 - abar_s)/(1 - abar_t) x_t,
+    # which is the DDIM(eta=1) mean, i.e. direction coefficient d = alpha_t sigma_s^2 / (alpha_s sigma_t)
+    d = alpha_t * sigma_s**2 / (alpha_s * sigma_t)
+    var = beta_ts if variance == "large" else sigma_s**2 / sigma_t**2 * beta_ts
+    c = torch.where(ts[1:] > 0, var.sqrt(), 0.0)
+    return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, _coefs(alpha_t, sigma_t, alpha_s, d, c), param=param,
+                         clip=clip, generator=generator, return_trajectory=return_trajectory, guidance=guidance)
+
+
+def ddim(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
+         return_trajectory: bool = False, guidance: float | None = None, eta: float = 0.0) -> Sample:
+    """(B, ...) noise at ts[0] -> Sample: DDIM(eta) (Song et al. 2021); eta=0 deterministic, eta=1 = DDPM "small"."""
+    if not 0.0 <= eta <= 1.0:
+        raise FastdiffError(f"DDIM eta must be in [0, 1], got {eta}")
+    alpha_t, sigma_t, alpha_s, sigma_s, beta_ts = _pairs(ts, schedule)
+    # Song et al. 2021 eq. 12/16: x_s = alpha_s x0 + d eps + c z, c = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(beta_{t|s}),
+    # d = sqrt(1 - abar_s - c^2); with eps = (x_t - alpha_t x0)/sigma_t this is linear in (x0, x_t)
+    c = eta * sigma_s / sigma_t * beta_ts.sqrt()
+    # d^2 = sigma_s^2 - c^2 = sigma_s^2/sigma_t^2 ((1 - eta^2) sigma_t^2 + eta^2 (alpha_t sigma_s/alpha_s)^2): no cancellation
+    d = sigma_s / sigma_t * ((1 - eta**2) * sigma_t**2 + eta**2 * (alpha_t * sigma_s / alpha_s) ** 2).sqrt()
+    coefs = _coefs(alpha_t, sigma_t, alpha_s, d, c)
+    return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
+                         return_trajectory=return_trajectory, guidance=guidance)
+
+
+def distilled(model, x, N: int, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
+              return_trajectory: bool = False, guidance: float | None = None) -> Sample:
+    """(B, ...) noise at t=1 -> Sample: a distilled N-step student, i.e. DDIM eta=0 on its grid i/N."""
+    return ddim(model, x, student_grid(N), schedule=schedule, param=param, clip=clip, generator=generator,
+                return_trajectory=return_trajectory, guidance=guidance)
+
+
+def dpm_solver_pp_2m(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False,
+                     generator: Generators = None, return_trajectory: bool = False,
+                     guidance: float | None = None) -> Sample:
+    """(B, ...) noise at ts[0] -> Sample: DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, NFE = steps.
+
+    First order on the first step and on the step to t = 0 (as k-diffusion's sample_dpmpp_2m), where it returns
+    x0_hat. Deterministic: `generator` is accepted for a uniform signature and unused.
+    """
+    _check_grid(ts)
+    alpha, sigma = schedule.alpha_sigma(ts)
+    lam = schedule.logsnr(ts) / 2  # lambda = log(alpha/sigma)
+    trajectory = [x] if return_trajectory else None
+    x0_prev = None
+    for i in range(len(ts) - 1):
+        x0, _ = _x0_eps(model, x, float(ts[i]), schedule, param, clip, guidance)
+        if ts[i + 1] == 0:
+            x = x0
+        else:
+            h = lam[i + 1] - lam[i]
+            d = x0
+            if x0_prev is not None:
+                # eq. (2M): D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1}/h_i
+                r = (lam[i] - lam[i - 1]) / h
+                d = x0 + (x0 - x0_prev) / (2 * r)
+            # exponential integrator in data prediction: x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) D
+            x = float(sigma[i + 1] / sigma[i]) * x + float(-alpha[i + 1] * torch.expm1(-h)) * d
+        x0_prev = x0
+        if trajectory is not None:
+            trajectory.append(x)
+    return Sample(x, len(ts) - 1, trajectory)
+
+
+def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
+         return_trajectory: bool = False, guidance: float | None = None) -> Sample:
+    """(B, ...) noise at ts[0] -> Sample: Karras et al. 2022 Alg. 1 (deterministic Heun), NFE = 2 steps - 1.
+
+    Alg. 1 runs on x~ = x/alpha with sigma~ = sigma/alpha and D = x0_hat: Euler x~' = x~ + (sigma~' - sigma~) d,
+    d = (x~ - D)/sigma~ = eps_hat, then the trapezoid correction, Euler alone on the step to 0. Written back in
+    x = alpha x~ so that 1/alpha (~2e4 for cosine at t=1) never multiplies x. `generator` is unused.
+    """
+    _check_grid(ts)
+    alpha, sigma = schedule.alpha_sigma(ts)
+    sig = sigma / alpha
+    trajectory = [x] if return_trajectory else None
+    nfe = 0
+    for i in range(len(ts) - 1):
+        x0, eps = _x0_eps(model, x, float(ts[i]), schedule, param, clip, guidance)
+        # Euler step = DDIM eta=0: x' = alpha' (x0 + sigma~' eps)
+        x_next = float(alpha[i + 1]) * x0 + float(sigma[i + 1]) * eps
+        nfe += 1
+        if ts[i + 1] > 0:
+            _, eps_next = _x0_eps(model, x_next, float(ts[i + 1]), schedule, param, clip, guidance)
+            nfe += 1
+            # trapezoid: x~'' = x0 + (sigma~ + sigma~')/2 eps + (sigma~' - sigma~)/2 eps'
+            a = float(alpha[i + 1])
+            x_next = a * x0 + float(a * (sig[i] + sig[i + 1]) / 2) * eps + float(a * (sig[i + 1] - sig[i]) / 2) * eps_next
+        x = x_next
+        if trajectory is not None:
+            trajectory.append(x)
+    return Sample(x, nfe, trajectory)
+
+
+SAMPLERS: dict[str, Callable[..., Sample]] = {
+    "ddpm": ddpm, "ddim": ddim, "dpm_solver_pp_2m": dpm_solver_pp_2m, "heun": heun,
+}

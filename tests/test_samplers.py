@@ -1,0 +1,291 @@
+"""Samplers and editing against closed forms: Gaussian data N(MU, STD^2 I) has an exact denoiser, so exact outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import ops
+from fastdiff.analytic import GaussianDenoiser, exact_ddim_step, exact_ode_solution
+from fastdiff.editing import ddim_invert, img2img, inpaint
+from fastdiff.errors import FastdiffError
+from fastdiff.grids import full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
+from fastdiff.samplers import (ddim, ddpm, distilled, dpm_solver_pp_2m, heun, randn_like_per_sample,
+                               sample_generators)
+from fastdiff.schedules import Schedule
+
+MU, STD, DIM, T = 0.5, 0.3, 8, 1000
+F64 = torch.float64
+SCHEDULES = ["linear", "cosine"]
+PARAMS = ["eps", "x0", "v"]
+
+
+def _noise(n: int, seed: int = 0, start: int = 0, dtype=F64) -> torch.Tensor:
+    return randn_like_per_sample((n, DIM), sample_generators(seed, range(start, start + n)), dtype, "cpu")
+
+
+def _limit(model: GaussianDenoiser, x: torch.Tensor, t_min: float) -> torch.Tensor:
+    """What every sampler converges to on grids ending ... > t_min > 0: the exact ODE to t_min, then x0_hat there."""
+    return model.x0(exact_ode_solution(model, x, 1.0, t_min), t_min)
+
+
+def _err(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------- DDPM and DDIM against their defining formulas
+
+
+@pytest.mark.parametrize("variance", ["large", "small"])
+def test_ddpm_full_grid_is_the_seed_update(variance):
+    schedule = Schedule("linear", T)
+    model = GaussianDenoiser(MU, STD, schedule, "eps")
+    x = _noise(4)
+    out = ddpm(model, x, full_grid(T), schedule=schedule, param="eps", variance=variance,
+               generator=sample_generators(1, range(4)), return_trajectory=True)
+    assert out.nfe == T and len(out.trajectory) == T + 1 and out.trajectory[0] is x
+    # Ho et al. 2020 Alg. 2: x_{t-1} = (x_t - (1-a_t)/sqrt(1-abar_t) eps)/sqrt(a_t) + sigma_t z, no z at t = 1
+    betas = schedule.discrete_betas()
+    abar = torch.cumprod(1 - betas, 0)
+    gens = sample_generators(1, range(4))
+    for k in range(T, 0, -1):
+        a, ab, beta = 1 - betas[k - 1], abar[k - 1], betas[k - 1]
+        eps = model(x, torch.full((4,), k / T, dtype=F64))
+        x = (x - (1 - a) / (1 - ab).sqrt() * eps) / a.sqrt()
+        if k > 1:
+            var = beta if variance == "large" else (1 - abar[k - 2]) / (1 - ab) * beta
+            x = x + var.sqrt() * randn_like_per_sample(x.shape, gens, F64, "cpu")
+        assert torch.allclose(out.trajectory[T - k + 1], x, rtol=1e-10, atol=1e-10), k
+    assert torch.allclose(out.x, x, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("grid", ["trailing", "quadratic", "logsnr"])
+def test_ddim_eta1_is_ddpm_small_variance(kind, grid):
+    schedule = Schedule(kind, T)
+    model = GaussianDenoiser(MU, STD, schedule, "v")
+    ts = make_grid(grid, 25, schedule)
+    a = ddim(model, _noise(4), ts, schedule=schedule, param="v", eta=1.0, generator=sample_generators(3, range(4)))
+    b = ddpm(model, _noise(4), ts, schedule=schedule, param="v", variance="small",
+             generator=sample_generators(3, range(4)))
+    assert a.nfe == b.nfe == 25
+    assert torch.allclose(a.x, b.x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_one_ddim_step_is_song_eq12(eta):
+    # an x0-model that knows x0: x_s = alpha_s x0 + sqrt(1 - abar_s - c^2) eps + c z with the true eps
+    schedule = Schedule("cosine", T)
+    x0, eps = _noise(4, seed=5) * STD + MU, _noise(4, seed=6)
+    t, s = 0.7, 0.2
+    (a_t, s_t), (a_s, s_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)
+    x_t = a_t * x0 + s_t * eps
+    out = ddim(lambda x, tt: x0, x_t, torch.tensor([t, s], dtype=F64), schedule=schedule, param="x0", eta=eta,
+               generator=sample_generators(2, range(4)))
+    c = eta * (s_s**2 / s_t**2).sqrt() * (1 - a_t**2 / a_s**2).sqrt()
+    z = randn_like_per_sample(x0.shape, sample_generators(2, range(4)), F64, "cpu")
+    assert torch.allclose(out.x, a_s * x0 + (s_s**2 - c**2).sqrt() * eps + c * z, rtol=1e-12, atol=1e-12)
+
+
+def test_distilled_is_ddim_on_the_student_grid():
+    schedule = Schedule("cosine", T)
+    model = GaussianDenoiser(MU, STD, schedule, "v")
+    out = distilled(model, _noise(4), 4, schedule=schedule, param="v")
+    assert out.nfe == 4
+    assert torch.equal(out.x, ddim(model, _noise(4), student_grid(4), schedule=schedule, param="v").x)
+    # each DDIM eta=0 step with the exact denoiser is the closed-form affine step
+    x = _noise(4)
+    for t, s in zip(student_grid(4)[:-1].tolist(), student_grid(4)[1:].tolist()):
+        x = exact_ddim_step(model, x, t, s)
+    assert torch.allclose(out.x, x, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- convergence to the exact probability-flow ODE
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_ddim_fine_grid_solves_the_ode_and_reaches_the_data_distribution(kind):
+    schedule = Schedule(kind, T)
+    outs = {}
+    for param in PARAMS:
+        model = GaussianDenoiser(MU, STD, schedule, param)
+        outs[param] = ddim(model, _noise(8), full_grid(T), schedule=schedule, param=param).x
+    assert _err(outs["eps"], outs["v"]) < 1e-10 and _err(outs["x0"], outs["v"]) < 1e-10
+    assert _err(outs["v"], _limit(model, _noise(8), 1 / T)) < 5e-3
+    # N(0, I) at t = 1 goes to (nearly) N(MU, STD^2): the ODE map is affine with slope STD/sqrt(alpha^2 STD^2 + sigma^2)
+    x = torch.randn(2048, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = ddim(model, x, full_grid(T), schedule=schedule, param="v").x
+    assert abs(y.mean().item() - MU) < 0.01 and abs(y.std().item() - STD) < 0.01
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_dpm_solver_pp_needs_far_fewer_steps_than_ddim(kind):
+    schedule = Schedule(kind, T)
+    model = GaussianDenoiser(MU, STD, schedule, "v")
+    x = _noise(8)
+    ref = _limit(model, x, 1 / T)
+    errs = {}
+    for name, sampler in (("ddim", ddim), ("dpm", dpm_solver_pp_2m)):
+        for steps in (20, 50, 200):
+            out = sampler(model, x, logsnr_grid(schedule, steps), schedule=schedule, param="v")
+            assert out.nfe == steps
+            errs[name, steps] = _err(out.x, ref)
+    assert errs["dpm", 20] < errs["ddim", 20] / 5
+    assert errs["dpm", 50] < errs["ddim", 200]  # 1/4 of the NFE for the same accuracy
+    assert errs["dpm", 200] < errs["dpm", 50] / 8  # second order
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_heun_converges_at_second_order(kind):
+    schedule = Schedule(kind, T)
+    model = GaussianDenoiser(MU, STD, schedule, "x0")
+    x = _noise(8)
+    ref = _limit(model, x, 1 / T)
+    err = {}
+    for steps in (50, 200):
+        out = heun(model, x, karras_grid(schedule, steps), schedule=schedule, param="x0")
+        assert out.nfe == 2 * steps - 1
+        err[steps] = _err(out.x, ref)
+    assert err[200] < err[50] / 8 and err[200] < 5e-3
+
+
+@pytest.mark.parametrize("param", ["x0", "v"])
+@pytest.mark.parametrize("sampler,grid", [(ddim, "linspace"), (ddpm, "linspace"), (dpm_solver_pp_2m, "linspace"),
+                                          (heun, "karras")])
+def test_cosine_first_step_at_t1_is_stable(param, sampler, grid):
+    # alpha(1) ~ 4.5e-5 for cosine: float32 must agree with float64, nothing may scale by 1/alpha
+    schedule = Schedule("cosine", T)
+    model = GaussianDenoiser(MU, STD, schedule, param)
+    ts = make_grid(grid, 10, schedule)
+    runs = [sampler(model, _noise(8, dtype=dtype), ts, schedule=schedule, param=param,
+                    generator=sample_generators(0, range(8)), return_trajectory=True) for dtype in (torch.float32, F64)]
+    for a, b in zip(runs[0].trajectory, runs[1].trajectory):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-4)
+    first = runs[1].trajectory[1]
+    if sampler is not ddpm:
+        assert _err(first, exact_ode_solution(model, _noise(8), 1.0, float(ts[1]))) < 1e-2
+
+
+# ---------------------------------------------------------------- options shared by every sampler
+
+
+ALL = [(ddpm, {}), (ddpm, {"variance": "small"}), (ddim, {}), (ddim, {"eta": 0.5}), (dpm_solver_pp_2m, {}),
+       (heun, {})]
+
+
+@pytest.mark.parametrize("sampler,kw", ALL)
+def test_batch_size_independence_and_trajectory(sampler, kw):
+    schedule = Schedule("linear", T)
+    model = GaussianDenoiser(MU, STD, schedule, "eps")
+    ts = strided_grid(T, 10, "trailing")
+
+    def run(start, n, **more):
+        return sampler(model, _noise(n, start=start), ts, schedule=schedule, param="eps",
+                       generator=sample_generators(9, range(start, start + n)), **kw, **more)
+
+    whole = run(0, 8, return_trajectory=True)
+    halves = torch.cat([run(0, 4).x, run(4, 4).x])
+    assert torch.equal(whole.x, halves)
+    assert run(0, 4).trajectory is None
+    assert len(whole.trajectory) == 11 and torch.equal(whole.trajectory[-1], whole.x)
+
+
+@pytest.mark.parametrize("sampler,kw", ALL)
+def test_clipping_and_guidance(sampler, kw):
+    schedule = Schedule("cosine", T)
+    cond, uncond = (GaussianDenoiser(mu, 0.5, schedule, "v") for mu in (0.9, -0.2))
+    w = 1.5
+    # for a fixed x, the guided output is itself a Gaussian denoiser's output combination
+    guided_ref = lambda x, t: uncond(x, t) + w * (cond(x, t) - uncond(x, t))  # noqa: E731
+    ts = strided_grid(T, 8, "linspace")
+
+    def run(model, clip=False, guidance=None):
+        return sampler(model, _noise(8), ts, schedule=schedule, param="v", clip=clip, guidance=guidance,
+                       generator=sample_generators(4, range(8)), **kw)
+
+    pair = lambda x, t: (cond(x, t), uncond(x, t))  # noqa: E731
+    guided = run(pair, guidance=w)
+    assert guided.nfe == run(cond).nfe
+    assert torch.allclose(guided.x, run(guided_ref).x, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(run(pair, guidance=1.0).x, run(cond).x, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(run(pair, guidance=0.0).x, run(uncond).x, rtol=1e-10, atol=1e-10)
+    assert run(cond).x.max() > 1.0
+    clipped = run(cond, clip=True).x
+    assert clipped.max() <= 1.0 and clipped.min() >= -1.0
+
+
+def test_noise_helpers_match_the_seeded_step_noise():
+    x = torch.zeros(6, 3, 2, dtype=F64)
+    ones, zeros = torch.ones(6, dtype=F64), torch.zeros(6, dtype=F64)
+    z = ops.sampler_step(x, x, param="x0", alpha_t=ones, sigma_t=ones, coef_x0=zeros, coef_xt=zeros, coef_noise=ones,
+                         seed=11, sample_index=torch.arange(10, 16))
+    assert torch.equal(z, randn_like_per_sample(x.shape, sample_generators(11, range(10, 16)), F64, "cpu"))
+    with pytest.raises(FastdiffError):
+        randn_like_per_sample((3, 2), sample_generators(0, range(2)), F64, "cpu")
+
+
+def test_bad_options_are_user_errors():
+    schedule = Schedule("linear", 10)
+    model = GaussianDenoiser(MU, STD, schedule)
+    for call in (lambda: ddim(model, _noise(2), full_grid(10), schedule=schedule, param="eps", eta=1.5),
+                 lambda: ddpm(model, _noise(2), full_grid(10), schedule=schedule, param="eps", variance="huge"),
+                 lambda: ddim(model, _noise(2), full_grid(10).flip(0), schedule=schedule, param="eps"),
+                 lambda: img2img(model, _noise(2), full_grid(10), 0.0, schedule=schedule, param="eps")):
+        with pytest.raises(FastdiffError):
+            call()
+
+
+# ---------------------------------------------------------------- editing
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_ddim_inversion_then_decoding_reproduces_the_input(kind):
+    schedule = Schedule(kind, T)
+    model = GaussianDenoiser(MU, STD, schedule, "v")
+    x0 = _noise(4, seed=8) * STD + MU
+    errs = []
+    for steps in (1000, 4000):
+        ts = student_grid(steps)
+        latent = ddim_invert(model, x0, ts, schedule=schedule, param="v")
+        assert latent.nfe == steps
+        errs.append(_err(ddim(model, latent.x, ts, schedule=schedule, param="v").x, x0))
+    assert errs[1] < 2.5e-3 and errs[1] < errs[0] / 3
+
+
+def test_img2img_noises_to_the_strength_then_samples():
+    schedule = Schedule("linear", T)
+    model = GaussianDenoiser(MU, STD, schedule, "eps")
+    x0 = _noise(4, seed=8) * STD + MU
+    ts = strided_grid(T, 20, "trailing")
+    out = img2img(model, x0, ts, 0.42, schedule=schedule, param="eps", generator=sample_generators(1, range(4)))
+    assert out.nfe == 8  # grid points 0.40, 0.35, ..., 0.05
+    a, s = schedule.alpha_sigma(0.4)
+    x_t = a * x0 + s * _noise(4, seed=1)
+    assert torch.equal(out.x, ddim(model, x_t, ts[ts <= 0.4], schedule=schedule, param="eps").x)
+    stochastic = img2img(model, x0, ts, 0.42, schedule=schedule, param="eps", sampler=ddpm, variance="small",
+                         generator=sample_generators(1, range(4)))
+    assert stochastic.nfe == 8 and not torch.equal(stochastic.x, out.x)
+    same = img2img(model, x0, ts, 0.01, schedule=schedule, param="eps", generator=sample_generators(1, range(4)))
+    assert same.nfe == 0 and torch.equal(same.x, x0)
+
+
+@pytest.mark.parametrize("sampler,kw", [(ddim, {}), (ddpm, {"variance": "small"})])
+def test_inpaint_keeps_the_known_region(sampler, kw):
+    schedule = Schedule("cosine", T)
+    model = GaussianDenoiser(MU, STD, schedule, "x0")
+    x0 = _noise(4, seed=8) * STD + MU
+    mask = (torch.arange(DIM) < 3).double()
+    ts = strided_grid(T, 10, "trailing")
+
+    def run(m, start=0, n=4):
+        return inpaint(model, x0[start:start + n], m, ts, schedule=schedule, param="x0", sampler=sampler,
+                       generator=sample_generators(2, range(start, start + n)), **kw)
+
+    out = run(mask)
+    assert out.nfe == 10 and torch.isfinite(out.x).all()
+    assert torch.equal(out.x[:, :3], x0[:, :3])
+    assert torch.equal(out.x, torch.cat([run(mask, 0, 2).x, run(mask, 2, 2).x]))
+    assert torch.equal(run(torch.ones(DIM)).x, x0)
+    if sampler is ddim:  # nothing known: plain sampling from the same initial noise
+        plain = ddim(model, _noise(4, seed=2), ts, schedule=schedule, param="x0")
+        assert torch.equal(run(torch.zeros(DIM)).x, plain.x)
