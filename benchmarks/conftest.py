@@ -23,6 +23,17 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
+def cpu_threads(benchmark):
+    """CPU benchmarks run on one torch thread: on a small shared machine two threads under load run up to ~10x
+    slower and vary far more. Restores the thread count afterwards and records it in extra_info."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    benchmark.extra_info["torch_threads"] = 1
+    yield 1
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cuda():
     return torch.device("cuda")
 

@@ -1,7 +1,8 @@
 """Collect one GPU run into results/gpu/kernels.json: environment, test outcome, every benchmark figure, the
 ratios the kernel targets are stated in, and max-errors of flash attention at non-power-of-two head dims.
 
-    python benchmarks/gpu_report.py --bench FIGURES.jsonl|BENCH.json ... --junit TESTS.xml --out results/gpu/kernels.json
+    python benchmarks/gpu_report.py --bench FIGURES.jsonl|BENCH.json ... --junit TESTS.xml \
+        --out results/gpu/kernels.json
 
 Runs standalone after the GPU benchmarks (`pytest benchmarks --benchmark-only`, whose figures it reads from
 FASTDIFF_BENCH_LOG's JSON lines or from --benchmark-json files); a missing or failed piece is recorded as
@@ -168,7 +169,8 @@ def correctness():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", nargs="*", default=[], help="FASTDIFF_BENCH_LOG .jsonl or pytest-benchmark .json files")
+    parser.add_argument("--bench", nargs="*", default=[],
+                        help="FASTDIFF_BENCH_LOG .jsonl or pytest-benchmark .json files")
     parser.add_argument("--junit", help="JUnit XML of the CUDA test run")
     parser.add_argument("--out", default=str(ROOT / "results/gpu/kernels.json"))
     args = parser.parse_args(argv)

@@ -23,8 +23,8 @@ ATTN_SHAPES = {  # (B, heads, N, d)
 }
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 SWEEP_SHAPES = ("seq2048-d64", "latent-d80")
-SWEEP_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                 (128, 64, 4, 4)]
+SWEEP_CONFIGS = [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                 (64, 64, 4, 3), (128, 32, 4, 3)]
 
 
 def _step_inputs(numel, dtype, device):
@@ -46,9 +46,9 @@ def _compiled_reference():
 
 @pytest.mark.parametrize("size", STEP_SIZES)
 @pytest.mark.parametrize("dtype", STEP_DTYPES)
-@pytest.mark.parametrize("impl", ["copy", "triton", "eager", "compile", "triton_philox", "triton_ddim"])
+@pytest.mark.parametrize("impl", ["copy", "triton", "eager", "triton_philox", "triton_ddim", "compile"])
 def test_sampler_step_gpu(gpu_bench, cuda, impl, size, dtype):
-    """eps-prediction step; triton / eager / compile read x_t, out, noise and write x_s, philox / ddim skip the noise read."""
+    """eps-prediction step: triton, eager, compile read x_t, out, noise, write x_s; philox and ddim read no noise."""
     from fastdiff.kernels import sampler_step as fused
 
     if impl == "compile" and size not in COMPILE_SIZES:
@@ -107,19 +107,23 @@ def test_attention_config_sweep_gpu(gpu_bench, cuda, config, shape):
     b, h, n, d = ATTN_SHAPES[shape]
     q, k, v = (torch.randn(b, h, n, d, device=cuda, dtype=torch.float16) for _ in range(3))
     cfg = flash.Config(*config)
+    try:
+        flash.attention_forward(q, k, v, cfg)
+    except Exception as err:  # a config that does not fit this GPU's shared memory or registers
+        pytest.skip(f"{config} does not run at {shape}: {type(err).__name__}: {str(err).splitlines()[0]}")
     gpu_bench(lambda: flash.attention_forward(q, k, v, cfg), flops=4 * b * h * n * n * d, kind="attention_sweep",
               impl="triton", shape=shape, config=list(config),
               default=list(flash.pick_config(d, torch.float16)) == list(config))
 
 
-def test_sampler_step_cpu(benchmark):
+def test_sampler_step_cpu(benchmark, cpu_threads):
     """The torch path fastdiff uses on CPU: one DDPM step with given noise, 1M fp32 elements."""
     x, out, noise, coefs = _step_inputs(2**20, torch.float32, "cpu")
     names = ("alpha_t", "sigma_t", "coef_x0", "coef_xt", "coef_noise")
     benchmark(ops.sampler_step, x, out, param="eps", noise=noise, **dict(zip(names, coefs)))
 
 
-def test_attention_cpu(benchmark):
+def test_attention_cpu(benchmark, cpu_threads):
     """The torch path fastdiff uses on CPU (SDPA) at a CIFAR 16x16 attention shape."""
     q, k, v = (torch.randn(8, 4, 256, 64) for _ in range(3))
     benchmark(ops.attention, q, k, v)

@@ -21,14 +21,15 @@ def ddim_loop_via_ops(net, x, ts, schedule):
     for i in range(len(ts) - 1):
         a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         eps = net(x, ts[i].float().expand(b))
-        # DDIM (Song et al. 2021, eq. 12) with eta = 0: x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t
-        coefs = dict(alpha_t=a_t, sigma_t=s_t, coef_x0=a_s - s_s * a_t / s_t, coef_xt=s_s / s_t, coef_noise=torch.zeros_like(a_t))
+        # DDIM (Song et al. 2021, eq. 12), eta = 0: x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t
+        coefs = dict(alpha_t=a_t, sigma_t=s_t, coef_x0=a_s - s_s * a_t / s_t, coef_xt=s_s / s_t,
+                     coef_noise=torch.zeros_like(a_t))
         x = ops.sampler_step(x, eps, param="eps", **{k: v.expand(b) for k, v in coefs.items()})
     return x
 
 
 @pytest.mark.parametrize("steps", [10, 50])
-def test_ddim_loop_cpu(benchmark, steps):
+def test_ddim_loop_cpu(benchmark, cpu_threads, steps):
     torch.manual_seed(0)
     net = UNet(TINY_UNET).eval()
     x = torch.randn(8, 3, 16, 16)

@@ -136,8 +136,8 @@ def _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise
     """The fused update in plain torch ops, in fp32 (fp64 for fp64 inputs)."""
     dtype = torch.promote_types(x_t.dtype, torch.float32)
     x, out = x_t.to(dtype), out.to(dtype)
-    alpha_t, sigma_t, coef_x0, coef_xt, coef_noise = (
-        append_dims(c.to(device=x_t.device, dtype=dtype), x_t.ndim) for c in (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise))
+    alpha_t, sigma_t, coef_x0, coef_xt, coef_noise = (append_dims(c.to(device=x_t.device, dtype=dtype), x_t.ndim)
+                                                      for c in (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise))
     # classifier-free guidance (Ho & Salimans 2022): out = u + w (c - u)
     if out_uncond is not None:
         out = torch.lerp(out_uncond.to(dtype), out, guidance)

@@ -53,15 +53,34 @@ def _load_rows(ptr, rows, offs_d, N, D: tl.constexpr, D_PAD: tl.constexpr, EVEN:
 
 
 @triton.jit
+def _tile_of_program(N, BLOCK: tl.constexpr):
+    """-> (batch-head, first row) of this program in a 1-D grid of cdiv(N, BLOCK) row blocks per batch-head.
+
+    Row blocks vary fastest, so programs running together share one head's K and V in L2, and the grid
+    has no 65535 limit on B * heads (as a second grid axis would).
+    """
+    blocks = tl.cdiv(N, BLOCK)
+    return tl.program_id(0) // blocks, (tl.program_id(0) % blocks) * BLOCK
+
+
+@triton.jit
+def _store_rows(ptr, rows, offs_d, tile, N, D: tl.constexpr):
+    """Writes the valid part of an (R, D_PAD) tile to rows `rows` of a (N, D) row-major matrix."""
+    tl.store(ptr + rows[:, None] * D + offs_d[None, :], tile.to(ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (offs_d[None, :] < D))
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # (BH, N, D) contiguous; LSE (BH, N) fp32
     N, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # program (i, bh) computes query rows [i BLOCK_M, (i + 1) BLOCK_M) of one (batch, head)
-    base = tl.program_id(1).to(tl.int64) * N * D
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # a program computes BLOCK_M query rows of one (batch, head)
+    bh, start_m = _tile_of_program(N, BLOCK_M)
+    base = bh.to(tl.int64) * N * D
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     q = _load_rows(Q + base, offs_m, offs_d, N, D, D_PAD, EVEN_M)
@@ -85,9 +104,8 @@ def _attn_fwd_kernel(
         m_i = m_new
     # epilogue: normalise, and keep log2-sum-exp2 of the scaled scores for the backward
     acc = acc / l_i[:, None]
-    tl.store(LSE + tl.program_id(1).to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N)
-    tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N)
+    _store_rows(O + base, offs_m, offs_d, acc, N, D)
 
 
 @triton.jit
@@ -97,10 +115,11 @@ def _attn_bwd_dkdv_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # program (j, bh) owns key rows [j BLOCK_N, (j + 1) BLOCK_N) and sweeps all query blocks
-    base = tl.program_id(1).to(tl.int64) * N * D
-    row_base = tl.program_id(1).to(tl.int64) * N
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # a program owns BLOCK_N key rows of one (batch, head) and sweeps all query blocks
+    bh, start_n = _tile_of_program(N, BLOCK_N)
+    base = bh.to(tl.int64) * N * D
+    row_base = bh.to(tl.int64) * N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     k = _load_rows(K + base, offs_n, offs_d, N, D, D_PAD, EVEN_N)
@@ -119,9 +138,8 @@ def _attn_bwd_dkdv_kernel(
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_rows(DK + base, offs_n, offs_d, dk * sm_scale, N, D)
+    _store_rows(DV + base, offs_n, offs_d, dv, N, D)
 
 
 @triton.jit
@@ -131,10 +149,11 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # program (i, bh) owns query rows [i BLOCK_M, (i + 1) BLOCK_M) and sweeps all key blocks
-    base = tl.program_id(1).to(tl.int64) * N * D
-    row_base = tl.program_id(1).to(tl.int64) * N
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # a program owns BLOCK_M query rows of one (batch, head) and sweeps all key blocks
+    bh, start_m = _tile_of_program(N, BLOCK_M)
+    base = bh.to(tl.int64) * N * D
+    row_base = bh.to(tl.int64) * N
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     q = _load_rows(Q + base, offs_m, offs_d, N, D, D_PAD, EVEN_M)
@@ -152,8 +171,7 @@ def _attn_bwd_dq_kernel(
         # dS = P * (dO V^T - delta);  dQ = scale dS K
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    _store_rows(DQ + base, offs_m, offs_d, dq * sm_scale, N, D)
 
 
 # The interpreter has no bf16 arithmetic: there the launchers run bf16 inputs in fp32.
@@ -178,7 +196,7 @@ def attention_forward(q, k, v, config=None):
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     sm_scale = q.shape[-1] ** -0.5
-    _attn_fwd_kernel[(triton.cdiv(n, cfg.block_m), bh)](
+    _attn_fwd_kernel[(triton.cdiv(n, cfg.block_m) * bh,)](
         q, k, v, o, lse, n, sm_scale * LOG2E, **meta)
     return o, lse
 
@@ -192,8 +210,8 @@ def attention_backward(do, q, k, v, o, lse, config=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     sm_scale = q.shape[-1] ** -0.5
     scales = (n, sm_scale * LOG2E, sm_scale)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg.block_n), bh)](q, k, v, do, lse, delta, dk, dv, *scales, **meta)
-    _attn_bwd_dq_kernel[(triton.cdiv(n, cfg.block_m), bh)](q, k, v, do, lse, delta, dq, *scales, **meta)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg.block_n) * bh,)](q, k, v, do, lse, delta, dk, dv, *scales, **meta)
+    _attn_bwd_dq_kernel[(triton.cdiv(n, cfg.block_m) * bh,)](q, k, v, do, lse, delta, dq, *scales, **meta)
     return dq, dk, dv
 
 

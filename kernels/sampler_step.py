@@ -48,10 +48,11 @@ def _sampler_step_kernel(
     PARAM: tl.constexpr, CLIP: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr,
     BLOCK: tl.constexpr, WIDTH: tl.constexpr,
 ):
-    # program (i, b) owns elements [i BLOCK, (i + 1) BLOCK) of sample b as a (BLOCK / WIDTH, WIDTH) tile:
-    # WIDTH = 4 makes a tile row one Philox counter, WIDTH = 8 gives 16-byte loads of 16-bit dtypes
-    row = tl.program_id(1)
-    tile_row = tl.program_id(0) * (BLOCK // WIDTH) + tl.arange(0, BLOCK // WIDTH)
+    # program (b, i) owns elements [i BLOCK, (i + 1) BLOCK) of sample b as a (BLOCK / WIDTH, WIDTH) tile:
+    # WIDTH = 4 makes a tile row one Philox counter, WIDTH = 8 gives 16-byte loads of 16-bit dtypes.
+    # The batch is grid axis 0, whose limit is 2^31 - 1, not 65535: toy 2-D data has huge batches.
+    row = tl.program_id(0)
+    tile_row = tl.program_id(1) * (BLOCK // WIDTH) + tl.arange(0, BLOCK // WIDTH)
     offs = tile_row[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
     mask = offs < n
     base = row.to(tl.int64) * n
@@ -95,10 +96,14 @@ def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=Fal
     `noise` given: z = noise. Else `seed` (int) and `sample_index` ((B,) int64) given: z is Philox noise.
     Else no noise term. `block` must be a power of two >= 8; it changes the grid, never the result.
     """
-    batch = x_t.shape[0]
-    n = x_t.numel() // batch
     x_t, out = x_t.contiguous(), out.contiguous()
     y = torch.empty_like(x_t)
+    if y.numel() == 0:
+        return y
+    batch, n = x_t.shape[0], x_t[0].numel()
+    # small samples (toy 2-D data) get a block, and warps, to their size
+    block = min(block, max(8, triton.next_power_of_2(n)))
+    num_warps = max(1, min(num_warps, block // 512))
     coef = [c.to(device=x_t.device, dtype=torch.float32).contiguous() for c in (alpha, sigma, c_x0, c_xt, c_noise)]
     if noise is not None:
         mode, noise = NOISE_GIVEN, noise.contiguous()
@@ -108,7 +113,7 @@ def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=Fal
         mode = NOISE_NONE
     cfg = out_uncond is not None
     # unused pointers get x_t: the constexpr flags compile their loads away
-    _sampler_step_kernel[(triton.cdiv(n, block), batch)](
+    _sampler_step_kernel[(batch, triton.cdiv(n, block))](
         x_t, out, out_uncond.contiguous() if cfg else x_t, noise if noise is not None else x_t, y,
         *coef, sample_index if mode == NOISE_PHILOX else coef[0],
         n, float(guidance) if cfg else 1.0, int(seed) if mode == NOISE_PHILOX else 0,

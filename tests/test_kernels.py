@@ -78,6 +78,14 @@ def test_sampler_step_large_rows(device):
     _check_step(device, "eps", False, False, torch.float32, shape=shape, block=4096 if device == "cuda" else 64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_step_many_small_samples(device):
+    """Toy 2-D data: a batch beyond the 65535 limit of a second grid axis (on CUDA), tiny samples."""
+    _check_step(device, "x0", True, False, torch.float32, shape=(70_000, 2) if device == "cuda" else (300, 2))
+    x = torch.zeros(0, 2, device=device)
+    assert fused.sampler_step(x, x, *_coefs(0, device), param="eps").shape == (0, 2)
+
+
 def _philox_noise(device, index, n, seed=1234, block=4096):
     """(len(index), n) in-kernel noise: x_s = z when every coefficient but coef_noise is 0."""
     b = len(index)
@@ -178,7 +186,8 @@ def test_attention_forward_backward_match_sdpa(device, d, dtype, config):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_non_contiguous_inputs(device):
-    qkv = torch.randn(1, 17, 3, 2, 40, device=device)  # (B, N, 3, H, d) as a fused projection lays it out
+    """q, k, v as views of one fused projection; on CUDA also B * heads past a second grid axis' 65535 limit."""
+    qkv = torch.randn(9000 if device == "cuda" else 1, 17, 3, 8, 40, device=device)  # (B, N, 3, H, d)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     o_ref, _ = _sdpa_float64(q, k, v, torch.zeros(q.shape))
     _assert_rel_close(flash.attention(q, k, v), o_ref, ATTN_TOL[torch.float32])
@@ -220,7 +229,7 @@ def test_dispatch_honours_env(device, calls, monkeypatch):
     assert calls == []
     monkeypatch.setenv("FASTDIFF_KERNELS", "triton")
     torch.testing.assert_close(_ops_step(device), torch_step)
-    torch.testing.assert_close(ops.attention(q, k, v), torch_attn, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.attention(q, k, v), torch_attn, atol=1e-4, rtol=1e-4)
     assert calls == ["sampler_step", "attention"]
     monkeypatch.setenv("FASTDIFF_KERNELS", "auto")
     _ops_step(device), ops.attention(q, k, v)
@@ -250,7 +259,8 @@ def test_auto_falls_back_to_torch_for_float64(calls, monkeypatch):
 
 
 def test_importing_ops_does_not_import_triton():
-    code = "import sys, fastdiff.ops; assert 'triton' not in sys.modules, 'triton imported'"
+    code = ("import sys, torch; by_torch = 'triton' in sys.modules; import fastdiff.ops; "
+            "assert by_torch or 'triton' not in sys.modules, 'fastdiff.ops imported triton'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
