@@ -33,7 +33,7 @@ stage() {
   log "end $name: exit ${PIPESTATUS[0]}"
 }
 
-log "host $(hostname); $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+log "host ${HOSTNAME:-?}; $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available())" 2>&1 | tee -a "${LOGS[@]}"
 
 # install the repo without touching its dependencies (no internet there); PEP 668 systems need the second try,

@@ -89,10 +89,10 @@ def test_attention_gpu(gpu_bench, cuda, impl, shape):
 
     b, h, n, d = ATTN_SHAPES[shape]
     q, k, v = (torch.randn(b, h, n, d, device=cuda, dtype=torch.float16) for _ in range(3))
-    attn = flash.attention if impl == "triton" else _sdpa(impl)
     try:
+        attn = flash.attention if impl == "triton" else _sdpa(impl)
         attn(q, k, v)
-    except RuntimeError as err:  # a backend that does not take this shape, dtype or GPU
+    except (AttributeError, RuntimeError) as err:  # a backend this torch lacks, or that rejects the shape or GPU
         pytest.skip(f"{impl} unavailable for {shape}: {str(err).splitlines()[0]}")
     gpu_bench(lambda: attn(q, k, v), flops=4 * b * h * n * n * d, kind="attention", impl=impl, shape=shape,
               bhnd=[b, h, n, d])

@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 
 
 class Config(NamedTuple):
