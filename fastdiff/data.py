@@ -133,11 +133,14 @@ def _folder(root: str, image_size: int) -> DataBundle:
         raise FastdiffError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under --data-root {root!r}")
     out = []
     for p in files:
-        img = Image.open(p).convert("RGB")
+        try:
+            img = Image.open(p).convert("RGB")
+        except OSError as err:  # PIL's UnidentifiedImageError for a corrupt or mislabelled file is an OSError
+            raise FastdiffError(f"cannot read image {str(p)!r} ({err}); remove it from --data-root") from None
         s = min(img.size)
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+        out.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a copy: PIL's buffer is read-only
     x = torch.stack(out).float() / 127.5 - 1.0
     return DataBundle("folder", x, None, 0)
 

@@ -161,6 +161,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "step"):
         self.path, self.fields = path, list(fields)
+        if not D.is_main():
+            return  # only rank 0 touches the file; a second writer could truncate it mid-rewrite
         rows = []
         if path.exists():
             with open(path, newline="") as f:
@@ -205,19 +207,21 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
     config = C.to_dict(cfg)
     run = prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS) if D.is_main() else Path(cfg.out_dir)
+    ckpt_path = run / CKPT_NAME
+    # Read the checkpoint before writing anything: a corrupt one must leave the run dir as it was.
+    ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None
     D.barrier()
     if D.is_main():
         write_text(run / "config.json", C.dumps(cfg))
 
     torch.manual_seed(cfg.seed + D.rank())  # dropout; the data/noise stream has its own generator
     net = build_network(cfg).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
+    # eval(): the EMA net only samples (pictures), so no dropout and no draws from the global RNG there.
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + D.rank())
     step = 0
-    ckpt_path = run / CKPT_NAME
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -248,7 +252,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
         if y_all is not None:
             drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
             y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # --warmup 0: no warm-up
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast:

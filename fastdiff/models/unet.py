@@ -30,7 +30,9 @@ class UNetConfig:
 
 
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, ch), ch)
+    # DDPM's 32 groups, but at least 4 channels per group: with one channel per group (channels <= 32),
+    # GroupNorm would subtract the per-channel t/class embedding that ResBlock adds right before it.
+    return nn.GroupNorm(math.gcd(32, ch, max(ch // 4, 1)), ch)
 
 
 class ResBlock(nn.Module):
