@@ -1,0 +1,457 @@
+"""FID vs steps: `python -m fastdiff.bench --model RUN_DIR [--distill-dir RUN_DIR] [--preset digits] [...]`.
+
+Sweeps (sampler, step count) pairs over one model family and appends one long-format row per
+(sampler, steps, metric) to `<out_dir>/<dataset>/fid_vs_steps.csv`:
+
+- ``ddpm``: ancestral sampling on the teacher's full grid k/T (one row, steps = T);
+- ``ddpm-strided``, ``ddim`` (eta 0), ``ddim-eta1``: on strided integer grids, one line per `spacings` entry;
+- ``dpm++2m`` (DPM-Solver++(2M), uniform-logSNR grid), ``heun`` (Karras et al. 2022 Alg. 1, Karras grid,
+  steps = (nfe + 1) // 2 so that its NFE = 2 steps - 1 tracks the step counts; the true NFE is recorded);
+- ``distilled``: every student `<distill_dir>/students/student_N{N}.pt`, DDIM eta 0 on its own grid i/N.
+
+Every row uses the same `n_samples` and the same initial noise per sample index (`sample_generators(seed, k)`),
+so sample k is the same whatever the batch size, and the curves differ only by the sampler. A re-run computes
+only the rows missing from the CSV (key: every column that defines a row, not the measured ones). For each
+row the first samples are kept in `samples/*.npz` (16 uint8 images or up to 500 float points) for the report.
+Under torchrun the sample indices are sharded over the ranks; rank 0 scores and writes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch_fidelity
+from tqdm import tqdm
+
+import fastdiff
+from fastdiff import config as C
+from fastdiff import distributed as D
+from fastdiff import samplers as S
+from fastdiff.errors import FastdiffError, run_cli
+from fastdiff.features import EXTRACTORS, Extractor, resolve_extractor, slug, to_extractor_input
+from fastdiff.grids import SPACINGS, make_grid
+from fastdiff.io import atomic_path, write_text
+from fastdiff.metrics import METRICS, Reference, compute_metrics, load_reference
+from fastdiff.schedules import Schedule
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled")
+# Samplers whose grid is fixed (the others run on every spacing asked for).
+FIXED_GRID = {"ddpm": "full", "dpm++2m": "logsnr", "heun": "karras", "distilled": "student"}
+CSV_NAME, CONFIG_NAME, SAMPLES_DIR = "fid_vs_steps.csv", "bench_config.json", "samples"
+N_SAVED_IMAGES, N_SAVED_POINTS = 16, 500
+COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance",
+           "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy", "reference", "value",
+           "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device", "torch_version",
+           "torch_fidelity_version", "fastdiff_version", "fastdiff_commit", "samples_file", "timestamp"]
+# What defines a row (a re-run skips rows whose key is present); everything else is measured or provenance.
+KEY = ("dataset", "model_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance", "steps", "n_samples",
+       "seed", "metric", "extractor", "reference")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One FID-vs-steps sweep. `model` is a teacher checkpoint or run dir (or empty to take the teacher of
+    `distill_dir`); `dataset` empty means the model's; `n_ref` 0 means the whole `ref_split`."""
+
+    model: str = ""
+    distill_dir: str = ""
+    dataset: str = ""
+    data_root: str = ""
+    samplers: tuple[str, ...] = SAMPLERS
+    spacings: tuple[str, ...] = ("quadratic", "linspace")
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    variance: str = "large"
+    n_samples: int = 1000
+    batch_size: int = 500
+    seed: int = 0
+    clip: bool = True
+    extractor: str = "auto"
+    metrics: tuple[str, ...] = ("fid", "kid", "prc")
+    ref_split: str = "train"
+    n_ref: int = 0
+    out_dir: str = "results"
+    device: str = "auto"
+    inception_weights: str = ""
+
+
+PRESETS = {
+    "digits": BenchConfig(),
+    "toy2d": BenchConfig(n_samples=2000, batch_size=2000, clip=False, metrics=("fid", "kid", "prc", "swd"), n_ref=5000),
+    # The DDIM / progressive-distillation protocol (Song et al. 2021; Salimans & Ho 2022): 50k samples, Inception-v3
+    # pool3 FID against the 50k CIFAR-10 train images, x0 clipped. Published FIDs to compare with:
+    #   DDIM eta=0 (quadratic spacing), 10/20/50/100 steps: 13.36 / 6.84 / 4.67 / 4.16   (Song et al. 2021, Table 1)
+    #   progressive distillation, 1/2/4/8 steps:           9.12 / 4.51 / 3.00 / 2.57    (Salimans & Ho 2022, Table 1)
+    # Needs a GPU, --data-root with cifar-10-batches-py and --inception-weights (or internet).
+    "cifar10": BenchConfig(steps=(1, 2, 4, 8, 10, 16, 20, 32, 50, 64, 100, 128, 256), n_samples=50_000,
+                           batch_size=1000, extractor="inception", metrics=("fid",)),
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network to sample: `net(x, t) -> out` in parameterization `param`, on `schedule`; `hash` identifies it."""
+
+    net: Callable
+    schedule: Schedule
+    param: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one sweep samples: the teacher, its students {N: network}, and the reference data to score against."""
+
+    dataset: str
+    data_shape: tuple[int, ...]
+    teacher: Network
+    students: dict[int, Network]
+    reference: Reference
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One sampling run = one group of CSV rows (one per metric). `eta` is None for DDPM (see `variance`)."""
+
+    sampler: str
+    grid: str
+    steps: int
+    eta: float | None = None
+    variance: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.sampler}/{self.grid}/{self.steps}"
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Reject a config a sweep cannot run, before anything is loaded or written."""
+    def bad(names, allowed, what):
+        wrong = [n for n in names if n not in allowed]
+        if wrong:
+            raise FastdiffError(f"unknown {what} {', '.join(map(repr, wrong))}; choose from {', '.join(allowed)}")
+
+    bad(cfg.samplers, SAMPLERS, "sampler(s)")
+    bad(cfg.spacings, SPACINGS, "spacing(s)")
+    bad(cfg.metrics, METRICS, "metric(s)")
+    bad((cfg.extractor,), EXTRACTORS, "extractor")
+    bad((cfg.variance,), S.VARIANCES, "DDPM variance")
+    bad((cfg.ref_split,), ("train", "test"), "reference split")
+    if not cfg.samplers or not cfg.metrics or not cfg.steps:
+        raise FastdiffError("need at least one --samplers, --metrics and --steps entry")
+    if any(s < 1 for s in cfg.steps):
+        raise FastdiffError(f"--steps must all be >= 1, got {cfg.steps}")
+    if cfg.n_samples < 4 or cfg.batch_size < 1 or cfg.n_ref < 0:
+        raise FastdiffError("need --n-samples >= 4 (precision/recall use 3 neighbours), --batch-size >= 1, --n-ref >= 0")
+    if not cfg.model and not cfg.distill_dir:
+        raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
+
+
+def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int]) -> list[Spec]:
+    """Every sampling run of the sweep, in the order of cfg.samplers; strided grids stop at T."""
+    specs: list[Spec] = []
+    strided = sorted(s for s in set(cfg.steps) if s <= T)
+    if len(strided) < len(set(cfg.steps)):
+        log.info("strided grids of a %d-step teacher stop at %d steps", T, T)
+    for name in cfg.samplers:
+        if name == "ddpm":
+            specs.append(Spec("ddpm", "full", T, None, cfg.variance))
+        elif name == "ddpm-strided":
+            specs += [Spec(name, sp, s, None, cfg.variance) for sp in cfg.spacings for s in strided]
+        elif name in ("ddim", "ddim-eta1"):
+            specs += [Spec(name, sp, s, 0.0 if name == "ddim" else 1.0) for sp in cfg.spacings for s in strided]
+        elif name == "dpm++2m":
+            specs += [Spec(name, "logsnr", s, 0.0) for s in sorted(set(cfg.steps))]
+        elif name == "heun":
+            specs += [Spec(name, "karras", s, 0.0) for s in sorted({(n + 1) // 2 for n in cfg.steps})]
+        else:
+            specs += [Spec(name, "student", n, 0.0) for n in sorted(student_steps)]
+    return specs
+
+
+def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, param: str, clip: bool,
+                generators) -> S.Sample:
+    """(B, ...) initial noise -> Sample of `spec`'s sampler on its grid."""
+    ts = make_grid(spec.grid, spec.steps, schedule)
+    kw = dict(schedule=schedule, param=param, clip=clip, generator=generators)
+    if spec.sampler in ("ddpm", "ddpm-strided"):
+        return S.ddpm(net, x, ts, variance=spec.variance, **kw)
+    if spec.sampler == "dpm++2m":
+        return S.dpm_solver_pp_2m(net, x, ts, **kw)
+    if spec.sampler == "heun":
+        return S.heun(net, x, ts, **kw)
+    return S.ddim(net, x, ts, eta=spec.eta, **kw)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchConfig, device: torch.device):
+    """-> ((n_samples, *shape) samples on CPU, nfe, per-batch seconds); (None, nfe, times) off rank 0.
+
+    Sample k starts from `sample_generators(cfg.seed, [k])`'s noise, and its per-step noise comes from the same
+    generator, so it does not depend on the batch size or the rank that draws it.
+    """
+    indices = D.shard(range(cfg.n_samples))
+    outs, times, nfe = [], [], 0
+    for start in range(0, len(indices), cfg.batch_size):
+        idx = indices[start:start + cfg.batch_size]
+        gens = S.sample_generators(cfg.seed, idx)
+        x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            sample = run_sampler(spec, network.net, x, network.schedule, network.param, cfg.clip, gens)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        outs.append(sample.x.float().cpu())
+        nfe = sample.nfe
+    local = torch.cat(outs) if outs else torch.empty(0, *shape)
+    parts = D.gather_objects((list(indices), local, times))
+    if not D.is_main():
+        return None, nfe, times
+    x = torch.empty(cfg.n_samples, *shape)
+    for idx, xs, _ in parts:
+        x[idx] = xs
+    return x, nfe, [t for _, _, ts in parts for t in ts]
+
+
+def warm_up(network: Network, shape: tuple[int, ...], batch: int, device: torch.device) -> None:
+    """One forward pass at t = 0.5 on zeros, so that one-time costs (allocation, autotuning) miss the timings."""
+    with torch.no_grad():
+        network.net(torch.zeros(batch, *shape, device=device), torch.full((batch,), 0.5, device=device))
+    _sync(device)
+
+
+def git_commit() -> str:
+    """`git rev-parse HEAD` of the fastdiff source tree, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def _fmt(v) -> str:
+    """How a value is written to (and keyed in) the CSV: None -> "", floats with repr precision."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+class ResultsCSV:
+    """The long-format CSV of one data set's sweeps, rewritten atomically after every sampling run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.exists():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != COLUMNS:
+                    raise FastdiffError(f"{path} has other columns than this fastdiff version writes; "
+                                        "move it away or choose another --out-dir")
+                self.rows = list(reader)
+        self.keys = {tuple(r[k] for k in KEY) for r in self.rows}
+
+    def has(self, row: dict) -> bool:
+        return tuple(row[k] for k in KEY) in self.keys
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.keys |= {tuple(r[k] for k in KEY) for r in rows}
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def samples_file(spec: Spec, network: Network, cfg: BenchConfig) -> str:
+    """Relative path (to the CSV's folder) of the .npz keeping a row's first samples (independent of n: same noise)."""
+    eta = "" if spec.eta is None else f"_eta{spec.eta:g}"
+    name = f"{spec.sampler}_{spec.grid}_s{spec.steps}{eta}{'_' + spec.variance if spec.variance else ''}" \
+           f"_clip{int(cfg.clip)}_{network.hash}_seed{cfg.seed}.npz"
+    return f"{SAMPLES_DIR}/{slug(name)}"
+
+
+def save_samples(path: Path, x: torch.Tensor, spec: Spec, nfe: int) -> None:
+    """Keep the first 16 images as uint8 (N, C, H, W), or the first 500 points as float32 (N, D)."""
+    keep = to_extractor_input(x[:N_SAVED_IMAGES] if x.ndim == 4 else x[:N_SAVED_POINTS]).numpy()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, samples=keep, sampler=spec.sampler, spacing=spec.grid, steps=spec.steps, nfe=nfe)
+
+
+def load_family(cfg: BenchConfig, device: torch.device) -> Family:
+    """The teacher (cfg.model, else the teacher of cfg.distill_dir), every student of cfg.distill_dir, the reference."""
+    from fastdiff.checkpoint import load_model
+
+    teacher_path = cfg.model
+    students_dir = Path(cfg.distill_dir) / "students"
+    if cfg.distill_dir:
+        if not students_dir.is_dir():
+            raise FastdiffError(f"--distill-dir {cfg.distill_dir!r} has no students/ folder; pass a run dir of "
+                                "python -m fastdiff.distill")
+        if not teacher_path:
+            config_path = Path(cfg.distill_dir) / "config.json"
+            try:
+                teacher_path = json.loads(config_path.read_text())["teacher"]
+            except (OSError, ValueError, KeyError):
+                raise FastdiffError(f"{config_path} is missing or names no teacher; pass --model") from None
+    teacher = load_model(teacher_path, device)
+    students = {}
+    if cfg.distill_dir and "distilled" in cfg.samplers:
+        for path in sorted(students_dir.glob("student_N*.pt")):
+            st = load_model(path, device)
+            if st.kind != "student" or not st.steps:
+                raise FastdiffError(f"{path} is not a student checkpoint (kind {st.kind!r}, steps {st.steps})")
+            if st.schedule != teacher.schedule:
+                raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
+            students[int(st.steps)] = Network(st.net, st.schedule, st.param, st.hash)
+        if not students:
+            log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
+    elif "distilled" in cfg.samplers:
+        log.info("no --distill-dir: the sweep has no distilled students")
+    dataset = cfg.dataset or teacher.dataset
+    reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
+                               seed=int(teacher.config.get("seed", 0)))
+    return Family(dataset, tuple(teacher.data_shape), Network(teacher.net, teacher.schedule, teacher.param, teacher.hash),
+                  students, reference)
+
+
+def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the sweep of `cfg`; returns the CSV path. `family` replaces loading cfg.model / cfg.distill_dir
+    (e.g. an analytic denoiser in tests). Nothing is written before every input has been checked."""
+    from fastdiff.train import resolve_device
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    family = family or load_family(cfg, device)
+    extractor = resolve_extractor(cfg.extractor, family.dataset, family.data_shape,
+                                  inception_weights=cfg.inception_weights, data_root=cfg.data_root)
+    if tuple(family.reference.x.shape[1:]) != family.data_shape:
+        raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
+                            f"samples {family.data_shape}; check --dataset")
+    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
+    out = Path(cfg.out_dir) / slug(family.dataset)
+    results = ResultsCSV(out / CSV_NAME)
+    provenance = {"dataset": family.dataset, "teacher_hash": family.teacher.hash, "clip": cfg.clip, "guidance": None,
+                  "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
+                  "extractor_accuracy": extractor.accuracy, "reference": family.reference.name,
+                  "batch_size": cfg.batch_size, "device": device_name(device), "torch_version": torch.__version__,
+                  "torch_fidelity_version": torch_fidelity.__version__, "fastdiff_version": fastdiff.__version__,
+                  "fastdiff_commit": git_commit()}
+    todo = [s for s in specs if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {}))]
+    log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
+             family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
+                                                  "students": sorted(family.students), **provenance},
+                                                 indent=2, sort_keys=True) + "\n")
+    warmed: set[str] = set()
+    for spec in tqdm(todo, desc=f"bench {family.dataset}", unit="row", disable=not (progress and D.is_main())):
+        network = _network(family, spec)
+        if network.hash not in warmed:
+            warm_up(network, family.data_shape, min(cfg.batch_size, cfg.n_samples), device)
+            warmed.add(network.hash)
+        x, nfe, times = generate(spec, network, family.data_shape, cfg, device)
+        if not D.is_main():
+            continue
+        values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
+        measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
+                    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        rows = _rows(spec, network, cfg, provenance, measured, values)
+        save_samples(out / rows[0]["samples_file"], x, spec, nfe)
+        results.add([r for r in rows if not results.has(r)])
+        log.info("%s (nfe %d): %s", spec.label, nfe, ", ".join(f"{k}={v:.5g}" for k, v in values.items()))
+    D.barrier()
+    return out / CSV_NAME
+
+
+def _network(family: Family, spec: Spec) -> Network:
+    return family.students[spec.steps] if spec.sampler == "distilled" else family.teacher
+
+
+def _metric_names(metrics: Sequence[str]) -> list[str]:
+    """The CSV metric names the requested metrics produce (KID gives mean and std, prc precision and recall)."""
+    expand = {"kid": ["kid", "kid_std"], "prc": ["precision", "recall"]}
+    return [name for m in metrics for name in expand.get(m, [m])]
+
+
+def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, measured: dict,
+          values: dict | None = None) -> list[dict]:
+    """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only."""
+    base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "spacing": spec.grid,
+            "eta": spec.eta, "variance": spec.variance, "steps": spec.steps,
+            "samples_file": samples_file(spec, network, cfg)}
+    return [{c: _fmt({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
+            for m in _metric_names(cfg.metrics)]
+
+
+def bench_after_distill(run_dir, dcfg) -> Path:
+    """The sweep and report that end `python -m fastdiff.distill`: the bench preset named like the teacher preset
+    (digits/toy2d/cifar10), the run's teacher and students, its seed/device, `bench_steps` if set. -> report.md."""
+    from fastdiff.report import write_report
+
+    base = PRESETS.get(dcfg.teacher_preset, BenchConfig())
+    cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
+                              out_dir=dcfg.results_dir, **({"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}))
+    run_sweep(cfg)
+    return write_report(cfg.out_dir) if D.is_main() else Path(cfg.out_dir) / "report.md"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = C.make_parser("python -m fastdiff.bench", "FID vs steps for every sampler of one model family.")
+    parser.add_argument("--preset", default="digits", help=f"one of {', '.join(PRESETS)}")
+    parser.add_argument("--dry-run", action="store_true", help="check the inputs and list the sweep; compute nothing")
+    C.add_dataclass_args(parser, BenchConfig)
+    args = parser.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(PRESETS[args.preset], **C.overrides_from_args(BenchConfig, args))
+    if args.dry_run:
+        return dry_run(cfg)
+    with D.init_from_env(cfg.device):
+        path = run_sweep(cfg)
+    if D.is_main():
+        print(f"results: {path}\nreport:  python -m fastdiff.report {cfg.out_dir}")
+    return 0
+
+
+def dry_run(cfg: BenchConfig) -> int:
+    """Print the sampling runs `cfg` would do (all of them, resumed or not); loads the models, writes nothing."""
+    from fastdiff.train import resolve_device
+
+    validate(cfg)
+    family = load_family(cfg, resolve_device(cfg.device))
+    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
+    print(f"{len(specs)} sampling runs x {len(_metric_names(cfg.metrics))} metrics, {cfg.n_samples} samples each, "
+          f"dataset {family.dataset}, reference {family.reference.name}:")
+    for spec in specs:
+        print(f"  {spec.label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,196 @@
+"""The FID-vs-steps sweep: curves of the exact Gaussian denoiser, per-index noise, batch-size invariance, resume,
+the CLI on real (tiny, untrained) checkpoints with a distillation run dir, and bad input."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import config as C
+from fastdiff import features as F
+from fastdiff import samplers as S
+from fastdiff.analytic import GaussianDenoiser
+from fastdiff.bench import COLUMNS, BenchConfig, Family, Network, main, run_sweep
+from fastdiff.checkpoint import save_checkpoint
+from fastdiff.errors import run_cli
+from fastdiff.metrics import Reference
+from fastdiff.report import write_report
+from fastdiff.schedules import Schedule
+from fastdiff.train import TrainConfig, build_network
+from test_metrics import one_thread, shared_cache  # noqa: F401  (fixtures: one classifier cache, one CPU thread)
+
+MU, STD, DIM = 0.5, 0.5, 8
+
+
+class Spy:
+    """Wraps a model and records the input of every evaluation at t = 1 (each sampler run's initial noise)."""
+
+    def __init__(self, model):
+        self.model, self.first_inputs = model, []
+
+    def __call__(self, x, t):
+        if bool((t == 1).all()):
+            self.first_inputs.append(x.clone())
+        return self.model(x, t)
+
+
+def gaussian_family(model=None, n_ref=4000) -> Family:
+    schedule = Schedule("linear", 1000)
+    den = GaussianDenoiser(MU, STD, schedule, "eps")
+    ref = den.sample((n_ref, DIM), torch.Generator().manual_seed(123)).float()
+    return Family("gauss", (DIM,), Network(model or den, schedule, "eps", "analytic"), {}, Reference(ref, "gauss-ref"))
+
+
+def gaussian_cfg(tmp_path, **kw) -> BenchConfig:
+    base = BenchConfig(model="analytic", samplers=("ddim", "dpm++2m"), spacings=("quadratic",), steps=(1, 2, 4, 8, 16),
+                       n_samples=1000, batch_size=500, clip=False, extractor="identity", metrics=("fid",),
+                       out_dir=str(tmp_path), device="cpu")
+    return dataclasses.replace(base, **kw)
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fid_by(rows) -> dict[tuple[str, int], float]:
+    return {(r["sampler"], int(r["nfe"])): float(r["value"]) for r in rows if r["metric"] == "fid"}
+
+
+def test_analytic_curves_fall_with_nfe_and_dpm_solver_beats_ddim(tmp_path):
+    path = run_sweep(gaussian_cfg(tmp_path), family=gaussian_family(), progress=False)
+    rows = read_rows(path)
+    assert list(rows[0]) == COLUMNS
+    fid = fid_by(rows)
+    nfes = (1, 2, 4, 8, 16)
+    ddim, dpm = [fid["ddim", n] for n in nfes], [fid["dpm++2m", n] for n in nfes]
+    # DDIM falls monotonically; both end far below their 1-step value (the rest is the n=1000 sampling floor).
+    assert all(a > b for a, b in zip(ddim, ddim[1:]))
+    assert ddim[-1] < ddim[0] / 20 and dpm[-1] < dpm[0] / 20 and dpm[2] < dpm[0]
+    # DPM-Solver++(2M) beats DDIM at equal NFE once it is second order (NFE >= 4; at 1-2 steps both are first order
+    # and the logSNR grid places its single intermediate point poorly).
+    for n in (4, 8, 16):
+        assert fid["dpm++2m", n] < fid["ddim", n]
+    assert all(r["extractor"] == "identity" and r["n_samples"] == "1000" for r in rows)
+    with np.load(tmp_path / "gauss" / rows[0]["samples_file"]) as npz:
+        assert npz["samples"].shape == (500, DIM) and npz["samples"].dtype == np.float32
+
+
+def test_same_noise_per_index_in_every_row_and_batch_size_does_not_matter(tmp_path):
+    samplers = ("ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun")
+    values = []
+    for batch in (4, 3):
+        spy = Spy(GaussianDenoiser(MU, STD, Schedule("linear", 1000), "eps"))
+        cfg = gaussian_cfg(tmp_path / f"b{batch}", samplers=samplers, steps=(1, 3), n_samples=10, batch_size=batch,
+                           metrics=("fid", "swd"))
+        path = run_sweep(cfg, family=gaussian_family(spy, n_ref=200), progress=False)
+        per_row = len(range(0, 10, batch))
+        runs = [torch.cat(spy.first_inputs[i:i + per_row]) for i in range(0, len(spy.first_inputs), per_row)]
+        assert len(runs) == len({r["samples_file"] for r in read_rows(path)}) == 10
+        expected = S.randn_like_per_sample((10, DIM), S.sample_generators(0, range(10)), torch.float32, "cpu")
+        for noise in runs:
+            assert torch.equal(noise, expected)
+        values.append({(r["sampler"], r["spacing"], r["steps"], r["metric"]): float(r["value"])
+                       for r in read_rows(path)})
+    assert values[0].keys() == values[1].keys()
+    for key, v in values[0].items():
+        assert values[1][key] == pytest.approx(v, rel=1e-9, abs=1e-12), key
+
+
+def test_interrupted_sweep_resumes_with_only_the_missing_rows(tmp_path):
+    class Interrupt(Spy):
+        def __call__(self, x, t):
+            if bool((t == 1).all()) and len(self.first_inputs) == 3:
+                raise KeyboardInterrupt
+            return super().__call__(x, t)
+
+    cfg = gaussian_cfg(tmp_path, steps=(1, 2, 4), n_samples=50, batch_size=50)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, family=gaussian_family(Interrupt(GaussianDenoiser(MU, STD, Schedule("linear", 1000)))),
+                  progress=False)
+    path = tmp_path / "gauss" / "fid_vs_steps.csv"
+    assert [(r["sampler"], r["steps"]) for r in read_rows(path)] == [("ddim", "1"), ("ddim", "2"), ("ddim", "4")]
+    spy = Spy(GaussianDenoiser(MU, STD, Schedule("linear", 1000)))
+    run_sweep(dataclasses.replace(cfg, steps=(1, 2, 4, 8)), family=gaussian_family(spy), progress=False)
+    rows = read_rows(path)
+    assert len(spy.first_inputs) == 5  # ddim 8 and dpm++2m 1, 2, 4, 8: nothing done twice
+    assert len(rows) == len({(r["sampler"], r["steps"]) for r in rows}) == 8
+
+
+def tiny_unet(dataset: str, **kw) -> TrainConfig:
+    return TrainConfig(dataset=dataset, channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                       head_dim=8, T=16, **kw)
+
+
+def save_model(path, tcfg: TrainConfig, shape, kind="teacher", steps=None, seed=0):
+    torch.manual_seed(seed)
+    save_checkpoint(path, {"kind": kind, "config": C.to_dict(tcfg), "param": tcfg.param, "data_shape": list(shape),
+                           "model": build_network(tcfg).state_dict(), **({"steps": steps} if steps else {})})
+
+
+@pytest.fixture()
+def distill_run(tmp_path):
+    """A teacher checkpoint and a distillation run dir with 1- and 2-step students (untrained tiny U-Nets)."""
+    tcfg = tiny_unet("digits")
+    save_model(tmp_path / "teacher" / "checkpoint.pt", tcfg, (1, 8, 8))
+    run = tmp_path / "distill"
+    for n in (1, 2):
+        save_model(run / "students" / f"student_N{n}.pt", tcfg, (1, 8, 8), kind="student", steps=n, seed=n)
+    (run / "config.json").write_text(json.dumps({"teacher": str(tmp_path / "teacher" / "checkpoint.pt")}))
+    return run
+
+
+def test_cli_sweeps_a_distillation_run_and_the_report_reads_it(tmp_path, distill_run, shared_cache, capsys):
+    out = tmp_path / "results"
+    argv = ["--distill-dir", str(distill_run), "--samplers", "ddpm,ddim,distilled", "--spacings", "linspace",
+            "--steps", "1,2", "--n-samples", "12", "--batch-size", "8", "--out-dir", str(out), "--device", "cpu"]
+    assert run_cli(main, argv) == 0
+    rows = read_rows(out / "digits" / "fid_vs_steps.csv")
+    runs = {(r["sampler"], r["spacing"], int(r["steps"]), int(r["nfe"])) for r in rows}
+    assert runs == {("ddpm", "full", 16, 16), ("ddim", "linspace", 1, 1), ("ddim", "linspace", 2, 2),
+                    ("distilled", "student", 1, 1), ("distilled", "student", 2, 2)}
+    assert {r["metric"] for r in rows} == {"fid", "kid", "kid_std", "precision", "recall"}
+    assert float(rows[0]["extractor_accuracy"]) > 0.9 and rows[0]["extractor"].startswith("classifier-digits-")
+    students = {r["model_hash"] for r in rows if r["sampler"] == "distilled"}
+    assert len(students) == 2 and rows[0]["teacher_hash"] not in students
+    with np.load(out / "digits" / rows[0]["samples_file"]) as npz:
+        assert npz["samples"].shape == (12, 1, 8, 8) and npz["samples"].dtype == np.uint8
+    # Re-running the same command computes nothing new.
+    assert run_cli(main, argv) == 0
+    assert len(read_rows(out / "digits" / "fid_vs_steps.csv")) == len(rows)
+    report = write_report(out).read_text()
+    assert "distilled students" in report and (out / "digits" / "fid_vs_nfe.png").is_file()
+
+
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path, distill_run, capsys, monkeypatch):
+    out = tmp_path / "results"
+    common = ["--out-dir", str(out), "--device", "cpu", "--n-samples", "8"]
+    cases = [
+        ["--distill-dir", str(distill_run), "--samplers", "ddim,euler"],
+        ["--model", str(tmp_path / "missing")],
+        ["--model", str(tmp_path / "teacher"), "--steps", "0"],
+        ["--preset", "nope", "--model", str(tmp_path / "teacher")],
+    ]
+    for argv in cases:
+        assert run_cli(main, argv + common) == 2
+    # Inception on an RGB model, offline, without --inception-weights.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    save_model(tmp_path / "rgb" / "checkpoint.pt", tiny_unet("folder", data_root=str(images), image_size=8), (3, 8, 8))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(F, "download", lambda url, path: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    assert run_cli(main, ["--model", str(tmp_path / "rgb")] + common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    assert "euler" in err[0] and "missing" in err[1] and "--inception-weights" in err[4]
+    assert not out.exists()

@@ -1,0 +1,84 @@
+"""The report: from a small synthetic CSV (+ npz samples, + a GPU JSON) to report.md and PNGs, without torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fastdiff.errors import run_cli
+from fastdiff.report import main
+
+LINES = [("ddim", "quadratic", "0.0", ""), ("ddpm-strided", "linspace", "", "large"), ("dpm++2m", "logsnr", "0.0", ""),
+         ("distilled", "student", "0.0", "")]
+
+
+def synthetic_results(root, images: bool):
+    """A bench-like CSV: 4 lines x NFE 1, 2, 4, 8 with FID, KID and precision, and a sample file per row."""
+    dataset = "digits" if images else "toy2d"
+    folder = root / dataset
+    (folder / "samples").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, (sampler, spacing, eta, variance) in enumerate(LINES):
+        for nfe in (1, 2, 4, 8):
+            samples_file = f"samples/{sampler}_{nfe}.npz"
+            x = rng.integers(0, 256, (16, 1, 8, 8), dtype=np.uint8) if images else rng.normal(size=(300, 2))
+            np.savez(folder / samples_file, samples=x.astype(np.uint8 if images else np.float32))
+            base = {"dataset": dataset, "model_hash": f"h{k}", "teacher_hash": "teach", "sampler": sampler,
+                    "spacing": spacing, "eta": eta, "variance": variance, "clip": "true", "guidance": "",
+                    "steps": nfe, "nfe": nfe, "n_samples": 100, "seed": 0, "extractor": "classifier-digits-abc",
+                    "extractor_accuracy": 0.97, "reference": f"{dataset}-train-n1437", "batch_size": 50,
+                    "wall_clock_s_per_batch": 0.01 * nfe, "wall_clock_s_total": 0.02 * nfe, "device": "cpu",
+                    "torch_version": "2.x", "torch_fidelity_version": "0.4.0", "fastdiff_version": "0.1.0",
+                    "fastdiff_commit": "abc123", "samples_file": samples_file, "timestamp": "2025-01-01T00:00:00"}
+            for metric, value in (("fid", 100.0 / nfe + k), ("kid", 0.1 / nfe), ("precision", 0.1 * k)):
+                rows.append({**base, "metric": metric, "value": value})
+    pd.DataFrame(rows).to_csv(folder / "fid_vs_steps.csv", index=False)
+
+
+def test_report_from_csv_npz_and_gpu_json_without_torch(tmp_path):
+    synthetic_results(tmp_path, images=True)
+    synthetic_results(tmp_path, images=False)
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "kernels.json").write_text(json.dumps({
+        "device": "NVIDIA H100 80GB HBM3", "versions": {"torch": "2.x"},
+        "sampler_step": [{"size": "16M", "dtype": "float32", "triton": {"ms": 0.21, "gbps": 2900.0}}],
+        "targets": {"speedup": {"values": {"16M": 3.2}, "bound": 3.0, "met": True}}}))
+    code = ("import sys; from fastdiff.report import write_report; write_report(sys.argv[1]); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    report = (tmp_path / "report.md").read_text()
+    for dataset in ("digits", "toy2d"):
+        for png in ("fid_vs_nfe.png", "fid_vs_wallclock.png", "metrics_vs_nfe.png", "samples_nfe1.png",
+                    "samples_nfe8.png"):
+            assert (tmp_path / dataset / png).stat().st_size > 1000
+            assert f"]({dataset}/{png})" in report
+    # Best FID within each budget: dpm++... all lines share 100/nfe, line k adds k: the ddim line (k=0) wins.
+    assert "| 8 | ddim (quadratic, η=0) | 8 | 8 | 12.5 |" in report
+    assert "distilled students (own N-step grid)" in report and "0.97" in report and "abc123" in report
+    assert "NVIDIA H100 80GB HBM3" in report and "| 16M | float32 | 0.21 | 2900 |" in report
+
+
+def test_report_bad_input_exit_2(tmp_path, capsys):
+    assert run_cli(main, [str(tmp_path / "missing")]) == 2
+    assert run_cli(main, [str(tmp_path)]) == 2
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "fid_vs_steps.csv").write_text("a,b\n1,2\n")
+    assert run_cli(main, [str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("eta,variance,label", [("1.0", "", "ddim-eta1 (quadratic, η=1)"),
+                                                ("", "small", "ddpm-strided (quadratic, small var.)")])
+def test_line_labels(eta, variance, label):
+    from fastdiff.report import line_label
+
+    sampler = "ddim-eta1" if eta else "ddpm-strided"
+    assert line_label(sampler, "quadratic", eta, variance) == label
