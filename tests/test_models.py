@@ -16,15 +16,6 @@ TINY_32 = UNetConfig(image_size=32, in_channels=3, channels=8, channel_mult=(1, 
                      attn_resolutions=(), head_dim=8, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-vCPU machine, OpenMP hand-offs cost more than the maths.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomized(net: torch.nn.Module) -> torch.nn.Module:
     """`net` with its zero-initialised tensors (output convs, attention projections) made random."""
     torch.manual_seed(0)

@@ -31,15 +31,6 @@ MLP_ARGS = ["--preset", "toy2d", "--hidden", "32", "--layers", "1", "--batch-siz
             "--ckpt-every", "10", "--log-every", "5"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-vCPU machine, OpenMP hand-offs cost more than the maths.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def pictures(monkeypatch):
     """Skips drawing the sample pictures (matplotlib, ~0.5 s each); records (step, EMA net in train mode?).

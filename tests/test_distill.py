@@ -1,0 +1,107 @@
+"""Progressive distillation: the target against closed forms, the CLI end to end, resume, guard rails."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from fastdiff import param as P
+from fastdiff.analytic import GaussianDenoiser
+from fastdiff.distill import PRESETS, DistillConfig, distill, distill_target, main, teacher_fn
+from fastdiff.errors import run_cli
+from fastdiff.schedules import Schedule
+
+MU, STD, DIM = 0.3, 0.5, 6
+
+
+def _gaussian_x0(z, t, schedule):
+    """Closed-form E[x0 | z_t] for x0 ~ N(MU, STD^2 I)."""
+    a, s = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t))
+    return MU + a * STD**2 / (a**2 * STD**2 + s**2) * (z - a * MU)
+
+
+def _ddim_closed(z, t_from, t_to, schedule):
+    x0 = _gaussian_x0(z, t_from, schedule)
+    a, s = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t_from))
+    eps = (z - a * x0) / s
+    a2, s2 = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t_to))
+    return a2 * x0 + s2 * eps
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("teacher_param", ["eps", "x0", "v"])
+def test_target_matches_two_closed_form_ddim_steps(kind, teacher_param):
+    schedule = Schedule(kind, 1000)
+    n = 8
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(1, n + 1, (64,), generator=gen).double() / n
+    z = torch.randn(64, DIM, generator=gen, dtype=torch.float64)
+    teacher = GaussianDenoiser(MU, STD, schedule, param=teacher_param)
+    target = distill_target(z, t, teacher_fn(teacher, teacher_param, schedule), schedule, n)
+    # Two DDIM steps with the exact denoiser, in closed form.
+    z2 = _ddim_closed(_ddim_closed(z, t, t - 0.5 / n, schedule), t - 0.5 / n, t - 1.0 / n, schedule)
+    # A student predicting x_tilde, stepped once by DDIM from t to t'' = t - 1/N, lands on z2.
+    a, s = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t))
+    a2, s2 = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t - 1.0 / n))
+    one_step = a2 * target + s2 * (z - a * target) / s
+    assert torch.allclose(one_step, z2, rtol=1e-9, atol=1e-9)
+    # At t'' = 0 the target is the teacher's final x0 prediction, i.e. the two-step DDIM output itself.
+    last = t == 1.0 / n
+    assert last.any()
+    assert torch.allclose(target[last], z2[last], rtol=1e-9, atol=1e-9)
+
+
+def test_bad_input_exit_2(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert run_cli(main, ["--start-steps", "6", "--out-dir", str(out)]) == 2
+    assert run_cli(main, ["--preset", "nope", "--out-dir", str(out)]) == 2
+    assert run_cli(main, ["--teacher", str(tmp_path / "missing.pt"), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error:") for line in err)
+    assert not out.exists()
+
+
+def _tiny_toy(tmp_path, **kw) -> DistillConfig:
+    from fastdiff.train import PRESETS as TRAIN
+
+    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], steps=600, hidden=64, layers=2, out_dir=str(tmp_path / "teacher"),
+                                      sample_every=10_000)
+    from fastdiff.train import train
+
+    train(teacher_cfg, progress=False)
+    base = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=4, steps_per_round=60,
+                               ckpt_every=25, eval_samples=200, bench=False, out_dir=str(tmp_path / "distill"))
+    return dataclasses.replace(base, **kw)
+
+
+@pytest.mark.slow
+def test_resume_inside_a_round_gives_complete_table(tmp_path):
+    cfg = _tiny_toy(tmp_path)
+
+    class Kill(Exception):
+        pass
+
+    def kill(r, updates):
+        if r == 1 and updates == 40:
+            raise Kill
+
+    with pytest.raises(Kill):
+        distill(cfg, progress=False, on_step=kill)
+    seen = []
+    run = distill(cfg, progress=False, on_step=lambda r, u: seen.append((r, u)))
+    # Resumed in round 1 from the checkpoint at update 25 (at most one checkpoint interval lost).
+    assert seen[0] == (1, 26)
+    rows = list(csv.DictReader(open(run / "rounds.csv")))
+    assert [int(r["round"]) for r in rows] == [0, 1]
+    assert [int(r["updates"]) for r in rows] == [60 * 2, 60 * 2]  # the last two rounds are doubled
+    assert sorted(p.name for p in (run / "students").iterdir()) == ["student_N1.pt", "student_N2.pt"]
+    # A finished run re-run does nothing.
+    again = []
+    distill(cfg, progress=False, on_step=lambda r, u: again.append(r))
+    assert again == []
+    from fastdiff.distill import load_student
+
+    student = load_student(run / "students" / "student_N2.pt")
+    assert student.steps == 2 and student.kind == "student"
