@@ -139,14 +139,14 @@ def _qkv(shape, device, dtype, seed=0):
 
 
 def _sdpa_float64(q, k, v, do):
-    """(B, H, N, d) -> SDPA's output and gradients in float64 on CPU, the oracle."""
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    """(B, H, N, d) -> SDPA's output and gradients in float64 on q's device, the oracle."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     o = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64)
-    return o, torch.autograd.grad(o, (q64, k64, v64), do.cpu().double())
+    return o, torch.autograd.grad(o, (q64, k64, v64), do.to(q.device, torch.float64))
 
 
 def _assert_rel_close(got, want, tol):
-    err = (got.detach().cpu().double() - want).abs().max() / want.abs().max()
+    err = (got.detach().double() - want).abs().max() / want.abs().max()
     assert err < tol, f"relative max error {err:.2e} > {tol:.0e}"
 
 
