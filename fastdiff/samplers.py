@@ -16,16 +16,21 @@ tensor of continuous times in x's dtype and `out` in the parameterization `param
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from fastdiff import param as P
 from fastdiff.errors import FastdiffError
-from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid,  # noqa: F401
-                            strided_grid, student_grid)
+from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid,
+                            student_grid)
 from fastdiff.ops import sampler_step
 from fastdiff.schedules import Schedule
+
+__all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "sample_generators",
+           "randn_like_per_sample", "VARIANCES",
+           # the grids, re-exported so that one import serves a sampling call
+           "GRIDS", "SPACINGS", "make_grid", "full_grid", "strided_grid", "student_grid", "logsnr_grid", "karras_grid"]
 
 VARIANCES = ("large", "small")
 _SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, as in fastdiff.ops: spreads (seed, index) over 64 bits
@@ -90,6 +95,7 @@ def _x0_eps(model, x, t: float, schedule: Schedule, param: str, clip: bool, guid
 
 
 def _check_grid(ts: torch.Tensor) -> None:
+    """(steps+1,) grid: raise a FastdiffError unless it is strictly decreasing in [0, 1]."""
     if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()) or ts[-1] < 0 or ts[0] > 1:
         raise FastdiffError("a time grid must be a strictly decreasing 1-D tensor in [0, 1] with >= 2 points; "
                             "build one with fastdiff.grids.make_grid")
@@ -105,14 +111,17 @@ def _linear_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generato
     b = x.shape[0]
     noisy = (coefs[:, 2] != 0).tolist()
     t_in = t_net.to(device=x.device, dtype=x.dtype)
-    alpha, sigma, coefs = (v.to(x.device) for v in (alpha, sigma, coefs))
+    # (steps, 5) table in the step's compute dtype on x's device: each step expands one row into contiguous (5, B)
+    # per-sample coefficients with a single copy, which fastdiff.ops then uses without casting or copying again
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    table = torch.cat([alpha[:, None], sigma[:, None], coefs], 1).to(x.device, dtype)
     trajectory = [x] if return_trajectory else None
     for i in range(len(t_net)):
         out, out_uncond = _evaluate(model, x, t_in[i].expand(b), guidance)
-        c = coefs[i]
-        x = sampler_step(x, out, param=param, alpha_t=alpha[i].expand(b), sigma_t=sigma[i].expand(b),
-                         coef_x0=c[0].expand(b), coef_xt=c[1].expand(b), coef_noise=c[2].expand(b), clip=clip,
-                         noise=_randn(x, generator) if noisy[i] else None, out_uncond=out_uncond, guidance=guidance)
+        a, s, c_x0, c_xt, c_noise = table[i, :, None].expand(5, b).contiguous()
+        x = sampler_step(x, out, param=param, alpha_t=a, sigma_t=s, coef_x0=c_x0, coef_xt=c_xt, coef_noise=c_noise,
+                         clip=clip, noise=_randn(x, generator) if noisy[i] else None, out_uncond=out_uncond,
+                         guidance=guidance)
         if trajectory is not None:
             trajectory.append(x)
     return Sample(x, len(t_net), trajectory)
@@ -166,7 +175,8 @@ def ddim(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     # Song et al. 2021 eq. 12/16: x_s = alpha_s x0 + d eps + c z, c = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(beta_{t|s}),
     # d = sqrt(1 - abar_s - c^2); with eps = (x_t - alpha_t x0)/sigma_t this is linear in (x0, x_t)
     c = eta * sigma_s / sigma_t * beta_ts.sqrt()
-    # d^2 = sigma_s^2 - c^2 = sigma_s^2/sigma_t^2 ((1 - eta^2) sigma_t^2 + eta^2 (alpha_t sigma_s/alpha_s)^2): no cancellation
+    # d^2 = sigma_s^2 - c^2 = sigma_s^2/sigma_t^2 ((1 - eta^2) sigma_t^2 + eta^2 (alpha_t sigma_s/alpha_s)^2),
+    # written without the cancellation
     d = sigma_s / sigma_t * ((1 - eta**2) * sigma_t**2 + eta**2 * (alpha_t * sigma_s / alpha_s) ** 2).sqrt()
     coefs = _coefs(alpha_t, sigma_t, alpha_s, d, c)
     return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
@@ -219,6 +229,9 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     Alg. 1 runs on x~ = x/alpha with sigma~ = sigma/alpha and D = x0_hat: Euler x~' = x~ + (sigma~' - sigma~) d,
     d = (x~ - D)/sigma~ = eps_hat, then the trapezoid correction, Euler alone on the step to 0. Written back in
     x = alpha x~ so that 1/alpha (~2e4 for cosine at t=1) never multiplies x. `generator` is unused.
+    The trapezoid is only accurate for steps that are small relative to sigma~: with the cosine schedule
+    (sigma~(1) = e^10) a first step straight down to sigma~ ~ 1 (linspace grids) is far off at few steps, by the
+    method, not by rounding; the karras grid spends its first steps at large sigma~ instead.
     """
     _check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)
@@ -235,13 +248,9 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
             nfe += 1
             # trapezoid: x~'' = x0 + (sigma~ + sigma~')/2 eps + (sigma~' - sigma~)/2 eps'
             a = float(alpha[i + 1])
-            x_next = a * x0 + float(a * (sig[i] + sig[i + 1]) / 2) * eps + float(a * (sig[i + 1] - sig[i]) / 2) * eps_next
+            x_next = (a * x0 + float(a * (sig[i] + sig[i + 1]) / 2) * eps
+                      + float(a * (sig[i + 1] - sig[i]) / 2) * eps_next)
         x = x_next
         if trajectory is not None:
             trajectory.append(x)
     return Sample(x, nfe, trajectory)
-
-
-SAMPLERS: dict[str, Callable[..., Sample]] = {
-    "ddpm": ddpm, "ddim": ddim, "dpm_solver_pp_2m": dpm_solver_pp_2m, "heun": heun,
-}

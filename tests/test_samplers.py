@@ -28,6 +28,14 @@ def _limit(model: GaussianDenoiser, x: torch.Tensor, t_min: float) -> torch.Tens
     return model.x0(exact_ode_solution(model, x, 1.0, t_min), t_min)
 
 
+def _case(kind: str, param: str):
+    """(schedule, exact model, 8 fixed noises at t = 1, their limit on grids ending at 1/T) for one schedule."""
+    schedule = Schedule(kind, T)
+    model = GaussianDenoiser(MU, STD, schedule, param)
+    x = _noise(8)
+    return schedule, model, x, _limit(model, x, 1 / T)
+
+
 def _err(a, b) -> float:
     return (a - b).abs().max().item()
 
@@ -119,10 +127,7 @@ def test_ddim_fine_grid_solves_the_ode_and_reaches_the_data_distribution(kind):
 
 @pytest.mark.parametrize("kind", SCHEDULES)
 def test_dpm_solver_pp_needs_far_fewer_steps_than_ddim(kind):
-    schedule = Schedule(kind, T)
-    model = GaussianDenoiser(MU, STD, schedule, "v")
-    x = _noise(8)
-    ref = _limit(model, x, 1 / T)
+    schedule, model, x, ref = _case(kind, "v")
     errs = {}
     for name, sampler in (("ddim", ddim), ("dpm", dpm_solver_pp_2m)):
         for steps in (20, 50, 200):
@@ -136,10 +141,7 @@ def test_dpm_solver_pp_needs_far_fewer_steps_than_ddim(kind):
 
 @pytest.mark.parametrize("kind", SCHEDULES)
 def test_heun_converges_at_second_order(kind):
-    schedule = Schedule(kind, T)
-    model = GaussianDenoiser(MU, STD, schedule, "x0")
-    x = _noise(8)
-    ref = _limit(model, x, 1 / T)
+    schedule, model, x, ref = _case(kind, "x0")
     err = {}
     for steps in (50, 200):
         out = heun(model, x, karras_grid(schedule, steps), schedule=schedule, param="x0")
