@@ -118,7 +118,7 @@ def _linear_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generato
     trajectory = [x] if return_trajectory else None
     for i in range(len(t_net)):
         out, out_uncond = _evaluate(model, x, t_in[i].expand(b), guidance)
-        a, s, c_x0, c_xt, c_noise = table[i, :, None].expand(5, b).contiguous()
+        a, s, c_x0, c_xt, c_noise = table[i, :, None].expand(5, b).contiguous().unbind()
         x = sampler_step(x, out, param=param, alpha_t=a, sigma_t=s, coef_x0=c_x0, coef_xt=c_xt, coef_noise=c_noise,
                          clip=clip, noise=_randn(x, generator) if noisy[i] else None, out_uncond=out_uncond,
                          guidance=guidance)
