@@ -321,6 +321,7 @@ def evaluate_round(student, teacher: LoadedModel, n_student: int, cfg: DistillCo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    D.configure_cpu_threads()
     cfg, _ = config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
                               "Progressively distill a teacher into few-step students, then benchmark and report.")
     t0 = time.perf_counter()

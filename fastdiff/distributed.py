@@ -80,3 +80,15 @@ def gather_objects(obj) -> list:
 def shard(indices: range) -> range:
     """This rank's share of sample indices: rank, rank + world, ... (strided, so all ranks stay busy)."""
     return indices[rank()::world_size()]
+
+
+def configure_cpu_threads() -> None:
+    """Use half the cores for torch's intra-op threads unless OMP_NUM_THREADS says otherwise.
+
+    On a small shared machine a full set of OpenMP threads collapses as soon as anything else runs: the
+    digits teacher trained at 0.3 it/s with 2 threads on 2 busy vCPUs and at 5.5 it/s with 1 (measured here).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // 2))

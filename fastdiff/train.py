@@ -303,6 +303,7 @@ def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    D.configure_cpu_threads()
     cfg, _ = config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train", "Train a teacher diffusion model.")
     with D.init_from_env(cfg.device):
         t0 = time.perf_counter()
