@@ -40,8 +40,9 @@ from fastdiff.train import TrainConfig, build_network, config_from_argv, prepare
 log = logging.getLogger(__name__)
 
 ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
-                "teacher_ddim_value", "wall_clock_s"]
-NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps")
+                "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
+NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps",
+                     "eval_guidance")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class DistillConfig:
     bench: bool = True
     bench_steps: tuple[int, ...] = ()
     results_dir: str = "results"
+    guided: bool = False
+    w_min: float = 0.0
+    w_max: float = 4.0
+    guided_base_updates: int = 1000
+    eval_guidance: float = 2.0
 
 
 PRESETS = {
@@ -74,6 +80,10 @@ PRESETS = {
     "digits": DistillConfig(bench_steps=(1, 2, 4, 8, 16, 32, 64)),
     "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, steps_per_round=800, lr=5e-4, batch_size=512,
                            eval_samples=2000, out_dir="runs/distill-toy2d"),
+    # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one
+    # network that takes the guidance weight w as an input, then progressively.
+    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=32,
+                                   out_dir="runs/distill-digits-guided", bench=False),
     # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
     # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
     "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, steps_per_round=50_000, lr=5e-5,
@@ -128,28 +138,59 @@ def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.T
     return num / P.append_dims((a_2 - ratio * a_t).to(z_t), z_t.ndim)
 
 
-def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Schedule):
-    """Teacher as (z, t float64) -> (x0_hat, eps_hat), through fastdiff.param (eps, x0 or v teachers)."""
+def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Schedule, cond: dict | None = None):
+    """Teacher as (z, t float64) -> (x0_hat, eps_hat), through fastdiff.param (eps, x0 or v teachers).
+
+    `cond` holds extra network inputs for this batch (class labels y, guidance weight w of a guided student).
+    """
     net = model.net if isinstance(model, LoadedModel) else model
+    cond = cond or {}
 
     def fn(z, t):
         a, s = (v.to(z) for v in schedule.alpha_sigma(t))
-        return P.to_x0_eps(net(z, t.to(z)), z, a, s, param)
+        return P.to_x0_eps(net(z, t.to(z), **cond), z, a, s, param)
 
     return fn
 
 
-def student_loss(student, teacher, x0, schedule, cfg: DistillConfig, teacher_param: str, n_student: int, gen):
-    """(B,) w(lambda_t)·||x_tilde - x_hat_student(z_t)||^2 at t = i/N, i ~ U{1..N}."""
+def guided_teacher_fn(net, param: str, schedule: Schedule, y, w, num_classes: int):
+    """Classifier-free-guided teacher (z, t) -> (x0_hat, eps_hat) with a per-sample weight w (B,).
+
+    One batched forward over [z; z] with labels [y; null]; the guided output u + w (c - u) is formed in the
+    network's parameterization, which is affine in (x0, eps) at fixed (z, t), so it equals guiding x0 and eps.
+    """
+    from fastdiff.guidance import combine, guided
+
+    pair = guided(net, y, num_classes)
+
+    def fn(z, t):
+        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
+        out_c, out_u = pair(z, t.to(z))
+        return P.to_x0_eps(combine(out_c, out_u, w), z, a, s, param)
+
+    return fn
+
+
+def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student: int | None, gen,
+                 cond: dict | None = None):
+    """(B,) w(lambda_t)·||x_tilde - x_hat_student(z_t)||^2.
+
+    Progressive rounds (n_student = N): t = i/N, i ~ U{1..N}, x_tilde from two teacher DDIM steps. The guided
+    first stage (n_student None, Meng et al. 2023): t ~ U[1e-3, 1], x_tilde = the guided teacher's x0_hat.
+    `target_fn(z, t) -> (x0_hat, eps_hat)` is the teacher for this batch.
+    """
     b = x0.shape[0]
-    i = torch.randint(1, n_student + 1, (b,), generator=gen)
-    t = i.double() / n_student
+    if n_student is None:
+        t = 1e-3 + (1 - 1e-3) * torch.rand(b, generator=gen, dtype=torch.float64)
+    else:
+        t = torch.randint(1, n_student + 1, (b,), generator=gen).double() / n_student
     eps = torch.randn(x0.shape, generator=gen).to(x0)
     a, s = (v.to(x0) for v in schedule.alpha_sigma(t))
     z_t = P.append_dims(a, x0.ndim) * x0 + P.append_dims(s, x0.ndim) * eps
     with torch.no_grad():
-        target = distill_target(z_t, t, teacher_fn(teacher, teacher_param, schedule), schedule, n_student)
-    x_hat, _ = P.to_x0_eps(student(z_t, t.to(x0)), z_t, a, s, cfg.param)
+        target = (target_fn(z_t, t)[0] if n_student is None
+                  else distill_target(z_t, t, target_fn, schedule, n_student))
+    x_hat, _ = P.to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
     w = snr_weight(schedule.logsnr(t).to(x0), cfg.weighting)
     return w * (target - x_hat).pow(2).mean(tuple(range(1, x0.ndim)))
 
@@ -162,15 +203,15 @@ def load_student(path) -> LoadedModel:
     return model
 
 
-def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student"):
-    """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps."""
+def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student", guidance=None):
+    """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps (CFG weight `guidance`)."""
     from fastdiff.samplers import ddim, make_grid, randn_like_per_sample, sample_generators
 
     net = model.net if isinstance(model, LoadedModel) else model
     x = randn_like_per_sample((n, *shape), sample_generators(seed, range(n)), torch.float32, device)
     with torch.no_grad():
         return ddim(net, x, make_grid(grid, n_steps, schedule), schedule=schedule, param=param,
-                    clip=len(shape) > 1).x
+                    clip=len(shape) > 1, guidance=guidance).x
 
 
 class RoundLog:
@@ -212,6 +253,124 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
             "pass --teacher-preset matching the teacher or another --teacher")
     if teacher.kind != "teacher":
         raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --teacher needs a teacher")
+    if cfg.guided and tcfg.get("cond") != "class":
+        raise FastdiffError(f"--guided needs a class-conditional teacher (trained with --cond class); {teacher.path} "
+                            "is unconditional: use --teacher-preset digits-cond or another --teacher")
+
+
+@dataclass
+class _Run:
+    """What every stage of one distillation run shares."""
+
+    cfg: DistillConfig
+    run: Path
+    device: torch.device
+    schedule: Schedule
+    tcfg: TrainConfig
+    teacher0: LoadedModel
+    x_all: torch.Tensor
+    y_all: torch.Tensor | None
+    num_classes: int
+    student_cfg: dict
+    progress: bool
+    on_step: Callable[[int, int], None] | None
+
+    @property
+    def state_path(self) -> Path:
+        return self.run / "state.pt"
+
+
+def _batch_cond(ctx: _Run, idx, gen) -> dict:
+    """Extra network inputs of a guided run: the examples' labels and a guidance weight w ~ U[w_min, w_max]."""
+    if not ctx.cfg.guided:
+        return {}
+    w = ctx.cfg.w_min + (ctx.cfg.w_max - ctx.cfg.w_min) * torch.rand(len(idx), generator=gen)
+    return {"y": ctx.y_all[idx], "w": w.to(ctx.x_all)}
+
+
+def _train_stage(ctx: _Run, r: int, student, teacher_net, teacher_param: str, n_student: int | None, total: int,
+                 label: str) -> tuple[float, float]:
+    """Train `student` for `total` updates of stage r (resumable from state.pt); -> (recent loss, wall-clock s)."""
+    cfg = ctx.cfg
+    teacher_net.eval().requires_grad_(False)
+    student.train().requires_grad_(True)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + r * 104729 + D.rank())
+    updates, round_wall = 0, 0.0
+    if ctx.state_path.exists():
+        state = load_checkpoint(ctx.state_path, map_location=ctx.device)
+        if state["round"] == r:
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["rng"][D.rank()])
+            updates, round_wall = state["step"], state["wall_clock_s"]
+            log.info("resuming %s at update %d/%d", label, updates, total)
+    model = D.wrap_ddp(student, ctx.device)
+    local_batch = D.local_batch_size(cfg.batch_size)
+    bar = tqdm(total=total, initial=updates, desc=label, disable=not ctx.progress or not D.is_main(), dynamic_ncols=True)
+    t0, recent = time.perf_counter() - round_wall, []
+    while updates < total:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * (1 - updates / total)  # linear decay to 0 within the round
+        idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
+        cond = _batch_cond(ctx, idx, gen)
+        if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
+            target_fn = guided_teacher_fn(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"], ctx.num_classes)
+        else:
+            target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
+        loss = student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
+        if not torch.isfinite(loss):
+            raise FastdiffError(f"distillation loss became {loss.item()} in {label} at update {updates}; "
+                                f"the last good checkpoint {ctx.state_path} is kept — lower --lr and re-run")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        updates += 1
+        recent = (recent + [loss.item()])[-50:]
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+        if updates % cfg.ckpt_every == 0 and updates < total:
+            rng = D.gather_objects(gen.get_state())
+            if D.is_main():
+                save_checkpoint(ctx.state_path, {"kind": "distill-state", "config": ctx.student_cfg,
+                                                 "model": student.state_dict(), "round": r, "step": updates,
+                                                 "optimizer": opt.state_dict(), "rng": rng,
+                                                 "wall_clock_s": time.perf_counter() - t0})
+        if ctx.on_step is not None:
+            ctx.on_step(r, updates)
+    bar.close()
+    student.eval().requires_grad_(False)
+    return sum(recent) / max(len(recent), 1), time.perf_counter() - t0
+
+
+def _save_student(ctx: _Run, path: Path, student, n_student: int | None, r: int, updates: int) -> None:
+    if D.is_main():
+        save_checkpoint(path, {"kind": "student", "config": ctx.student_cfg, "param": ctx.cfg.param, "steps": n_student,
+                               "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
+                               "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided})
+
+
+def _guided_base(ctx: _Run, rounds: "RoundLog") -> torch.nn.Module:
+    """Stage one of guided distillation: one network s(z, t, y, w) matching the CFG teacher at every w."""
+    path = ctx.run / "students" / "guided_base.pt"
+    if rounds.done(-1) and path.exists():
+        return load_model(path, ctx.device).net
+    student = build_network(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in ctx.student_cfg.items()})).to(ctx.device)
+    missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("embed.scalar") for k in missing), (missing, unexpected)
+    # Zero the w-embedding's output layer: the student starts as the conditional teacher (w = 1 behaviour).
+    torch.nn.init.zeros_(student.embed.scalar[-1].weight)
+    torch.nn.init.zeros_(student.embed.scalar[-1].bias)
+    loss, wall = _train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
+                              ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
+    _save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates)
+    if D.is_main():
+        rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.guided_base_updates,
+                    "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}",
+                    **evaluate_round(student, ctx, ctx.cfg.start_steps)})
+    D.barrier()
+    return student
 
 
 def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> Path:
@@ -227,78 +386,35 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
         write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     D.barrier()
     tcfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in teacher0.config.items()})
-    student_cfg = C.to_dict(dataclasses.replace(tcfg, param=cfg.param))
-    schedule = teacher0.schedule
     data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
-    x_all = data.x.to(device)
+    ctx = _Run(cfg, run, device, teacher0.schedule, tcfg, teacher0, data.x.to(device),
+               data.y.to(device) if data.y is not None else None, data.num_classes,
+               C.to_dict(dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)), progress, on_step)
     rounds = RoundLog(run / "rounds.csv")
     (run / "students").mkdir(exist_ok=True)
-    state_path = run / "state.pt"
     t_run = time.perf_counter()
     if all(rounds.done(r) for r in range(num_rounds(cfg))):
         log.info("%s already finished all %d rounds; nothing to distill", run, num_rounds(cfg))
     teacher_net, teacher_param = teacher0.net, teacher0.param
+    if cfg.guided:
+        teacher_net, teacher_param = _guided_base(ctx, rounds), cfg.param
     for r in range(num_rounds(cfg)):
         n_student = cfg.start_steps // 2 ** (r + 1)
         student_path = run / "students" / f"student_N{n_student}.pt"
         if rounds.done(r) and student_path.exists():
-            prev = load_model(student_path, device)
-            teacher_net, teacher_param = prev.net, prev.param
+            teacher_net, teacher_param = load_model(student_path, device).net, cfg.param
             continue
-        teacher_net.eval().requires_grad_(False)
-        student = build_network(tcfg).to(device)
+        student = build_network(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in ctx.student_cfg.items()})).to(device)
         student.load_state_dict(teacher_net.state_dict())
-        student.train().requires_grad_(True)
-        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + r * 104729 + D.rank())
-        updates, total = 0, round_updates(cfg, r)
-        round_wall = 0.0
-        if state_path.exists():
-            state = load_checkpoint(state_path, map_location=device)
-            if state["round"] == r:
-                student.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                gen.set_state(state["rng"][D.rank()])
-                updates, round_wall = state["step"], state["wall_clock_s"]
-                log.info("resuming round %d at update %d/%d", r, updates, total)
-        model = D.wrap_ddp(student, device)
-        local_batch = D.local_batch_size(cfg.batch_size)
-        bar = tqdm(total=total, initial=updates, desc=f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps",
-                   disable=not progress or not D.is_main(), dynamic_ncols=True)
-        t0, recent = time.perf_counter() - round_wall, []
-        while updates < total:
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * (1 - updates / total)  # linear decay to 0 within the round
-            idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
-            loss = student_loss(model, teacher_net, x_all[idx], schedule, cfg, teacher_param, n_student, gen).mean()
-            if not torch.isfinite(loss):
-                raise FastdiffError(f"distillation loss became {loss.item()} in round {r} at update {updates}; "
-                                    f"the last good checkpoint {state_path} is kept — lower --lr and re-run")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            updates += 1
-            recent = (recent + [loss.item()])[-50:]
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-            if updates % cfg.ckpt_every == 0 and updates < total:
-                rng = D.gather_objects(gen.get_state())
-                if D.is_main():
-                    save_checkpoint(state_path, {"kind": "distill-state", "config": student_cfg, "model": student.state_dict(),
-                                                 "round": r, "step": updates, "optimizer": opt.state_dict(), "rng": rng,
-                                                 "wall_clock_s": time.perf_counter() - t0})
-            if on_step is not None:
-                on_step(r, updates)
-        bar.close()
-        wall = time.perf_counter() - t0
-        student.eval().requires_grad_(False)
+        total = round_updates(cfg, r)
+        loss, wall = _train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
+                                  f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
+        _save_student(ctx, student_path, student, n_student, r, total)
         if D.is_main():
-            save_checkpoint(student_path, {"kind": "student", "config": student_cfg, "param": cfg.param, "steps": n_student,
-                                           "data_shape": list(data.shape), "model": student.state_dict(), "round": r,
-                                           "updates": updates, "teacher": str(teacher_path)})
-            row = evaluate_round(student, teacher0, n_student, cfg, tcfg, schedule, device)
-            rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": updates,
-                        "loss": f"{sum(recent) / max(len(recent), 1):.6f}", "wall_clock_s": f"{wall:.1f}", **row})
+            row = evaluate_round(student, ctx, n_student)
+            rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
+                        "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
             log.info("round %d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r, n_student, row["metric"],
                      row["student_value"], n_student, row["teacher_ddim_value"])
         D.barrier()
@@ -307,17 +423,48 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     return run
 
 
-def evaluate_round(student, teacher: LoadedModel, n_student: int, cfg: DistillConfig, tcfg: TrainConfig,
-                   schedule: Schedule, device) -> dict:
-    """Score the N-step student and the teacher's N-step DDIM on the same per-index noise."""
+def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
+    """Score the N-step student and the teacher's N-step DDIM on the same per-index noise.
+
+    Guided runs sample class k % num_classes for index k at w = eval_guidance (the teacher through CFG,
+    the student through its w input) and also report the classifier's accuracy on the asked-for class.
+    """
+    from fastdiff.guidance import conditional, guided
     from fastdiff.metrics import quick_score
 
-    shape = tuple(teacher.data_shape)
-    a = sample_model(student, n_student, cfg.eval_samples, shape, schedule, cfg.param, cfg.seed, device)
-    b = sample_model(teacher, n_student, cfg.eval_samples, shape, schedule, teacher.param, cfg.seed, device)
-    name, va = quick_score(a, tcfg.dataset)
-    _, vb = quick_score(b, tcfg.dataset)
-    return {"metric": name, "student_value": f"{va:.6g}", "teacher_ddim_value": f"{vb:.6g}"}
+    cfg, teacher = ctx.cfg, ctx.teacher0
+    shape, n = tuple(teacher.data_shape), cfg.eval_samples
+    kw = dict(n_steps=n_student, n=n, shape=shape, schedule=ctx.schedule, seed=cfg.seed, device=ctx.device)
+    row = {}
+    if cfg.guided:
+        y = torch.arange(n, device=ctx.device) % ctx.num_classes
+        w = torch.full((n,), cfg.eval_guidance, device=ctx.device)
+        a = sample_model(conditional(student, y, w), param=cfg.param, **kw)
+        b = sample_model(guided(teacher.net, y, ctx.num_classes), param=teacher.param, guidance=cfg.eval_guidance, **kw)
+        if len(shape) == 3:  # the project's classifier exists for labelled image data sets
+            row = {"student_accuracy": f"{class_accuracy(a, y, ctx.tcfg.dataset):.4f}",
+                   "teacher_accuracy": f"{class_accuracy(b, y, ctx.tcfg.dataset):.4f}"}
+    else:
+        a = sample_model(student, param=cfg.param, **kw)
+        b = sample_model(teacher, param=teacher.param, **kw)
+    name, va = quick_score(a, ctx.tcfg.dataset)
+    _, vb = quick_score(b, ctx.tcfg.dataset)
+    return {"metric": name, "student_value": f"{va:.6g}", "teacher_ddim_value": f"{vb:.6g}", **row}
+
+
+def class_accuracy(samples: torch.Tensor, y: torch.Tensor, dataset: str) -> float:
+    """How often the project's classifier assigns each sample the class it was asked for."""
+    from fastdiff.features import SmallCNN, classifier_weights
+
+    path, _ = classifier_weights(dataset)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = SmallCNN(**ckpt["arch"])
+    net.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        # quantize like every scored sample: uint8, then back to [-1, 1]
+        x = ((samples.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+        pred = net.eval()(x.cpu())[1].argmax(1)
+    return float((pred == y.cpu()).float().mean())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

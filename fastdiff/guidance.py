@@ -35,4 +35,4 @@ def combine(out_cond: torch.Tensor, out_uncond: torch.Tensor, w) -> torch.Tensor
     """out_uncond + w (out_cond - out_uncond); w a float or a per-sample (B,) tensor."""
     if isinstance(w, torch.Tensor):
         w = w.to(out_cond).reshape(w.shape + (1,) * (out_cond.ndim - w.ndim))
-    return out_uncond + w * (out_cond - out_uncond)
+    return torch.lerp(out_uncond, out_cond, w)  # exact at w = 0 and w = 1

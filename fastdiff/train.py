@@ -81,6 +81,7 @@ PRESETS = {
     "toy2d": TrainConfig(dataset="toy2d", arch="mlp", hidden=256, layers=4, steps=4000, batch_size=512, lr=2e-3,
                          warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=2000, out_dir="runs/teacher-toy2d"),
     "digits": TrainConfig(),
+    "digits-cond": TrainConfig(cond="class", out_dir="runs/teacher-digits-cond"),
     # The DDPM paper's CIFAR-10 settings (Ho et al. 2020, App. B): 35.7M-parameter U-Net, linear schedule,
     # L_simple, lr 2e-4 with 5000 warm-up steps, batch 128, dropout 0.1, EMA 0.9999, 800k steps, flips.
     "cifar10": TrainConfig(dataset="cifar10", schedule="linear", param="eps", weighting="eps-mse", channels=128,

@@ -10,8 +10,9 @@ from torch import nn
 def sinusoidal(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     """(B,) continuous t in [0, 1] -> (B, dim) sinusoidal features of scale·t (Vaswani et al. 2017)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = scale * t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)  # at least fp32: fp16 phases of 1000·t are too coarse
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
