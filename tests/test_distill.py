@@ -66,13 +66,13 @@ def test_bad_input_exit_2(tmp_path, capsys):
 def _tiny_toy(tmp_path, **kw) -> DistillConfig:
     from fastdiff.train import PRESETS as TRAIN
 
-    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], steps=600, hidden=64, layers=2, out_dir=str(tmp_path / "teacher"),
+    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], steps=300, hidden=64, layers=2, out_dir=str(tmp_path / "teacher"),
                                       sample_every=10_000)
     from fastdiff.train import train
 
     train(teacher_cfg, progress=False)
-    base = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=4, steps_per_round=60,
-                               ckpt_every=25, eval_samples=200, bench=False, out_dir=str(tmp_path / "distill"))
+    base = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=4, steps_per_round=30,
+                               ckpt_every=10, eval_samples=100, bench=False, out_dir=str(tmp_path / "distill"))
     return dataclasses.replace(base, **kw)
 
 
@@ -84,18 +84,18 @@ def test_resume_inside_a_round_gives_complete_table(tmp_path):
         pass
 
     def kill(r, updates):
-        if r == 1 and updates == 40:
+        if r == 1 and updates == 25:
             raise Kill
 
     with pytest.raises(Kill):
         distill(cfg, progress=False, on_step=kill)
     seen = []
     run = distill(cfg, progress=False, on_step=lambda r, u: seen.append((r, u)))
-    # Resumed in round 1 from the checkpoint at update 25 (at most one checkpoint interval lost).
-    assert seen[0] == (1, 26)
+    # Resumed in round 1 from the checkpoint at update 20 (at most one checkpoint interval lost).
+    assert seen[0] == (1, 21)
     rows = list(csv.DictReader(open(run / "rounds.csv")))
     assert [int(r["round"]) for r in rows] == [0, 1]
-    assert [int(r["updates"]) for r in rows] == [60 * 2, 60 * 2]  # the last two rounds are doubled
+    assert [int(r["updates"]) for r in rows] == [30 * 2, 30 * 2]  # the last two rounds are doubled
     assert sorted(p.name for p in (run / "students").iterdir()) == ["student_N1.pt", "student_N2.pt"]
     # A finished run re-run does nothing.
     again = []
