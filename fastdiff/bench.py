@@ -14,15 +14,23 @@ so sample k is the same whatever the batch size, and the curves differ only by t
 only the rows missing from the CSV (key: every column that defines a row, not the measured ones). For each
 row the first samples are kept in `samples/*.npz` (16 uint8 images or up to 500 float points) for the report.
 Under torchrun the sample indices are sharded over the ranks; rank 0 scores and writes.
+
+Presets (`--preset`): ``digits`` (the CPU default: 500 samples, steps 1..64, the project's classifier features),
+``toy2d`` (identity features + sliced Wasserstein, 2000 samples) and ``cifar10``, the protocol of DDIM (Song et al.
+2021) and progressive distillation (Salimans & Ho 2022): 50k samples, torch-fidelity's Inception-v3 pool3 FID
+against the 50k CIFAR-10 train images, x0 clipped, quadratic and linear spacing. It needs a GPU, `--data-root` (the
+folder holding cifar-10-batches-py) and `--inception-weights PATH` (or internet). The published FIDs to compare with:
+
+    published CIFAR-10 FID (50k samples)               steps: FID
+    DDIM eta=0, quadratic spacing (Song et al. 2021)   10: 13.36   20: 6.84   50: 4.67   100: 4.16
+    progressive distillation (Salimans & Ho 2022)       1: 9.12     2: 4.51    4: 3.00     8: 2.57
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import json
 import logging
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,26 +48,21 @@ from fastdiff import config as C
 from fastdiff import distributed as D
 from fastdiff import samplers as S
 from fastdiff.errors import FastdiffError, run_cli
-from fastdiff.features import EXTRACTORS, Extractor, resolve_extractor, slug, to_extractor_input
+from fastdiff.features import EXTRACTORS, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import SPACINGS, make_grid
 from fastdiff.io import atomic_path, write_text
 from fastdiff.metrics import METRICS, Reference, compute_metrics, load_reference
+from fastdiff.results import CSV_NAME, COLUMNS, ResultsCSV, git_commit, to_csv_value
 from fastdiff.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled")
-# Samplers whose grid is fixed (the others run on every spacing asked for).
+# Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's uniform logSNR, EDM's
+# Karras grid, a student's own i/N.
 FIXED_GRID = {"ddpm": "full", "dpm++2m": "logsnr", "heun": "karras", "distilled": "student"}
-CSV_NAME, CONFIG_NAME, SAMPLES_DIR = "fid_vs_steps.csv", "bench_config.json", "samples"
+CONFIG_NAME, SAMPLES_DIR = "bench_config.json", "samples"
 N_SAVED_IMAGES, N_SAVED_POINTS = 16, 500
-COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance",
-           "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy", "reference", "value",
-           "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device", "torch_version",
-           "torch_fidelity_version", "fastdiff_version", "fastdiff_commit", "samples_file", "timestamp"]
-# What defines a row (a re-run skips rows whose key is present); everything else is measured or provenance.
-KEY = ("dataset", "model_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance", "steps", "n_samples",
-       "seed", "metric", "extractor", "reference")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class BenchConfig:
     seed: int = 0
     clip: bool = True
     extractor: str = "auto"
-    metrics: tuple[str, ...] = ("fid", "kid", "prc")
+    metrics: tuple[str, ...] = ("fid", "prc")
     ref_split: str = "train"
     n_ref: int = 0
     out_dir: str = "results"
@@ -89,13 +92,12 @@ class BenchConfig:
 
 
 PRESETS = {
-    "digits": BenchConfig(),
-    "toy2d": BenchConfig(n_samples=2000, batch_size=2000, clip=False, metrics=("fid", "kid", "prc", "swd"), n_ref=5000),
-    # The DDIM / progressive-distillation protocol (Song et al. 2021; Salimans & Ho 2022): 50k samples, Inception-v3
-    # pool3 FID against the 50k CIFAR-10 train images, x0 clipped. Published FIDs to compare with:
-    #   DDIM eta=0 (quadratic spacing), 10/20/50/100 steps: 13.36 / 6.84 / 4.67 / 4.16   (Song et al. 2021, Table 1)
-    #   progressive distillation, 1/2/4/8 steps:           9.12 / 4.51 / 3.00 / 2.57    (Salimans & Ho 2022, Table 1)
-    # Needs a GPU, --data-root with cifar-10-batches-py and --inception-weights (or internet).
+    # The CPU default: the 1.6M-parameter digits U-Net costs ~0.2-0.4 s per 500-sample forward on 2 cores, and
+    # this sweep is ~2100 forwards (1000 of them the full-grid DDPM row). KID (100 subsets) would add ~3 s per row
+    # here: ask for it with --metrics fid,kid,prc.
+    "digits": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), n_samples=500, batch_size=500),
+    "toy2d": BenchConfig(n_samples=2000, batch_size=2000, clip=False, metrics=("fid", "prc", "swd"), n_ref=5000),
+    # The papers' protocol; see the module docstring for the published numbers.
     "cifar10": BenchConfig(steps=(1, 2, 4, 8, 10, 16, 20, 32, 50, 64, 100, 128, 256), n_samples=50_000,
                            batch_size=1000, extractor="inception", metrics=("fid",)),
 }
@@ -155,7 +157,8 @@ def validate(cfg: BenchConfig) -> None:
     if any(s < 1 for s in cfg.steps):
         raise FastdiffError(f"--steps must all be >= 1, got {cfg.steps}")
     if cfg.n_samples < 4 or cfg.batch_size < 1 or cfg.n_ref < 0:
-        raise FastdiffError("need --n-samples >= 4 (precision/recall use 3 neighbours), --batch-size >= 1, --n-ref >= 0")
+        raise FastdiffError("need --n-samples >= 4 (precision/recall use 3 neighbours), --batch-size >= 1 and "
+                            "--n-ref >= 0")
     if not cfg.model and not cfg.distill_dir:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
@@ -168,17 +171,15 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int]) -> list[
         log.info("strided grids of a %d-step teacher stop at %d steps", T, T)
     for name in cfg.samplers:
         if name == "ddpm":
-            specs.append(Spec("ddpm", "full", T, None, cfg.variance))
+            specs.append(Spec(name, FIXED_GRID[name], T, None, cfg.variance))
         elif name == "ddpm-strided":
             specs += [Spec(name, sp, s, None, cfg.variance) for sp in cfg.spacings for s in strided]
         elif name in ("ddim", "ddim-eta1"):
             specs += [Spec(name, sp, s, 0.0 if name == "ddim" else 1.0) for sp in cfg.spacings for s in strided]
-        elif name == "dpm++2m":
-            specs += [Spec(name, "logsnr", s, 0.0) for s in sorted(set(cfg.steps))]
-        elif name == "heun":
-            specs += [Spec(name, "karras", s, 0.0) for s in sorted({(n + 1) // 2 for n in cfg.steps})]
         else:
-            specs += [Spec(name, "student", n, 0.0) for n in sorted(student_steps)]
+            counts = {"dpm++2m": sorted(set(cfg.steps)), "heun": sorted({(n + 1) // 2 for n in cfg.steps}),
+                      "distilled": sorted(student_steps)}[name]
+            specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in counts]
     return specs
 
 
@@ -238,53 +239,8 @@ def warm_up(network: Network, shape: tuple[int, ...], batch: int, device: torch.
     _sync(device)
 
 
-def git_commit() -> str:
-    """`git rev-parse HEAD` of the fastdiff source tree, or "unknown" outside a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def device_name(device: torch.device) -> str:
     return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
-
-
-def _fmt(v) -> str:
-    """How a value is written to (and keyed in) the CSV: None -> "", floats with repr precision."""
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return str(v).lower()
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-class ResultsCSV:
-    """The long-format CSV of one data set's sweeps, rewritten atomically after every sampling run."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: list[dict] = []
-        if path.exists():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames != COLUMNS:
-                    raise FastdiffError(f"{path} has other columns than this fastdiff version writes; "
-                                        "move it away or choose another --out-dir")
-                self.rows = list(reader)
-        self.keys = {tuple(r[k] for k in KEY) for r in self.rows}
-
-    def has(self, row: dict) -> bool:
-        return tuple(row[k] for k in KEY) in self.keys
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        self.keys |= {tuple(r[k] for k in KEY) for r in rows}
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
 
 
 def samples_file(spec: Spec, network: Network, cfg: BenchConfig) -> str:
@@ -335,8 +291,8 @@ def load_family(cfg: BenchConfig, device: torch.device) -> Family:
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
                                seed=int(teacher.config.get("seed", 0)))
-    return Family(dataset, tuple(teacher.data_shape), Network(teacher.net, teacher.schedule, teacher.param, teacher.hash),
-                  students, reference)
+    network = Network(teacher.net, teacher.schedule, teacher.param, teacher.hash)
+    return Family(dataset, tuple(teacher.data_shape), network, students, reference)
 
 
 def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool = True) -> Path:
@@ -365,7 +321,10 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FastdiffError(f"cannot write to --out-dir {cfg.out_dir!r} ({err.strerror})") from None
         write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
                                                   "students": sorted(family.students), **provenance},
                                                  indent=2, sort_keys=True) + "\n")
@@ -405,18 +364,20 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "spacing": spec.grid,
             "eta": spec.eta, "variance": spec.variance, "steps": spec.steps,
             "samples_file": samples_file(spec, network, cfg)}
-    return [{c: _fmt({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
+    return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
             for m in _metric_names(cfg.metrics)]
 
 
 def bench_after_distill(run_dir, dcfg) -> Path:
-    """The sweep and report that end `python -m fastdiff.distill`: the bench preset named like the teacher preset
+    """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
     (digits/toy2d/cifar10), the run's teacher and students, its seed/device, `bench_steps` if set. -> report.md."""
     from fastdiff.report import write_report
+    from fastdiff.train import PRESETS as TRAIN_PRESETS
 
-    base = PRESETS.get(dcfg.teacher_preset, BenchConfig())
+    base = PRESETS.get(TRAIN_PRESETS[dcfg.teacher_preset].dataset.partition(":")[0], BenchConfig())
+    steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
-                              out_dir=dcfg.results_dir, **({"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}))
+                              out_dir=dcfg.results_dir, **steps)
     run_sweep(cfg)
     return write_report(cfg.out_dir) if D.is_main() else Path(cfg.out_dir) / "report.md"
 

@@ -79,7 +79,7 @@ class SmallCNN(nn.Module):
 
 
 class IdentityFeatures(torch_fidelity.FeatureExtractorBase):
-    """torch-fidelity extractor: (B, ...) samples -> (B, D) float64, the flattened sample (uint8 rescaled to [-1, 1])."""
+    """torch-fidelity extractor: (B, ...) samples -> (B, D) float64, the flattened sample (uint8 -> [-1, 1])."""
 
     def __init__(self, name, features_list, **kwargs):
         super().__init__(name, features_list)
@@ -215,8 +215,8 @@ def inception_weights_path(user_path: str) -> str:
         try:
             download(INCEPTION_URL, cached)
         except Exception as err:  # urllib/socket/http errors: any failure here means "no weights"
-            raise FastdiffError(f"Inception-v3 weights are not available offline ({type(err).__name__}); download "
-                                f"{INCEPTION_URL} on a machine with internet and pass --inception-weights PATH") from None
+            raise FastdiffError(f"Inception-v3 weights are not available offline ({type(err).__name__}); fetch "
+                                f"{INCEPTION_URL} elsewhere and pass --inception-weights PATH") from None
     return str(cached)
 
 

@@ -119,7 +119,8 @@ def _quantiles_w2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(du * (a[ia] - b[ib]) ** 2))
 
 
-def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_projections: int = SWD_PROJECTIONS, seed: int = SWD_SEED) -> float:
+def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_projections: int = SWD_PROJECTIONS,
+                       seed: int = SWD_SEED) -> float:
     """(n, D), (m, D) -> sliced Wasserstein-2 distance over `n_projections` fixed random unit directions."""
     dirs = np.random.default_rng(seed).standard_normal((n_projections, a.shape[1]))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +126,34 @@ def test_interrupted_sweep_resumes_with_only_the_missing_rows(tmp_path):
     assert len(rows) == len({(r["sampler"], r["steps"]) for r in rows}) == 8
 
 
+TORCHRUN_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from fastdiff import distributed as D
+from fastdiff.bench import run_sweep
+from test_bench import gaussian_cfg, gaussian_family
+with D.init_from_env("cpu"):
+    cfg = gaussian_cfg(sys.argv[1], samplers=("ddim-eta1", "heun"), steps=(1, 4), n_samples=13, batch_size=4,
+                       metrics=("fid", "swd"))
+    run_sweep(cfg, family=gaussian_family(n_ref=300), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_shards_samples_and_matches_one_process(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "ddp"), tests_dir], check=True, timeout=300, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), tests_dir], check=True, timeout=300,
+                   env=env, capture_output=True)
+    ddp, one = (read_rows(tmp_path / d / "gauss" / "fid_vs_steps.csv") for d in ("ddp", "one"))
+    assert len(ddp) == len(one) == 8
+    assert [r["value"] for r in ddp] == [r["value"] for r in one]
+
+
 def tiny_unet(dataset: str, **kw) -> TrainConfig:
     return TrainConfig(dataset=dataset, channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                        head_dim=8, T=16, **kw)
@@ -148,7 +180,8 @@ def distill_run(tmp_path):
 def test_cli_sweeps_a_distillation_run_and_the_report_reads_it(tmp_path, distill_run, shared_cache, capsys):
     out = tmp_path / "results"
     argv = ["--distill-dir", str(distill_run), "--samplers", "ddpm,ddim,distilled", "--spacings", "linspace",
-            "--steps", "1,2", "--n-samples", "12", "--batch-size", "8", "--out-dir", str(out), "--device", "cpu"]
+            "--steps", "1,2", "--n-samples", "12", "--batch-size", "8", "--metrics", "fid,kid,prc",
+            "--out-dir", str(out), "--device", "cpu"]
     assert run_cli(main, argv) == 0
     rows = read_rows(out / "digits" / "fid_vs_steps.csv")
     runs = {(r["sampler"], r["spacing"], int(r["steps"]), int(r["nfe"])) for r in rows}
@@ -165,6 +198,20 @@ def test_cli_sweeps_a_distillation_run_and_the_report_reads_it(tmp_path, distill
     assert len(read_rows(out / "digits" / "fid_vs_steps.csv")) == len(rows)
     report = write_report(out).read_text()
     assert "distilled students" in report and (out / "digits" / "fid_vs_nfe.png").is_file()
+
+
+def test_bench_after_distill_sweeps_the_run_and_writes_the_report(tmp_path, distill_run, shared_cache, monkeypatch):
+    from fastdiff import bench
+    from fastdiff.distill import DistillConfig
+
+    small = dataclasses.replace(bench.PRESETS["digits"], samplers=("ddim", "distilled"), n_samples=8, batch_size=8)
+    monkeypatch.setitem(bench.PRESETS, "digits", small)
+    dcfg = DistillConfig(teacher_preset="digits", results_dir=str(tmp_path / "res"), bench_steps=(1, 4), device="cpu")
+    report = bench.bench_after_distill(distill_run, dcfg)
+    assert report == tmp_path / "res" / "report.md" and report.is_file()
+    rows = read_rows(tmp_path / "res" / "digits" / "fid_vs_steps.csv")
+    assert {(r["sampler"], r["steps"]) for r in rows} == {("ddim", "1"), ("ddim", "4"), ("distilled", "1"),
+                                                          ("distilled", "2")}
 
 
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, distill_run, capsys, monkeypatch):

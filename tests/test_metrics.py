@@ -59,11 +59,11 @@ def test_classifier_features_fid_equals_scipy_and_weights_are_cached(shared_cach
     assert ex.kind == "classifier" and ex.accuracy > 0.9
     assert (shared_cache / "classifier-digits.pt.sha256").is_file()
     test, train = get_data("digits", "test").x, get_data("digits", "train").x[:600]
-    values = compute_metrics(test, Reference(train, "digits-train-600"), ex, ("fid", "kid", "prc"))
+    values = compute_metrics(test, Reference(train, "digits-train-600"), ex, ("fid", "prc"))
     f_test, f_train = F.extract_features(test, ex).numpy(), F.extract_features(train, ex).numpy()
     assert f_test.shape == (len(test), 2 * F.CLASSIFIER_WIDTH)
     assert values["fid"] == pytest.approx(frechet(f_test, f_train), rel=1e-6)
-    assert {"kid", "kid_std", "precision", "recall"} <= set(values)
+    assert set(values) == {"fid", "precision", "recall"}  # KID: see the CLI test (numpy BLAS, slow on a busy CPU)
     assert abs(compute_metrics(test, Reference(test, "digits-test"), ex, ("fid",))["fid"]) < 1e-6
     # The reference statistics are cached per (data set, split, data checksum, extractor weights).
     cached = list((shared_cache / "fidelity").glob(f"fastdiff-digits-train-600-*-{ex.id}-*stat-fid*"))

@@ -1,0 +1,67 @@
+"""The long-format results CSV of a sweep: its columns, its row key, provenance helpers. No torch here: the
+report reads the same contract.
+
+One row per (sampling run, metric); every value is a string as written, so a re-run compares keys exactly.
+"""
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+from fastdiff.errors import FastdiffError
+from fastdiff.io import atomic_path
+
+CSV_NAME = "fid_vs_steps.csv"
+COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance",
+           "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy", "reference", "value",
+           "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device", "torch_version",
+           "torch_fidelity_version", "fastdiff_version", "fastdiff_commit", "samples_file", "timestamp"]
+# What defines a row (a re-run skips rows whose key is present); everything else is measured or provenance.
+KEY = ("dataset", "model_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance", "steps", "n_samples",
+       "seed", "metric", "extractor", "reference")
+
+
+def git_commit() -> str:
+    """`git rev-parse HEAD` of the fastdiff source tree, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def to_csv_value(v) -> str:
+    """How a value is written to (and keyed in) the CSV: None -> "", floats with repr precision."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+class ResultsCSV:
+    """The long-format CSV of one data set's sweeps, rewritten atomically after every sampling run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.exists():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != COLUMNS:
+                    raise FastdiffError(f"{path} has other columns than this fastdiff version writes; "
+                                        "move it away or choose another --out-dir")
+                self.rows = list(reader)
+        self.keys = {tuple(r[k] for k in KEY) for r in self.rows}
+
+    def has(self, row: dict) -> bool:
+        return tuple(row[k] for k in KEY) in self.keys
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.keys |= {tuple(r[k] for k in KEY) for r in rows}
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
