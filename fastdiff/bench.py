@@ -62,13 +62,19 @@ SAMPLERS = ("ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "dis
 # Karras grid, a student's own i/N.
 FIXED_GRID = {"ddpm": "full", "dpm++2m": "logsnr", "heun": "karras", "distilled": "student"}
 CONFIG_NAME, SAMPLES_DIR = "bench_config.json", "samples"
+GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 N_SAVED_IMAGES, N_SAVED_POINTS = 16, 500
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """One FID-vs-steps sweep. `model` is a teacher checkpoint or run dir (or empty to take the teacher of
-    `distill_dir`); `dataset` empty means the model's; `n_ref` 0 means the whole `ref_split`."""
+    `distill_dir`); `dataset` empty means the model's; `n_ref` 0 means the whole `ref_split`.
+
+    `guidance` (w values) sweeps a class-conditional family under classifier-free guidance: sample k asks for
+    class k % num_classes, the teacher is guided through the sampler, a guided student takes w as its input,
+    and each row also gets the class accuracy of the samples. `name` is the results folder (default: dataset).
+    """
 
     model: str = ""
     distill_dir: str = ""
@@ -89,6 +95,8 @@ class BenchConfig:
     out_dir: str = "results"
     device: str = "auto"
     inception_weights: str = ""
+    guidance: tuple[float, ...] = ()
+    name: str = ""
 
 
 PRESETS = {
@@ -111,6 +119,8 @@ class Network:
     schedule: Schedule
     param: str
     hash: str
+    num_classes: int = 0
+    takes_w: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,10 +143,11 @@ class Spec:
     steps: int
     eta: float | None = None
     variance: str = ""
+    guidance: float | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.sampler}/{self.grid}/{self.steps}"
+        return f"{self.sampler}/{self.grid}/{self.steps}" + ("" if self.guidance is None else f"/w={self.guidance:g}")
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -180,14 +191,16 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int]) -> list[
             counts = {"dpm++2m": sorted(set(cfg.steps)), "heun": sorted({(n + 1) // 2 for n in cfg.steps}),
                       "distilled": sorted(student_steps)}[name]
             specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in counts]
+    if cfg.guidance:
+        specs = [dataclasses.replace(spec, guidance=float(w)) for spec in specs for w in cfg.guidance]
     return specs
 
 
 def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, param: str, clip: bool,
-                generators) -> S.Sample:
-    """(B, ...) initial noise -> Sample of `spec`'s sampler on its grid."""
+                generators, guidance: float | None = None) -> S.Sample:
+    """(B, ...) initial noise -> Sample of `spec`'s sampler on its grid (CFG weight `guidance` if given)."""
     ts = make_grid(spec.grid, spec.steps, schedule)
-    kw = dict(schedule=schedule, param=param, clip=clip, generator=generators)
+    kw = dict(schedule=schedule, param=param, clip=clip, generator=generators, guidance=guidance)
     if spec.sampler in ("ddpm", "ddpm-strided"):
         return S.ddpm(net, x, ts, variance=spec.variance, **kw)
     if spec.sampler == "dpm++2m":
@@ -216,8 +229,9 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchCon
         x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
         _sync(device)
         t0 = time.perf_counter()
+        net, guidance = _conditioned(network, spec, idx, device)
         with torch.no_grad():
-            sample = run_sampler(spec, network.net, x, network.schedule, network.param, cfg.clip, gens)
+            sample = run_sampler(spec, net, x, network.schedule, network.param, cfg.clip, gens, guidance)
         _sync(device)
         times.append(time.perf_counter() - t0)
         outs.append(sample.x.float().cpu())
@@ -230,6 +244,23 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchCon
     for idx, xs, _ in parts:
         x[idx] = xs
     return x, nfe, [t for _, _, ts in parts for t in ts]
+
+
+def class_labels(indices, num_classes: int, device) -> torch.Tensor:
+    """The class sample k asks for in a guided sweep: k % num_classes (the same in every row)."""
+    return torch.as_tensor(list(indices), device=device) % num_classes
+
+
+def _conditioned(network: Network, spec: Spec, idx, device):
+    """-> (sampler model, sampler guidance): the plain net, the CFG pair of a teacher, or a w-conditioned student."""
+    if spec.guidance is None:
+        return network.net, None
+    from fastdiff.guidance import conditional, guided
+
+    y = class_labels(idx, network.num_classes, device)
+    if network.takes_w:
+        return conditional(network.net, y, torch.full((len(y),), spec.guidance, device=device)), None
+    return guided(network.net, y, network.num_classes), spec.guidance
 
 
 def warm_up(network: Network, shape: tuple[int, ...], batch: int, device: torch.device) -> None:
@@ -246,6 +277,7 @@ def device_name(device: torch.device) -> str:
 def samples_file(spec: Spec, network: Network, cfg: BenchConfig) -> str:
     """Relative path (to the CSV's folder) of the .npz keeping a row's first samples (independent of n: same noise)."""
     eta = "" if spec.eta is None else f"_eta{spec.eta:g}"
+    eta += "" if spec.guidance is None else f"_w{spec.guidance:g}"
     name = f"{spec.sampler}_{spec.grid}_s{spec.steps}{eta}{'_' + spec.variance if spec.variance else ''}" \
            f"_clip{int(cfg.clip)}_{network.hash}_seed{cfg.seed}.npz"
     return f"{SAMPLES_DIR}/{slug(name)}"
@@ -283,7 +315,8 @@ def load_family(cfg: BenchConfig, device: torch.device) -> Family:
                 raise FastdiffError(f"{path} is not a student checkpoint (kind {st.kind!r}, steps {st.steps})")
             if st.schedule != teacher.schedule:
                 raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
-            students[int(st.steps)] = Network(st.net, st.schedule, st.param, st.hash)
+            students[int(st.steps)] = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st),
+                                              bool(st.config.get("scalar_cond")))
         if not students:
             log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
     elif "distilled" in cfg.samplers:
@@ -291,8 +324,24 @@ def load_family(cfg: BenchConfig, device: torch.device) -> Family:
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
                                seed=int(teacher.config.get("seed", 0)))
-    network = Network(teacher.net, teacher.schedule, teacher.param, teacher.hash)
+    network = Network(teacher.net, teacher.schedule, teacher.param, teacher.hash, _num_classes(teacher))
+    if cfg.guidance and not network.num_classes:
+        raise FastdiffError(f"--guidance needs a class-conditional teacher (trained with --cond class); "
+                            f"{teacher.path} is unconditional")
     return Family(dataset, tuple(teacher.data_shape), network, students, reference)
+
+
+def _scores_classes(spec: Spec, network: Network, dataset: str) -> bool:
+    """Guided rows of a labelled image data set also get the class accuracy by the project's classifier."""
+    from fastdiff.data import static_info
+
+    return spec.guidance is not None and network.num_classes > 0 and len(static_info(dataset)[0]) == 3
+
+
+def _num_classes(model) -> int:
+    from fastdiff.data import static_info
+
+    return static_info(model.dataset)[1] if model.config.get("cond") == "class" else 0
 
 
 def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool = True) -> Path:
@@ -309,7 +358,7 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.data_shape}; check --dataset")
     specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
-    out = Path(cfg.out_dir) / slug(family.dataset)
+    out = Path(cfg.out_dir) / slug(cfg.name or family.dataset)
     results = ResultsCSV(out / CSV_NAME)
     provenance = {"dataset": family.dataset, "teacher_hash": family.teacher.hash, "clip": cfg.clip, "guidance": None,
                   "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
@@ -338,6 +387,11 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
         if not D.is_main():
             continue
         values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
+        if _scores_classes(spec, network, family.dataset):
+            from fastdiff.distill import class_accuracy
+
+            values["class_accuracy"] = class_accuracy(x, class_labels(range(cfg.n_samples), network.num_classes, "cpu"),
+                                                      family.dataset)
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         rows = _rows(spec, network, cfg, provenance, measured, values)
@@ -362,10 +416,11 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
           values: dict | None = None) -> list[dict]:
     """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only."""
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "spacing": spec.grid,
-            "eta": spec.eta, "variance": spec.variance, "steps": spec.steps,
+            "eta": spec.eta, "variance": spec.variance, "steps": spec.steps, "guidance": spec.guidance,
             "samples_file": samples_file(spec, network, cfg)}
+    names = _metric_names(cfg.metrics) + (["class_accuracy"] if _scores_classes(spec, network, base["dataset"]) else [])
     return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
-            for m in _metric_names(cfg.metrics)]
+            for m in names]
 
 
 def bench_after_distill(run_dir, dcfg) -> Path:
@@ -374,7 +429,11 @@ def bench_after_distill(run_dir, dcfg) -> Path:
     from fastdiff.report import write_report
     from fastdiff.train import PRESETS as TRAIN_PRESETS
 
-    base = PRESETS.get(TRAIN_PRESETS[dcfg.teacher_preset].dataset.partition(":")[0], BenchConfig())
+    dataset = TRAIN_PRESETS[dcfg.teacher_preset].dataset.partition(":")[0]
+    base = PRESETS.get(dataset, BenchConfig())
+    if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
+        base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
+                                   guidance=GUIDANCE_SWEEP, name=f"{dataset}-guided")
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
                               out_dir=dcfg.results_dir, **steps)
@@ -383,6 +442,7 @@ def bench_after_distill(run_dir, dcfg) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    D.configure_cpu_threads()
     parser = C.make_parser("python -m fastdiff.bench", "FID vs steps for every sampler of one model family.")
     parser.add_argument("--preset", default="digits", help=f"one of {', '.join(PRESETS)}")
     parser.add_argument("--dry-run", action="store_true", help="check the inputs and list the sweep; compute nothing")

@@ -81,3 +81,25 @@ def test_guided_distillation_end_to_end(tmp_path):
     x, t, y = torch.randn(4, 2), torch.full((4,), 0.5), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():  # the student really takes w as an input
         assert not torch.allclose(student.net(x, t, y, torch.zeros(4)), student.net(x, t, y, torch.full((4,), 4.0)))
+    # The guided sweep: DDIM on the CFG teacher and the w-conditioned students, over w; then its report section.
+    from fastdiff.bench import BenchConfig, run_sweep
+    from fastdiff.report import write_report
+    from fastdiff.results import ResultsCSV
+
+    bench = BenchConfig(distill_dir=str(run), samplers=("ddim", "distilled"), spacings=("linspace",), steps=(2,),
+                        n_samples=64, batch_size=32, guidance=(0.0, 2.0), metrics=("fid",), clip=False,
+                        out_dir=str(tmp_path / "results"), name="toy-guided", device="cpu")
+    csv_path = run_sweep(bench, progress=False)
+    got = {(r["sampler"], r["steps"], r["guidance"]) for r in ResultsCSV(csv_path).rows}
+    assert got == {("ddim", "2", "0.0"), ("ddim", "2", "2.0"), ("distilled", "2", "0.0"), ("distilled", "2", "2.0")}
+    report = write_report(tmp_path / "results").read_text()
+    assert "guidance_tradeoff" in report and (csv_path.parent / "guidance_tradeoff.png").exists()
+
+
+def test_class_accuracy_of_real_digits():
+    from fastdiff.data import get_data
+    from fastdiff.distill import class_accuracy
+
+    test = get_data("digits", "test")
+    assert class_accuracy(test.x, test.y, "digits") > 0.9
+    assert class_accuracy(test.x, (test.y + 1) % 10, "digits") < 0.2
