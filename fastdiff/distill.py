@@ -355,8 +355,7 @@ def _guided_base(ctx: _Run, rounds: "RoundLog") -> torch.nn.Module:
     path = ctx.run / "students" / "guided_base.pt"
     if rounds.done(-1) and path.exists():
         return load_model(path, ctx.device).net
-    student = build_network(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in ctx.student_cfg.items()})).to(ctx.device)
+    student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(ctx.device)
     missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("embed.scalar") for k in missing), (missing, unexpected)
     # Zero the w-embedding's output layer: the student starts as the conditional teacher (w = 1 behaviour).
@@ -385,7 +384,7 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     if D.is_main():
         write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     D.barrier()
-    tcfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in teacher0.config.items()})
+    tcfg = C.from_dict(TrainConfig, teacher0.config)
     data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
     ctx = _Run(cfg, run, device, teacher0.schedule, tcfg, teacher0, data.x.to(device),
                data.y.to(device) if data.y is not None else None, data.num_classes,
@@ -404,8 +403,7 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
         if rounds.done(r) and student_path.exists():
             teacher_net, teacher_param = load_model(student_path, device).net, cfg.param
             continue
-        student = build_network(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in ctx.student_cfg.items()})).to(device)
+        student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(device)
         student.load_state_dict(teacher_net.state_dict())
         total = round_updates(cfg, r)
         loss, wall = _train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
@@ -454,16 +452,15 @@ def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
 
 def class_accuracy(samples: torch.Tensor, y: torch.Tensor, dataset: str) -> float:
     """How often the project's classifier assigns each sample the class it was asked for."""
-    from fastdiff.features import SmallCNN, classifier_weights
+    from fastdiff.features import SmallCNN, classifier_weights, to_extractor_input
 
     path, _ = classifier_weights(dataset)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     net = SmallCNN(**ckpt["arch"])
     net.load_state_dict(ckpt["state_dict"])
     with torch.no_grad():
-        # quantize like every scored sample: uint8, then back to [-1, 1]
-        x = ((samples.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-        pred = net.eval()(x.cpu())[1].argmax(1)
+        x = to_extractor_input(samples.cpu()).float() / 127.5 - 1  # quantized to uint8 like every scored sample
+        pred = net.eval()(x)[1].argmax(1)
     return float((pred == y.cpu()).float().mean())
 
 
