@@ -82,8 +82,9 @@ PRESETS = {
                            eval_samples=2000, out_dir="runs/distill-toy2d"),
     # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one
     # network that takes the guidance weight w as an input, then progressively.
-    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=32,
-                                   out_dir="runs/distill-digits-guided", bench_steps=(1, 2, 4, 8, 16, 32)),
+    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=16, steps_per_round=300,
+                                   guided_base_updates=800, out_dir="runs/distill-digits-guided",
+                                   bench_steps=(1, 2, 4, 8, 16, 32)),
     # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
     # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
     "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, steps_per_round=50_000, lr=5e-5,
