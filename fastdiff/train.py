@@ -133,8 +133,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str]) -> Path:
-    """Create/check a run dir: refuse one whose config.json differs in a field that matters."""
+def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None) -> Path:
+    """Create/check a run dir: refuse one whose config.json differs in a field that matters.
+
+    A field missing from an older config.json (a run from an earlier fastdiff) is fine while the new value is
+    that field's default in `defaults`, which is what the older version did.
+    """
     run = Path(out_dir)
     cfg_path = run / "config.json"
     if cfg_path.exists():
@@ -142,7 +146,9 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str]) -> Path:
             old = json.loads(cfg_path.read_text())
         except json.JSONDecodeError:
             raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another --out-dir") from None
-        keep = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
+        added = {k for k in config if k not in old and defaults is not None and k in defaults
+                 and config[k] == defaults[k]}
+        keep = lambda d: {k: v for k, v in d.items() if k not in ignore and k not in added}  # noqa: E731
         changes = C.diff(keep(old), keep(config))
         if changes:
             raise FastdiffError(f"run dir {str(run)!r} holds a different config ({'; '.join(changes[:3])}); "
@@ -207,7 +213,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     device = resolve_device(cfg.device)
     data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
     config = C.to_dict(cfg)
-    run = prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS) if D.is_main() else Path(cfg.out_dir)
+    run = prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS, C.to_dict(TrainConfig())) \
+        if D.is_main() else Path(cfg.out_dir)
     ckpt_path = run / CKPT_NAME
     # Read the checkpoint before writing anything: a corrupt one must leave the run dir as it was.
     ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None

@@ -358,3 +358,13 @@ def test_toy2d_preset_learns_the_eight_gaussians(tmp_path, pictures):
     near = dist.min(1) < 0.3
     assert near.mean() > 0.35
     assert np.bincount(dist.argmin(1)[near], minlength=8).min() > 0.04 * len(trained)
+
+
+def test_run_dir_from_an_older_version_without_a_new_field_resumes(tmp_path):
+    """A config.json written before a field existed is accepted while that field keeps its default."""
+    config = C.to_dict(T.TrainConfig(out_dir=str(tmp_path)))
+    old = {k: v for k, v in config.items() if k != "scalar_cond"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    T.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
+    with pytest.raises(FastdiffError, match="scalar_cond"):
+        T.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
