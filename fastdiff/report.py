@@ -272,6 +272,8 @@ def guidance_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str
         ax.set_xlabel("guidance weight w (0 = unconditional, 1 = conditional, > 1 guided)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("FID (log scale, lower is better)")
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{df.iloc[0].dataset}: classifier-free guidance trade-off, {int(df.iloc[0].n_samples)} samples, "
                  "sample k asks for class k mod 10")
