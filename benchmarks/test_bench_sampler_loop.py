@@ -1,41 +1,32 @@
-"""Whole-sampler-loop benchmark on CPU: DDIM (eta = 0) over a tiny U-Net, each update through
-fastdiff.ops.sampler_step, so the network's cost and the step's cost are timed together as a user sees them.
-
-`ddim_loop_via_ops` is this benchmark's own stand-in for the DDIM sampler of fastdiff.samplers.
-"""
+"""Whole-sampler-loop benchmark on CPU: each sampler of fastdiff.samplers over a tiny U-Net at equal NFE, so the
+network's cost and the sampler's own cost are timed together as a user sees them."""
 import pytest
 import torch
 
-from fastdiff import ops
+from fastdiff import samplers as S
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.schedules import Schedule
 
 TINY_UNET = UNetConfig(image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        head_dim=16, dropout=0.0)
+# sampler -> (function, grid, keyword arguments); heun runs (nfe + 1) // 2 steps so its NFE matches
+LOOPS = {"ddim": (S.ddim, "linspace", {}), "ddpm": (S.ddpm, "linspace", {}),
+         "dpm++2m": (S.dpm_solver_pp_2m, "logsnr", {}), "heun": (S.heun, "karras", {})}
 
 
-def ddim_loop_via_ops(net, x, ts, schedule):
-    """(B, C, H, W) noise at ts[0], decreasing grid ts ending at 0 -> (B, C, H, W) DDIM(eta=0) sample, eps-net."""
-    b = x.shape[0]
-    alpha, sigma = schedule.alpha_sigma(ts)
-    for i in range(len(ts) - 1):
-        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
-        eps = net(x, ts[i].float().expand(b))
-        # DDIM (Song et al. 2021, eq. 12), eta = 0: x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t
-        coefs = dict(alpha_t=a_t, sigma_t=s_t, coef_x0=a_s - s_s * a_t / s_t, coef_xt=s_s / s_t,
-                     coef_noise=torch.zeros_like(a_t))
-        x = ops.sampler_step(x, eps, param="eps", **{k: v.expand(b) for k, v in coefs.items()})
-    return x
-
-
-@pytest.mark.parametrize("steps", [10, 50])
-def test_ddim_loop_cpu(benchmark, cpu_threads, steps):
+@pytest.mark.parametrize("nfe", [10, 50])
+@pytest.mark.parametrize("name", list(LOOPS))
+def test_sampler_loop_cpu(benchmark, cpu_threads, name, nfe):
     torch.manual_seed(0)
     net = UNet(TINY_UNET).eval()
     x = torch.randn(8, 3, 16, 16)
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     schedule = Schedule("cosine")
+    fn, grid, kw = LOOPS[name]
+    steps = (nfe + 1) // 2 if name == "heun" else nfe
+    ts = S.make_grid(grid, steps, schedule)
+    gens = S.sample_generators(0, range(x.shape[0]))
     with torch.no_grad():
-        sample = benchmark.pedantic(ddim_loop_via_ops, args=(net, x, ts, schedule), rounds=3, warmup_rounds=1)
-    benchmark.extra_info.update(steps=steps, nfe=steps, batch=x.shape[0])
-    assert sample.shape == x.shape and torch.isfinite(sample).all()
+        sample = benchmark.pedantic(lambda: fn(net, x, ts, schedule=schedule, param="v", generator=gens, **kw),
+                                    rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(sampler=name, grid=grid, steps=steps, nfe=sample.nfe, batch=x.shape[0])
+    assert sample.x.shape == x.shape and torch.isfinite(sample.x).all()
