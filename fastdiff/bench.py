@@ -51,7 +51,7 @@ from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import EXTRACTORS, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import SPACINGS, make_grid
 from fastdiff.io import atomic_path, write_text
-from fastdiff.metrics import METRICS, Reference, compute_metrics, load_reference
+from fastdiff.metrics import METRICS, Reference, class_accuracy, compute_metrics, load_reference
 from fastdiff.results import CSV_NAME, COLUMNS, ResultsCSV, git_commit, to_csv_value
 from fastdiff.schedules import Schedule
 
@@ -388,10 +388,8 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
             continue
         values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
         if _scores_classes(spec, network, family.dataset):
-            from fastdiff.distill import class_accuracy
-
-            values["class_accuracy"] = class_accuracy(x, class_labels(range(cfg.n_samples), network.num_classes, "cpu"),
-                                                      family.dataset)
+            labels = class_labels(range(cfg.n_samples), network.num_classes, "cpu")
+            values["class_accuracy"] = class_accuracy(x, labels, family.dataset)
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         rows = _rows(spec, network, cfg, provenance, measured, values)

@@ -31,6 +31,7 @@ from fastdiff import param as P
 from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_checkpoint, load_model, save_checkpoint
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
+from fastdiff.guidance import guided_x0_eps
 from fastdiff.io import atomic_path, write_text
 from fastdiff.losses import snr_weight
 from fastdiff.schedules import Schedule
@@ -150,24 +151,6 @@ def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Sched
     def fn(z, t):
         a, s = (v.to(z) for v in schedule.alpha_sigma(t))
         return P.to_x0_eps(net(z, t.to(z), **cond), z, a, s, param)
-
-    return fn
-
-
-def guided_teacher_fn(net, param: str, schedule: Schedule, y, w, num_classes: int):
-    """Classifier-free-guided teacher (z, t) -> (x0_hat, eps_hat) with a per-sample weight w (B,).
-
-    One batched forward over [z; z] with labels [y; null]; the guided output u + w (c - u) is formed in the
-    network's parameterization, which is affine in (x0, eps) at fixed (z, t), so it equals guiding x0 and eps.
-    """
-    from fastdiff.guidance import combine, guided
-
-    pair = guided(net, y, num_classes)
-
-    def fn(z, t):
-        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
-        out_c, out_u = pair(z, t.to(z))
-        return P.to_x0_eps(combine(out_c, out_u, w), z, a, s, param)
 
     return fn
 
@@ -316,7 +299,7 @@ def _train_stage(ctx: _Run, r: int, student, teacher_net, teacher_param: str, n_
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
         cond = _batch_cond(ctx, idx, gen)
         if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
-            target_fn = guided_teacher_fn(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"], ctx.num_classes)
+            target_fn = guided_x0_eps(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"], ctx.num_classes)
         else:
             target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
         loss = student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
@@ -430,7 +413,7 @@ def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
     the student through its w input) and also report the classifier's accuracy on the asked-for class.
     """
     from fastdiff.guidance import conditional, guided
-    from fastdiff.metrics import quick_score
+    from fastdiff.metrics import class_accuracy, quick_score
 
     cfg, teacher = ctx.cfg, ctx.teacher0
     shape, n = tuple(teacher.data_shape), cfg.eval_samples
@@ -450,20 +433,6 @@ def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
     name, va = quick_score(a, ctx.tcfg.dataset)
     _, vb = quick_score(b, ctx.tcfg.dataset)
     return {"metric": name, "student_value": f"{va:.6g}", "teacher_ddim_value": f"{vb:.6g}", **row}
-
-
-def class_accuracy(samples: torch.Tensor, y: torch.Tensor, dataset: str) -> float:
-    """How often the project's classifier assigns each sample the class it was asked for."""
-    from fastdiff.features import SmallCNN, classifier_weights, to_extractor_input
-
-    path, _ = classifier_weights(dataset)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = SmallCNN(**ckpt["arch"])
-    net.load_state_dict(ckpt["state_dict"])
-    with torch.no_grad():
-        x = to_extractor_input(samples.cpu()).float() / 127.5 - 1  # quantized to uint8 like every scored sample
-        pred = net.eval()(x)[1].argmax(1)
-    return float((pred == y.cpu()).float().mean())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import param as P
+from fastdiff.schedules import Schedule
+
 
 def null_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.full_like(y, num_classes)
@@ -36,3 +39,19 @@ def combine(out_cond: torch.Tensor, out_uncond: torch.Tensor, w) -> torch.Tensor
     if isinstance(w, torch.Tensor):
         w = w.to(out_cond).reshape(w.shape + (1,) * (out_cond.ndim - w.ndim))
     return torch.lerp(out_uncond, out_cond, w)  # exact at w = 0 and w = 1
+
+
+def guided_x0_eps(net, param: str, schedule: Schedule, y, w, num_classes: int):
+    """Classifier-free-guided teacher (z, t) -> (x0_hat, eps_hat) with a per-sample weight w (B,).
+
+    One batched forward over [z; z] with labels [y; null]; the guided output u + w (c - u) is formed in the
+    network's parameterization, which is affine in (x0, eps) at fixed (z, t), so it equals guiding x0 and eps.
+    """
+    pair = guided(net, y, num_classes)
+
+    def fn(z, t):
+        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
+        out_c, out_u = pair(z, t.to(z))
+        return P.to_x0_eps(combine(out_c, out_u, w), z, a, s, param)
+
+    return fn

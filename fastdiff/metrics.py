@@ -137,3 +137,17 @@ def quick_score(samples: torch.Tensor, dataset: str, *, data_root: str = "", see
     reference = load_reference(dataset, "train", data_root=data_root, seed=seed)
     value = compute_metrics(samples.cpu(), reference, extractor, ("fid",), device=device, seed=seed)["fid"]
     return f"fid-{extractor.kind}", value
+
+
+def class_accuracy(samples: torch.Tensor, y: torch.Tensor, dataset: str) -> float:
+    """How often the project's classifier assigns each sample the class it was asked for."""
+    from fastdiff.features import SmallCNN, classifier_weights, to_extractor_input
+
+    path, _ = classifier_weights(dataset)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = SmallCNN(**ckpt["arch"])
+    net.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        x = to_extractor_input(samples.cpu()).float() / 127.5 - 1  # quantized to uint8 like every scored sample
+        pred = net.eval()(x)[1].argmax(1)
+    return float((pred == y.cpu()).float().mean())

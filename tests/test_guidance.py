@@ -98,7 +98,7 @@ def test_guided_distillation_end_to_end(tmp_path):
 
 def test_class_accuracy_of_real_digits():
     from fastdiff.data import get_data
-    from fastdiff.distill import class_accuracy
+    from fastdiff.metrics import class_accuracy
 
     test = get_data("digits", "test")
     assert class_accuracy(test.x, test.y, "digits") > 0.9
