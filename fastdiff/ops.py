@@ -124,10 +124,18 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
     return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
 
 
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64.
+
+    The one seeding of per-sample noise: the samplers' initial and step noise and the torch path's seeded noise.
+    """
+    return [torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in indices]
+
+
 def _seeded_noise(x_t: torch.Tensor, seed: int, sample_index: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B, ...) standard normals; sample i's from a CPU generator seeded by (seed, sample_index[i])."""
     dtype = torch.promote_types(x_t.dtype, torch.float32)
-    gens = (torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in sample_index.tolist())
+    gens = sample_generators(seed, sample_index.tolist())
     return torch.stack([torch.randn(x_t.shape[1:], generator=g, dtype=dtype) for g in gens]).to(x_t.device)
 
 

@@ -24,7 +24,7 @@ from fastdiff import param as P
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid,
                             student_grid)
-from fastdiff.ops import sampler_step
+from fastdiff.ops import sample_generators, sampler_step
 from fastdiff.schedules import Schedule
 
 __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "sample_generators",
@@ -33,7 +33,6 @@ __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "s
            "GRIDS", "SPACINGS", "make_grid", "full_grid", "strided_grid", "student_grid", "logsnr_grid", "karras_grid"]
 
 VARIANCES = ("large", "small")
-_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, as in fastdiff.ops: spreads (seed, index) over 64 bits
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -45,14 +44,6 @@ class Sample:
     x: torch.Tensor
     nfe: int
     trajectory: list[torch.Tensor] | None = None
-
-
-def sample_generators(seed: int, indices) -> list[torch.Generator]:
-    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64.
-
-    This is the seeding of `fastdiff.ops`' seeded torch noise, so both give sample k the same stream.
-    """
-    return [torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in indices]
 
 
 def randn_like_per_sample(shape, generators: Sequence[torch.Generator], dtype, device) -> torch.Tensor:
