@@ -364,8 +364,7 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     teacher0 = load_model(teacher_path, device)
     check_teacher(teacher0, cfg)
     resolved = {**C.to_dict(cfg), "teacher": str(teacher_path)}
-    run = prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig())) \
-        if D.is_main() else Path(cfg.out_dir)
+    run = D.on_main(prepare_run_dir, cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig()))
     if D.is_main():
         write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     D.barrier()

@@ -92,3 +92,23 @@ def configure_cpu_threads() -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // 2))
+
+
+def on_main(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0, its result (or its FastdiffError) on every rank.
+
+    Without this, a check that fails on rank 0 only (a refused run dir) would leave the other ranks waiting
+    at the next collective forever; here every rank raises the same error.
+    """
+    if not _active():
+        return fn(*args, **kwargs)
+    box = [None, None]
+    if is_main():
+        try:
+            box = [fn(*args, **kwargs), None]
+        except FastdiffError as err:
+            box = [None, str(err)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise FastdiffError(box[1])
+    return box[0]

@@ -213,8 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     device = resolve_device(cfg.device)
     data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
     config = C.to_dict(cfg)
-    run = prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS, C.to_dict(TrainConfig())) \
-        if D.is_main() else Path(cfg.out_dir)
+    run = D.on_main(prepare_run_dir, cfg.out_dir, config, NON_RESULT_FIELDS, C.to_dict(TrainConfig()))
     ckpt_path = run / CKPT_NAME
     # Read the checkpoint before writing anything: a corrupt one must leave the run dir as it was.
     ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None
