@@ -13,7 +13,7 @@ Every row uses the same `n_samples` and the same initial noise per sample index 
 so sample k is the same whatever the batch size, and the curves differ only by the sampler. A re-run computes
 only the rows missing from the CSV (key: every column that defines a row, not the measured ones). For each
 row the first samples are kept in `samples/*.npz` (16 uint8 images or up to 500 float points) for the report.
-Under torchrun the sample indices are sharded over the ranks; rank 0 scores and writes.
+Under torchrun whole batches are sharded over the ranks (batch j on rank j mod K); rank 0 scores and writes.
 
 Presets (`--preset`): ``digits`` (the CPU default: 500 samples, steps 1..64, the project's classifier features),
 ``toy2d`` (identity features + sliced Wasserstein, 2000 samples) and ``cifar10``, the protocol of DDIM (Song et al.
@@ -221,10 +221,12 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchCon
     Sample k starts from `sample_generators(cfg.seed, [k])`'s noise, and its per-step noise comes from the same
     generator, so it does not depend on the batch size or the rank that draws it.
     """
-    indices = D.shard(range(cfg.n_samples))
-    outs, times, nfe = [], [], 0
-    for start in range(0, len(indices), cfg.batch_size):
-        idx = indices[start:start + cfg.batch_size]
+    # Whole batches per rank: sample k is drawn in the batch it has in one process, so the gathered set is
+    # bit-identical to a single-process run even where a network's floats depend on the batch size (CPU GEMMs do).
+    indices, outs, times, nfe = [], [], [], 0
+    for start in D.shard(range(0, cfg.n_samples, cfg.batch_size)):
+        idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
+        indices += idx
         gens = S.sample_generators(cfg.seed, idx)
         x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
         _sync(device)
@@ -352,8 +354,8 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     validate(cfg)
     device = resolve_device(cfg.device)
     family = family or load_family(cfg, device)
-    extractor = resolve_extractor(cfg.extractor, family.dataset, family.data_shape,
-                                  inception_weights=cfg.inception_weights, data_root=cfg.data_root)
+    extractor = D.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained/fetched once
+                          inception_weights=cfg.inception_weights, data_root=cfg.data_root)
     if tuple(family.reference.x.shape[1:]) != family.data_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.data_shape}; check --dataset")
@@ -369,14 +371,16 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     todo = [s for s in specs if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {}))]
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
-    if D.is_main():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise FastdiffError(f"cannot write to --out-dir {cfg.out_dir!r} ({err.strerror})") from None
-        write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
-                                                  "students": sorted(family.students), **provenance},
-                                                 indent=2, sort_keys=True) + "\n")
+    with D.same_outcome():  # rank 0's refused --out-dir is an error on every rank, not a hang at the first gather
+        if D.is_main():
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise FastdiffError(f"cannot write to --out-dir {cfg.out_dir!r} ({err.strerror})") from None
+            write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg),
+                                                      "extractor": dataclasses.asdict(extractor),
+                                                      "students": sorted(family.students), **provenance},
+                                                     indent=2, sort_keys=True) + "\n")
     warmed: set[str] = set()
     for spec in tqdm(todo, desc=f"bench {family.dataset}", unit="row", disable=not (progress and D.is_main())):
         network = _network(family, spec)
@@ -453,8 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dry_run(cfg)
     with D.init_from_env(cfg.device):
         path = run_sweep(cfg)
-    if D.is_main():
-        print(f"results: {path}\nreport:  python -m fastdiff.report {cfg.out_dir}")
+        if D.is_main():  # inside: once the process group is gone every process counts as rank 0
+            print(f"results: {path}\nreport:  python -m fastdiff.report {cfg.out_dir}")
     return 0
 
 

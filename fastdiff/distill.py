@@ -286,8 +286,8 @@ def _train_stage(ctx: _Run, r: int, student, teacher_net, teacher_param: str, n_
         if state["round"] == r:
             student.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["rng"][D.rank()])
             updates, round_wall = state["step"], state["wall_clock_s"]
+            D.restore_rng(gen, state["rng"], cfg.seed * 7919 + r * 104729, updates)
             log.info("resuming %s at update %d/%d", label, updates, total)
     model = D.wrap_ddp(student, ctx.device)
     local_batch = D.local_batch_size(cfg.batch_size)
@@ -361,15 +361,17 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     validate(cfg)
     device = resolve_device(cfg.device)
     teacher_path = resolve_teacher(cfg, progress)
-    teacher0 = load_model(teacher_path, device)
-    check_teacher(teacher0, cfg)
     resolved = {**C.to_dict(cfg), "teacher": str(teacher_path)}
-    run = D.on_main(prepare_run_dir, cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig()))
+    with D.same_outcome():  # a run dir refused on rank 0, a teacher or data missing on one node: an error everywhere
+        teacher0 = load_model(teacher_path, device)
+        check_teacher(teacher0, cfg)
+        run = (prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig())) if D.is_main()
+               else Path(cfg.out_dir))
+        tcfg = C.from_dict(TrainConfig, teacher0.config)
+        data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
     if D.is_main():
         write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     D.barrier()
-    tcfg = C.from_dict(TrainConfig, teacher0.config)
-    data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
     ctx = _Run(cfg, run, device, teacher0.schedule, tcfg, teacher0, data.x.to(device),
                data.y.to(device) if data.y is not None else None, data.num_classes,
                C.to_dict(dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)), progress, on_step)
@@ -446,9 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             bench_after_distill(run, cfg)
         D.barrier()
-    if D.is_main():
-        print(f"done: students in {run / 'students'}, per-round table {run / 'rounds.csv'} "
-              f"(total {time.perf_counter() - t0:.0f} s)")
+        if D.is_main():  # inside: once the process group is gone every process counts as rank 0
+            print(f"done: students in {run / 'students'}, per-round table {run / 'rounds.csv'} "
+                  f"(total {time.perf_counter() - t0:.0f} s)")
     return 0
 
 

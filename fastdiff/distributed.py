@@ -2,16 +2,25 @@
 
 Without torchrun (no WORLD_SIZE in the environment) every helper here is a no-op and
 torch.distributed is never initialised. Under torchrun the process group comes from the environment
-(NCCL on CUDA, gloo on CPU); only rank 0 writes files.
+(NCCL on CUDA, gloo on CPU); only rank 0 writes files; an error in the setup on any rank is raised on every
+rank (`same_outcome`), and every collective has a timeout.
 """
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 from contextlib import contextmanager
 
 import torch
 
 from fastdiff.errors import FastdiffError
+
+log = logging.getLogger(__name__)
+
+# Rank 0 alone evaluates a distillation round and scores a sweep's rows while the others wait at the next
+# collective; at the cifar10 preset's 10k evaluation samples that outlasts NCCL's 10-minute default.
+TIMEOUT_S = 2 * 3600.0
 
 
 def _active() -> bool:
@@ -36,19 +45,33 @@ def barrier() -> None:
 
 
 @contextmanager
-def init_from_env(device: str = "auto"):
-    """Initialise the process group when launched by torchrun; tear it down afterwards."""
+def init_from_env(device: str = "auto", timeout_s: float = TIMEOUT_S):
+    """Initialise the process group when launched by torchrun; tear it down afterwards.
+
+    `timeout_s` bounds every collective: a rank left waiting longer raises instead of hanging.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         yield
         return
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield
     finally:
         torch.distributed.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun a CUDA device is this process's own GPU, cuda:LOCAL_RANK (which init_from_env made current)."""
+    if device.type != "cuda" or not _active():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.index not in (None, local):
+        raise FastdiffError(f"--device {device} under torchrun: each process uses its own GPU (cuda:LOCAL_RANK); "
+                            "pass --device cuda or auto, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local)
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -77,9 +100,24 @@ def gather_objects(obj) -> list:
     return out
 
 
-def shard(indices: range) -> range:
-    """This rank's share of sample indices: rank, rank + world, ... (strided, so all ranks stay busy)."""
-    return indices[rank()::world_size()]
+def shard(items: range) -> range:
+    """This rank's share of `items` (sample indices, batch starts): items[rank], items[rank + world], ..."""
+    return items[rank()::world_size()]
+
+
+def restore_rng(gen: torch.Generator, states: list, salt: int, step: int) -> None:
+    """Set `gen` to this rank's entry of `states` (one generator state per rank, saved via gather_objects).
+
+    A checkpoint written by another number of processes has no stream for this rank: the run goes on with the same
+    global batch from fresh streams seeded by (salt, step, rank), so it no longer matches an uninterrupted run.
+    """
+    if len(states) == world_size():
+        gen.set_state(states[rank()])
+        return
+    if is_main():
+        log.warning("checkpoint written by %d process(es), resumed by %d: random streams re-seeded at step %d",
+                    len(states), world_size(), step)
+    gen.manual_seed(hash((salt, step, rank())))  # hash of a tuple of ints: the same in every process
 
 
 def configure_cpu_threads() -> None:
@@ -94,21 +132,41 @@ def configure_cpu_threads() -> None:
     torch.set_num_threads(max(1, cores // 2))
 
 
-def on_main(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on rank 0, its result (or its FastdiffError) on every rank.
+@contextmanager
+def same_outcome():
+    """Run the block on every rank; if it fails on any rank, it fails on every rank.
 
-    Without this, a check that fails on rank 0 only (a refused run dir) would leave the other ranks waiting
-    at the next collective forever; here every rank raises the same error.
+    A check that fails on one rank only (rank 0's refused run dir, a teacher file one node lacks) would otherwise
+    leave the others waiting at the next collective: an in-process caller forever, NCCL until its timeout. Here
+    the failing rank raises its own error and every other rank a FastdiffError with the same text. The block
+    must not communicate.
     """
     if not _active():
-        return fn(*args, **kwargs)
-    box = [None, None]
-    if is_main():
-        try:
-            box = [fn(*args, **kwargs), None]
-        except FastdiffError as err:
-            box = [None, str(err)]
-    torch.distributed.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise FastdiffError(box[1])
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any error must reach the other ranks before it propagates
+        failure = err
+    text = None
+    if isinstance(failure, FastdiffError):
+        text = str(failure)
+    elif failure is not None:
+        text = f"rank {rank()} failed: {type(failure).__name__}: {failure}"
+    texts = [t for t in gather_objects(text) if t is not None]
+    if failure is not None:
+        raise failure
+    if texts:
+        raise FastdiffError(texts[0])
+
+
+def on_main(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 only; its result (or its error, see same_outcome) on every rank."""
+    box = [None]
+    with same_outcome():
+        if is_main():
+            box[0] = fn(*args, **kwargs)
+    if _active():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]

@@ -130,7 +130,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FastdiffError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    return D.local_device(torch.device(name))
 
 
 def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None) -> Path:
@@ -211,13 +211,14 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     """Train (or resume) the teacher described by `cfg`; returns the run dir."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
     config = C.to_dict(cfg)
-    run = D.on_main(prepare_run_dir, cfg.out_dir, config, NON_RESULT_FIELDS, C.to_dict(TrainConfig()))
-    ckpt_path = run / CKPT_NAME
-    # Read the checkpoint before writing anything: a corrupt one must leave the run dir as it was.
-    ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None
-    D.barrier()
+    with D.same_outcome():  # a run dir refused on rank 0, data missing on one node: an error on every rank
+        data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
+        run = (prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS, C.to_dict(TrainConfig())) if D.is_main()
+               else Path(cfg.out_dir))
+        ckpt_path = run / CKPT_NAME
+        # Read the checkpoint before writing anything: a corrupt one must leave the run dir as it was.
+        ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None
     if D.is_main():
         write_text(run / "config.json", C.dumps(cfg))
 
@@ -233,8 +234,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        gen.set_state(ckpt["rng"]["data"][D.rank()])
-        torch.set_rng_state(ckpt["rng"]["torch"][D.rank()])
+        D.restore_rng(gen, ckpt["rng"]["data"], cfg.seed * 1000, step)
+        D.restore_rng(torch.default_generator, ckpt["rng"]["torch"], cfg.seed, step)
         log.info("resuming %s from step %d", run, step)
     if step >= cfg.steps:
         log.info("%s already finished (%d steps); nothing to do", run, step)
@@ -293,6 +294,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
         if on_step is not None:
             on_step(step)
     bar.close()
+    D.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
     log.info("trained %s for %d steps in %.1f s", run, step, time.perf_counter() - t_start)
     return run
 

@@ -1,119 +1,254 @@
-"""torchrun + DDP on CPU (gloo, 2 processes): gradient step, sharded sampling, a distillation round and its resume.
+"""torchrun + DDP on CPU (gloo, 2 processes): gradient steps, sharded sampling, a distillation round and its resume.
 
-One torchrun launch per scenario; each worker writes what it computed and the test compares it with the same
-computation in this single process.
+Each launch is one `torchrun --standalone --nproc_per_node 2` of WORKER (or of the CLI itself); the workers compute
+what the functions below compute and the tests compare it with the same functions run in this single process. A
+worker waits at most WORKER_TIMEOUT_S at any collective and a launch is stopped after LAUNCH_TIMEOUT_S, so a rank
+that fails alone fails the test instead of hanging it.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
-import socket
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-WORKER = textwrap.dedent('''
-    import dataclasses, sys, torch
-    from fastdiff import distributed as D
+from fastdiff import distributed as D
+from fastdiff.errors import FastdiffError
 
-    mode, out = sys.argv[1], sys.argv[2]
-    with D.init_from_env("cpu"):
-        if mode == "grad":
-            from torch import nn
-            torch.manual_seed(0)
-            net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
-            opt = torch.optim.SGD(net.parameters(), lr=0.1)
-            model = D.wrap_ddp(net, torch.device("cpu"))
-            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-            b = D.local_batch_size(8)
-            xs = x[D.rank() * b:(D.rank() + 1) * b]
-            loss = model(xs).pow(2).mean()
-            loss.backward()
-            opt.step()
-            if D.is_main():
-                torch.save(net.state_dict(), out)
-        elif mode == "sample":
-            from fastdiff.analytic import GaussianDenoiser
-            from fastdiff.bench import BenchConfig, Network, Spec, generate
-            from fastdiff.schedules import Schedule
-            sch = Schedule("cosine", 1000)
-            net = Network(GaussianDenoiser(0.3, 0.5, sch, "v"), sch, "v", "gauss")
-            cfg = BenchConfig(model="x", n_samples=10, batch_size=3, seed=5, clip=False)
-            x, nfe, _ = generate(Spec("ddim-eta1", "linspace", 4, 1.0), net, (3,), cfg, torch.device("cpu"))
-            if D.is_main():
-                torch.save(x, out)
-        else:
-            from fastdiff.distill import PRESETS, distill
-            cfg = dataclasses.replace(PRESETS["toy2d"], teacher=sys.argv[3], start_steps=2, steps_per_round=12,
-                                      ckpt_every=4, eval_samples=64, bench=False, out_dir=out, batch_size=64,
-                                      device="cpu", lr=1e-3 if mode == "distill-other" else 5e-4)
-            def kill(r, u):
-                if mode == "distill-kill" and u == 6:
-                    raise SystemExit(3)
+WORKER_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 240
+# The tiny teacher and distillation round every test here uses (toy2d MLP, 4 -> 2 steps, 16 updates).
+TEACHER = dict(steps=30, hidden=32, layers=1, batch_size=64, sample_every=10_000, device="cpu")
+ROUND = dict(start_steps=4, rounds=1, steps_per_round=8, batch_size=64, ckpt_every=3, eval_samples=64, bench=False,
+             device="cpu")
+KILL_AT = 5  # the round's state.pt holds update 3 then
+
+WORKER = '''
+import dataclasses, json, os, sys
+from pathlib import Path
+import torch
+from fastdiff import distributed as D
+from fastdiff.errors import FastdiffError
+from test_distributed import ROUND, TEACHER, WORKER_TIMEOUT_S, KILL_AT, sample_sets, sgd_steps
+
+mode, out = sys.argv[1], Path(sys.argv[2])
+with D.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
+    if mode == "steps-and-samples":
+        torch.manual_seed(D.rank())  # each rank starts from other weights, as in train: DDP broadcasts rank 0's
+        state = sgd_steps()
+        sets = sample_sets()
+        try:
+            D.local_batch_size(7)
+            refused = ""
+        except FastdiffError as err:
+            refused = str(err)
+        (out / f"batch7_rank{D.rank()}.txt").write_text(refused)
+        try:  # an error on rank 1 only (a file its node lacks): rank 0 raises too, instead of waiting for rank 1
+            with D.same_outcome():
+                if D.rank() == 1:
+                    raise OSError("no such file")
+            failed = ""
+        except (FastdiffError, OSError) as err:
+            failed = f"{type(err).__name__}: {err}"
+        (out / f"one_rank_fails_rank{D.rank()}.txt").write_text(failed)
+        if D.is_main():
+            torch.save({"sgd": state, "samples": sets}, out / "ddp.pt")
+    else:
+        from fastdiff.distill import PRESETS, distill
+        from fastdiff.train import PRESETS as TRAIN_PRESETS, train
+
+        teacher = train(dataclasses.replace(TRAIN_PRESETS["toy2d"], out_dir=str(out / "teacher"), **TEACHER),
+                        progress=False)
+        cfg = dataclasses.replace(PRESETS["toy2d"], teacher=str(teacher), out_dir=str(out / "run"), **ROUND)
+
+        class Killed(Exception):
+            pass
+
+        def kill(r, u):  # on every rank at the same update, like a preemption
+            if u == KILL_AT:
+                raise Killed
+        try:
             distill(cfg, progress=False, on_step=kill)
-''')
+        except Killed:
+            pass
+        if D.is_main():
+            (out / "after_kill.json").write_text(json.dumps(sorted(os.listdir(out / "run"))))
+        try:  # another lr in the same run dir: refused by rank 0's check, an error on every rank
+            distill(dataclasses.replace(cfg, lr=2 * cfg.lr), progress=False)
+            refused = ""
+        except FastdiffError as err:
+            refused = str(err)
+        (out / f"refused_rank{D.rank()}.txt").write_text(refused)
+        distill(dataclasses.replace(cfg, out_dir=str(out / "straight")), progress=False)
+'''
 
 
-def _torchrun(tmp_path, *args, check=True):
+def torchrun(cwd: Path, *args) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` in `cwd` (a free port, gloo); stopped after LAUNCH_TIMEOUT_S."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun hands SIGTERM on to its workers
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(map(str, args))} ran past {LAUNCH_TIMEOUT_S} s:\n{err[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_worker(tmp_path: Path, mode: str) -> Path:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous (stray runs on 29500 can't collide)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)],
-                          timeout=180, env=env, capture_output=True, text=True, check=check)
+    done = torchrun(tmp_path, script, mode, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return tmp_path
 
 
-@pytest.mark.slow
-def test_ddp_step_equals_one_process_step_on_the_whole_batch(tmp_path):
-    from torch import nn
+def tiny_mlp() -> torch.nn.Module:
+    from fastdiff.train import PRESETS, build_network
 
-    _torchrun(tmp_path, "grad", tmp_path / "ddp.pt")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-    net(x).pow(2).mean().backward()
-    opt.step()
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    for k, v in net.state_dict().items():
-        assert torch.allclose(ddp[k], v, atol=1e-6), k
+    return build_network(dataclasses.replace(PRESETS["toy2d"], **TEACHER))
 
 
-@pytest.mark.slow
-def test_sharded_samples_equal_one_process_exactly(tmp_path):
+def sgd_steps(steps: int = 2, batch: int = 8) -> dict:
+    """The tiny MLP's state_dict after `steps` SGD steps on fixed batches of the v-loss; each rank takes its slice.
+
+    SGD, not Adam: Adam's update barely changes when every gradient is scaled, so it would hide a sum-vs-mean error.
+    """
+    from fastdiff.losses import weighted_loss
+    from fastdiff.param import append_dims
+    from fastdiff.schedules import Schedule
+
+    net = tiny_mlp()
+    model = D.wrap_ddp(net, torch.device("cpu"))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    schedule, gen, local = Schedule("cosine", 1000), torch.Generator().manual_seed(1), D.local_batch_size(batch)
+    mine = slice(D.rank() * local, (D.rank() + 1) * local)
+    for _ in range(steps):
+        x0, eps = torch.randn(batch, 2, generator=gen)[mine], torch.randn(batch, 2, generator=gen)[mine]
+        t = torch.rand(batch, generator=gen, dtype=torch.float64)[mine]
+        alpha, sigma = (a.float() for a in schedule.alpha_sigma(t))
+        x_t = append_dims(alpha, 2) * x0 + append_dims(sigma, 2) * eps
+        loss = weighted_loss(model(x_t, t.float()), x0, eps, x_t, alpha, sigma, schedule.logsnr(t).float(), "v",
+                             "snr-trunc").mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.state_dict()
+
+
+def sample_sets() -> dict:
+    """Samples of bench's `generate` (10 samples, batches of 3) from the exact Gaussian denoiser with DDIM(eta=1) and
+    from the tiny MLP (seed 0) with strided DDPM: both draw fresh noise at every step, the MLP's floats depend on the
+    batch size. (10, 2) tensors on rank 0, None on the others."""
     from fastdiff.analytic import GaussianDenoiser
     from fastdiff.bench import BenchConfig, Network, Spec, generate
     from fastdiff.schedules import Schedule
 
-    _torchrun(tmp_path, "sample", tmp_path / "ddp.pt")
-    sch = Schedule("cosine", 1000)
-    net = Network(GaussianDenoiser(0.3, 0.5, sch, "v"), sch, "v", "gauss")
+    schedule = Schedule("cosine", 1000)
+    torch.manual_seed(0)
+    nets = {"gauss": (GaussianDenoiser(0.3, 0.5, schedule, "v"), Spec("ddim-eta1", "linspace", 4, 1.0)),
+            "mlp": (tiny_mlp().eval(), Spec("ddpm-strided", "linspace", 4, None, "large"))}
     cfg = BenchConfig(model="x", n_samples=10, batch_size=3, seed=5, clip=False)
-    one, _, _ = generate(Spec("ddim-eta1", "linspace", 4, 1.0), net, (3,), cfg, torch.device("cpu"))
-    assert torch.equal(torch.load(tmp_path / "ddp.pt", weights_only=True), one)
+    with torch.no_grad():
+        return {name: generate(spec, Network(net, schedule, "v", name), (2,), cfg, torch.device("cpu"))[0]
+                for name, (net, spec) in nets.items()}
+
+
+@pytest.fixture(scope="module")
+def ddp_outputs(tmp_path_factory) -> dict:
+    out = run_worker(tmp_path_factory.mktemp("ddp"), "steps-and-samples")
+    return {"saved": torch.load(out / "ddp.pt", weights_only=True),
+            **{name: [(out / f"{name}_rank{r}.txt").read_text() for r in range(2)]
+               for name in ("batch7", "one_rank_fails")}}
 
 
 @pytest.mark.slow
-def test_two_process_distillation_round_runs_and_resumes(tmp_path):
-    from fastdiff.train import PRESETS, train
+def test_ddp_sgd_steps_equal_one_process_steps_on_the_whole_batch(ddp_outputs):
+    torch.manual_seed(0)
+    start = tiny_mlp().state_dict()
+    torch.manual_seed(0)
+    one, ddp = sgd_steps(), ddp_outputs["saved"]["sgd"]
+    assert all(not torch.equal(one[k], start[k]) for k in one)  # every parameter moved
+    for k, v in one.items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert all("does not divide by the world size 2" in text for text in ddp_outputs["batch7"])
 
-    teacher = dataclasses.replace(PRESETS["toy2d"], steps=100, hidden=32, layers=1, out_dir=str(tmp_path / "teacher"),
-                                  sample_every=10_000, device="cpu")
-    train(teacher, progress=False)
-    run = tmp_path / "distill"
-    killed = _torchrun(tmp_path, "distill-kill", run, tmp_path / "teacher", check=False)
-    assert killed.returncode != 0 and (run / "state.pt").exists() and not (run / "rounds.csv").exists()
-    _torchrun(tmp_path, "distill", run, tmp_path / "teacher")
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_is_raised_on_every_rank(ddp_outputs):
+    assert ddp_outputs["one_rank_fails"] == ["FastdiffError: rank 1 failed: OSError: no such file",
+                                             "OSError: no such file"]
+
+
+@pytest.mark.slow
+def test_sharded_sample_sets_equal_one_process_sets_bit_for_bit(ddp_outputs):
+    one, ddp = sample_sets(), ddp_outputs["saved"]["samples"]
+    for name in ("gauss", "mlp"):
+        assert torch.equal(ddp[name], one[name]), name
+
+
+@pytest.mark.slow
+def test_two_process_distillation_round_killed_then_resumed_by_the_cli(tmp_path):
+    out = run_worker(tmp_path, "distill")
+    after_kill = json.loads((out / "after_kill.json").read_text())
+    assert "state.pt" in after_kill and "rounds.csv" not in after_kill
+    for r in range(2):  # rank 0 refused the run dir, and every rank raised it
+        assert "holds a different config" in (out / f"refused_rank{r}.txt").read_text()
+
+    run = out / "run"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ROUND.items()]
+    done = torchrun(tmp_path, "-m", "fastdiff.distill", "--preset", "toy2d", "--teacher", out / "teacher",
+                    "--out-dir", run, *flags)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("done: students in") == 1  # printed by rank 0 only
+    assert "resuming round 1/1" in done.stderr
     rows = list(csv.DictReader(open(run / "rounds.csv")))
-    assert [(r["round"], r["student_steps"], r["updates"]) for r in rows] == [("0", "1", "24")]
-    assert (run / "students" / "student_N1.pt").exists()
-    # A run dir refused on rank 0 is an error on every rank, not a hang at the next barrier.
-    refused = _torchrun(tmp_path, "distill-other", run, tmp_path / "teacher", check=False)
-    assert refused.returncode != 0 and "holds a different config" in refused.stderr
+    assert [(r["round"], r["teacher_steps"], r["student_steps"], r["updates"]) for r in rows] == [("0", "4", "2", "16")]
+    resumed, straight = (torch.load(d / "students" / "student_N2.pt", weights_only=True)["model"]
+                         for d in (run, out / "straight"))
+    for k, v in straight.items():  # killed at update 5, resumed from 3 in new processes: the same student
+        assert torch.equal(resumed[k], v), k
+
+
+def test_without_torchrun_nothing_is_initialised(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    net = torch.nn.Linear(2, 2)
+    with D.init_from_env("cpu"):
+        assert not torch.distributed.is_initialized()
+        assert D.wrap_ddp(net, torch.device("cpu")) is net
+        assert (D.world_size(), D.rank(), D.local_batch_size(7)) == (1, 0, 7)
+        assert D.shard(range(5)) == range(5) and D.gather_objects("a") == ["a"] and D.on_main(len, "ab") == 2
+        with pytest.raises(FastdiffError, match="refused"):
+            with D.same_outcome():
+                raise FastdiffError("refused")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: a plain single-process run
+    with D.init_from_env("cpu"):
+        assert not torch.distributed.is_initialized()
+
+
+def test_a_checkpoint_of_another_world_size_resumes_on_fresh_streams(caplog):
+    def state(seed):
+        return torch.Generator().manual_seed(seed).get_state()
+
+    gen = torch.Generator()
+    D.restore_rng(gen, [state(1)], salt=7, step=3)  # written by one process, resumed by one: its stream goes on
+    assert torch.equal(gen.get_state(), state(1))
+    draws = []
+    for _ in range(2):  # written by two processes: a fresh stream, the same in every resume
+        D.restore_rng(gen, [state(1), state(2)], salt=7, step=3)
+        draws.append(torch.rand(4, generator=gen))
+    assert torch.equal(*draws) and "written by 2 process(es), resumed by 1" in caplog.text
+    assert not any(torch.equal(draws[0], torch.rand(4, generator=torch.Generator().manual_seed(s))) for s in (1, 2))
