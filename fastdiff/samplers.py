@@ -22,6 +22,7 @@ import torch
 
 from fastdiff import param as P
 from fastdiff.errors import FastdiffError
+from fastdiff.guidance import combine
 from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid,
                             student_grid)
 from fastdiff.ops import sample_generators, sampler_step
@@ -69,8 +70,8 @@ def _evaluate(model, x: torch.Tensor, t: torch.Tensor, guidance: float | None):
 
 
 def _guided(out, out_uncond, guidance):
-    """Classifier-free guidance (Ho & Salimans 2022): out_uncond + w (out_cond - out_uncond)."""
-    return out if out_uncond is None else torch.lerp(out_uncond, out, guidance)
+    """Classifier-free guidance (Ho & Salimans 2022) through fastdiff.guidance.combine; no-op without a pair."""
+    return out if out_uncond is None else combine(out, out_uncond, guidance)
 
 
 def _x0_eps(model, x, t: float, schedule: Schedule, param: str, clip: bool, guidance):
