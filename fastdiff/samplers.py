@@ -221,9 +221,9 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     Alg. 1 runs on x~ = x/alpha with sigma~ = sigma/alpha and D = x0_hat: Euler x~' = x~ + (sigma~' - sigma~) d,
     d = (x~ - D)/sigma~ = eps_hat, then the trapezoid correction, Euler alone on the step to 0. Written back in
     x = alpha x~ so that 1/alpha (~2e4 for cosine at t=1) never multiplies x. `generator` is unused.
-    The trapezoid is only accurate for steps that are small relative to sigma~: with the cosine schedule
-    (sigma~(1) = e^10) a first step straight down to sigma~ ~ 1 (linspace grids) is far off at few steps, by the
-    method, not by rounding; the karras grid spends its first steps at large sigma~ instead.
+    The trapezoid is only accurate for steps that are small relative to sigma~: from the cosine schedule's
+    sigma~(1) = e^10 a first step down to sigma~ ~ 1 is far off at few steps, by the method, not by rounding;
+    the karras grid starts at EDM's sigma~ = 80 instead (see `karras_grid`).
     """
     _check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)

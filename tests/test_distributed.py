@@ -252,3 +252,42 @@ def test_a_checkpoint_of_another_world_size_resumes_on_fresh_streams(caplog):
         draws.append(torch.rand(4, generator=gen))
     assert torch.equal(*draws) and "written by 2 process(es), resumed by 1" in caplog.text
     assert not any(torch.equal(draws[0], torch.rand(4, generator=torch.Generator().manual_seed(s))) for s in (1, 2))
+
+
+@pytest.mark.parametrize("cores, busy, per_node, env, expected", [
+    (2, 0.05, "1", None, 2),  # idle: every core
+    (2, 0.5, "1", None, 1),   # one busy neighbour: the free core
+    (2, 1.0, "1", None, 1),   # every core busy: still one
+    (16, 0.1, "2", None, 7),  # two torchrun processes on a node with 14.4 free cores
+    (2, 0.05, "1", "1", 5),   # OMP_NUM_THREADS decides (torch's pool left as it is)
+])
+def test_cpu_threads_follow_the_free_cores(monkeypatch, cores, busy, per_node, env, expected):
+    before = torch.get_num_threads()
+    chosen = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(D, "busy_fraction", lambda: busy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5 if env else 64)
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", per_node)
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    assert D.configure_cpu_threads() == expected
+    assert chosen == ([] if env else [expected])
+    monkeypatch.undo()
+    assert torch.get_num_threads() == before
+
+
+def test_busy_fraction_reads_proc_stat_deltas(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")  # user nice system idle iowait..
+
+    def half_a_second_later(seconds):  # +90 busy (60 user, 20 system, 10 steal), +110 idle and iowait
+        stat.write_text("cpu  160 0 70 900 60 0 0 10 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+
+    monkeypatch.setattr(D.time, "sleep", half_a_second_later)
+    assert D.busy_fraction(stat_path=str(stat)) == pytest.approx(90 / 200)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # no /proc/stat: the load average per core
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert D.busy_fraction(stat_path=str(tmp_path / "missing")) == pytest.approx(0.25)

@@ -54,18 +54,23 @@ def test_full_and_student_grids():
 def test_logsnr_and_karras_grids(kind, steps):
     schedule = Schedule(kind, T)
     for ts in (logsnr_grid(schedule, steps), karras_grid(schedule, steps)):
-        assert ts.shape == (steps + 1,) and ts[0] == 1.0 and ts[-1] == 0.0
+        assert ts.shape == (steps + 1,) and ts[-1] == 0.0
         assert bool((ts[1:] < ts[:-1]).all())
         if steps > 1:
             assert ts[-2] == 1.0 / T
+    assert logsnr_grid(schedule, steps)[0] == 1.0
+    # EDM's sigma_max = 80 (both schedules reach more at t = 1: cosine e^10, linear ~157), then the schedule's own
+    sigma_0 = torch.exp(-schedule.logsnr(karras_grid(schedule, steps)[:1]) / 2)
+    assert torch.allclose(sigma_0, torch.tensor([80.0], dtype=torch.float64), rtol=1e-9)
+    assert karras_grid(schedule, steps, sigma_max=1e9)[0] == 1.0
     if steps < 3:
         return
     # uniform steps in logsnr, and sigma^(1/rho) linear in i (Karras et al. 2022 eq. 5), away from t = 1 where
     # the cosine schedule's logsnr is clipped flat
     lam = schedule.logsnr(logsnr_grid(schedule, steps)[1:-1])
     assert torch.allclose(lam.diff(), lam.diff().mean().expand(steps - 2), rtol=1e-6)
-    root = torch.exp(-schedule.logsnr(karras_grid(schedule, steps)[1:-1]) / 2) ** (1 / 7)
-    assert torch.allclose(root.diff(), root.diff().mean().expand(steps - 2), rtol=1e-6)
+    root = torch.exp(-schedule.logsnr(karras_grid(schedule, steps)[:-1]) / 2) ** (1 / 7)
+    assert torch.allclose(root.diff(), root.diff().mean().expand(steps - 1), rtol=1e-6)
 
 
 def test_bad_grids_are_user_errors():
