@@ -78,7 +78,7 @@ class DistillConfig:
 
 PRESETS = {
     # Sized for a 2-core CPU: the sweep stops at 64 steps, where DDIM has converged (10 and 20: DDIM's paper).
-    "digits": DistillConfig(bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
+    "digits": DistillConfig(steps_per_round=400, bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
     "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, steps_per_round=400, lr=5e-4, batch_size=512,
                            eval_samples=2000, out_dir="runs/distill-toy2d"),
     # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one

@@ -342,7 +342,9 @@ def write_report(results_dir) -> Path:
         sweeps = list(df.groupby(SWEEP, sort=False))
         sweeps.sort(key=lambda kv: kv[1]["timestamp"].max() if "timestamp" in kv[1] else "", reverse=True)
         for i, (_, sweep) in enumerate(sweeps):
-            title = f"## {sweep.iloc[0].dataset}" + (f" — sweep {i + 1} of {len(sweeps)}" if len(sweeps) > 1 else "")
+            folder, dataset = csv_path.parent.name, sweep.iloc[0].dataset  # e.g. digits-guided holds digits rows
+            title = (f"## {folder}" + ("" if folder == dataset else f" (data set {dataset})")
+                     + (f" — sweep {i + 1} of {len(sweeps)}" if len(sweeps) > 1 else ""))
             md += [title, "", f"Source: `{csv_path.relative_to(results_dir).as_posix()}`", ""]
             section = guidance_section if (sweep.guidance != "").any() else sweep_section
             md += section(sweep, csv_path.parent, results_dir, f"_{i + 1}" if len(sweeps) > 1 else "")

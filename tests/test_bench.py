@@ -33,7 +33,8 @@ MU, STD, DIM = 0.5, 0.5, 8
 
 class Spy:
     """Wraps a model and records the input of every evaluation at t > 0.9: each sampler run's initial noise (the
-    grids used here start at t = 1, the karras grid at EDM's sigma = 80, t ~ 0.98, and go on below 0.7)."""
+    grids used here start at t = 1, the karras grid at EDM's sigma = 80, t ~ 0.93 for
+    the linear schedule, and go on below 0.7)."""
 
     def __init__(self, model):
         self.model, self.first_inputs = model, []
