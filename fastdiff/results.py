@@ -23,12 +23,18 @@ KEY = ("dataset", "model_hash", "sampler", "spacing", "eta", "variance", "clip",
 
 
 def git_commit() -> str:
-    """`git rev-parse HEAD` of the fastdiff source tree, or "unknown" outside a git checkout."""
+    """`git rev-parse HEAD` of the fastdiff source tree, "+dirty" appended when its tracked code (the package,
+    kernels/) differs from that commit; "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here),
+                                  str(here.parent / "kernels")], cwd=here, capture_output=True, text=True,
+                                 check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (head + ("+dirty" if changed else "")) if head else "unknown"
 
 
 def to_csv_value(v) -> str:

@@ -82,3 +82,27 @@ def test_line_labels(eta, variance, label):
 
     sampler = "ddim-eta1" if eta else "ddpm-strided"
     assert line_label(sampler, "quadratic", eta, variance) == label
+
+
+def test_the_commit_in_the_provenance_says_when_the_code_was_not_committed(tmp_path):
+    import importlib.util
+    import shutil
+
+    from fastdiff import results
+
+    pkg = tmp_path / "fastdiff"
+    pkg.mkdir()
+    shutil.copy(results.__file__, pkg / "results.py")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True)
+    spec = importlib.util.spec_from_file_location("results_copy", pkg / "results.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert copy.git_commit() == head
+    (tmp_path / "notes.txt").write_text("untracked, outside the package")
+    assert copy.git_commit() == head
+    with open(pkg / "results.py", "a") as f:
+        f.write("# edited\n")
+    assert copy.git_commit() == head + "+dirty"
