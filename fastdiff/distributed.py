@@ -143,7 +143,7 @@ def busy_fraction(interval_s: float = 0.5, stat_path: str = "/proc/stat") -> flo
     before = _cpu_times(stat_path)
     if before is not None:
         time.sleep(interval_s)
-        after = _cpu_times(stat_path)
+        after = _cpu_times(stat_path) or before
         idle, total = after[0] - before[0], after[1] - before[1]
         if total > 0:
             return min(1.0, max(0.0, 1 - idle / total))

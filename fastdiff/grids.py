@@ -80,10 +80,12 @@ def _endpoints(schedule: Schedule) -> tuple[float, float]:
     return float(schedule.logsnr(1.0)), float(schedule.logsnr(1.0 / schedule.T))
 
 
-def _from_logsnr(schedule: Schedule, logsnr: torch.Tensor) -> torch.Tensor:
-    """(steps,) increasing logsnr from logsnr(1) to logsnr(1/T) -> (steps+1,) grid with exact endpoints."""
+def _from_logsnr(schedule: Schedule, logsnr: torch.Tensor, from_t1: bool = True) -> torch.Tensor:
+    """(steps,) increasing logsnr from logsnr(1) (or from later, `from_t1` False) to logsnr(1/T) -> (steps+1,) grid
+    with exact endpoints (bisection would miss t = 1 where the cosine schedule's logsnr is clipped flat)."""
     t = schedule.t_of_logsnr(logsnr)
-    t[0] = 1.0
+    if from_t1:
+        t[0] = 1.0
     if len(t) > 1:
         t[-1] = 1.0 / schedule.T
     return _from_t(t)
@@ -108,10 +110,7 @@ def karras_grid(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: flo
     # eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     sigma = (top ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - top ** (1 / rho))) ** rho
-    ts = _from_logsnr(schedule, -2 * sigma.log())
-    if top < np.exp(-lo / 2):
-        ts[0] = schedule.t_of_logsnr(torch.tensor([-2 * np.log(top)], dtype=torch.float64))[0]
-    return ts
+    return _from_logsnr(schedule, -2 * sigma.log(), from_t1=top == np.exp(-lo / 2))
 
 
 def make_grid(kind: str, steps: int, schedule: Schedule) -> torch.Tensor:
