@@ -15,6 +15,11 @@ only the rows missing from the CSV (key: every column that defines a row, not th
 row the first samples are kept in `samples/*.npz` (16 uint8 images or up to 500 float points) for the report.
 Under torchrun whole batches are sharded over the ranks (batch j on rank j mod K); rank 0 scores and writes.
 
+One process at a time holds a results folder. Finished batches of the row in progress are kept under
+`partial/`, so a sweep stopped by SIGTERM/SIGINT (after the current batch, exit 143/130) or killed resumes
+mid-row. A CSV holding another teacher's sweep is refused unless `--append`; the default `--out-dir` is
+runs/results, apart from the committed reference results in results/.
+
 Presets (`--preset`): ``digits`` (the CPU default: 500 samples, steps 1..64, the project's classifier features),
 ``toy2d`` (identity features + sliced Wasserstein, 2000 samples) and ``cifar10``, the protocol of DDIM (Song et al.
 2021) and progressive distillation (Salimans & Ho 2022): 50k samples, torch-fidelity's Inception-v3 pool3 FID
@@ -27,10 +32,14 @@ folder holding cifar-10-batches-py) and `--inception-weights PATH` (or internet)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
+import io
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -46,13 +55,14 @@ from tqdm import tqdm
 import fastdiff
 from fastdiff import config as C
 from fastdiff import distributed as D
+from fastdiff import runs
 from fastdiff import samplers as S
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import EXTRACTORS, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import SPACINGS, make_grid
-from fastdiff.io import atomic_path, write_text
+from fastdiff.io import atomic_path, write_bytes, write_text
 from fastdiff.metrics import METRICS, Reference, class_accuracy, compute_metrics, load_reference
-from fastdiff.results import CSV_NAME, COLUMNS, ResultsCSV, git_commit, to_csv_value
+from fastdiff.results import CSV_NAME, COLUMNS, NOISE, ResultsCSV, git_commit, teacher_hashes, to_csv_value
 from fastdiff.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -61,7 +71,7 @@ SAMPLERS = ("ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "dis
 # Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's uniform logSNR, EDM's
 # Karras grid, a student's own i/N.
 FIXED_GRID = {"ddpm": "full", "dpm++2m": "logsnr", "heun": "karras", "distilled": "student"}
-CONFIG_NAME, SAMPLES_DIR = "bench_config.json", "samples"
+CONFIG_NAME, SAMPLES_DIR, PARTIAL_DIR = "bench_config.json", "samples", "partial"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 N_SAVED_IMAGES, N_SAVED_POINTS = 16, 500
 
@@ -92,11 +102,12 @@ class BenchConfig:
     metrics: tuple[str, ...] = ("fid", "prc")
     ref_split: str = "train"
     n_ref: int = 0
-    out_dir: str = "results"
+    out_dir: str = "runs/results"
     device: str = "auto"
     inception_weights: str = ""
     guidance: tuple[float, ...] = ()
     name: str = ""
+    append: bool = False
 
 
 PRESETS = {
@@ -217,37 +228,81 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchConfig, device: torch.device):
+class PartialRow:
+    """The finished batches of one sampling run, a file each (`b{start}.pt`: samples, seconds, NFE), so that a
+    row stopped or killed mid-way resumes at its first missing batch. Only rank 0 reads and writes it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def load(self) -> dict[int, dict]:
+        done = {}
+        for path in sorted(self.folder.glob("b*.pt")) if self.folder.is_dir() else []:
+            try:
+                done[int(path.stem[1:])] = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - a batch file cut short by a kill is sampled again
+                log.warning("partial batch %s is unreadable; sampling it again", path)
+        return done
+
+    def add(self, start: int, batch: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(batch, buf)
+        write_bytes(self.folder / f"b{start:09d}.pt", buf.getvalue())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sample_batch(spec: Spec, network: Network, shape, cfg: BenchConfig, device, start: int) -> dict:
+    """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
+    idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
+    gens = S.sample_generators(cfg.seed, idx)
+    x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    net, guidance = _conditioned(network, spec, idx, device)
+    with torch.no_grad():
+        sample = run_sampler(spec, net, x, network.schedule, network.param, cfg.clip, gens, guidance)
+    _sync(device)
+    return {"x": sample.x.float().cpu(), "seconds": time.perf_counter() - t0, "nfe": sample.nfe}
+
+
+def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchConfig, device: torch.device,
+             partial: PartialRow | None = None):
     """-> ((n_samples, *shape) samples on CPU, nfe, per-batch seconds); (None, nfe, times) off rank 0.
 
     Sample k starts from `sample_generators(cfg.seed, [k])`'s noise, and its per-step noise comes from the same
-    generator, so it does not depend on the batch size or the rank that draws it.
+    generator, so it does not depend on the batch size or the rank that draws it. With `partial`, finished
+    batches are kept on disk as they come and a stop request (see fastdiff.runs) ends the row after the current
+    batch (Preempted); the batches already there are not sampled again.
     """
-    # Whole batches per rank: sample k is drawn in the batch it has in one process, so the gathered set is
-    # bit-identical to a single-process run even where a network's floats depend on the batch size (CPU GEMMs do).
-    indices, outs, times, nfe = [], [], [], 0
-    for start in D.shard(range(0, cfg.n_samples, cfg.batch_size)):
-        idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
-        indices += idx
-        gens = S.sample_generators(cfg.seed, idx)
-        x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
-        _sync(device)
-        t0 = time.perf_counter()
-        net, guidance = _conditioned(network, spec, idx, device)
-        with torch.no_grad():
-            sample = run_sampler(spec, net, x, network.schedule, network.param, cfg.clip, gens, guidance)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        outs.append(sample.x.float().cpu())
-        nfe = sample.nfe
-    local = torch.cat(outs) if outs else torch.empty(0, *shape)
-    parts = D.gather_objects((list(indices), local, times))
+    # Whole batches per rank (batch j of a round on rank j): sample k is drawn in the batch it has in one process,
+    # so the gathered set is bit-identical to a single-process run even where a network's floats depend on the
+    # batch size (CPU GEMMs do).
+    starts = list(range(0, cfg.n_samples, cfg.batch_size))
+    done = (partial.load() if partial is not None else {}) if D.is_main() else {}
+    have = set(D.on_main(lambda: sorted(done)) or ())
+    todo = [s for s in starts if s not in have]
+    world = D.world_size()
+    for k in range(0, len(todo), world):
+        group = todo[k:k + world]
+        mine = group[D.rank()] if D.rank() < len(group) else None
+        batch = None if mine is None else (mine, _sample_batch(spec, network, shape, cfg, device, mine))
+        for part in D.gather_objects(batch):
+            if part is not None and D.is_main():
+                done[part[0]] = part[1]
+                if partial is not None:
+                    partial.add(*part)
+        if partial is not None and k + world < len(todo):
+            runs.stop_if_requested(device, lambda: None, f"in row {spec.label} with {len(done)} of {len(starts)} "
+                                                         f"batches kept in {partial.folder}")
+    nfe = max((b["nfe"] for b in done.values()), default=0) if D.is_main() else 0
     if not D.is_main():
-        return None, nfe, times
+        return None, nfe, []
     x = torch.empty(cfg.n_samples, *shape)
-    for idx, xs, _ in parts:
-        x[idx] = xs
-    return x, nfe, [t for _, _, ts in parts for t in ts]
+    for start, b in done.items():
+        x[start:start + len(b["x"])] = b["x"]
+    return x, nfe, [done[s]["seconds"] for s in starts]
 
 
 def class_labels(indices, num_classes: int, device) -> torch.Tensor:
@@ -348,9 +403,24 @@ def _num_classes(model) -> int:
     return static_info(model.dataset)[1] if model.config.get("cond") == "class" else 0
 
 
+def results_csv_path(out_dir, name: str) -> Path:
+    """Where a sweep named `name` (a data set, or a results folder name) writes its CSV under `out_dir`."""
+    return Path(out_dir) / slug(name) / CSV_NAME
+
+
+def check_not_mixed(csv_path: Path, teacher_hash: str, append: bool) -> None:
+    """Refuse to add a teacher's rows to a CSV that holds another teacher's sweep, unless asked to (--append)."""
+    others = teacher_hashes(csv_path) - {teacher_hash}
+    if others and not append:
+        raise FastdiffError(f"{csv_path} holds the sweep of teacher {', '.join(sorted(others))}, not of "
+                            f"{teacher_hash}: pass --append to add this sweep to that file (the report draws each "
+                            "sweep apart), or choose another --out-dir")
+
+
 def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool = True) -> Path:
     """Run (or resume) the sweep of `cfg`; returns the CSV path. `family` replaces loading cfg.model / cfg.distill_dir
-    (e.g. an analytic denoiser in tests). Nothing is written before every input has been checked."""
+    (e.g. an analytic denoiser in tests). Nothing is written before every input has been checked; the results
+    folder is locked while the sweep runs, and a stop request ends it after the current batch (Preempted)."""
     from fastdiff.train import resolve_device
 
     validate(cfg)
@@ -362,34 +432,49 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.data_shape}; check --dataset")
     specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
-    out = Path(cfg.out_dir) / slug(cfg.name or family.dataset)
-    results = ResultsCSV(out / CSV_NAME)
+    csv_path = results_csv_path(cfg.out_dir, cfg.name or family.dataset)
+    out = csv_path.parent
+    with contextlib.ExitStack() as held:
+        with D.same_outcome():  # rank 0's refused or locked --out-dir is an error on every rank, not a hang
+            if D.is_main():
+                held.enter_context(runs.run_lock(out))
+                check_not_mixed(csv_path, family.teacher.hash, cfg.append)
+            results = ResultsCSV(csv_path) if D.is_main() else None
+        _sweep(cfg, family, specs, extractor, results, out, device, progress)
+    return csv_path
+
+
+def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, results: ResultsCSV | None, out: Path,
+           device: torch.device, progress: bool) -> None:
+    """Sample, score and write every row of `specs` missing from `results` (rank 0 scores and writes)."""
     provenance = {"dataset": family.dataset, "teacher_hash": family.teacher.hash, "clip": cfg.clip, "guidance": None,
-                  "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
+                  "noise": NOISE, "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
                   "extractor_accuracy": extractor.accuracy, "reference": family.reference.name,
                   "batch_size": cfg.batch_size, "device": device_name(device), "torch_version": torch.__version__,
                   "torch_fidelity_version": torch_fidelity.__version__, "fastdiff_version": fastdiff.__version__,
                   "fastdiff_commit": git_commit()}
-    todo = [s for s in specs if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {}))]
+    todo = D.on_main(lambda: [i for i, s in enumerate(specs)
+                              if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {}))])
+    todo = [specs[i] for i in todo]
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
-    with D.same_outcome():  # rank 0's refused --out-dir is an error on every rank, not a hang at the first gather
-        if D.is_main():
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise FastdiffError(f"cannot write to --out-dir {cfg.out_dir!r} ({err.strerror})") from None
-            write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg),
-                                                      "extractor": dataclasses.asdict(extractor),
-                                                      "students": sorted(family.students), **provenance},
-                                                     indent=2, sort_keys=True) + "\n")
+    if D.is_main():
+        write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
+                                                  "students": sorted(family.students), **provenance},
+                                                 indent=2, sort_keys=True) + "\n")
     warmed: set[str] = set()
-    for spec in tqdm(todo, desc=f"bench {family.dataset}", unit="row", disable=not (progress and D.is_main())):
+    for i, spec in enumerate(tqdm(todo, desc=f"bench {family.dataset}", unit="row",
+                                  disable=not (progress and D.is_main()))):
+        if i:
+            runs.stop_if_requested(device, lambda: None, f"before row {spec.label}; every finished row is in "
+                                                         f"{out / CSV_NAME}")
         network = _network(family, spec)
         if network.hash not in warmed:
             warm_up(network, family.data_shape, min(cfg.batch_size, cfg.n_samples), device)
             warmed.add(network.hash)
-        x, nfe, times = generate(spec, network, family.data_shape, cfg, device)
+        keys = _rows(spec, network, cfg, provenance, {})
+        partial = PartialRow(out / PARTIAL_DIR / _partial_name(spec, keys[0], cfg))
+        x, nfe, times = generate(spec, network, family.data_shape, cfg, device, partial)
         if not D.is_main():
             continue
         values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
@@ -401,9 +486,23 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
         rows = _rows(spec, network, cfg, provenance, measured, values)
         save_samples(out / rows[0]["samples_file"], x, spec, nfe)
         results.add([r for r in rows if not results.has(r)])
+        partial.clear()
         log.info("%s (nfe %d): %s", spec.label, nfe, ", ".join(f"{k}={v:.5g}" for k, v in values.items()))
+    if D.is_main() and (out / PARTIAL_DIR).is_dir() and not any((out / PARTIAL_DIR).iterdir()):
+        (out / PARTIAL_DIR).rmdir()
     D.barrier()
-    return out / CSV_NAME
+
+
+def _partial_name(spec: Spec, key_row: dict, cfg: BenchConfig) -> str:
+    """The partial/ folder of one row: readable label + a digest of its key and batch size (batches by start)."""
+    digest = hashlib.sha256(repr((sorted(key_row.items()), cfg.batch_size)).encode()).hexdigest()[:10]
+    return slug(f"{spec.sampler}_{spec.grid}_s{spec.steps}_{digest}")
+
+
+def grid_hash(spec: Spec, schedule: Schedule) -> str:
+    """sha256 prefix of the row's float64 time grid: a changed grid definition never reuses an old row."""
+    ts = make_grid(spec.grid, spec.steps, schedule).to(torch.float64).contiguous()
+    return hashlib.sha256(ts.numpy().tobytes()).hexdigest()[:12]
 
 
 def _network(family: Family, spec: Spec) -> Network:
@@ -420,7 +519,7 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
           values: dict | None = None) -> list[dict]:
     """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only."""
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "spacing": spec.grid,
-            "eta": spec.eta, "variance": spec.variance, "steps": spec.steps, "guidance": spec.guidance,
+            "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance, "steps": spec.steps, "guidance": spec.guidance,
             "samples_file": samples_file(spec, network, cfg)}
     names = _metric_names(cfg.metrics) + (["class_accuracy"] if _scores_classes(spec, network, base["dataset"]) else [])
     return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
@@ -439,8 +538,11 @@ def bench_after_distill(run_dir, dcfg) -> Path:
         base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
                                    guidance=GUIDANCE_SWEEP, name=f"{dataset}-guided")
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
+    if dcfg.bench_samples:
+        steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
     cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
-                              out_dir=dcfg.results_dir, **steps)
+                              out_dir=dcfg.results_dir, append=dcfg.append_results,
+                              inception_weights=dcfg.inception_weights, **steps)
     run_sweep(cfg)
     return write_report(cfg.out_dir) if D.is_main() else Path(cfg.out_dir) / "report.md"
 
@@ -457,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = dataclasses.replace(PRESETS[args.preset], **C.overrides_from_args(BenchConfig, args))
     if args.dry_run:
         return dry_run(cfg)
-    with D.init_from_env(cfg.device):
+    with D.init_from_env(cfg.device), runs.graceful_stop():
         path = run_sweep(cfg)
         if D.is_main():  # inside: once the process group is gone every process counts as rank 0
             print(f"results: {path}\nreport:  python -m fastdiff.report {cfg.out_dir}")

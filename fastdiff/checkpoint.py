@@ -2,12 +2,18 @@
 
 A checkpoint is a dict of tensors and plain data (no pickled code): `kind` ("teacher"/"student"),
 `config` (the TrainConfig dict that built the network), `model` (state_dict), and for resumable runs
-`optimizer`, `ema`, `step`, `rng`. Written atomically, loaded with `weights_only=True`.
+`optimizer`, `ema`, `step`, `rng`. Written atomically and fsynced, loaded with `weights_only=True`.
+
+Resumable state keeps the previous good checkpoint beside the latest (`checkpoint.prev.pt` next to
+`checkpoint.pt`): `load_resumable` falls back to it, with a warning, when the latest is missing, truncated or
+corrupt, and fails (naming both files) only when neither can be read.
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +21,39 @@ import torch
 from torch import nn
 
 from fastdiff.errors import FastdiffError
-from fastdiff.io import atomic_path
+from fastdiff.io import atomic_path, fsync_dir, sha256_file
 from fastdiff.schedules import Schedule
+
+log = logging.getLogger(__name__)
 
 CKPT_NAME = "checkpoint.pt"
 
 
-def save_checkpoint(path, payload: dict) -> None:
-    """Write `payload` to `path` atomically (a reader never sees half a file)."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+def previous_path(path) -> Path:
+    """Where the checkpoint before `path` is kept: checkpoint.pt -> checkpoint.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path, payload: dict, keep_previous: bool = False) -> None:
+    """Write `payload` to `path` atomically and durably (a reader never sees half a file).
+
+    With `keep_previous` the checkpoint it replaces becomes `previous_path(path)` (the fallback of
+    load_resumable). A full disk or read-only folder raises FastdiffError with the size needed; the files
+    already there are left as they were.
+    """
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    with atomic_path(path, needed=len(data)) as tmp:
+        tmp.write_bytes(data)
+        if keep_previous and path.exists():
+            # The new file is complete on disk (atomic_path fsyncs it next); only then does the old one step back.
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(path, previous_path(path))
+            fsync_dir(path.parent)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -42,13 +71,36 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+def load_resumable(path, map_location="cpu") -> dict | None:
+    """The latest readable state of a resumable run: `path`, else its previous checkpoint (with a warning; the
+    unreadable latest is set aside as `<name>.corrupt` so the next save cannot push the good one out); None when
+    neither exists (a fresh run). FastdiffError naming both files when neither can be read."""
+    path = Path(path)
+    prev = previous_path(path)
+    if not path.exists() and not prev.exists():
+        return None
+    problems = []
+    for candidate in (path, prev):
+        if not candidate.exists():
+            problems.append(f"{candidate} is missing")
+            continue
+        try:
+            ckpt = load_checkpoint(candidate, map_location=map_location)
+        except FastdiffError as err:
+            problems.append(str(err).split(";")[0])
+            continue
+        if candidate == prev:
+            log.warning("%s; resuming from the previous checkpoint %s", problems[0], prev)
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+        return ckpt
+    raise FastdiffError(f"no readable checkpoint to resume from: {problems[0]}, and {problems[1]}; "
+                        "delete both to start over or choose another --out-dir")
+
+
 def file_hash(path) -> str:
     """First 12 hex digits of the file's sha256: the model id recorded with every result."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return sha256_file(path)[:12]
 
 
 def resolve_path(path_or_dir) -> Path:
@@ -90,3 +142,13 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True) -> LoadedMod
                        dataset=cfg.dataset, kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=file_hash(path), config=json.loads(json.dumps(ckpt["config"])),
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path)
+
+
+def load_student(path, device="cpu") -> LoadedModel:
+    """A distilled student by path; `.steps` is its own grid N (sample it with DDIM eta=0 on t_i = i/N).
+
+    Raises FastdiffError if `path` is missing, unreadable or not a student checkpoint."""
+    model = load_model(path, device)
+    if model.kind != "student":
+        raise FastdiffError(f"{path} is a {model.kind} checkpoint, not a distilled student")
+    return model

@@ -5,12 +5,16 @@ teacher, distill it round by round from `start_steps` down to 1 step, evaluate e
 the FID-vs-steps sweep and write the report. Every round is resumable: kill it at any moment and
 re-run the same command; it continues inside the current round from the last checkpoint.
 
-Run dir layout: `config.json`, `state.pt` (the round in progress), `rounds.csv` (one row per finished
-round), `students/student_N{N}.pt` (each a checkpoint loadable by `fastdiff.load_model`, which records
-its own grid N: sample it with DDIM eta=0 on t_i = i/N).
+Run dir layout: `config.json`, `state.pt` (the round in progress; the one before kept as `state.prev.pt`),
+`rounds.csv` (one row per finished round), `students/student_N{N}.pt` (each a checkpoint loadable by
+`fastdiff.load_student`, which records its own grid N: sample it with DDIM eta=0 on t_i = i/N). One process
+at a time holds the run dir; SIGTERM/SIGINT stop it after the current update with a checkpoint (exit 143/130).
+The sweep's results go to `--results-dir` (default runs/results, apart from the committed reference results),
+and a results CSV that holds another teacher's sweep is refused unless `--append-results`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -28,12 +32,15 @@ from tqdm import tqdm
 from fastdiff import config as C
 from fastdiff import distributed as D
 from fastdiff import param as P
-from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_checkpoint, load_model, save_checkpoint
+from fastdiff import runs
+from fastdiff.checkpoint import (CKPT_NAME, LoadedModel, file_hash, load_model, load_resumable, load_student,
+                                 save_checkpoint)
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.guidance import guided_x0_eps
 from fastdiff.io import atomic_path, write_text
 from fastdiff.losses import snr_weight
+from fastdiff.metrics import round_scorer
 from fastdiff.schedules import Schedule
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 from fastdiff.train import TrainConfig, build_network, config_from_argv, prepare_run_dir, resolve_device, train
@@ -43,7 +50,8 @@ log = logging.getLogger(__name__)
 ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
                 "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
 NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps",
-                     "eval_guidance")
+                     "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples")
+__all__ = ["DistillConfig", "PRESETS", "distill", "distill_target", "load_student", "main"]
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,16 @@ class DistillConfig:
     device: str = "auto"
     bench: bool = True
     bench_steps: tuple[int, ...] = ()
-    results_dir: str = "results"
+    bench_samples: int = 0
+    results_dir: str = "runs/results"
+    append_results: bool = False
     guided: bool = False
     w_min: float = 0.0
     w_max: float = 4.0
     guided_base_updates: int = 1000
     eval_guidance: float = 2.0
+    inception_weights: str = ""
+    deterministic: bool = False
 
 
 PRESETS = {
@@ -115,8 +127,8 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("steps_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.lr <= 0 or cfg.rounds < 0:
-        raise FastdiffError("need --lr > 0 and --rounds >= 0")
+    if cfg.lr <= 0 or cfg.rounds < 0 or cfg.bench_samples < 0:
+        raise FastdiffError("need --lr > 0, --rounds >= 0 and --bench-samples >= 0")
 
 
 def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.Tensor:
@@ -179,14 +191,6 @@ def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student
     return w * (target - x_hat).pow(2).mean(tuple(range(1, x0.ndim)))
 
 
-def load_student(path) -> LoadedModel:
-    """A distilled student by path; `.steps` is its own grid N (sample with DDIM eta=0 on i/N)."""
-    model = load_model(path)
-    if model.kind != "student":
-        raise FastdiffError(f"{path} is a {model.kind} checkpoint, not a distilled student")
-    return model
-
-
 def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student", guidance=None):
     """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps (CFG weight `guidance`)."""
     from fastdiff.samplers import ddim, make_grid, randn_like_per_sample, sample_generators
@@ -220,9 +224,13 @@ def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
     """The teacher checkpoint: --teacher if given, else train (or reuse) the preset's teacher."""
     if cfg.teacher:
         return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
+    return train(_teacher_config(cfg), progress=progress) / CKPT_NAME
+
+
+def _teacher_config(cfg: DistillConfig) -> TrainConfig:
     tcfg = TRAIN_PRESETS[cfg.teacher_preset]
-    tcfg = dataclasses.replace(tcfg, device=cfg.device, **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}))
-    return train(tcfg, progress=progress) / CKPT_NAME
+    return dataclasses.replace(tcfg, device=cfg.device, deterministic=cfg.deterministic,
+                               **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}))
 
 
 def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
@@ -242,6 +250,39 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
                             "is unconditional: use --teacher-preset digits-cond or another --teacher")
 
 
+def check_results_folder(cfg: DistillConfig) -> None:
+    """Before any work: refuse a results CSV holding another teacher's sweep (unless --append-results), so that a
+    run never mixes its rows into another's. Without a teacher checkpoint yet, any earlier rows are another's."""
+    if not cfg.bench or cfg.append_results or not D.is_main():
+        return
+    from fastdiff.bench import results_csv_path
+    from fastdiff.results import teacher_hashes
+
+    csv_path = results_csv_path(cfg.results_dir, sweep_name(cfg))
+    held = teacher_hashes(csv_path)
+    if not held:
+        return
+    teacher = resolve_path_only(cfg)
+    mine = file_hash(teacher) if teacher.is_file() else None
+    if held - {mine}:
+        raise FastdiffError(f"{csv_path} holds the sweep of teacher {', '.join(sorted(held))}; this run's teacher is "
+                            f"{mine or 'not trained yet'}: pass --append-results to add its rows to that file, or "
+                            "choose another --results-dir")
+
+
+def resolve_path_only(cfg: DistillConfig) -> Path:
+    """The teacher checkpoint path resolve_teacher will use, without training anything."""
+    if cfg.teacher:
+        return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
+    return Path(_teacher_config(cfg).out_dir) / CKPT_NAME
+
+
+def sweep_name(cfg: DistillConfig) -> str:
+    """The results folder of the run's sweep: the data set's name, `-guided` for a guided family."""
+    dataset = TRAIN_PRESETS[cfg.teacher_preset].dataset.partition(":")[0]
+    return f"{dataset}-guided" if cfg.guided else dataset
+
+
 @dataclass
 class _Run:
     """What every stage of one distillation run shares."""
@@ -258,6 +299,7 @@ class _Run:
     student_cfg: dict
     progress: bool
     on_step: Callable[[int, int], None] | None
+    scorer: tuple[str, Callable[[torch.Tensor], float]] | None = None
 
     @property
     def state_path(self) -> Path:
@@ -274,28 +316,44 @@ def _batch_cond(ctx: _Run, idx, gen) -> dict:
 
 def _train_stage(ctx: _Run, r: int, student, teacher_net, teacher_param: str, n_student: int | None, total: int,
                  label: str) -> tuple[float, float]:
-    """Train `student` for `total` updates of stage r (resumable from state.pt); -> (recent loss, wall-clock s)."""
+    """Train `student` for `total` updates of stage r (resumable from state.pt); -> (recent loss, wall-clock s).
+
+    A stop request ends it after the current update with state.pt written (Preempted)."""
     cfg = ctx.cfg
     teacher_net.eval().requires_grad_(False)
     student.train().requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + r * 104729 + D.rank())
-    updates, round_wall = 0, 0.0
-    if ctx.state_path.exists():
-        state = load_checkpoint(ctx.state_path, map_location=ctx.device)
-        if state["round"] == r:
-            student.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            updates, round_wall = state["step"], state["wall_clock_s"]
-            D.restore_rng(gen, state["rng"], cfg.seed * 7919 + r * 104729, updates)
-            log.info("resuming %s at update %d/%d", label, updates, total)
+    salt = cfg.seed * 7919 + r * 104729
+    gen = torch.Generator().manual_seed(salt + D.rank())
+    torch.manual_seed(salt + 1 + D.rank())  # dropout draws from the global stream: seeded per stage, saved below
+    updates, round_wall, recent = 0, 0.0, []
+    state = load_resumable(ctx.state_path, map_location=ctx.device)
+    if state is not None and state["round"] == r:
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        updates, round_wall, recent = state["step"], state["wall_clock_s"], list(state.get("recent", []))
+        rng = state["rng"]
+        runs.restore_rng(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},
+                         gen, ctx.device, salt, updates)
+        log.info("resuming %s at update %d/%d", label, updates, total)
     model = D.wrap_ddp(student, ctx.device)
     local_batch = D.local_batch_size(cfg.batch_size)
+    t0, saved = time.perf_counter() - round_wall, updates
+
+    def save() -> None:
+        nonlocal saved
+        rng = runs.capture_rng(gen, ctx.device)  # a collective: every rank
+        if D.is_main() and saved != updates:
+            save_checkpoint(ctx.state_path, {"kind": "distill-state", "config": ctx.student_cfg,
+                                             "model": student.state_dict(), "round": r, "step": updates,
+                                             "optimizer": opt.state_dict(), "rng": rng, "recent": recent,
+                                             "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
+        saved = updates
+
     bar = tqdm(total=total, initial=updates, desc=label, disable=not ctx.progress or not D.is_main(), dynamic_ncols=True)
-    t0, recent = time.perf_counter() - round_wall, []
     while updates < total:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * (1 - updates / total)  # linear decay to 0 within the round
+        for group in opt.param_groups:  # Salimans & Ho 2022, sec. 5: the learning rate annealed linearly to 0
+            group["lr"] = cfg.lr * (1 - updates / total)
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
         cond = _batch_cond(ctx, idx, gen)
         if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
@@ -313,15 +371,14 @@ def _train_stage(ctx: _Run, r: int, student, teacher_net, teacher_param: str, n_
         recent = (recent + [loss.item()])[-50:]
         bar.update(1)
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-        if updates % cfg.ckpt_every == 0 and updates < total:
-            rng = D.gather_objects(gen.get_state())
-            if D.is_main():
-                save_checkpoint(ctx.state_path, {"kind": "distill-state", "config": ctx.student_cfg,
-                                                 "model": student.state_dict(), "round": r, "step": updates,
-                                                 "optimizer": opt.state_dict(), "rng": rng,
-                                                 "wall_clock_s": time.perf_counter() - t0})
+        # The state at the end of the stage is kept too: a student file lost later is rebuilt from it.
+        if updates % cfg.ckpt_every == 0 or updates == total:
+            save()
         if ctx.on_step is not None:
             ctx.on_step(r, updates)
+        if updates < total:
+            runs.stop_if_requested(ctx.device, save, f"in {label} at update {updates}/{total}; "
+                                                     f"checkpoint {ctx.state_path}")
     bar.close()
     student.eval().requires_grad_(False)
     return sum(recent) / max(len(recent), 1), time.perf_counter() - t0
@@ -334,21 +391,36 @@ def _save_student(ctx: _Run, path: Path, student, n_student: int | None, r: int,
                                "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided})
 
 
+def _finished_student(ctx: _Run, rounds: "RoundLog", r: int, path: Path):
+    """The network of a finished stage r, or None when the stage must run (again): not finished, or its student
+    file is unreadable (then the stage resumes from its last state and writes the file anew)."""
+    if not (rounds.done(r) and path.exists()):
+        return None
+    try:
+        return load_model(path, ctx.device).net
+    except FastdiffError as err:
+        log.warning("%s; rebuilding it from the round's last state", str(err).split(";")[0])
+        return None
+
+
 def _guided_base(ctx: _Run, rounds: "RoundLog") -> torch.nn.Module:
     """Stage one of guided distillation: one network s(z, t, y, w) matching the CFG teacher at every w."""
     path = ctx.run / "students" / "guided_base.pt"
-    if rounds.done(-1) and path.exists():
-        return load_model(path, ctx.device).net
+    done = _finished_student(ctx, rounds, -1, path)
+    if done is not None:
+        return done
     student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(ctx.device)
     missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("embed.scalar") for k in missing), (missing, unexpected)
+    if unexpected or not all(k.startswith("embed.scalar") for k in missing):
+        raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "
+                            f"unexpected {unexpected}); pass a teacher trained by python -m fastdiff.train")
     # Zero the w-embedding's output layer: the student starts as the conditional teacher (w = 1 behaviour).
     torch.nn.init.zeros_(student.embed.scalar[-1].weight)
     torch.nn.init.zeros_(student.embed.scalar[-1].bias)
     loss, wall = _train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
                               ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
     _save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates)
-    if D.is_main():
+    if D.is_main() and not rounds.done(-1):
         rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.guided_base_updates,
                     "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}",
                     **evaluate_round(student, ctx, ctx.cfg.start_steps)})
@@ -357,37 +429,52 @@ def _guided_base(ctx: _Run, rounds: "RoundLog") -> torch.nn.Module:
 
 
 def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> Path:
-    """Run (or resume) every round; returns the run dir."""
+    """Run (or resume) every round; returns the run dir. Holds the run dir's lock throughout."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    runs.set_deterministic(cfg.deterministic)
+    check_results_folder(cfg)
     teacher_path = resolve_teacher(cfg, progress)
     resolved = {**C.to_dict(cfg), "teacher": str(teacher_path)}
-    with D.same_outcome():  # a run dir refused on rank 0, a teacher or data missing on one node: an error everywhere
-        teacher0 = load_model(teacher_path, device)
-        check_teacher(teacher0, cfg)
-        run = (prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig())) if D.is_main()
-               else Path(cfg.out_dir))
-        tcfg = C.from_dict(TrainConfig, teacher0.config)
-        data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
-    if D.is_main():
-        write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-    D.barrier()
-    ctx = _Run(cfg, run, device, teacher0.schedule, tcfg, teacher0, data.x.to(device),
-               data.y.to(device) if data.y is not None else None, data.num_classes,
-               C.to_dict(dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)), progress, on_step)
+    with contextlib.ExitStack() as held:
+        with D.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
+            teacher0 = load_model(teacher_path, device)
+            check_teacher(teacher0, cfg)
+            run = (prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig())) if D.is_main()
+                   else Path(cfg.out_dir))
+            held.enter_context(runs.run_lock(run))
+            tcfg = C.from_dict(TrainConfig, teacher0.config)
+            data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
+            scorer = (round_scorer(tcfg.dataset, tuple(teacher0.data_shape), data_root=tcfg.data_root, seed=tcfg.seed,
+                                   device=device, inception_weights=cfg.inception_weights) if D.is_main() else None)
+        if D.is_main():
+            write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        D.barrier()
+        ctx = _Run(cfg, run, device, teacher0.schedule, tcfg, teacher0, data.x.to(device),
+                   data.y.to(device) if data.y is not None else None, data.num_classes,
+                   C.to_dict(dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)), progress, on_step,
+                   scorer)
+        _rounds(ctx)
+    return run
+
+
+def _rounds(ctx: _Run) -> None:
+    """The guided first stage (if any), then every progressive round N -> N/2, each skipped once finished."""
+    cfg, run, device = ctx.cfg, ctx.run, ctx.device
     rounds = RoundLog(run / "rounds.csv")
     (run / "students").mkdir(exist_ok=True)
     t_run = time.perf_counter()
     if all(rounds.done(r) for r in range(num_rounds(cfg))):
         log.info("%s already finished all %d rounds; nothing to distill", run, num_rounds(cfg))
-    teacher_net, teacher_param = teacher0.net, teacher0.param
+    teacher_net, teacher_param = ctx.teacher0.net, ctx.teacher0.param
     if cfg.guided:
         teacher_net, teacher_param = _guided_base(ctx, rounds), cfg.param
     for r in range(num_rounds(cfg)):
         n_student = cfg.start_steps // 2 ** (r + 1)
         student_path = run / "students" / f"student_N{n_student}.pt"
-        if rounds.done(r) and student_path.exists():
-            teacher_net, teacher_param = load_model(student_path, device).net, cfg.param
+        done = _finished_student(ctx, rounds, r, student_path)
+        if done is not None:
+            teacher_net, teacher_param = done, cfg.param
             continue
         student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(device)
         student.load_state_dict(teacher_net.state_dict())
@@ -395,7 +482,7 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
         loss, wall = _train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
                                   f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
         _save_student(ctx, student_path, student, n_student, r, total)
-        if D.is_main():
+        if D.is_main() and not rounds.done(r):
             row = evaluate_round(student, ctx, n_student)
             rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
                         "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
@@ -404,7 +491,6 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
         D.barrier()
         teacher_net, teacher_param = student, cfg.param
     log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
-    return run
 
 
 def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
@@ -414,7 +500,7 @@ def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
     the student through its w input) and also report the classifier's accuracy on the asked-for class.
     """
     from fastdiff.guidance import conditional, guided
-    from fastdiff.metrics import class_accuracy, quick_score
+    from fastdiff.metrics import class_accuracy
 
     cfg, teacher = ctx.cfg, ctx.teacher0
     shape, n = tuple(teacher.data_shape), cfg.eval_samples
@@ -423,17 +509,18 @@ def evaluate_round(student, ctx: _Run, n_student: int) -> dict:
     if cfg.guided:
         y = torch.arange(n, device=ctx.device) % ctx.num_classes
         w = torch.full((n,), cfg.eval_guidance, device=ctx.device)
-        a = sample_model(conditional(student, y, w), param=cfg.param, **kw)
-        b = sample_model(guided(teacher.net, y, ctx.num_classes), param=teacher.param, guidance=cfg.eval_guidance, **kw)
+        x_student = sample_model(conditional(student, y, w), param=cfg.param, **kw)
+        x_teacher = sample_model(guided(teacher.net, y, ctx.num_classes), param=teacher.param,
+                                 guidance=cfg.eval_guidance, **kw)
         if len(shape) == 3:  # the project's classifier exists for labelled image data sets
-            row = {"student_accuracy": f"{class_accuracy(a, y, ctx.tcfg.dataset):.4f}",
-                   "teacher_accuracy": f"{class_accuracy(b, y, ctx.tcfg.dataset):.4f}"}
+            row = {"student_accuracy": f"{class_accuracy(x_student, y, ctx.tcfg.dataset):.4f}",
+                   "teacher_accuracy": f"{class_accuracy(x_teacher, y, ctx.tcfg.dataset):.4f}"}
     else:
-        a = sample_model(student, param=cfg.param, **kw)
-        b = sample_model(teacher, param=teacher.param, **kw)
-    name, va = quick_score(a, ctx.tcfg.dataset)
-    _, vb = quick_score(b, ctx.tcfg.dataset)
-    return {"metric": name, "student_value": f"{va:.6g}", "teacher_ddim_value": f"{vb:.6g}", **row}
+        x_student = sample_model(student, param=cfg.param, **kw)
+        x_teacher = sample_model(teacher, param=teacher.param, **kw)
+    name, score = ctx.scorer
+    return {"metric": name, "student_value": f"{score(x_student):.6g}", "teacher_ddim_value": f"{score(x_teacher):.6g}",
+            **row}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
                               "Progressively distill a teacher into few-step students, then benchmark and report.")
     t0 = time.perf_counter()
-    with D.init_from_env(cfg.device):
+    with D.init_from_env(cfg.device), runs.graceful_stop():
         run = distill(cfg)
         if cfg.bench:
             from fastdiff.bench import bench_after_distill

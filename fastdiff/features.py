@@ -8,14 +8,14 @@
   are cached in `cache_dir()` next to a ``.sha256`` file; a missing or mismatching checksum means retrain.
 - ``inception``: torch-fidelity's own Inception-v3 (``inception-v3-compat``, pool3 2048-d), the standard
   for RGB images. Its weights come from ``--inception-weights PATH`` or torch.hub's cache (downloaded by
-  torch-fidelity when online); offline without them is a FastdiffError.
+  torch-fidelity when online); offline without them is a FastdiffError. Its id carries the sha256 of the
+  weights file, like the classifier's, so statistics and rows of one weights file never serve another.
 
 Images reach every extractor as uint8 (N, C, H, W) in [0, 255], as samples saved to PNG would; points as
 float. Our extractors return float64 so that torch-fidelity's statistics carry no float32 rounding.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,7 +29,7 @@ from torch import nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from fastdiff.errors import FastdiffError
-from fastdiff.io import atomic_path, write_text
+from fastdiff.io import atomic_path, sha256_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,6 @@ class Extractor:
     accuracy: float | None = None
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_extractor(name: str, dataset: str, data_shape: tuple[int, ...], *, inception_weights: str = "",
                       data_root: str = "") -> Extractor:
     """Pick and prepare the extractor `name` ('auto' -> identity for points, classifier for 1-channel
@@ -185,7 +177,9 @@ def resolve_extractor(name: str, dataset: str, data_shape: tuple[int, ...], *, i
             raise FastdiffError(f"Inception-v3 needs RGB images, {dataset!r} has {data_shape[0]} channel(s); "
                                 "use --extractor classifier")
         path = inception_weights_path(inception_weights)
-        return Extractor("inception", INCEPTION, path, "inception-v3-compat")
+        # The id names the weights' checksum: cached reference statistics and result rows of one weights file
+        # are never reused for another.
+        return Extractor("inception", INCEPTION, path, f"{INCEPTION}-{sha256_file(path)[:12]}")
     path, accuracy = classifier_weights(dataset, data_root)
     return Extractor("classifier", CLASSIFIER, str(path),
                      f"classifier-{slug(dataset)}-{sha256_file(path)[:12]}", accuracy)

@@ -128,15 +128,27 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_projections: int = SWD_PR
     return float(np.sqrt(np.mean([_quantiles_w2(pa[:, k], pb[:, k]) for k in range(n_projections)])))
 
 
-def quick_score(samples: torch.Tensor, dataset: str, *, data_root: str = "", seed: int = 0, device="cpu",
-                inception_weights: str = "") -> tuple[str, float]:
-    """(N, ...) samples -> (metric name, value): FID against `dataset`'s train split (split seed `seed`)
-    with the data set's default extractor; the per-round score of distillation."""
-    extractor = resolve_extractor("auto", dataset, tuple(samples.shape[1:]), inception_weights=inception_weights,
+def round_scorer(dataset: str, data_shape: tuple[int, ...], *, data_root: str = "", seed: int = 0, device="cpu",
+                 inception_weights: str = ""):
+    """-> (metric name, score(samples) -> FID): FID of (N, *data_shape) samples against `dataset`'s train split
+    (split seed `seed`, from `data_root`) with the data set's default extractor, computed on `device`; the
+    extractor and the reference are resolved once. The per-round score of distillation."""
+    extractor = resolve_extractor("auto", dataset, tuple(data_shape), inception_weights=inception_weights,
                                   data_root=data_root)
     reference = load_reference(dataset, "train", data_root=data_root, seed=seed)
-    value = compute_metrics(samples.cpu(), reference, extractor, ("fid",), device=device, seed=seed)["fid"]
-    return f"fid-{extractor.kind}", value
+
+    def score(samples: torch.Tensor) -> float:
+        return compute_metrics(samples.cpu(), reference, extractor, ("fid",), device=device, seed=seed)["fid"]
+
+    return f"fid-{extractor.kind}", score
+
+
+def quick_score(samples: torch.Tensor, dataset: str, *, data_root: str = "", seed: int = 0, device="cpu",
+                inception_weights: str = "") -> tuple[str, float]:
+    """(N, ...) samples -> (metric name, value): `round_scorer` for one set of samples."""
+    name, score = round_scorer(dataset, tuple(samples.shape[1:]), data_root=data_root, seed=seed, device=device,
+                               inception_weights=inception_weights)
+    return name, score(samples)
 
 
 def class_accuracy(samples: torch.Tensor, y: torch.Tensor, dataset: str) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -359,8 +360,19 @@ def write_report(results_dir) -> Path:
             md += ["Raw files: " + ", ".join(f"`{p.relative_to(results_dir).as_posix()}`" for p in raw), ""]
     out = results_dir / "report.md"
     write_text(out, "\n".join(md).rstrip() + "\n")
+    _remove_stale_figures(md, results_dir, [p.parent for p in csvs])
     log.info("wrote %s", out)
     return out
+
+
+def _remove_stale_figures(md: list[str], results_dir: Path, folders: list[Path]) -> None:
+    """Delete the PNGs in the sweeps' folders that this report does not show (an earlier report's figures)."""
+    shown = {(results_dir / m).resolve() for line in md for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", line)}
+    for folder in folders:
+        for png in folder.glob("*.png"):
+            if png.resolve() not in shown:
+                png.unlink()
+                log.info("removed %s (no longer in the report)", png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,20 +6,26 @@ One row per (sampling run, metric); every value is a string as written, so a re-
 from __future__ import annotations
 
 import csv
+import io
 import subprocess
 from pathlib import Path
 
 from fastdiff.errors import FastdiffError
-from fastdiff.io import atomic_path
+from fastdiff.io import write_text
 
 CSV_NAME = "fid_vs_steps.csv"
-COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance",
-           "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy", "reference", "value",
+COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "grid_hash", "eta", "variance", "clip",
+           "guidance", "noise", "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy", "reference", "value",
            "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device", "torch_version",
            "torch_fidelity_version", "fastdiff_version", "fastdiff_commit", "samples_file", "timestamp"]
-# What defines a row (a re-run skips rows whose key is present); everything else is measured or provenance.
-KEY = ("dataset", "model_hash", "sampler", "spacing", "eta", "variance", "clip", "guidance", "steps", "n_samples",
-       "seed", "metric", "extractor", "reference")
+# What defines a row (a re-run skips rows whose key is present): every option that changes the samples or their
+# score; `grid_hash` (sha256 of the float64 time grid) makes a changed grid definition a new row. Everything else
+# is measured or provenance.
+KEY = ("dataset", "model_hash", "sampler", "spacing", "grid_hash", "eta", "variance", "clip", "guidance", "noise",
+       "steps", "n_samples", "seed", "metric", "extractor", "reference")
+# How the initial and per-step noise is drawn: torch CPU generators seeded by (seed, sample index), so sample k
+# is the same whatever the batch size, rank or device.
+NOISE = "torch-cpu-per-sample"
 
 
 def git_commit() -> str:
@@ -56,8 +62,9 @@ class ResultsCSV:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames != COLUMNS:
-                    raise FastdiffError(f"{path} has other columns than this fastdiff version writes; "
-                                        "move it away or choose another --out-dir")
+                    raise FastdiffError(f"{path} has other columns than this fastdiff version writes (an earlier "
+                                        "version's rows cannot be matched to this one's); move it away or choose "
+                                        "another --out-dir")
                 self.rows = list(reader)
         self.keys = {tuple(r[k] for k in KEY) for r in self.rows}
 
@@ -65,9 +72,18 @@ class ResultsCSV:
         return tuple(row[k] for k in KEY) in self.keys
 
     def add(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows + rows)
+        write_text(self.path, buf.getvalue())  # a full disk leaves the file as it was, and self as well
         self.rows += rows
         self.keys |= {tuple(r[k] for k in KEY) for r in rows}
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+
+
+def teacher_hashes(path: Path) -> set[str]:
+    """The teachers whose sweeps the results CSV at `path` holds (empty if there is none)."""
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {row.get("teacher_hash", "") for row in csv.DictReader(f)} - {""}

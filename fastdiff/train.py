@@ -1,12 +1,15 @@
 """Teacher training: `python -m fastdiff.train --preset digits [--field value ...]`.
 
 A run directory holds the resolved `config.json`, `metrics.csv`, `checkpoint.pt` (written atomically
-every `ckpt_every` steps) and periodic sample pictures. Re-running the same command resumes from the
-checkpoint and ends with the same weights as an uninterrupted run (on CPU); a run dir holding a
-different config is refused.
+every `ckpt_every` steps, the one before kept as `checkpoint.prev.pt`) and periodic sample pictures.
+Re-running the same command resumes from the checkpoint and ends with the same weights as an
+uninterrupted run (on CPU; on CUDA with --deterministic); a run dir holding a different config is refused,
+and so is a second process on the same run dir. SIGTERM/SIGINT stop it after the current update with a
+checkpoint (exit 143/130).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -23,10 +26,11 @@ from tqdm import tqdm
 
 from fastdiff import config as C
 from fastdiff import distributed as D
-from fastdiff.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from fastdiff import runs
+from fastdiff.checkpoint import CKPT_NAME, load_resumable, save_checkpoint
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
-from fastdiff.io import write_text
+from fastdiff.io import WRITE_ERRNOS, atomic_path, write_error, write_text
 from fastdiff.losses import WEIGHTINGS, diffusion_loss
 from fastdiff.models import MLPConfig, UNetConfig, build_model
 from fastdiff.param import PARAMS
@@ -35,7 +39,7 @@ from fastdiff.schedules import SCHEDULES, Schedule
 log = logging.getLogger(__name__)
 
 # Fields that change neither the trajectory nor the result: a run may be resumed with other values.
-NON_RESULT_FIELDS = ("out_dir", "device", "steps", "log_every", "sample_every", "ckpt_every")
+NON_RESULT_FIELDS = ("out_dir", "device", "steps", "log_every", "sample_every", "ckpt_every", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class TrainConfig:
     log_every: int = 50
     out_dir: str = "runs/teacher-digits"
     device: str = "auto"
+    deterministic: bool = False
 
 
 PRESETS = {
@@ -164,7 +169,7 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
 
 
 class MetricsLog:
-    """Append-only CSV of training metrics that a resume trims back to the checkpoint's step."""
+    """Append-only CSV of training metrics that a resume trims back (atomically) to the checkpoint's step."""
 
     def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "step"):
         self.path, self.fields = path, list(fields)
@@ -179,15 +184,20 @@ class MetricsLog:
                             rows.append(row)
                     except (KeyError, TypeError, ValueError):
                         continue  # a row cut short by a kill
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
             writer.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
 
     def append(self, row: dict) -> None:
         if D.is_main():
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.fields).writerow(row)
+            try:
+                with open(self.path, "a", newline="") as f:
+                    csv.DictWriter(f, self.fields).writerow(row)
+            except OSError as err:  # a full disk: at worst a row cut short, which a resume drops
+                if err.errno in WRITE_ERRNOS:
+                    raise write_error(self.path, err, None) from None
+                raise
 
 
 def save_sample_picture(net, cfg: TrainConfig, device, path: Path, n: int = 64) -> None:
@@ -208,38 +218,50 @@ def save_sample_picture(net, cfg: TrainConfig, device, path: Path, n: int = 64) 
 
 
 def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
-    """Train (or resume) the teacher described by `cfg`; returns the run dir."""
+    """Train (or resume) the teacher described by `cfg`; returns the run dir.
+
+    Holds the run dir's lock throughout (FastdiffError if another process has it). A stop request (SIGTERM or
+    SIGINT under `runs.graceful_stop`, or `runs.request_stop`) ends it after the current update with a
+    checkpoint, raising `Preempted`.
+    """
     validate(cfg)
     device = resolve_device(cfg.device)
-    config = C.to_dict(cfg)
-    with D.same_outcome():  # a run dir refused on rank 0, data missing on one node: an error on every rank
-        data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
-        run = (prepare_run_dir(cfg.out_dir, config, NON_RESULT_FIELDS, C.to_dict(TrainConfig())) if D.is_main()
-               else Path(cfg.out_dir))
-        ckpt_path = run / CKPT_NAME
-        # Read the checkpoint before writing anything: a corrupt one must leave the run dir as it was.
-        ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None
-    if D.is_main():
-        write_text(run / "config.json", C.dumps(cfg))
+    runs.set_deterministic(cfg.deterministic)
+    with contextlib.ExitStack() as held:
+        with D.same_outcome():  # a run dir refused or locked on rank 0, data missing on one node: an error everywhere
+            data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
+            run = (prepare_run_dir(cfg.out_dir, C.to_dict(cfg), NON_RESULT_FIELDS, C.to_dict(TrainConfig()))
+                   if D.is_main() else Path(cfg.out_dir))
+            held.enter_context(runs.run_lock(run))
+            # Read the checkpoint before writing anything: unreadable ones must leave the run dir as it was.
+            ckpt = load_resumable(run / CKPT_NAME, map_location=device)
+        if D.is_main():
+            write_text(run / "config.json", C.dumps(cfg))
+        _fit_teacher(cfg, run, data, ckpt, device, progress, on_step)
+    return run
 
+
+def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, progress: bool, on_step) -> None:
+    """The teacher's optimiser loop (Ho et al. 2020, Alg. 1 with the configured param and weighting)."""
+    ckpt_path, config = run / CKPT_NAME, C.to_dict(cfg)
     torch.manual_seed(cfg.seed + D.rank())  # dropout; the data/noise stream has its own generator
     net = build_network(cfg).to(device)
     # eval(): the EMA net only samples (pictures), so no dropout and no draws from the global RNG there.
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + D.rank())
-    step = 0
+    step, loss_acc, n_acc = 0, 0.0, 0
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        D.restore_rng(gen, ckpt["rng"]["data"], cfg.seed * 1000, step)
-        D.restore_rng(torch.default_generator, ckpt["rng"]["torch"], cfg.seed, step)
+        runs.restore_rng(ckpt["rng"], gen, device, cfg.seed * 1000, step)
+        loss_acc, n_acc = ckpt.get("loss_acc", (0.0, 0))  # the log row in progress, so metrics.csv matches too
         log.info("resuming %s from step %d", run, step)
     if step >= cfg.steps:
         log.info("%s already finished (%d steps); nothing to do", run, step)
-        return run
+        return
     metrics = MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], step)
     model = D.wrap_ddp(net, device)
     x_all = data.x.to(device)
@@ -247,10 +269,22 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     schedule = Schedule(cfg.schedule, cfg.T)
     local_batch = D.local_batch_size(cfg.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t_start, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+    t_start, saved = time.perf_counter(), step
+
+    def save() -> None:
+        nonlocal saved
+        rng = runs.capture_rng(gen, device)  # a collective: every rank
+        if D.is_main() and saved != step:
+            save_checkpoint(ckpt_path, {"kind": "teacher", "config": config, "param": cfg.param,
+                                        "data_shape": list(data.shape), "model": net.state_dict(),
+                                        "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                        "rng": rng, "loss_acc": (loss_acc, n_acc)}, keep_previous=True)
+        saved = step
+
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.dataset}", disable=not progress or not D.is_main(),
                dynamic_ncols=True)
     while step < cfg.steps:
+        # Draw the batch, the flips and the dropped labels from the run's own stream.
         idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
         x0 = x_all[idx]
         if cfg.flip:
@@ -263,6 +297,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # --warmup 0: no warm-up
         for group in opt.param_groups:
             group["lr"] = lr
+        # One update: loss, non-finite guard, clipped step, weight EMA.
         with autocast:
             loss = diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
         if not torch.isfinite(loss):
@@ -277,26 +312,23 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
         step += 1
         loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
         bar.update(1)
+        # Log, checkpoint, picture, then honour a stop request (all ranks agree on it).
         if step % cfg.log_every == 0 or step == cfg.steps:
             bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
             metrics.append({"step": step, "loss": f"{loss_acc / n_acc:.6f}", "lr": f"{lr:.3g}",
                             "grad_norm": f"{grad_norm.item():.4f}", "wall_s": f"{time.perf_counter() - t_start:.1f}"})
             loss_acc, n_acc = 0.0, 0
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            rng = {"data": D.gather_objects(gen.get_state()), "torch": D.gather_objects(torch.get_rng_state())}
-            if D.is_main():
-                save_checkpoint(ckpt_path, {"kind": "teacher", "config": config, "param": cfg.param,
-                                            "data_shape": list(data.shape), "model": net.state_dict(),
-                                            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                            "rng": rng})
+            save()
         if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
         if on_step is not None:
             on_step(step)
+        if step < cfg.steps:
+            runs.stop_if_requested(device, save, f"at step {step} of {cfg.steps}; checkpoint {ckpt_path}")
     bar.close()
     D.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
     log.info("trained %s for %d steps in %.1f s", run, step, time.perf_counter() - t_start)
-    return run
 
 
 def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, description: str):
@@ -314,7 +346,7 @@ def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, 
 def main(argv: Sequence[str] | None = None) -> int:
     D.configure_cpu_threads()
     cfg, _ = config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train", "Train a teacher diffusion model.")
-    with D.init_from_env(cfg.device):
+    with D.init_from_env(cfg.device), runs.graceful_stop():
         t0 = time.perf_counter()
         run = train(cfg)
         if D.is_main():

@@ -48,8 +48,10 @@ def _cfg(argv, out) -> T.TrainConfig:
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under `path` (relative name -> bytes); {} if it does not exist."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    """Every file under `path` (relative name -> bytes); {} if it does not exist. The run dir's `.lock` is left out:
+    a run takes it before reading any state, and lock files are never deleted (see fastdiff.runs)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -87,7 +89,8 @@ def _assert_same_run(run, ref, steps):
 def test_cli_writes_config_metrics_and_checkpoint(tmp_path, pictures):
     run = tmp_path / "run"
     assert run_cli(T.main, [*UNET_ARGS, "--out-dir", str(run)]) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
+                                                     "metrics.csv"]
     cfg = _cfg(UNET_ARGS, run)
     assert C.from_dict(T.TrainConfig, json.loads((run / "config.json").read_text())) == cfg
     rows = _metrics(run)
@@ -204,13 +207,14 @@ def test_output_dir_that_cannot_be_created(tmp_path, capsys):
     assert _snapshot(tmp_path) == {"file": b"x"}
 
 
-@pytest.mark.parametrize("content", ["garbage", "truncated"])
-def test_corrupt_checkpoint_is_named_and_nothing_written(tmp_path, pictures, capsys, content):
+@pytest.mark.parametrize("content", ["garbage", "both-truncated"])
+def test_unreadable_checkpoints_are_named_and_nothing_written(tmp_path, pictures, capsys, content):
     run = tmp_path / "run"
-    if content == "truncated":
-        T.train(_cfg(MLP_ARGS, run), progress=False)
-        data = (run / "checkpoint.pt").read_bytes()
-        (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    if content == "both-truncated":
+        T.train(_cfg([*MLP_ARGS, "--ckpt-every", "10"], run), progress=False)
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            data = (run / name).read_bytes()
+            (run / name).write_bytes(data[: len(data) // 2])
         (run / "config.json").unlink()
     else:
         run.mkdir()
@@ -219,9 +223,24 @@ def test_corrupt_checkpoint_is_named_and_nothing_written(tmp_path, pictures, cap
     capsys.readouterr()
     assert run_cli(T.main, [*MLP_ARGS, "--steps", "30", "--out-dir", str(run)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("error: checkpoint") and str(run / "checkpoint.pt") in err[0]
-    assert "corrupt" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: no readable checkpoint") and "corrupt" in err[0]
+    assert str(run / "checkpoint.pt") in err[0] and str(run / "checkpoint.prev.pt") in err[0]
     assert _snapshot(run) == before
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, pictures, caplog):
+    """A latest checkpoint cut short (a kill or a full disk mid-copy) costs one checkpoint interval, not the run."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    argv = [*MLP_ARGS, "--ckpt-every", "10", "--log-every", "5"]
+    T.train(_cfg(argv, run), progress=False)  # 20 steps: checkpoint.pt at 20, checkpoint.prev.pt at 10
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 3])
+    seen = []
+    T.train(_cfg([*argv, "--steps", "30"], run), progress=False, on_step=seen.append)
+    assert seen[0] == 11 and "resuming from the previous checkpoint" in caplog.text
+    assert (run / "checkpoint.pt.corrupt").exists()  # set aside, so the next save keeps the good one as .prev
+    T.train(_cfg([*argv, "--steps", "30"], ref), progress=False)
+    _assert_same_run(run, ref, 30)
 
 
 def test_no_warmup(tmp_path, pictures):

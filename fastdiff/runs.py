@@ -1,0 +1,155 @@
+"""What every long-running CLI (train, distill, bench) shares: one writer per run dir, a graceful stop on
+SIGTERM/SIGINT agreed between the ranks, and the random streams a resume must restore.
+
+- `run_lock(folder)`: an exclusive `fcntl.flock` on `folder/.lock`. The kernel drops it when the process dies,
+  so a killed run never leaves a stale lock; a second process is refused at once with the holder's pid, host
+  and start time. Under torchrun only rank 0 locks (the others never write).
+- `graceful_stop()`: while it is active, SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT
+  (Ctrl-C) only set a flag; the loops poll `stop_requested()` at safe points (after an update, after a sampling
+  batch), write their state and raise `Preempted`, which the CLI turns into exit code 128 + signal (143, 130).
+  A second signal stops at once (the last checkpoint on disk is intact: every write is atomic).
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from fastdiff import distributed as dist
+from fastdiff.errors import FastdiffError, Preempted
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_stop_signal: int | None = None
+
+
+def _holder(fd: int) -> str:
+    """The lock file's description of the process holding it (written by that process)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']} (started {info['started']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike, option: str = "--out-dir"):
+    """Hold an exclusive lock on `folder` (created if needed) for the block; FastdiffError if another process
+    holds it. No-op off rank 0."""
+    if not dist.is_main():
+        yield
+        return
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise FastdiffError(f"cannot write to {str(folder)!r} ({err.strerror}); choose a writable {option}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FastdiffError(f"{str(folder)!r} is in use by {_holder(fd)}; wait for that run to finish or stop "
+                                f"it, or choose another {option}") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _on_signal(signum, frame) -> None:
+    global _stop_signal
+    if _stop_signal is not None:  # a second signal: the user (or the scheduler) wants out now
+        raise Preempted(signum, "at once (second signal); the last checkpoint on disk is intact")
+    _stop_signal = signum
+    log.warning("%s received: stopping at the next safe point (send it again to stop at once)",
+                signal.Signals(signum).name)
+
+
+@contextmanager
+def graceful_stop():
+    """Turn SIGTERM/SIGINT into a stop request for the block (main thread only; elsewhere a no-op)."""
+    global _stop_signal
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop_signal = None
+
+
+def request_stop(signum: int = signal.SIGTERM) -> None:
+    """Ask the running loop to stop at its next safe point, as the signal `signum` would."""
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_requested(device: torch.device | str = "cpu") -> int | None:
+    """The signal asking this run to stop, or None; under torchrun agreed by all ranks (the largest signal
+    number any rank received), so every rank stops after the same update. A collective: call it on every rank."""
+    local = _stop_signal or 0
+    if dist.world_size() > 1:
+        flag = torch.tensor([local], device=device if torch.device(device).type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        local = int(flag.item())
+    return local or None
+
+
+def stop_if_requested(device, save, where: str) -> None:
+    """At a safe point: if a stop was asked for, run `save()` (write the checkpoint or rows owed) and raise
+    Preempted(where)."""
+    signum = stop_requested(device)
+    if signum is not None:
+        save()
+        dist.barrier()
+        raise Preempted(signum, where)
+
+
+def capture_rng(gen: torch.Generator, device: torch.device) -> dict:
+    """Every random stream a resume must restore, one entry per rank: the data/noise generator `gen`, the global
+    CPU generator (dropout on CPU) and, on CUDA, the device's generator (dropout on the GPU)."""
+    state = {"data": dist.gather_objects(gen.get_state()), "torch": dist.gather_objects(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = dist.gather_objects(torch.cuda.get_rng_state(device))
+    return state
+
+
+def restore_rng(state: dict, gen: torch.Generator, device: torch.device, salt: int, step: int) -> None:
+    """Inverse of capture_rng (see distributed.restore_rng for a checkpoint of another world size)."""
+    dist.restore_rng(gen, state["data"], salt, step)
+    dist.restore_rng(torch.default_generator, state["torch"], salt + 1, step)
+    if device.type == "cuda" and "cuda" in state:
+        if len(state["cuda"]) == dist.world_size():
+            torch.cuda.set_rng_state(state["cuda"][dist.rank()], device)
+        else:
+            torch.cuda.manual_seed(hash((salt + 2, step, dist.rank())) % 2**63)
+
+
+def set_deterministic(on: bool) -> None:
+    """--deterministic: deterministic CUDA algorithms (cuBLAS workspace, no cuDNN autotuning), so that a resumed
+    CUDA run ends bit-identical to an uninterrupted one. CPU runs are bit-exact without it at a fixed thread count."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
