@@ -12,8 +12,19 @@ import pytest
 import torch
 
 
-def pytest_collection_modifyitems(items):
-    """GPU benchmarks (those using the `cuda` fixture) are skipped, with the reason, on a machine without CUDA."""
+def pytest_collection_modifyitems(config, items):
+    """`pytest --benchmark-only` keeps the benchmarks, a plain run (--benchmark-skip, see pyproject.toml) the tests:
+    the other kind is deselected rather than listed as hundreds of skips. GPU benchmarks (those using the `cuda`
+    fixture) are skipped, with the reason, on a machine without CUDA."""
+    def is_benchmark(item):
+        return "benchmark" in getattr(item, "fixturenames", ())
+
+    if config.getoption("benchmark_only") or config.getoption("benchmark_skip"):
+        keep = config.getoption("benchmark_only")
+        deselected = [item for item in items if is_benchmark(item) != keep]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if is_benchmark(item) == keep]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="GPU benchmark: no CUDA device")

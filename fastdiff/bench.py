@@ -528,7 +528,8 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
 
 def bench_after_distill(run_dir, dcfg) -> Path:
     """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
-    (digits/toy2d/cifar10), the run's teacher and students, its seed/device, `bench_steps` if set. -> report.md."""
+    (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
+    `bench_samples` where set. -> report.md."""
     from fastdiff.report import write_report
     from fastdiff.train import PRESETS as TRAIN_PRESETS
 
@@ -538,6 +539,8 @@ def bench_after_distill(run_dir, dcfg) -> Path:
         base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
                                    guidance=GUIDANCE_SWEEP, name=f"{dataset}-guided")
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
+    if dcfg.bench_samplers:
+        steps["samplers"] = tuple(dcfg.bench_samplers)
     if dcfg.bench_samples:
         steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
     cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,

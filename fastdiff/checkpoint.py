@@ -10,6 +10,7 @@ corrupt, and fails (naming both files) only when neither can be read.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from fastdiff.errors import FastdiffError
-from fastdiff.io import atomic_path, fsync_dir, sha256_file
+from fastdiff.io import atomic_path, fsync_dir
 from fastdiff.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,20 @@ def load_resumable(path, map_location="cpu") -> dict | None:
                         "delete both to start over or choose another --out-dir")
 
 
-def file_hash(path) -> str:
-    """First 12 hex digits of the file's sha256: the model id recorded with every result."""
-    return sha256_file(path)[:12]
+def weights_hash(ckpt: dict, state: dict) -> str:
+    """The model id recorded with every result: 12 hex digits of a sha256 over the network's config, param, kind,
+    grid N and the weights `state` it samples with (names, dtypes, shapes, bytes).
+
+    Not the file's sha256: the file also holds the optimiser and RNG state, and torch.save's bytes depend on how
+    the tensors share storage (a resumed run's file differs from an uninterrupted one's with equal tensors).
+    """
+    h = hashlib.sha256(json.dumps([ckpt["config"], ckpt.get("param"), ckpt.get("kind"), ckpt.get("steps")],
+                                  sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()[:12]
 
 
 def resolve_path(path_or_dir) -> Path:
@@ -137,10 +149,11 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True) -> LoadedMod
     net = build_network(cfg)
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     net.load_state_dict(state)
+    model_hash = weights_hash(ckpt, state)
     net.to(device).eval().requires_grad_(False)
     return LoadedModel(net=net, schedule=Schedule(cfg.schedule, cfg.T), param=ckpt.get("param", cfg.param),
                        dataset=cfg.dataset, kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
-                       hash=file_hash(path), config=json.loads(json.dumps(ckpt["config"])),
+                       hash=model_hash, config=json.loads(json.dumps(ckpt["config"])),
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path)
 
 

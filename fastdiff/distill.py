@@ -33,8 +33,7 @@ from fastdiff import config as C
 from fastdiff import distributed as D
 from fastdiff import param as P
 from fastdiff import runs
-from fastdiff.checkpoint import (CKPT_NAME, LoadedModel, file_hash, load_model, load_resumable, load_student,
-                                 save_checkpoint)
+from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, load_resumable, load_student, save_checkpoint
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.guidance import guided_x0_eps
@@ -50,7 +49,8 @@ log = logging.getLogger(__name__)
 ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
                 "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
 NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps",
-                     "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples")
+                     "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
+                     "bench_samplers")
 __all__ = ["DistillConfig", "PRESETS", "distill", "distill_target", "load_student", "main"]
 
 
@@ -77,6 +77,7 @@ class DistillConfig:
     bench: bool = True
     bench_steps: tuple[int, ...] = ()
     bench_samples: int = 0
+    bench_samplers: tuple[str, ...] = ()
     results_dir: str = "runs/results"
     append_results: bool = False
     guided: bool = False
@@ -127,6 +128,11 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("steps_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
+    from fastdiff.bench import SAMPLERS
+
+    unknown = [name for name in cfg.bench_samplers if name not in SAMPLERS]
+    if unknown:
+        raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
     if cfg.lr <= 0 or cfg.rounds < 0 or cfg.bench_samples < 0:
         raise FastdiffError("need --lr > 0, --rounds >= 0 and --bench-samples >= 0")
 
@@ -263,7 +269,7 @@ def check_results_folder(cfg: DistillConfig) -> None:
     if not held:
         return
     teacher = resolve_path_only(cfg)
-    mine = file_hash(teacher) if teacher.is_file() else None
+    mine = load_model(teacher).hash if teacher.is_file() else None
     if held - {mine}:
         raise FastdiffError(f"{csv_path} holds the sweep of teacher {', '.join(sorted(held))}; this run's teacher is "
                             f"{mine or 'not trained yet'}: pass --append-results to add its rows to that file, or "

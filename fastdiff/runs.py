@@ -65,8 +65,11 @@ def run_lock(folder: str | os.PathLike, option: str = "--out-dir"):
                                 f"it, or choose another {option}") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only the holder's description is missing
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import io
 import json
 import logging
 import sys
@@ -191,12 +192,14 @@ class MetricsLog:
 
     def append(self, row: dict) -> None:
         if D.is_main():
+            line = io.StringIO()
+            csv.DictWriter(line, self.fields).writerow(row)
             try:
                 with open(self.path, "a", newline="") as f:
-                    csv.DictWriter(f, self.fields).writerow(row)
+                    f.write(line.getvalue())
             except OSError as err:  # a full disk: at worst a row cut short, which a resume drops
                 if err.errno in WRITE_ERRNOS:
-                    raise write_error(self.path, err, None) from None
+                    raise write_error(self.path, err, len(line.getvalue())) from None
                 raise
 
 

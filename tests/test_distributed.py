@@ -26,7 +26,7 @@ WORKER_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 240
 TEACHER = dict(steps=30, hidden=32, layers=1, batch_size=64, sample_every=10_000, device="cpu")
 ROUND = dict(start_steps=4, rounds=1, steps_per_round=8, batch_size=64, ckpt_every=3, eval_samples=64, bench=False,
              device="cpu")
-KILL_AT = 5  # the round's state.pt holds update 3 then
+STOP_AT = 5  # rank 1 alone is asked to stop here; both ranks stop after this update with state.pt written
 
 WORKER = '''
 import dataclasses, json, os, sys
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from fastdiff import distributed as D
 from fastdiff.errors import FastdiffError
-from test_distributed import ROUND, TEACHER, WORKER_TIMEOUT_S, KILL_AT, sample_sets, sgd_steps
+from test_distributed import ROUND, TEACHER, WORKER_TIMEOUT_S, STOP_AT, sample_sets, sgd_steps
 
 mode, out = sys.argv[1], Path(sys.argv[2])
 with D.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
@@ -66,16 +66,20 @@ with D.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
                         progress=False)
         cfg = dataclasses.replace(PRESETS["toy2d"], teacher=str(teacher), out_dir=str(out / "run"), **ROUND)
 
-        class Killed(Exception):
-            pass
+        import signal
+        from fastdiff import runs
+        from fastdiff.errors import Preempted
 
-        def kill(r, u):  # on every rank at the same update, like a preemption
-            if u == KILL_AT:
-                raise Killed
+        def sigterm_on_rank_1(r, u):  # a preemption signal that reached one rank only
+            if u == STOP_AT and D.rank() == 1:
+                runs.request_stop(signal.SIGTERM)
         try:
-            distill(cfg, progress=False, on_step=kill)
-        except Killed:
-            pass
+            distill(cfg, progress=False, on_step=sigterm_on_rank_1)
+            stopped = "not stopped"
+        except Preempted as stop:
+            stopped = str(stop)
+        (out / f"stopped_rank{D.rank()}.txt").write_text(stopped)
+        runs._stop_signal = None
         if D.is_main():
             (out / "after_kill.json").write_text(json.dumps(sorted(os.listdir(out / "run"))))
         try:  # another lr in the same run dir: refused by rank 0's check, an error on every rank
@@ -201,10 +205,13 @@ def test_sharded_sample_sets_equal_one_process_sets_bit_for_bit(ddp_outputs):
 
 
 @pytest.mark.slow
-def test_two_process_distillation_round_killed_then_resumed_by_the_cli(tmp_path):
+def test_two_process_distillation_stopped_on_one_rank_then_resumed_by_the_cli(tmp_path):
     out = run_worker(tmp_path, "distill")
     after_kill = json.loads((out / "after_kill.json").read_text())
     assert "state.pt" in after_kill and "rounds.csv" not in after_kill
+    for r in range(2):  # the stop was agreed: both ranks stopped after the same update, with its state on disk
+        assert f"at update {STOP_AT}/16" in (out / f"stopped_rank{r}.txt").read_text()
+    assert torch.load(out / "run" / "state.pt", weights_only=True)["step"] == STOP_AT
     for r in range(2):  # rank 0 refused the run dir, and every rank raised it
         assert "holds a different config" in (out / f"refused_rank{r}.txt").read_text()
 
@@ -219,7 +226,7 @@ def test_two_process_distillation_round_killed_then_resumed_by_the_cli(tmp_path)
     assert [(r["round"], r["teacher_steps"], r["student_steps"], r["updates"]) for r in rows] == [("0", "4", "2", "16")]
     resumed, straight = (torch.load(d / "students" / "student_N2.pt", weights_only=True)["model"]
                          for d in (run, out / "straight"))
-    for k, v in straight.items():  # killed at update 5, resumed from 3 in new processes: the same student
+    for k, v in straight.items():  # stopped at update 5, resumed in new processes: the same student
         assert torch.equal(resumed[k], v), k
 
 

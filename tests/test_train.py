@@ -17,7 +17,7 @@ import torch
 
 import fastdiff.train as T
 from fastdiff import config as C
-from fastdiff.checkpoint import file_hash, load_checkpoint, load_model, save_checkpoint
+from fastdiff.checkpoint import load_checkpoint, load_model, save_checkpoint, weights_hash
 from fastdiff.data import get_data
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.samplers import ddim, make_grid
@@ -267,7 +267,10 @@ def test_load_model_gives_the_ema_net_with_schedule_and_param(tmp_path, pictures
     lm = load_model(run)
     assert lm.schedule == Schedule("linear", 500) and lm.param == "x0" and lm.dataset == "digits"
     assert lm.kind == "teacher" and lm.data_shape == (1, 8, 8) and lm.path == run / "checkpoint.pt"
-    assert lm.hash == file_hash(run / "checkpoint.pt") and len(lm.hash) == 12
+    assert lm.hash == weights_hash(ckpt, ckpt["ema"]) and len(lm.hash) == 12
+    ckpt["optimizer"] = {}  # the same weights in another file: the same model id
+    save_checkpoint(tmp_path / "copy.pt", ckpt)
+    assert load_model(tmp_path / "copy.pt").hash == lm.hash != load_model(run, use_ema=False).hash
     assert not lm.net.training and not any(p.requires_grad for p in lm.net.parameters())
     _assert_same_state(lm.net.state_dict(), ckpt["ema"])
     _assert_same_state(load_model(run / "checkpoint.pt", use_ema=False).net.state_dict(), ckpt["model"])
