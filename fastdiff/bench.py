@@ -519,7 +519,8 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
           values: dict | None = None) -> list[dict]:
     """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only."""
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "spacing": spec.grid,
-            "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance, "steps": spec.steps, "guidance": spec.guidance,
+            "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
+            "steps": spec.steps, "guidance": spec.guidance,
             "samples_file": samples_file(spec, network, cfg)}
     names = _metric_names(cfg.metrics) + (["class_accuracy"] if _scores_classes(spec, network, base["dataset"]) else [])
     return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}

@@ -356,36 +356,38 @@ def _train_stage(ctx: _Run, r: int, student, teacher_net, teacher_param: str, n_
                                              "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
         saved = updates
 
-    bar = tqdm(total=total, initial=updates, desc=label, disable=not ctx.progress or not D.is_main(), dynamic_ncols=True)
-    while updates < total:
-        for group in opt.param_groups:  # Salimans & Ho 2022, sec. 5: the learning rate annealed linearly to 0
-            group["lr"] = cfg.lr * (1 - updates / total)
-        idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
-        cond = _batch_cond(ctx, idx, gen)
-        if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
-            target_fn = guided_x0_eps(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"], ctx.num_classes)
-        else:
-            target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
-        loss = student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
-        if not torch.isfinite(loss):
-            raise FastdiffError(f"distillation loss became {loss.item()} in {label} at update {updates}; "
-                                f"the last good checkpoint {ctx.state_path} is kept — lower --lr and re-run")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        updates += 1
-        recent = (recent + [loss.item()])[-50:]
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-        # The state at the end of the stage is kept too: a student file lost later is rebuilt from it.
-        if updates % cfg.ckpt_every == 0 or updates == total:
-            save()
-        if ctx.on_step is not None:
-            ctx.on_step(r, updates)
-        if updates < total:
-            runs.stop_if_requested(ctx.device, save, f"in {label} at update {updates}/{total}; "
-                                                     f"checkpoint {ctx.state_path}")
-    bar.close()
+    # The bar closes on any exit, so that an error line starts on a line of its own.
+    with tqdm(total=total, initial=updates, desc=label, disable=not ctx.progress or not D.is_main(),
+              dynamic_ncols=True) as bar:
+        while updates < total:
+            for group in opt.param_groups:  # Salimans & Ho 2022, sec. 5: the learning rate annealed linearly to 0
+                group["lr"] = cfg.lr * (1 - updates / total)
+            idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
+            cond = _batch_cond(ctx, idx, gen)
+            if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
+                target_fn = guided_x0_eps(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"],
+                                          ctx.num_classes)
+            else:
+                target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
+            loss = student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
+            if not torch.isfinite(loss):
+                raise FastdiffError(f"distillation loss became {loss.item()} in {label} at update {updates}; "
+                                    f"the last good checkpoint {ctx.state_path} is kept — lower --lr and re-run")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            updates += 1
+            recent = (recent + [loss.item()])[-50:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+            # The state at the end of the stage is kept too: a student file lost later is rebuilt from it.
+            if updates % cfg.ckpt_every == 0 or updates == total:
+                save()
+            if ctx.on_step is not None:
+                ctx.on_step(r, updates)
+            if updates < total:
+                runs.stop_if_requested(ctx.device, save, f"in {label} at update {updates}/{total}; "
+                                                         f"checkpoint {ctx.state_path}")
     student.eval().requires_grad_(False)
     return sum(recent) / max(len(recent), 1), time.perf_counter() - t0
 

@@ -284,52 +284,53 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
                                         "rng": rng, "loss_acc": (loss_acc, n_acc)}, keep_previous=True)
         saved = step
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.dataset}", disable=not progress or not D.is_main(),
-               dynamic_ncols=True)
-    while step < cfg.steps:
-        # Draw the batch, the flips and the dropped labels from the run's own stream.
-        idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
-        x0 = x_all[idx]
-        if cfg.flip:
-            flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        y = None
-        if y_all is not None:
-            drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
-            y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
-        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # --warmup 0: no warm-up
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # One update: loss, non-finite guard, clipped step, weight EMA.
-        with autocast:
-            loss = diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
-        if not torch.isfinite(loss):
-            raise FastdiffError(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint kept)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - cfg.ema_decay)
-        step += 1
-        loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
-        bar.update(1)
-        # Log, checkpoint, picture, then honour a stop request (all ranks agree on it).
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
-            metrics.append({"step": step, "loss": f"{loss_acc / n_acc:.6f}", "lr": f"{lr:.3g}",
-                            "grad_norm": f"{grad_norm.item():.4f}", "wall_s": f"{time.perf_counter() - t_start:.1f}"})
-            loss_acc, n_acc = 0.0, 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save()
-        if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
-            save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
-        if on_step is not None:
-            on_step(step)
-        if step < cfg.steps:
-            runs.stop_if_requested(device, save, f"at step {step} of {cfg.steps}; checkpoint {ckpt_path}")
-    bar.close()
+    # The bar closes on any exit, so that an error line starts on a line of its own.
+    with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.dataset}", disable=not progress or not D.is_main(),
+              dynamic_ncols=True) as bar:
+        while step < cfg.steps:
+            # Draw the batch, the flips and the dropped labels from the run's own stream.
+            idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
+            x0 = x_all[idx]
+            if cfg.flip:
+                flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            y = None
+            if y_all is not None:
+                drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
+                y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
+            lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # --warmup 0: no warm-up
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # One update: loss, non-finite guard, clipped step, weight EMA.
+            with autocast:
+                loss = diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
+            if not torch.isfinite(loss):
+                raise FastdiffError(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint kept)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema_decay)
+            step += 1
+            loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
+            bar.update(1)
+            # Log, checkpoint, picture, then honour a stop request (all ranks agree on it).
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
+                metrics.append({"step": step, "loss": f"{loss_acc / n_acc:.6f}", "lr": f"{lr:.3g}",
+                                "grad_norm": f"{grad_norm.item():.4f}",
+                                "wall_s": f"{time.perf_counter() - t_start:.1f}"})
+                loss_acc, n_acc = 0.0, 0
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save()
+            if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
+                save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
+            if on_step is not None:
+                on_step(step)
+            if step < cfg.steps:
+                runs.stop_if_requested(device, save, f"at step {step} of {cfg.steps}; checkpoint {ckpt_path}")
     D.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
     log.info("trained %s for %d steps in %.1f s", run, step, time.perf_counter() - t_start)
 

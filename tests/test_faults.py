@@ -30,11 +30,11 @@ from test_metrics import one_thread  # noqa: F401
 ROOT = Path(__file__).parents[1]
 SEED = 20261130
 DISTILL_ARGS = ["--preset", "toy2d", "--teacher-steps", "120", "--start-steps", "4", "--steps-per-round", "30",
-                "--ckpt-every", "15", "--eval-samples", "200", "--bench-steps", "1,2", "--bench-samples", "300", "--bench-samplers", "ddim,dpm++2m,distilled",
-                "--device", "cpu"]
+                "--ckpt-every", "15", "--eval-samples", "200", "--bench-steps", "1,2", "--bench-samples", "300",
+                "--bench-samplers", "ddim,dpm++2m,distilled", "--device", "cpu"]
 BENCH_ARGS = ["--preset", "toy2d", "--distill-dir", "runs/distill-toy2d", "--samplers", "ddim-eta1,distilled",
-              "--steps", "1,2,4,8,16", "--n-samples", "1200", "--batch-size", "150", "--metrics", "swd", "--n-ref", "1000",
-              "--out-dir", "runs/bench", "--device", "cpu"]
+              "--steps", "1,2,4,8,16", "--n-samples", "1200", "--batch-size", "150", "--metrics", "swd",
+              "--n-ref", "1000", "--out-dir", "runs/bench", "--device", "cpu"]
 # Columns that measure time, not results.
 TIMING = {"timestamp", "wall_clock_s_per_batch", "wall_clock_s_total", "wall_clock_s", "wall_s"}
 # One torch thread in the workers as in this process: the comparison is bitwise.

@@ -3,7 +3,6 @@
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) at tiny shapes;
 with CUDA the same tests run on the GPU at larger shapes and every launch configuration the heuristics pick.
 """
-import os
 import subprocess
 import sys
 
