@@ -450,7 +450,8 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
     provenance = {"dataset": family.dataset, "teacher_hash": family.teacher.hash, "clip": cfg.clip, "guidance": None,
                   "noise": NOISE, "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
                   "extractor_accuracy": extractor.accuracy, "reference": family.reference.name,
-                  "batch_size": cfg.batch_size, "device": device_name(device), "torch_version": torch.__version__,
+                  "batch_size": cfg.batch_size, "device": device_name(device), "threads": torch.get_num_threads(),
+                  "torch_version": torch.__version__,
                   "torch_fidelity_version": torch_fidelity.__version__, "fastdiff_version": fastdiff.__version__,
                   "fastdiff_commit": git_commit()}
     todo = D.on_main(lambda: [i for i, s in enumerate(specs)

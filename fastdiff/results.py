@@ -17,8 +17,8 @@ CSV_NAME = "fid_vs_steps.csv"
 COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "grid_hash", "eta", "variance", "clip",
            "guidance", "noise", "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy",
            "reference", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device",
-           "torch_version", "torch_fidelity_version", "fastdiff_version", "fastdiff_commit", "samples_file",
-           "timestamp"]
+           "threads", "torch_version", "torch_fidelity_version", "fastdiff_version", "fastdiff_commit",
+           "samples_file", "timestamp"]
 # What defines a row (a re-run skips rows whose key is present): every option that changes the samples or their
 # score; `grid_hash` (sha256 of the float64 time grid) makes a changed grid definition a new row. Everything else
 # is measured or provenance.
