@@ -421,10 +421,8 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     """Run (or resume) the sweep of `cfg`; returns the CSV path. `family` replaces loading cfg.model / cfg.distill_dir
     (e.g. an analytic denoiser in tests). Nothing is written before every input has been checked; the results
     folder is locked while the sweep runs, and a stop request ends it after the current batch (Preempted)."""
-    from fastdiff.train import resolve_device
-
     validate(cfg)
-    device = resolve_device(cfg.device)
+    device = runs.resolve_device(cfg.device)
     family = family or load_family(cfg, device)
     extractor = D.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained/fetched once
                           inception_weights=cfg.inception_weights, data_root=cfg.data_root)
@@ -528,30 +526,6 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
             for m in names]
 
 
-def bench_after_distill(run_dir, dcfg) -> Path:
-    """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
-    (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
-    `bench_samples` where set. -> report.md."""
-    from fastdiff.report import write_report
-    from fastdiff.train import PRESETS as TRAIN_PRESETS
-
-    dataset = TRAIN_PRESETS[dcfg.teacher_preset].dataset.partition(":")[0]
-    base = PRESETS.get(dataset, BenchConfig())
-    if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
-        base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
-                                   guidance=GUIDANCE_SWEEP, name=f"{dataset}-guided")
-    steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
-    if dcfg.bench_samplers:
-        steps["samplers"] = tuple(dcfg.bench_samplers)
-    if dcfg.bench_samples:
-        steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
-    cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
-                              out_dir=dcfg.results_dir, append=dcfg.append_results,
-                              inception_weights=dcfg.inception_weights, **steps)
-    run_sweep(cfg)
-    return write_report(cfg.out_dir) if D.is_main() else Path(cfg.out_dir) / "report.md"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     D.configure_cpu_threads()
     parser = C.make_parser("python -m fastdiff.bench", "FID vs steps for every sampler of one model family.")
@@ -573,10 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dry_run(cfg: BenchConfig) -> int:
     """Print the sampling runs `cfg` would do (all of them, resumed or not); loads the models, writes nothing."""
-    from fastdiff.train import resolve_device
-
     validate(cfg)
-    family = load_family(cfg, resolve_device(cfg.device))
+    family = load_family(cfg, runs.resolve_device(cfg.device))
     specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
     print(f"{len(specs)} sampling runs x {len(_metric_names(cfg.metrics))} metrics, {cfg.n_samples} samples each, "
           f"dataset {family.dataset}, reference {family.reference.name}:")

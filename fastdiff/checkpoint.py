@@ -1,7 +1,8 @@
 """Checkpoint I/O shared by train, distill and bench.
 
 A checkpoint is a dict of tensors and plain data (no pickled code): `kind` ("teacher"/"student"),
-`config` (the TrainConfig dict that built the network), `model` (state_dict), and for resumable runs
+`config` (the TrainConfig dict of the run), `network` (the network it holds: {"arch", **its config}, so that
+loading needs no training code), `model` (state_dict), and for resumable runs
 `optimizer`, `ema`, `step`, `rng`. Written atomically and fsynced, loaded with `weights_only=True`.
 
 Resumable state keeps the previous good checkpoint beside the latest (`checkpoint.prev.pt` next to
@@ -21,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdiff.data import static_info
 from fastdiff.errors import FastdiffError
 from fastdiff.io import atomic_path, fsync_dir
+from fastdiff.models import build_model, model_config, network_from_dict
 from fastdiff.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -137,23 +140,30 @@ class LoadedModel:
     path: Path
 
 
-def load_model(path_or_run_dir, device="cpu", use_ema: bool = True) -> LoadedModel:
-    """Load a teacher (EMA weights by default) or a student checkpoint for sampling."""
-    from fastdiff.train import TrainConfig, build_network
+def network_of(ckpt: dict):
+    """The network config a checkpoint describes: its `network` entry, or (checkpoints of fastdiff before 0.2) the
+    one its training config implies."""
+    if "network" in ckpt:
+        return network_from_dict(ckpt["network"])
+    cfg = ckpt["config"]
+    shape, num_classes = static_info(cfg["dataset"], cfg.get("image_size", 32))
+    return model_config(cfg["arch"], shape, num_classes if cfg.get("cond") == "class" else 0, cfg)
 
+
+def load_model(path_or_run_dir, device="cpu", use_ema: bool = True) -> LoadedModel:
+    """Load a teacher (EMA weights by default) or a student checkpoint for sampling.
+
+    Raises FastdiffError if the file is missing, unreadable or not a fastdiff checkpoint."""
     path = resolve_path(path_or_run_dir)
     ckpt = load_checkpoint(path)
-    from fastdiff.config import from_dict
-
-    cfg = from_dict(TrainConfig, ckpt["config"])
-    net = build_network(cfg)
+    cfg = ckpt["config"]
+    net = build_model(network_of(ckpt))
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     net.load_state_dict(state)
-    model_hash = weights_hash(ckpt, state)
     net.to(device).eval().requires_grad_(False)
-    return LoadedModel(net=net, schedule=Schedule(cfg.schedule, cfg.T), param=ckpt.get("param", cfg.param),
-                       dataset=cfg.dataset, kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
-                       hash=model_hash, config=json.loads(json.dumps(ckpt["config"])),
+    return LoadedModel(net=net, schedule=Schedule(cfg["schedule"], cfg["T"]), param=ckpt.get("param", cfg["param"]),
+                       dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
+                       hash=weights_hash(ckpt, state), config=cfg,
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path)
 
 

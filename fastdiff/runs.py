@@ -1,5 +1,6 @@
-"""What every long-running CLI (train, distill, bench) shares: one writer per run dir, a graceful stop on
-SIGTERM/SIGINT agreed between the ranks, and the random streams a resume must restore.
+"""What every long-running CLI (train, distill, bench) shares: the config from argv, the device, the run dir and its
+CSV logs, one writer per run dir, a graceful stop on SIGTERM/SIGINT agreed between the ranks, and the random
+streams a resume must restore.
 
 - `run_lock(folder)`: an exclusive `fcntl.flock` on `folder/.lock`. The kernel drops it when the process dies,
   so a killed run never leaves a stale lock; a second process is refused at once with the holder's pid, host
@@ -11,8 +12,11 @@ SIGTERM/SIGINT agreed between the ranks, and the random streams a resume must re
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import datetime
 import fcntl
+import io
 import json
 import logging
 import os
@@ -21,11 +25,14 @@ import socket
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff.errors import FastdiffError, Preempted
+from fastdiff.io import WRITE_ERRNOS, atomic_path, write_error
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +163,109 @@ def set_deterministic(on: bool) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, description: str,
+                     default_preset: str = "digits"):
+    """Parse `--preset NAME` and field overrides into a frozen config."""
+    parser = cfgs.make_parser(prog, description)
+    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(presets)}")
+    cfgs.add_dataclass_args(parser, cls)
+    args = parser.parse_args(argv)
+    if args.preset not in presets:
+        raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)}")
+    return dataclasses.replace(presets[args.preset], **cfgs.overrides_from_args(cls, args)), args
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda[:N] as a torch.device (under torchrun: this process's own GPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastdiffError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dist.local_device(torch.device(name))
+
+
+def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None) -> Path:
+    """Create/check a run dir: refuse one whose config.json differs in a field that matters.
+
+    A field missing from an older config.json (a run from an earlier fastdiff) is fine while the new value is
+    that field's default in `defaults`, which is what the older version did.
+    """
+    run = Path(out_dir)
+    cfg_path = run / "config.json"
+    if cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another --out-dir") from None
+        added = {k for k in config if k not in old and defaults is not None and k in defaults
+                 and config[k] == defaults[k]}
+        keep = lambda d: {k: v for k, v in d.items() if k not in ignore and k not in added}  # noqa: E731
+        changes = cfgs.diff(keep(old), keep(config))
+        if changes:
+            raise FastdiffError(f"run dir {str(run)!r} holds a different config ({'; '.join(changes[:3])}); "
+                                "use another --out-dir or delete that one")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable --out-dir") from None
+    return run
+
+
+class MetricsLog:
+    """Append-only CSV of training metrics that a resume trims back (atomically) to the checkpoint's step."""
+
+    def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "step"):
+        self.path, self.fields = path, list(fields)
+        if not dist.is_main():
+            return  # only rank 0 touches the file; a second writer could truncate it mid-rewrite
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    try:
+                        if int(row[key]) <= resume_step and None not in row.values():
+                            rows.append(row)
+                    except (KeyError, TypeError, ValueError):
+                        continue  # a row cut short by a kill
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
+
+    def append(self, row: dict) -> None:
+        if dist.is_main():
+            line = io.StringIO()
+            csv.DictWriter(line, self.fields).writerow(row)
+            try:
+                with open(self.path, "a", newline="") as f:
+                    f.write(line.getvalue())
+            except OSError as err:  # a full disk: at worst a row cut short, which a resume drops
+                if err.errno in WRITE_ERRNOS:
+                    raise write_error(self.path, err, len(line.getvalue())) from None
+                raise
+
+
+class RoundLog:
+    """rounds.csv, rewritten atomically: one row per finished round, never duplicated."""
+
+    def __init__(self, path: Path, fields: Sequence[str]):
+        self.path, self.fields = path, list(fields)
+        self.rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def done(self, r: int) -> bool:
+        return any(int(row["round"]) == r for row in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows = [x for x in self.rows if int(x["round"]) != row["round"]] + [row]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(sorted(self.rows, key=lambda x: int(x["round"])))

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
-import io
-import json
 import logging
 import sys
 import time
@@ -31,9 +28,9 @@ from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, load_resumable, save_checkpoint
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
-from fastdiff.io import WRITE_ERRNOS, atomic_path, write_error, write_text
+from fastdiff.io import write_text
 from fastdiff.losses import WEIGHTINGS, diffusion_loss
-from fastdiff.models import MLPConfig, UNetConfig, build_model
+from fastdiff.models import build_model, model_config, network_to_dict
 from fastdiff.param import PARAMS
 from fastdiff.schedules import SCHEDULES, Schedule
 
@@ -118,89 +115,14 @@ def validate(cfg: TrainConfig) -> None:
         raise FastdiffError(f"--device {cfg.device!r}: use auto, cpu or cuda[:N]")
 
 
-def build_network(cfg: TrainConfig) -> torch.nn.Module:
+def network_config(cfg: TrainConfig):
     """The network a TrainConfig describes (data shape and classes come from the data set's name)."""
     shape, num_classes = static_info(cfg.dataset, cfg.image_size)
-    num_classes = num_classes if cfg.cond == "class" else 0
-    if cfg.arch == "mlp":
-        return build_model(MLPConfig(dim=shape[0], hidden=cfg.hidden, layers=cfg.layers, num_classes=num_classes,
-                                     scalar_cond=cfg.scalar_cond))
-    return build_model(UNetConfig(image_size=shape[1], in_channels=shape[0], channels=cfg.channels,
-                                  channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
-                                  attn_resolutions=cfg.attn_resolutions, head_dim=cfg.head_dim, dropout=cfg.dropout,
-                                  num_classes=num_classes, scalar_cond=cfg.scalar_cond))
+    return model_config(cfg.arch, shape, num_classes if cfg.cond == "class" else 0, dataclasses.asdict(cfg))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FastdiffError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return D.local_device(torch.device(name))
-
-
-def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None) -> Path:
-    """Create/check a run dir: refuse one whose config.json differs in a field that matters.
-
-    A field missing from an older config.json (a run from an earlier fastdiff) is fine while the new value is
-    that field's default in `defaults`, which is what the older version did.
-    """
-    run = Path(out_dir)
-    cfg_path = run / "config.json"
-    if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another --out-dir") from None
-        added = {k for k in config if k not in old and defaults is not None and k in defaults
-                 and config[k] == defaults[k]}
-        keep = lambda d: {k: v for k, v in d.items() if k not in ignore and k not in added}  # noqa: E731
-        changes = C.diff(keep(old), keep(config))
-        if changes:
-            raise FastdiffError(f"run dir {str(run)!r} holds a different config ({'; '.join(changes[:3])}); "
-                                "use another --out-dir or delete that one")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable --out-dir") from None
-    return run
-
-
-class MetricsLog:
-    """Append-only CSV of training metrics that a resume trims back (atomically) to the checkpoint's step."""
-
-    def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "step"):
-        self.path, self.fields = path, list(fields)
-        if not D.is_main():
-            return  # only rank 0 touches the file; a second writer could truncate it mid-rewrite
-        rows = []
-        if path.exists():
-            with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    try:
-                        if int(row[key]) <= resume_step and None not in row.values():
-                            rows.append(row)
-                    except (KeyError, TypeError, ValueError):
-                        continue  # a row cut short by a kill
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
-
-    def append(self, row: dict) -> None:
-        if D.is_main():
-            line = io.StringIO()
-            csv.DictWriter(line, self.fields).writerow(row)
-            try:
-                with open(self.path, "a", newline="") as f:
-                    f.write(line.getvalue())
-            except OSError as err:  # a full disk: at worst a row cut short, which a resume drops
-                if err.errno in WRITE_ERRNOS:
-                    raise write_error(self.path, err, len(line.getvalue())) from None
-                raise
+def build_network(cfg: TrainConfig) -> torch.nn.Module:
+    return build_model(network_config(cfg))
 
 
 def save_sample_picture(net, cfg: TrainConfig, device, path: Path, n: int = 64) -> None:
@@ -228,12 +150,12 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     checkpoint, raising `Preempted`.
     """
     validate(cfg)
-    device = resolve_device(cfg.device)
+    device = runs.resolve_device(cfg.device)
     runs.set_deterministic(cfg.deterministic)
     with contextlib.ExitStack() as held:
         with D.same_outcome():  # a run dir refused or locked on rank 0, data missing on one node: an error everywhere
             data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
-            run = (prepare_run_dir(cfg.out_dir, C.to_dict(cfg), NON_RESULT_FIELDS, C.to_dict(TrainConfig()))
+            run = (runs.prepare_run_dir(cfg.out_dir, C.to_dict(cfg), NON_RESULT_FIELDS, C.to_dict(TrainConfig()))
                    if D.is_main() else Path(cfg.out_dir))
             held.enter_context(runs.run_lock(run))
             # Read the checkpoint before writing anything: unreadable ones must leave the run dir as it was.
@@ -265,7 +187,7 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     if step >= cfg.steps:
         log.info("%s already finished (%d steps); nothing to do", run, step)
         return
-    metrics = MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], step)
+    metrics = runs.MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], step)
     model = D.wrap_ddp(net, device)
     x_all = data.x.to(device)
     y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
@@ -279,6 +201,7 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
         rng = runs.capture_rng(gen, device)  # a collective: every rank
         if D.is_main() and saved != step:
             save_checkpoint(ckpt_path, {"kind": "teacher", "config": config, "param": cfg.param,
+                                        "network": network_to_dict(network_config(cfg)),
                                         "data_shape": list(data.shape), "model": net.state_dict(),
                                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                         "rng": rng, "loss_acc": (loss_acc, n_acc)}, keep_previous=True)
@@ -335,21 +258,10 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     log.info("trained %s for %d steps in %.1f s", run, step, time.perf_counter() - t_start)
 
 
-def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, description: str):
-    """Parse `--preset NAME` and field overrides into a frozen config."""
-    parser = C.make_parser(prog, description)
-    parser.add_argument("--preset", default=next(iter(presets)) if "digits" not in presets else "digits",
-                        help=f"one of {', '.join(presets)}")
-    C.add_dataclass_args(parser, cls)
-    args = parser.parse_args(argv)
-    if args.preset not in presets:
-        raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)}")
-    return dataclasses.replace(presets[args.preset], **C.overrides_from_args(cls, args)), args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     D.configure_cpu_threads()
-    cfg, _ = config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train", "Train a teacher diffusion model.")
+    cfg, _ = runs.config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train",
+                                   "Train a teacher diffusion model.")
     with D.init_from_env(cfg.device), runs.graceful_stop():
         t0 = time.perf_counter()
         run = train(cfg)

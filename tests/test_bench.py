@@ -204,12 +204,12 @@ def test_cli_sweeps_a_distillation_run_and_the_report_reads_it(tmp_path, distill
 
 def test_bench_after_distill_sweeps_the_run_and_writes_the_report(tmp_path, distill_run, shared_cache, monkeypatch):
     from fastdiff import bench
-    from fastdiff.distill import DistillConfig
+    from fastdiff.distill import DistillConfig, sweep_and_report
 
     small = dataclasses.replace(bench.PRESETS["digits"], samplers=("ddim", "distilled"), n_samples=8, batch_size=8)
     monkeypatch.setitem(bench.PRESETS, "digits", small)
     dcfg = DistillConfig(teacher_preset="digits", results_dir=str(tmp_path / "res"), bench_steps=(1, 4), device="cpu")
-    report = bench.bench_after_distill(distill_run, dcfg)
+    report = sweep_and_report(distill_run, dcfg)
     assert report == tmp_path / "res" / "report.md" and report.is_file()
     rows = read_rows(tmp_path / "res" / "digits" / "fid_vs_steps.csv")
     assert {(r["sampler"], r["steps"]) for r in rows} == {("ddim", "1"), ("ddim", "4"), ("distilled", "1"),

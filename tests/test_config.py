@@ -8,7 +8,8 @@ import pytest
 
 from fastdiff import config as C
 from fastdiff.errors import FastdiffError
-from fastdiff.train import PRESETS, TrainConfig, config_from_argv
+from fastdiff.runs import config_from_argv
+from fastdiff.train import PRESETS, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 
 import fastdiff.train as T
 from fastdiff import config as C
+from fastdiff import runs
 from fastdiff.checkpoint import load_checkpoint, load_model, save_checkpoint, weights_hash
 from fastdiff.data import get_data
 from fastdiff.errors import FastdiffError, run_cli
@@ -44,7 +45,7 @@ def pictures(monkeypatch):
 
 
 def _cfg(argv, out) -> T.TrainConfig:
-    return T.config_from_argv([*argv, "--out-dir", str(out)], T.TrainConfig, T.PRESETS, "p", "d")[0]
+    return runs.config_from_argv([*argv, "--out-dir", str(out)], T.TrainConfig, T.PRESETS, "p", "d")[0]
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
@@ -252,11 +253,11 @@ def test_no_warmup(tmp_path, pictures):
 def test_metrics_log_is_rewritten_by_rank_0_only(tmp_path, monkeypatch):
     path = tmp_path / "metrics.csv"
     path.write_text("step,loss\n1,0.5\n2,0.4\n")
-    monkeypatch.setattr(T.D, "is_main", lambda: False)
-    T.MetricsLog(path, ["step", "loss"], resume_step=1).append({"step": 3, "loss": 0.3})
+    monkeypatch.setattr(runs.dist, "is_main", lambda: False)
+    runs.MetricsLog(path, ["step", "loss"], resume_step=1).append({"step": 3, "loss": 0.3})
     assert path.read_text() == "step,loss\n1,0.5\n2,0.4\n"
-    monkeypatch.setattr(T.D, "is_main", lambda: True)
-    T.MetricsLog(path, ["step", "loss"], resume_step=1).append({"step": 2, "loss": 0.3})
+    monkeypatch.setattr(runs.dist, "is_main", lambda: True)
+    runs.MetricsLog(path, ["step", "loss"], resume_step=1).append({"step": 2, "loss": 0.3})
     assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.3"]
 
 
@@ -387,6 +388,6 @@ def test_run_dir_from_an_older_version_without_a_new_field_resumes(tmp_path):
     config = C.to_dict(T.TrainConfig(out_dir=str(tmp_path)))
     old = {k: v for k, v in config.items() if k != "scalar_cond"}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    T.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
+    runs.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
     with pytest.raises(FastdiffError, match="scalar_cond"):
-        T.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
+        runs.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))

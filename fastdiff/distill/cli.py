@@ -1,0 +1,207 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): `python -m fastdiff.distill`.
+
+With no arguments it runs the bundled default end to end on a CPU: train (or reuse) the `digits`
+teacher, distill it round by round from `start_steps` down to 1 step, evaluate every round, then run
+the FID-vs-steps sweep and write the report. Every round is resumable: kill it at any moment and
+re-run the same command; it continues inside the current round from the last checkpoint.
+
+Run dir layout: `config.json`, `state.pt` (the round in progress; the one before kept as `state.prev.pt`),
+`rounds.csv` (one row per finished round), `students/student_N{N}.pt` (each a checkpoint loadable by
+`fastdiff.load_student`, which records its own grid N: sample it with DDIM eta=0 on t_i = i/N). One process
+at a time holds the run dir; SIGTERM/SIGINT stop it after the current update with a checkpoint (exit 143/130).
+The sweep's results go to `--results-dir` (default runs/results, apart from the committed reference results),
+and a results CSV that holds another teacher's sweep is refused unless `--append-results`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fastdiff import config as C
+from fastdiff import distributed as D
+from fastdiff import runs
+from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model
+from fastdiff.data import get_data, static_info
+from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
+from fastdiff.bench import PRESETS as BENCH_PRESETS
+from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig, num_rounds, round_updates,
+                                     sweep_name, validate)
+from fastdiff.distill.guided import guided_base
+from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
+from fastdiff.errors import FastdiffError
+from fastdiff.io import write_text
+from fastdiff.metrics import round_scorer
+from fastdiff.models import network_to_dict
+from fastdiff.report import write_report
+from fastdiff.runs import RoundLog
+from fastdiff.train import PRESETS as TRAIN_PRESETS
+from fastdiff.train import TrainConfig, build_network, network_config, train
+
+log = logging.getLogger(__name__)
+
+
+def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
+    """The teacher checkpoint: --teacher if given, else train (or reuse) the preset's teacher."""
+    if cfg.teacher:
+        return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
+    return train(teacher_config(cfg), progress=progress) / CKPT_NAME
+
+
+def teacher_config(cfg: DistillConfig) -> TrainConfig:
+    tcfg = TRAIN_PRESETS[cfg.teacher_preset]
+    return dataclasses.replace(tcfg, device=cfg.device, deterministic=cfg.deterministic,
+                               **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}))
+
+
+def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
+    """Refuse a teacher whose schedule or data shape doesn't match the preset."""
+    expected = TRAIN_PRESETS[cfg.teacher_preset]
+    shape, _ = static_info(expected.dataset, expected.image_size)
+    tcfg = teacher.config
+    if tcfg["schedule"] != expected.schedule or tuple(teacher.data_shape) != tuple(shape):
+        raise FastdiffError(
+            f"teacher {teacher.path} (schedule {tcfg['schedule']}, data shape {tuple(teacher.data_shape)}) does not match "
+            f"preset {cfg.teacher_preset!r} (schedule {expected.schedule}, data shape {shape}); "
+            "pass --teacher-preset matching the teacher or another --teacher")
+    if teacher.kind != "teacher":
+        raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --teacher needs a teacher")
+    if cfg.guided and tcfg.get("cond") != "class":
+        raise FastdiffError(f"--guided needs a class-conditional teacher (trained with --cond class); {teacher.path} "
+                            "is unconditional: use --teacher-preset digits-cond or another --teacher")
+
+
+def check_results_folder(cfg: DistillConfig) -> None:
+    """Before any work: refuse a results CSV holding another teacher's sweep (unless --append-results), so that a
+    run never mixes its rows into another's. Without a teacher checkpoint yet, any earlier rows are another's."""
+    if not cfg.bench or cfg.append_results or not D.is_main():
+        return
+    from fastdiff.bench import results_csv_path
+    from fastdiff.results import teacher_hashes
+
+    csv_path = results_csv_path(cfg.results_dir, sweep_name(cfg))
+    held = teacher_hashes(csv_path)
+    if not held:
+        return
+    teacher = resolve_path_only(cfg)
+    mine = load_model(teacher).hash if teacher.is_file() else None
+    if held - {mine}:
+        raise FastdiffError(f"{csv_path} holds the sweep of teacher {', '.join(sorted(held))}; this run's teacher is "
+                            f"{mine or 'not trained yet'}: pass --append-results to add its rows to that file, or "
+                            "choose another --results-dir")
+
+
+def resolve_path_only(cfg: DistillConfig) -> Path:
+    """The teacher checkpoint path resolve_teacher will use, without training anything."""
+    if cfg.teacher:
+        return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
+    return Path(teacher_config(cfg).out_dir) / CKPT_NAME
+
+
+def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> Path:
+    """Run (or resume) every round; returns the run dir. Holds the run dir's lock throughout."""
+    validate(cfg)
+    device = runs.resolve_device(cfg.device)
+    runs.set_deterministic(cfg.deterministic)
+    check_results_folder(cfg)
+    teacher_path = resolve_teacher(cfg, progress)
+    resolved = {**C.to_dict(cfg), "teacher": str(teacher_path)}
+    with contextlib.ExitStack() as held:
+        with D.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
+            teacher0 = load_model(teacher_path, device)
+            check_teacher(teacher0, cfg)
+            run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig()))
+                   if D.is_main() else Path(cfg.out_dir))
+            held.enter_context(runs.run_lock(run))
+            tcfg = C.from_dict(TrainConfig, teacher0.config)
+            data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
+            scorer = (round_scorer(tcfg.dataset, tuple(teacher0.data_shape), data_root=tcfg.data_root, seed=tcfg.seed,
+                                   device=device, inception_weights=cfg.inception_weights) if D.is_main() else None)
+        if D.is_main():
+            write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        D.barrier()
+        student_tcfg = dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)
+        ctx = DistillRun(cfg=cfg, run=run, device=device, schedule=teacher0.schedule, tcfg=tcfg, teacher0=teacher0,
+                         x_all=data.x.to(device), y_all=data.y.to(device) if data.y is not None else None,
+                         num_classes=data.num_classes, student_cfg=C.to_dict(student_tcfg),
+                         student_network=network_to_dict(network_config(student_tcfg)), progress=progress,
+                         on_step=on_step, scorer=scorer)
+        run_rounds(ctx)
+    return run
+
+
+def run_rounds(ctx: DistillRun) -> None:
+    """The guided first stage (if any), then every progressive round N -> N/2, each skipped once finished."""
+    cfg, run, device = ctx.cfg, ctx.run, ctx.device
+    rounds = RoundLog(run / "rounds.csv", ROUND_FIELDS)
+    (run / "students").mkdir(exist_ok=True)
+    t_run = time.perf_counter()
+    if all(rounds.done(r) for r in range(num_rounds(cfg))):
+        log.info("%s already finished all %d rounds; nothing to distill", run, num_rounds(cfg))
+    teacher_net, teacher_param = ctx.teacher0.net, ctx.teacher0.param
+    if cfg.guided:
+        teacher_net, teacher_param = guided_base(ctx, rounds), cfg.param
+    for r in range(num_rounds(cfg)):
+        n_student = cfg.start_steps // 2 ** (r + 1)
+        student_path = run / "students" / f"student_N{n_student}.pt"
+        done = finished_student(ctx, rounds, r, student_path)
+        if done is not None:
+            teacher_net, teacher_param = done, cfg.param
+            continue
+        student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(device)
+        student.load_state_dict(teacher_net.state_dict())
+        total = round_updates(cfg, r)
+        loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
+                                 f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
+        save_student(ctx, student_path, student, n_student, r, total)
+        if D.is_main() and not rounds.done(r):
+            row = evaluate_round(student, ctx, n_student)
+            rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
+                        "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
+            log.info("round %d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r, n_student, row["metric"],
+                     row["student_value"], n_student, row["teacher_ddim_value"])
+        D.barrier()
+        teacher_net, teacher_param = student, cfg.param
+    log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
+
+
+def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
+    """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
+    (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
+    `bench_samples` where set. -> report.md."""
+    dataset = TRAIN_PRESETS[dcfg.teacher_preset].dataset.partition(":")[0]
+    base = BENCH_PRESETS.get(dataset, BenchConfig())
+    if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
+        base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
+                                   guidance=GUIDANCE_SWEEP, name=f"{dataset}-guided")
+    steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
+    if dcfg.bench_samplers:
+        steps["samplers"] = tuple(dcfg.bench_samplers)
+    if dcfg.bench_samples:
+        steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
+    cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
+                              out_dir=dcfg.results_dir, append=dcfg.append_results,
+                              inception_weights=dcfg.inception_weights, **steps)
+    run_sweep(cfg)
+    return write_report(cfg.out_dir) if D.is_main() else Path(cfg.out_dir) / "report.md"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    D.configure_cpu_threads()
+    cfg, _ = runs.config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
+                                   "Progressively distill a teacher into few-step students, then benchmark and report.")
+    t0 = time.perf_counter()
+    with D.init_from_env(cfg.device), runs.graceful_stop():
+        run = distill(cfg)
+        if cfg.bench:
+            sweep_and_report(run, cfg)
+        D.barrier()
+        if D.is_main():  # inside: once the process group is gone every process counts as rank 0
+            print(f"done: students in {run / 'students'}, per-round table {run / 'rounds.csv'} "
+                  f"(total {time.perf_counter() - t0:.0f} s)")
+    return 0
+

@@ -1,0 +1,104 @@
+"""The configuration of a distillation run: `DistillConfig`, its presets, and the checks made before any work."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fastdiff import param as P
+from fastdiff.errors import FastdiffError
+from fastdiff.train import PRESETS as TRAIN_PRESETS
+
+ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
+                "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
+NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps",
+                     "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
+                     "bench_samplers")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A progressive-distillation run; `teacher_preset` names the TrainConfig preset of the teacher."""
+
+    teacher: str = ""
+    teacher_preset: str = "digits"
+    teacher_steps: int = 0
+    start_steps: int = 64
+    rounds: int = 0
+    steps_per_round: int = 500
+    last_rounds_factor: int = 2
+    param: str = "v"
+    weighting: str = "snr-trunc"
+    lr: float = 2e-4
+    batch_size: int = 128
+    seed: int = 0
+    ckpt_every: int = 100
+    eval_samples: int = 500
+    out_dir: str = "runs/distill-digits"
+    device: str = "auto"
+    bench: bool = True
+    bench_steps: tuple[int, ...] = ()
+    bench_samples: int = 0
+    bench_samplers: tuple[str, ...] = ()
+    results_dir: str = "runs/results"
+    append_results: bool = False
+    guided: bool = False
+    w_min: float = 0.0
+    w_max: float = 4.0
+    guided_base_updates: int = 1000
+    eval_guidance: float = 2.0
+    inception_weights: str = ""
+    deterministic: bool = False
+
+
+PRESETS = {
+    # Sized for a 2-core CPU: the sweep stops at 64 steps, where DDIM has converged (10 and 20: DDIM's paper).
+    "digits": DistillConfig(steps_per_round=400, bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
+    "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, steps_per_round=400, lr=5e-4, batch_size=512,
+                           eval_samples=2000, out_dir="runs/distill-toy2d"),
+    # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one
+    # network that takes the guidance weight w as an input, then progressively.
+    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=16, steps_per_round=300,
+                                   guided_base_updates=800, out_dir="runs/distill-digits-guided",
+                                   bench_steps=(1, 2, 4, 8, 16, 32)),
+    # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
+    # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
+    "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, steps_per_round=50_000, lr=5e-5,
+                             ckpt_every=2000, eval_samples=10_000, out_dir="runs/distill-cifar10"),
+}
+
+
+def num_rounds(cfg: DistillConfig) -> int:
+    full = int(math.log2(cfg.start_steps))
+    return min(cfg.rounds, full) if cfg.rounds > 0 else full
+
+
+def round_updates(cfg: DistillConfig, r: int) -> int:
+    """Updates in round r (0-based); the paper doubles the last two rounds (to 1 and 2 steps)."""
+    return cfg.steps_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
+
+
+def validate(cfg: DistillConfig) -> None:
+    if cfg.teacher_preset not in TRAIN_PRESETS:
+        raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    if cfg.start_steps < 2 or cfg.start_steps & (cfg.start_steps - 1):
+        raise FastdiffError(f"--start-steps must be a power of two >= 2, got {cfg.start_steps}")
+    if cfg.param not in P.PARAMS:
+        raise FastdiffError(f"--param {cfg.param!r} is not one of {', '.join(P.PARAMS)}")
+    if cfg.weighting not in ("snr-trunc", "snr+1"):
+        raise FastdiffError(f"--weighting {cfg.weighting!r} is not one of snr-trunc, snr+1")
+    for name in ("steps_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
+        if getattr(cfg, name) < 1:
+            raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
+    from fastdiff.bench import SAMPLERS
+
+    unknown = [name for name in cfg.bench_samplers if name not in SAMPLERS]
+    if unknown:
+        raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
+    if cfg.lr <= 0 or cfg.rounds < 0 or cfg.bench_samples < 0:
+        raise FastdiffError("need --lr > 0, --rounds >= 0 and --bench-samples >= 0")
+
+
+def sweep_name(cfg: DistillConfig) -> str:
+    """The results folder of the run's sweep: the data set's name, `-guided` for a guided family."""
+    dataset = TRAIN_PRESETS[cfg.teacher_preset].dataset.partition(":")[0]
+    return f"{dataset}-guided" if cfg.guided else dataset

@@ -1,0 +1,38 @@
+"""Guided distillation's first stage (Meng et al. 2023): one network s(z, t, y, w) that matches the class-conditional
+teacher under classifier-free guidance at every weight w ~ U[w_min, w_max]; the progressive rounds then start from
+it, the students taking w as an input."""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import config as C
+from fastdiff import distributed as D
+from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
+from fastdiff.errors import FastdiffError
+from fastdiff.runs import RoundLog
+from fastdiff.train import TrainConfig, build_network
+
+
+def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
+    """Stage one of guided distillation: one network s(z, t, y, w) matching the CFG teacher at every w."""
+    path = ctx.run / "students" / "guided_base.pt"
+    done = finished_student(ctx, rounds, -1, path)
+    if done is not None:
+        return done
+    student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(ctx.device)
+    missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("embed.scalar") for k in missing):
+        raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "
+                            f"unexpected {unexpected}); pass a teacher trained by python -m fastdiff.train")
+    # Zero the w-embedding's output layer: the student starts as the conditional teacher (w = 1 behaviour).
+    torch.nn.init.zeros_(student.embed.scalar[-1].weight)
+    torch.nn.init.zeros_(student.embed.scalar[-1].bias)
+    loss, wall = train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
+                              ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
+    save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates)
+    if D.is_main() and not rounds.done(-1):
+        rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.guided_base_updates,
+                    "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}",
+                    **evaluate_round(student, ctx, ctx.cfg.start_steps)})
+    D.barrier()
+    return student

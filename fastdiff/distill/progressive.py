@@ -1,0 +1,71 @@
+"""Progressive distillation's target and loss (Salimans & Ho 2022, Algorithm 2): the x a student must predict so
+that one of its DDIM steps lands where two of the teacher's do, and the SNR-weighted x-space loss against it."""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import param as P
+from fastdiff.checkpoint import LoadedModel
+from fastdiff.distill.config import DistillConfig
+from fastdiff.losses import snr_weight
+from fastdiff.schedules import Schedule
+
+
+def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.Tensor:
+    """(B, ...) x_tilde: the x the student must predict at z_t so that one DDIM step hits two teacher steps.
+
+    Salimans & Ho 2022, Algorithm 2: t' = t - 0.5/N, t'' = t - 1/N; z_t -> z_t' -> z_t'' by DDIM (eta=0,
+    no clipping) with the teacher; x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
+    `x0_fn(z, t)` returns the teacher's (x0_hat, eps_hat); t is (B,) float64.
+    """
+    def ddim_to(z, s_from, s_to):
+        x0, eps = x0_fn(z, s_from)
+        a, s = (P.append_dims(v.to(z), z.ndim) for v in schedule.alpha_sigma(s_to))
+        return a * x0 + s * eps  # DDIM eta=0: x_s = alpha_s x0_hat + sigma_s eps_hat
+
+    t1, t2 = t - 0.5 / n_student, t - 1.0 / n_student
+    z2 = ddim_to(ddim_to(z_t, t, t1), t1, t2)
+    a_t, s_t = schedule.alpha_sigma(t)
+    a_2, s_2 = schedule.alpha_sigma(t2)
+    ratio = s_2 / s_t
+    num = z2 - P.append_dims((ratio).to(z_t), z_t.ndim) * z_t
+    return num / P.append_dims((a_2 - ratio * a_t).to(z_t), z_t.ndim)
+
+
+def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Schedule, cond: dict | None = None):
+    """Teacher as (z, t float64) -> (x0_hat, eps_hat), through fastdiff.param (eps, x0 or v teachers).
+
+    `cond` holds extra network inputs for this batch (class labels y, guidance weight w of a guided student).
+    """
+    net = model.net if isinstance(model, LoadedModel) else model
+    cond = cond or {}
+
+    def fn(z, t):
+        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
+        return P.to_x0_eps(net(z, t.to(z), **cond), z, a, s, param)
+
+    return fn
+
+
+def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student: int | None, gen,
+                 cond: dict | None = None):
+    """(B,) w(lambda_t)·||x_tilde - x_hat_student(z_t)||^2.
+
+    Progressive rounds (n_student = N): t = i/N, i ~ U{1..N}, x_tilde from two teacher DDIM steps. The guided
+    first stage (n_student None, Meng et al. 2023): t ~ U[1e-3, 1], x_tilde = the guided teacher's x0_hat.
+    `target_fn(z, t) -> (x0_hat, eps_hat)` is the teacher for this batch.
+    """
+    b = x0.shape[0]
+    if n_student is None:
+        t = 1e-3 + (1 - 1e-3) * torch.rand(b, generator=gen, dtype=torch.float64)
+    else:
+        t = torch.randint(1, n_student + 1, (b,), generator=gen).double() / n_student
+    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    a, s = (v.to(x0) for v in schedule.alpha_sigma(t))
+    z_t = P.append_dims(a, x0.ndim) * x0 + P.append_dims(s, x0.ndim) * eps
+    with torch.no_grad():
+        target = (target_fn(z_t, t)[0] if n_student is None
+                  else distill_target(z_t, t, target_fn, schedule, n_student))
+    x_hat, _ = P.to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
+    w = snr_weight(schedule.logsnr(t).to(x0), cfg.weighting)
+    return w * (target - x_hat).pow(2).mean(tuple(range(1, x0.ndim)))
