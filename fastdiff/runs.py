@@ -12,6 +12,7 @@ streams a resume must restore.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -23,14 +24,18 @@ import os
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from fastdiff import config as cfgs
 from fastdiff import distributed as dist
+from fastdiff.checkpoint import save_checkpoint
 from fastdiff.errors import FastdiffError, Preempted
 from fastdiff.io import WRITE_ERRNOS, atomic_path, write_error
 
@@ -269,3 +274,92 @@ class RoundLog:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
             writer.writerows(sorted(self.rows, key=lambda x: int(x["round"])))
+
+
+@dataclass
+class Fitted:
+    """What `fit` hands back: the mean of the last 50 losses and the stage's wall-clock seconds (resumes included)."""
+
+    loss: float
+    seconds: float
+
+
+def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+        lr_at: Callable[[int], float], gen: torch.Generator, salt: int, device: torch.device, state_path: Path,
+        ckpt_every: int, label: str, resume: dict | None = None, extra_state: Callable[[], dict] = dict,
+        after_update: Callable[[int, float, float, torch.Tensor | None], None] | None = None,
+        on_step: Callable[[int], None] | None = None, grad_clip: float | None = None, accumulate: int = 1,
+        autocast: bool = False, progress: bool = True) -> Fitted:
+    """The one optimiser loop of fastdiff: teacher training and every distiller run their updates through it.
+
+    Each update sets the learning rate `lr_at(update)`, evaluates `loss_fn(model)` (model = `net` wrapped in DDP under
+    torchrun; the function draws its own batch and noise from `gen`) on `accumulate` micro-batches (DDP syncs the
+    gradients of the last one only), stops on a non-finite loss, clips the gradient norm to `grad_clip` if given and
+    steps `opt`; bf16 autocast on CUDA with `autocast`. Then `after_update(update, loss, lr, grad_norm)` (a method's
+    EMA, logging), a checkpoint every `ckpt_every` updates and at the end (`state_path`, the previous one kept:
+    model, optimizer, update, every RNG stream, the recent losses, the wall-clock and `extra_state()`), `on_step`,
+    and a graceful stop if SIGTERM/SIGINT asked for one (agreed by every rank; Preempted after the checkpoint).
+
+    `resume` is a checkpoint this loop wrote (or None): the loop goes on from its update with the same random
+    streams, so a resumed run ends bit-identical to an uninterrupted one. Raises FastdiffError on a non-finite loss.
+    """
+    update, recent, wall = 0, [], 0.0
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        update, recent, wall = resume["step"], list(resume.get("recent", [])), resume.get("wall_clock_s", 0.0)
+        rng = resume["rng"]
+        restore_rng(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},  # before 0.2
+                    gen, device, salt, update)
+        log.info("resuming %s at update %d/%d", label, update, total)
+    model = dist.wrap_ddp(net, device)
+    t0, saved = time.perf_counter() - wall, update
+
+    def save() -> None:
+        nonlocal saved
+        rng = capture_rng(gen, device)  # a collective: every rank
+        if dist.is_main() and saved != update:
+            save_checkpoint(state_path, {**extra_state(), "model": net.state_dict(), "optimizer": opt.state_dict(),
+                                         "step": update, "rng": rng, "recent": recent,
+                                         "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
+        saved = update
+
+    cast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and device.type == "cuda")
+    # The bar closes on any exit, so that an error line starts on a line of its own.
+    with tqdm(total=total, initial=update, desc=label, disable=not progress or not dist.is_main(),
+              dynamic_ncols=True) as bar:
+        while update < total:
+            lr = lr_at(update)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # One update: the loss over `accumulate` micro-batches, the non-finite guard, the (clipped) step.
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in range(accumulate):
+                sync = contextlib.nullcontext() if micro == accumulate - 1 or model is net else model.no_sync()
+                with sync:
+                    with cast:
+                        loss = loss_fn(model)
+                    if not torch.isfinite(loss):
+                        raise FastdiffError(f"loss became {loss.item()} in {label} at update {update}; the last good "
+                                            f"checkpoint {state_path} is kept: lower --lr and re-run")
+                    (loss / accumulate if accumulate > 1 else loss).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip) if grad_clip is not None else None
+            opt.step()
+            update += 1
+            value = loss_sum / accumulate
+            recent = (recent + [value])[-50:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+            # The method's own bookkeeping, the checkpoint (the final state too: a file lost later is rebuilt from
+            # it), then a stop request if one came.
+            if after_update is not None:
+                after_update(update, value, lr, grad_norm)
+            if update % ckpt_every == 0 or update == total:
+                save()
+            if on_step is not None:
+                on_step(update)
+            if update < total:
+                stop_if_requested(device, save, f"in {label} at update {update}/{total}; checkpoint {state_path}")
+    return Fitted(sum(recent) / max(len(recent), 1), time.perf_counter() - t0)

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm import tqdm
 
 from fastdiff import config as C
 from fastdiff import distributed as D
 from fastdiff import runs
-from fastdiff.checkpoint import CKPT_NAME, load_resumable, save_checkpoint
+from fastdiff.checkpoint import CKPT_NAME, load_resumable
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
@@ -167,95 +166,66 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
 
 
 def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, progress: bool, on_step) -> None:
-    """The teacher's optimiser loop (Ho et al. 2020, Alg. 1 with the configured param and weighting)."""
-    ckpt_path, config = run / CKPT_NAME, C.to_dict(cfg)
+    """The teacher's updates (Ho et al. 2020, Alg. 1 with the configured param and weighting) through runs.fit, with
+    the weight EMA, metrics.csv and sample pictures as its per-update bookkeeping."""
+    ckpt_path = run / CKPT_NAME
     torch.manual_seed(cfg.seed + D.rank())  # dropout; the data/noise stream has its own generator
     net = build_network(cfg).to(device)
     # eval(): the EMA net only samples (pictures), so no dropout and no draws from the global RNG there.
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + D.rank())
-    step, loss_acc, n_acc = 0, 0.0, 0
+    start, acc = 0, [0.0, 0]  # the metrics row in progress: sum of losses, count
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        runs.restore_rng(ckpt["rng"], gen, device, cfg.seed * 1000, step)
-        loss_acc, n_acc = ckpt.get("loss_acc", (0.0, 0))  # the log row in progress, so metrics.csv matches too
-        log.info("resuming %s from step %d", run, step)
-    if step >= cfg.steps:
-        log.info("%s already finished (%d steps); nothing to do", run, step)
+        start, acc = ckpt["step"], list(ckpt.get("loss_acc", (0.0, 0)))  # so that metrics.csv matches too
+    if start >= cfg.steps:
+        log.info("%s already finished (%d steps); nothing to do", run, start)
         return
-    metrics = runs.MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], step)
-    model = D.wrap_ddp(net, device)
+    metrics = runs.MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], start)
     x_all = data.x.to(device)
     y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
     schedule = Schedule(cfg.schedule, cfg.T)
     local_batch = D.local_batch_size(cfg.batch_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t_start, saved = time.perf_counter(), step
+    t_start = time.perf_counter()
 
-    def save() -> None:
-        nonlocal saved
-        rng = runs.capture_rng(gen, device)  # a collective: every rank
-        if D.is_main() and saved != step:
-            save_checkpoint(ckpt_path, {"kind": "teacher", "config": config, "param": cfg.param,
-                                        "network": network_to_dict(network_config(cfg)),
-                                        "data_shape": list(data.shape), "model": net.state_dict(),
-                                        "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "rng": rng, "loss_acc": (loss_acc, n_acc)}, keep_previous=True)
-        saved = step
+    def loss_fn(model) -> torch.Tensor:
+        # The batch, the flips and the dropped labels come from the run's own stream, then t and eps.
+        idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
+        x0 = x_all[idx]
+        if cfg.flip:
+            flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        y = None
+        if y_all is not None:
+            drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
+            y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
+        return diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
 
-    # The bar closes on any exit, so that an error line starts on a line of its own.
-    with tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.dataset}", disable=not progress or not D.is_main(),
-              dynamic_ncols=True) as bar:
-        while step < cfg.steps:
-            # Draw the batch, the flips and the dropped labels from the run's own stream.
-            idx = torch.randint(len(x_all), (local_batch,), generator=gen).to(device)
-            x0 = x_all[idx]
-            if cfg.flip:
-                flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            y = None
-            if y_all is not None:
-                drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
-                y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
-            lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # --warmup 0: no warm-up
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # One update: loss, non-finite guard, clipped step, weight EMA.
-            with autocast:
-                loss = diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
-            if not torch.isfinite(loss):
-                raise FastdiffError(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint kept)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema_decay)
-            step += 1
-            loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
-            bar.update(1)
-            # Log, checkpoint, picture, then honour a stop request (all ranks agree on it).
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
-                metrics.append({"step": step, "loss": f"{loss_acc / n_acc:.6f}", "lr": f"{lr:.3g}",
-                                "grad_norm": f"{grad_norm.item():.4f}",
-                                "wall_s": f"{time.perf_counter() - t_start:.1f}"})
-                loss_acc, n_acc = 0.0, 0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save()
-            if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
-                save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
-            if on_step is not None:
-                on_step(step)
-            if step < cfg.steps:
-                runs.stop_if_requested(device, save, f"at step {step} of {cfg.steps}; checkpoint {ckpt_path}")
+    def after_update(step: int, loss: float, lr: float, grad_norm) -> None:
+        with torch.no_grad():  # the weight EMA the teacher samples with
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - cfg.ema_decay)
+        acc[0], acc[1] = acc[0] + loss, acc[1] + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.append({"step": step, "loss": f"{acc[0] / acc[1]:.6f}", "lr": f"{lr:.3g}",
+                            "grad_norm": f"{grad_norm.item():.4f}", "wall_s": f"{time.perf_counter() - t_start:.1f}"})
+            acc[0], acc[1] = 0.0, 0
+        if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
+            save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
+
+    def extra_state() -> dict:
+        return {"kind": "teacher", "config": C.to_dict(cfg), "param": cfg.param,
+                "network": network_to_dict(network_config(cfg)), "data_shape": list(data.shape),
+                "ema": ema.state_dict(), "loss_acc": tuple(acc)}
+
+    runs.fit(net, opt, total=cfg.steps, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
+             lr_at=lambda step: cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
+             state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {cfg.dataset}", resume=ckpt,
+             extra_state=extra_state, after_update=after_update, on_step=on_step, grad_clip=cfg.grad_clip,
+             autocast=True, progress=progress)
     D.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
-    log.info("trained %s for %d steps in %.1f s", run, step, time.perf_counter() - t_start)
+    log.info("trained %s for %d steps in %.1f s", run, cfg.steps, time.perf_counter() - t_start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,7 +95,7 @@ def test_sigterm_stops_training_after_the_update_with_a_checkpoint_and_exit_143(
         return T.main(argv)
 
     assert run_cli(stop_on_arrival, [*argv, "--out-dir", str(run)]) == 143
-    assert "stopped by SIGTERM at step 1 of 30" in capsys.readouterr().err
+    assert "stopped by SIGTERM in train toy2d at update 1/30" in capsys.readouterr().err
     assert CK.load_checkpoint(run / "checkpoint.pt")["step"] == 1
 
     def sigint_at_13(step):  # a real signal, through the handler graceful_stop installs

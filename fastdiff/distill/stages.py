@@ -3,13 +3,11 @@ student files, and the per-round evaluation (the student against the teacher's D
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from fastdiff import distributed as D
 from fastdiff import runs
@@ -69,76 +67,40 @@ def batch_cond(ctx: DistillRun, idx, gen) -> dict:
 
 
 def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: str, n_student: int | None, total: int,
-                 label: str) -> tuple[float, float]:
-    """Train `student` for `total` updates of stage r (resumable from state.pt); -> (recent loss, wall-clock s).
-
-    A stop request ends it after the current update with state.pt written (Preempted)."""
+                label: str) -> tuple[float, float]:
+    """Train `student` for `total` updates of stage r through runs.fit (resumable from state.pt); -> (mean of the last
+    50 losses, wall-clock s). Progressive rounds (n_student = N) match two DDIM steps of the teacher; the guided
+    first stage (n_student None) matches the CFG teacher at a w drawn per example. A stop request ends it after
+    the current update with state.pt written (Preempted)."""
     cfg = ctx.cfg
     teacher_net.eval().requires_grad_(False)
     student.train().requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     salt = cfg.seed * 7919 + r * 104729
     gen = torch.Generator().manual_seed(salt + D.rank())
-    torch.manual_seed(salt + 1 + D.rank())  # dropout draws from the global stream: seeded per stage, saved below
-    updates, round_wall, recent = 0, 0.0, []
+    torch.manual_seed(salt + 1 + D.rank())  # dropout draws from the global stream: seeded per stage, saved by fit
     state = load_resumable(ctx.state_path, map_location=ctx.device)
-    if state is not None and state["round"] == r:
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        updates, round_wall, recent = state["step"], state["wall_clock_s"], list(state.get("recent", []))
-        rng = state["rng"]
-        runs.restore_rng(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},
-                         gen, ctx.device, salt, updates)
-        log.info("resuming %s at update %d/%d", label, updates, total)
-    model = D.wrap_ddp(student, ctx.device)
     local_batch = D.local_batch_size(cfg.batch_size)
-    t0, saved = time.perf_counter() - round_wall, updates
 
-    def save() -> None:
-        nonlocal saved
-        rng = runs.capture_rng(gen, ctx.device)  # a collective: every rank
-        if D.is_main() and saved != updates:
-            save_checkpoint(ctx.state_path, {"kind": "distill-state", "config": ctx.student_cfg,
-                                             "network": ctx.student_network,
-                                             "model": student.state_dict(), "round": r, "step": updates,
-                                             "optimizer": opt.state_dict(), "rng": rng, "recent": recent,
-                                             "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
-        saved = updates
+    def loss_fn(model) -> torch.Tensor:
+        idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
+        cond = batch_cond(ctx, idx, gen)
+        if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
+            target_fn = guided_x0_eps(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"], ctx.num_classes)
+        else:
+            target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
+        return student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
 
-    # The bar closes on any exit, so that an error line starts on a line of its own.
-    with tqdm(total=total, initial=updates, desc=label, disable=not ctx.progress or not D.is_main(),
-              dynamic_ncols=True) as bar:
-        while updates < total:
-            for group in opt.param_groups:  # Salimans & Ho 2022, sec. 5: the learning rate annealed linearly to 0
-                group["lr"] = cfg.lr * (1 - updates / total)
-            idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
-            cond = batch_cond(ctx, idx, gen)
-            if n_student is None:  # the guided first stage: match the CFG teacher at the sampled w
-                target_fn = guided_x0_eps(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"],
-                                          ctx.num_classes)
-            else:
-                target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
-            loss = student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
-            if not torch.isfinite(loss):
-                raise FastdiffError(f"distillation loss became {loss.item()} in {label} at update {updates}; "
-                                    f"the last good checkpoint {ctx.state_path} is kept — lower --lr and re-run")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            updates += 1
-            recent = (recent + [loss.item()])[-50:]
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-            # The state at the end of the stage is kept too: a student file lost later is rebuilt from it.
-            if updates % cfg.ckpt_every == 0 or updates == total:
-                save()
-            if ctx.on_step is not None:
-                ctx.on_step(r, updates)
-            if updates < total:
-                runs.stop_if_requested(ctx.device, save, f"in {label} at update {updates}/{total}; "
-                                                         f"checkpoint {ctx.state_path}")
+    fitted = runs.fit(
+        student, opt, total=total, loss_fn=loss_fn, gen=gen, salt=salt, device=ctx.device,
+        lr_at=lambda update: cfg.lr * (1 - update / total),  # Salimans & Ho 2022, sec. 5: annealed linearly to 0
+        state_path=ctx.state_path, ckpt_every=cfg.ckpt_every, label=label,
+        resume=state if state is not None and state["round"] == r else None,
+        extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "network": ctx.student_network,
+                             "round": r},
+        on_step=None if ctx.on_step is None else lambda update: ctx.on_step(r, update), progress=ctx.progress)
     student.eval().requires_grad_(False)
-    return sum(recent) / max(len(recent), 1), time.perf_counter() - t0
+    return fitted.loss, fitted.seconds
 
 
 def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int) -> None:
