@@ -36,16 +36,13 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import io
 import json
 import logging
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -60,10 +57,12 @@ from fastdiff import samplers as S
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import EXTRACTORS, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import SPACINGS, make_grid
-from fastdiff.io import atomic_path, write_bytes, write_text
-from fastdiff.metrics import METRICS, Reference, class_accuracy, compute_metrics, load_reference
+from fastdiff.io import atomic_path, write_text
+from fastdiff.metrics import METRICS, class_accuracy, compute_metrics
 from fastdiff.results import CSV_NAME, COLUMNS, NOISE, ResultsCSV, git_commit, teacher_hashes, to_csv_value
 from fastdiff.schedules import Schedule
+from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, generate, load_family, scores_classes,
+                            warm_up)
 
 log = logging.getLogger(__name__)
 
@@ -124,45 +123,6 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Network:
-    """A network to sample: `net(x, t) -> out` in parameterization `param`, on `schedule`; `hash` identifies it."""
-
-    net: Callable
-    schedule: Schedule
-    param: str
-    hash: str
-    num_classes: int = 0
-    takes_w: bool = False
-
-
-@dataclass(frozen=True)
-class Family:
-    """What one sweep samples: the teacher, its students {N: network}, and the reference data to score against."""
-
-    dataset: str
-    data_shape: tuple[int, ...]
-    teacher: Network
-    students: dict[int, Network]
-    reference: Reference
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One sampling run = one group of CSV rows (one per metric). `eta` is None for DDPM (see `variance`)."""
-
-    sampler: str
-    grid: str
-    steps: int
-    eta: float | None = None
-    variance: str = ""
-    guidance: float | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.sampler}/{self.grid}/{self.steps}" + ("" if self.guidance is None else f"/w={self.guidance:g}")
-
-
 def validate(cfg: BenchConfig) -> None:
     """Reject a config a sweep cannot run, before anything is loaded or written."""
     def bad(names, allowed, what):
@@ -209,126 +169,6 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int]) -> list[
     return specs
 
 
-def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, param: str, clip: bool,
-                generators, guidance: float | None = None) -> S.Sample:
-    """(B, ...) initial noise -> Sample of `spec`'s sampler on its grid (CFG weight `guidance` if given)."""
-    ts = make_grid(spec.grid, spec.steps, schedule)
-    kw = dict(schedule=schedule, param=param, clip=clip, generator=generators, guidance=guidance)
-    if spec.sampler in ("ddpm", "ddpm-strided"):
-        return S.ddpm(net, x, ts, variance=spec.variance, **kw)
-    if spec.sampler == "dpm++2m":
-        return S.dpm_solver_pp_2m(net, x, ts, **kw)
-    if spec.sampler == "heun":
-        return S.heun(net, x, ts, **kw)
-    return S.ddim(net, x, ts, eta=spec.eta, **kw)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PartialRow:
-    """The finished batches of one sampling run, a file each (`b{start}.pt`: samples, seconds, NFE), so that a
-    row stopped or killed mid-way resumes at its first missing batch. Only rank 0 reads and writes it."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def load(self) -> dict[int, dict]:
-        done = {}
-        for path in sorted(self.folder.glob("b*.pt")) if self.folder.is_dir() else []:
-            try:
-                done[int(path.stem[1:])] = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - a batch file cut short by a kill is sampled again
-                log.warning("partial batch %s is unreadable; sampling it again", path)
-        return done
-
-    def add(self, start: int, batch: dict) -> None:
-        buf = io.BytesIO()
-        torch.save(batch, buf)
-        write_bytes(self.folder / f"b{start:09d}.pt", buf.getvalue())
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _sample_batch(spec: Spec, network: Network, shape, cfg: BenchConfig, device, start: int) -> dict:
-    """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
-    idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
-    gens = S.sample_generators(cfg.seed, idx)
-    x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
-    _sync(device)
-    t0 = time.perf_counter()
-    net, guidance = _conditioned(network, spec, idx, device)
-    with torch.no_grad():
-        sample = run_sampler(spec, net, x, network.schedule, network.param, cfg.clip, gens, guidance)
-    _sync(device)
-    return {"x": sample.x.float().cpu(), "seconds": time.perf_counter() - t0, "nfe": sample.nfe}
-
-
-def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg: BenchConfig, device: torch.device,
-             partial: PartialRow | None = None):
-    """-> ((n_samples, *shape) samples on CPU, nfe, per-batch seconds); (None, nfe, times) off rank 0.
-
-    Sample k starts from `sample_generators(cfg.seed, [k])`'s noise, and its per-step noise comes from the same
-    generator, so it does not depend on the batch size or the rank that draws it. With `partial`, finished
-    batches are kept on disk as they come and a stop request (see fastdiff.runs) ends the row after the current
-    batch (Preempted); the batches already there are not sampled again.
-    """
-    # Whole batches per rank (batch j of a round on rank j): sample k is drawn in the batch it has in one process,
-    # so the gathered set is bit-identical to a single-process run even where a network's floats depend on the
-    # batch size (CPU GEMMs do).
-    starts = list(range(0, cfg.n_samples, cfg.batch_size))
-    done = (partial.load() if partial is not None else {}) if D.is_main() else {}
-    have = set(D.on_main(lambda: sorted(done)) or ())
-    todo = [s for s in starts if s not in have]
-    world = D.world_size()
-    for k in range(0, len(todo), world):
-        group = todo[k:k + world]
-        mine = group[D.rank()] if D.rank() < len(group) else None
-        batch = None if mine is None else (mine, _sample_batch(spec, network, shape, cfg, device, mine))
-        for part in D.gather_objects(batch):
-            if part is not None and D.is_main():
-                done[part[0]] = part[1]
-                if partial is not None:
-                    partial.add(*part)
-        if partial is not None and k + world < len(todo):
-            runs.stop_if_requested(device, lambda: None, f"in row {spec.label} with {len(done)} of {len(starts)} "
-                                                         f"batches kept in {partial.folder}")
-    nfe = max((b["nfe"] for b in done.values()), default=0) if D.is_main() else 0
-    if not D.is_main():
-        return None, nfe, []
-    x = torch.empty(cfg.n_samples, *shape)
-    for start, b in done.items():
-        x[start:start + len(b["x"])] = b["x"]
-    return x, nfe, [done[s]["seconds"] for s in starts]
-
-
-def class_labels(indices, num_classes: int, device) -> torch.Tensor:
-    """The class sample k asks for in a guided sweep: k % num_classes (the same in every row)."""
-    return torch.as_tensor(list(indices), device=device) % num_classes
-
-
-def _conditioned(network: Network, spec: Spec, idx, device):
-    """-> (sampler model, sampler guidance): the plain net, the CFG pair of a teacher, or a w-conditioned student."""
-    if spec.guidance is None:
-        return network.net, None
-    from fastdiff.guidance import conditional, guided
-
-    y = class_labels(idx, network.num_classes, device)
-    if network.takes_w:
-        return conditional(network.net, y, torch.full((len(y),), spec.guidance, device=device)), None
-    return guided(network.net, y, network.num_classes), spec.guidance
-
-
-def warm_up(network: Network, shape: tuple[int, ...], batch: int, device: torch.device) -> None:
-    """One forward pass at t = 0.5 on zeros, so that one-time costs (allocation, autotuning) miss the timings."""
-    with torch.no_grad():
-        network.net(torch.zeros(batch, *shape, device=device), torch.full((batch,), 0.5, device=device))
-    _sync(device)
-
-
 def device_name(device: torch.device) -> str:
     return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
 
@@ -347,60 +187,6 @@ def save_samples(path: Path, x: torch.Tensor, spec: Spec, nfe: int) -> None:
     keep = to_extractor_input(x[:N_SAVED_IMAGES] if x.ndim == 4 else x[:N_SAVED_POINTS]).numpy()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, samples=keep, sampler=spec.sampler, spacing=spec.grid, steps=spec.steps, nfe=nfe)
-
-
-def load_family(cfg: BenchConfig, device: torch.device) -> Family:
-    """The teacher (cfg.model, else the teacher of cfg.distill_dir), every student of cfg.distill_dir, the reference."""
-    from fastdiff.checkpoint import load_model
-
-    teacher_path = cfg.model
-    students_dir = Path(cfg.distill_dir) / "students"
-    if cfg.distill_dir:
-        if not students_dir.is_dir():
-            raise FastdiffError(f"--distill-dir {cfg.distill_dir!r} has no students/ folder; pass a run dir of "
-                                "python -m fastdiff.distill")
-        if not teacher_path:
-            config_path = Path(cfg.distill_dir) / "config.json"
-            try:
-                teacher_path = json.loads(config_path.read_text())["teacher"]
-            except (OSError, ValueError, KeyError):
-                raise FastdiffError(f"{config_path} is missing or names no teacher; pass --model") from None
-    teacher = load_model(teacher_path, device)
-    students = {}
-    if cfg.distill_dir and "distilled" in cfg.samplers:
-        for path in sorted(students_dir.glob("student_N*.pt")):
-            st = load_model(path, device)
-            if st.kind != "student" or not st.steps:
-                raise FastdiffError(f"{path} is not a student checkpoint (kind {st.kind!r}, steps {st.steps})")
-            if st.schedule != teacher.schedule:
-                raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
-            students[int(st.steps)] = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st),
-                                              bool(st.config.get("scalar_cond")))
-        if not students:
-            log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
-    elif "distilled" in cfg.samplers:
-        log.info("no --distill-dir: the sweep has no distilled students")
-    dataset = cfg.dataset or teacher.dataset
-    reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
-                               seed=int(teacher.config.get("seed", 0)))
-    network = Network(teacher.net, teacher.schedule, teacher.param, teacher.hash, _num_classes(teacher))
-    if cfg.guidance and not network.num_classes:
-        raise FastdiffError(f"--guidance needs a class-conditional teacher (trained with --cond class); "
-                            f"{teacher.path} is unconditional")
-    return Family(dataset, tuple(teacher.data_shape), network, students, reference)
-
-
-def _scores_classes(spec: Spec, network: Network, dataset: str) -> bool:
-    """Guided rows of a labelled image data set also get the class accuracy by the project's classifier."""
-    from fastdiff.data import static_info
-
-    return spec.guidance is not None and network.num_classes > 0 and len(static_info(dataset)[0]) == 3
-
-
-def _num_classes(model) -> int:
-    from fastdiff.data import static_info
-
-    return static_info(model.dataset)[1] if model.config.get("cond") == "class" else 0
 
 
 def results_csv_path(out_dir, name: str) -> Path:
@@ -477,7 +263,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         if not D.is_main():
             continue
         values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
-        if _scores_classes(spec, network, family.dataset):
+        if scores_classes(spec, network, family.dataset):
             labels = class_labels(range(cfg.n_samples), network.num_classes, "cpu")
             values["class_accuracy"] = class_accuracy(x, labels, family.dataset)
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
@@ -521,7 +307,7 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
             "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
             "steps": spec.steps, "guidance": spec.guidance,
             "samples_file": samples_file(spec, network, cfg)}
-    names = _metric_names(cfg.metrics) + (["class_accuracy"] if _scores_classes(spec, network, base["dataset"]) else [])
+    names = _metric_names(cfg.metrics) + (["class_accuracy"] if scores_classes(spec, network, base["dataset"]) else [])
     return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
             for m in names]
 

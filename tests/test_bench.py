@@ -19,7 +19,8 @@ from fastdiff import config as C
 from fastdiff import features as F
 from fastdiff import samplers as S
 from fastdiff.analytic import GaussianDenoiser
-from fastdiff.bench import COLUMNS, BenchConfig, Family, Network, main, run_sweep
+from fastdiff.bench import COLUMNS, BenchConfig, main, run_sweep
+from fastdiff.sweep import Family, Network
 from fastdiff.checkpoint import save_checkpoint
 from fastdiff.errors import run_cli
 from fastdiff.metrics import Reference

@@ -158,7 +158,8 @@ def sample_sets() -> dict:
     from the tiny MLP (seed 0) with strided DDPM: both draw fresh noise at every step, the MLP's floats depend on the
     batch size. (10, 2) tensors on rank 0, None on the others."""
     from fastdiff.analytic import GaussianDenoiser
-    from fastdiff.bench import BenchConfig, Network, Spec, generate
+    from fastdiff.bench import BenchConfig
+    from fastdiff.sweep import Network, Spec, generate
     from fastdiff.schedules import Schedule
 
     schedule = Schedule("cosine", 1000)
