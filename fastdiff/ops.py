@@ -77,7 +77,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
                  coef_x0: torch.Tensor, coef_xt: torch.Tensor, coef_noise: torch.Tensor, clip: bool = False,
                  noise: torch.Tensor | None = None, seed: int | None = None, sample_index: torch.Tensor | None = None,
-                 out_uncond: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+                 out_uncond: torch.Tensor | None = None, guidance: float | None = None,
+                 validate: bool = True) -> torch.Tensor:
     """(B, ...) x_t and network output -> (B, ...) x_s = coef_x0 x0_hat + coef_xt x_t + coef_noise z, in x_t's dtype.
 
     x0_hat comes from `out` in the parameterization `param` (eps, x0 or v) at (alpha_t, sigma_t), after the
@@ -88,7 +89,27 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
     (coef_noise must then be 0). The two paths draw that seeded noise from different generators (Philox
     in the Triton kernel, one torch CPU generator per sample here), so their seeded outputs differ.
     Math runs in fp32, or fp64 for fp64 inputs on the torch path.
+
+    `validate=False` skips the argument checks (ValueError otherwise): the samplers pass it, since they build the
+    per-sample coefficients themselves; the check that a noiseless step has coef_noise == 0 costs a host-device
+    synchronisation on CUDA, which would also keep a sampler loop out of a CUDA graph.
     """
+    if validate:
+        _check_step(x_t, out, param, (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise), noise, seed, sample_index,
+                    out_uncond, guidance)
+    kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance, noise=noise)
+    if _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
+        from fastdiff.kernels.sampler_step import sampler_step as fused_step
+
+        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, seed=seed,
+                          sample_index=sample_index, **kwargs)
+    if seed is not None:
+        kwargs["noise"] = _seeded_noise(x_t, seed, sample_index)
+    return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
+
+
+def _check_step(x_t, out, param, coefs, noise, seed, sample_index, out_uncond, guidance) -> None:
+    """The argument checks of sampler_step (ValueError naming the argument)."""
     if param not in PARAMS:
         raise ValueError(f"unknown parameterization {param!r}; choose one of {PARAMS}")
     if x_t.ndim < 1 or not x_t.is_floating_point():
@@ -98,7 +119,7 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
         if t is not None and (t.shape != x_t.shape or not t.is_floating_point()):
             raise ValueError(f"{name} must be a floating tensor of x_t's shape {tuple(x_t.shape)}; "
                              f"got {t.dtype} of shape {tuple(t.shape)}")
-    coefs = {"alpha_t": alpha_t, "sigma_t": sigma_t, "coef_x0": coef_x0, "coef_xt": coef_xt, "coef_noise": coef_noise}
+    coefs = dict(zip(("alpha_t", "sigma_t", "coef_x0", "coef_xt", "coef_noise"), coefs))
     for name, c in coefs.items():
         if not isinstance(c, torch.Tensor) or c.shape != (batch,):
             raise ValueError(f"{name} must be a per-sample tensor of shape ({batch},); got {c!r:.80}")
@@ -111,17 +132,8 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
             raise ValueError(f"seed must be an int in [0, 2**63); got {seed!r}")
         if sample_index is None or sample_index.shape != (batch,) or sample_index.is_floating_point():
             raise ValueError(f"seeded noise needs sample_index, an integer tensor of shape ({batch},)")
-    elif noise is None and bool((coef_noise != 0).any()):
+    elif noise is None and bool((coefs["coef_noise"] != 0).any()):
         raise ValueError("coef_noise is nonzero but there is no noise: pass noise, or seed and sample_index")
-    kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance, noise=noise)
-    if _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
-        from fastdiff.kernels.sampler_step import sampler_step as fused_step
-
-        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, seed=seed,
-                          sample_index=sample_index, **kwargs)
-    if seed is not None:
-        kwargs["noise"] = _seeded_noise(x_t, seed, sample_index)
-    return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
 
 
 def sample_generators(seed: int, indices) -> list[torch.Generator]:

@@ -293,3 +293,19 @@ def test_inpaint_keeps_the_known_region(sampler, kw):
     if sampler is ddim:  # nothing known: plain sampling from the same initial noise
         plain = ddim(model, _noise(4, seed=2), ts, schedule=schedule, param="x0")
         assert torch.equal(run(torch.zeros(DIM)).x, plain.x)
+
+
+def test_sampler_loops_skip_the_argument_checks_of_the_step(monkeypatch):
+    """The samplers build their per-sample coefficients themselves, so each step skips sampler_step's checks (on
+    CUDA one of them synchronises host and device); a direct call still checks."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sampler step was validated")
+
+    monkeypatch.setattr(ops, "_check_step", refuse)
+    schedule = Schedule("linear", 1000)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ddpm(lambda x, t: torch.zeros_like(x), x, make_grid("linspace", 4, schedule), schedule=schedule, param="eps",
+         generator=sample_generators(0, range(4)))
+    with pytest.raises(AssertionError):
+        ops.sampler_step(x, x, param="eps", **{k: torch.ones(4) for k in ("alpha_t", "sigma_t", "coef_x0", "coef_xt",
+                                                                          "coef_noise")})
