@@ -106,7 +106,8 @@ def attention_summary(entries):
 
 
 def targets(steps, attn):
-    """The issue's GPU targets, each with the figures it was judged on (None: not measured)."""
+    """The GPU targets (fused step near copy bandwidth, attention at or above SDPA's fastest backend), each with the
+    figures it was judged on (None: not measured)."""
     step_rows = [r for r in steps if r["size"] in STEP_TARGET_SIZES and "triton" in r]
     attn_rows = [r for r in attn if r["shape"] in ATTN_TARGET_SHAPES and "triton_over_fastest_sdpa" in r]
 

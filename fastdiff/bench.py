@@ -110,10 +110,9 @@ class BenchConfig:
 
 
 PRESETS = {
-    # The CPU defaults, one spacing each (add --spacings quadratic,linspace for the DDIM paper's comparison): the
-    # 1.6M-parameter digits U-Net costs 0.15 s (2 idle cores) to 0.25 s (1 core) per 500-sample forward here, and
-    # this sweep is ~1500 forwards (1000 of them the full-grid DDPM row). KID (100 subsets) would add ~3 s per row
-    # here: ask for it with --metrics fid,kid,prc.
+    # The CPU defaults, one spacing each (add --spacings quadratic,linspace for the DDIM paper's comparison); the
+    # digits sweep is ~1500 forwards, 1000 of them the full-grid DDPM row. KID (100 subsets) is left out for its
+    # cost per row: ask for it with --metrics fid,kid,prc (timings in the README).
     "digits": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=500, batch_size=500),
     "toy2d": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=2000, batch_size=2000,
                          clip=False, metrics=("fid", "prc", "swd"), n_ref=5000),

@@ -62,8 +62,8 @@ def init_from_env(device: str = "auto", timeout_s: float = TIMEOUT_S):
     try:
         yield
         # Every rank reaches the teardown before any rank leaves it: a rank that destroys its group while another is
-        # still in a collective or in its own teardown made gloo abort the process ('terminate called without an
-        # active exception', about 1 launch in 8 here).
+        # still in a collective or in its own teardown can make gloo abort the process ('terminate called without
+        # an active exception').
         torch.distributed.barrier()
     finally:
         gc.collect()  # a DDP reducer still holding the group must let go before the group is destroyed
@@ -156,10 +156,9 @@ def configure_cpu_threads() -> int:
 
     OMP_NUM_THREADS, when set, decides. Otherwise: the cores this process may run on times the share that is
     idle right now (`busy_fraction`), split between the torchrun processes of this node, rounded, at least 1 and
-    at most torch's own default. Measured on this 2-vCPU machine (digits distillation update): idle, 2 threads
-    0.167 s and 1 thread 0.27 s; beside one busy process, 2 threads 0.57 s and 1 thread 0.28 s (OpenMP threads
-    spin waiting for a core the other process holds; with two busy neighbours 2 threads were 18x slower than 1).
-    A job that starts later is not seen: set OMP_NUM_THREADS=1 on a machine that will be shared.
+    at most torch's own default: OpenMP threads spin waiting for a core another process holds, so on a busy
+    machine more threads than free cores is slower than fewer (measurements in the README). A job that starts
+    later is not seen: set OMP_NUM_THREADS=1 on a machine that will be shared.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()

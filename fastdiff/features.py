@@ -240,7 +240,7 @@ def classifier_weights(dataset: str, data_root: str = "") -> tuple[Path, float]:
 @contextmanager
 def _one_thread():
     """Run torch ops on one CPU thread: these convolutions are too small to gain from more, and on a busy
-    machine spinning OpenMP threads made training 8x slower."""
+    machine spinning OpenMP threads slow them down."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

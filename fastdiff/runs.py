@@ -303,14 +303,8 @@ def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int, loss_fn
     `resume` is a checkpoint this loop wrote (or None): the loop goes on from its update with the same random
     streams, so a resumed run ends bit-identical to an uninterrupted one. Raises FastdiffError on a non-finite loss.
     """
-    update, recent, wall = 0, [], 0.0
+    update, recent, wall = _resume(resume, net, opt, gen, device, salt) if resume is not None else (0, [], 0.0)
     if resume is not None:
-        net.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        update, recent, wall = resume["step"], list(resume.get("recent", [])), resume.get("wall_clock_s", 0.0)
-        rng = resume["rng"]
-        restore_rng(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},  # before 0.2
-                    gen, device, salt, update)
         log.info("resuming %s at update %d/%d", label, update, total)
     model = dist.wrap_ddp(net, device)
     t0, saved = time.perf_counter() - wall, update
@@ -324,31 +318,15 @@ def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int, loss_fn
                                          "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
         saved = update
 
-    cast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and device.type == "cuda")
+    step = _Update(net, model, opt, loss_fn, grad_clip, accumulate, autocast and device.type == "cuda",
+                   f"in {label}", state_path)
     # The bar closes on any exit, so that an error line starts on a line of its own.
     with tqdm(total=total, initial=update, desc=label, disable=not progress or not dist.is_main(),
               dynamic_ncols=True) as bar:
         while update < total:
             lr = lr_at(update)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # One update: the loss over `accumulate` micro-batches, the non-finite guard, the (clipped) step.
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(accumulate):
-                sync = contextlib.nullcontext() if micro == accumulate - 1 or model is net else model.no_sync()
-                with sync:
-                    with cast:
-                        loss = loss_fn(model)
-                    if not torch.isfinite(loss):
-                        raise FastdiffError(f"loss became {loss.item()} in {label} at update {update}; the last good "
-                                            f"checkpoint {state_path} is kept: lower --lr and re-run")
-                    (loss / accumulate if accumulate > 1 else loss).backward()
-                loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip) if grad_clip is not None else None
-            opt.step()
+            value, grad_norm = step(lr, update)
             update += 1
-            value = loss_sum / accumulate
             recent = (recent + [value])[-50:]
             bar.update(1)
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
@@ -363,3 +341,49 @@ def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int, loss_fn
             if update < total:
                 stop_if_requested(device, save, f"in {label} at update {update}/{total}; checkpoint {state_path}")
     return Fitted(sum(recent) / max(len(recent), 1), time.perf_counter() - t0)
+
+
+def _resume(state: dict, net, opt, gen: torch.Generator, device, salt: int) -> tuple[int, list[float], float]:
+    """Load what fit saved into `net`, `opt` and the RNG streams; -> (update, recent losses, wall-clock s)."""
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    restore_rng(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},  # before 0.2
+                gen, device, salt, state["step"])
+    return state["step"], list(state.get("recent", [])), state.get("wall_clock_s", 0.0)
+
+
+@dataclass
+class _Update:
+    """One optimiser update of `fit`: the loss over `accumulate` micro-batches (DDP syncs the last one's gradients
+    only), the non-finite guard, the optional gradient clip and the step. -> (mean loss, grad norm or None)."""
+
+    net: torch.nn.Module
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: Callable[[torch.nn.Module], torch.Tensor]
+    grad_clip: float | None
+    accumulate: int
+    autocast: bool
+    where: str
+    state_path: Path
+
+    def __call__(self, lr: float, update: int) -> tuple[float, torch.Tensor | None]:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(self.accumulate):
+            last = micro == self.accumulate - 1
+            with contextlib.nullcontext() if last or self.model is self.net else self.model.no_sync():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.loss_fn(self.model)
+                if not torch.isfinite(loss):
+                    raise FastdiffError(f"loss became {loss.item()} {self.where} at update {update}; the last good "
+                                        f"checkpoint {self.state_path} is kept: lower --lr and re-run")
+                (loss / self.accumulate if self.accumulate > 1 else loss).backward()
+            total += loss.item()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+                     if self.grad_clip is not None else None)
+        self.opt.step()
+        return total / self.accumulate, grad_norm

@@ -214,11 +214,10 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
         if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
 
-    def extra_state() -> dict:
-        return {"kind": "teacher", "config": C.to_dict(cfg), "param": cfg.param,
-                "network": network_to_dict(network_config(cfg)), "data_shape": list(data.shape),
-                "ema": ema.state_dict(), "loss_acc": tuple(acc)}
-
+    network = network_to_dict(network_config(cfg))
+    extra_state = lambda: {"kind": "teacher", "config": C.to_dict(cfg), "param": cfg.param,  # noqa: E731
+                           "network": network, "data_shape": list(data.shape), "ema": ema.state_dict(),
+                           "loss_acc": tuple(acc)}
     runs.fit(net, opt, total=cfg.steps, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
              lr_at=lambda step: cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
              state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {cfg.dataset}", resume=ckpt,
