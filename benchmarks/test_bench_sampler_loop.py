@@ -3,15 +3,15 @@ network's cost and the sampler's own cost are timed together as a user sees them
 import pytest
 import torch
 
-from fastdiff import samplers as S
+from fastdiff import samplers
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.schedules import Schedule
 
 TINY_UNET = UNetConfig(image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        head_dim=16, dropout=0.0)
 # sampler -> (function, grid, keyword arguments); heun runs (nfe + 1) // 2 steps so its NFE matches
-LOOPS = {"ddim": (S.ddim, "linspace", {}), "ddpm": (S.ddpm, "linspace", {}),
-         "dpm++2m": (S.dpm_solver_pp_2m, "logsnr", {}), "heun": (S.heun, "karras", {})}
+LOOPS = {"ddim": (samplers.ddim, "linspace", {}), "ddpm": (samplers.ddpm, "linspace", {}),
+         "dpm++2m": (samplers.dpm_solver_pp_2m, "logsnr", {}), "heun": (samplers.heun, "karras", {})}
 
 
 @pytest.mark.parametrize("nfe", [10, 50])
@@ -23,8 +23,8 @@ def test_sampler_loop_cpu(benchmark, cpu_threads, name, nfe):
     schedule = Schedule("cosine")
     fn, grid, kw = LOOPS[name]
     steps = (nfe + 1) // 2 if name == "heun" else nfe
-    ts = S.make_grid(grid, steps, schedule)
-    gens = S.sample_generators(0, range(x.shape[0]))
+    ts = samplers.make_grid(grid, steps, schedule)
+    gens = samplers.sample_generators(0, range(x.shape[0]))
     with torch.no_grad():
         sample = benchmark.pedantic(lambda: fn(net, x, ts, schedule=schedule, param="v", generator=gens, **kw),
                                     rounds=3, warmup_rounds=1)

@@ -50,10 +50,10 @@ import torch_fidelity
 from tqdm import tqdm
 
 import fastdiff
-from fastdiff import config as C
-from fastdiff import distributed as D
+from fastdiff import config as cfgs
+from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff import samplers as S
+from fastdiff.samplers import VARIANCES
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import EXTRACTORS, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import SPACINGS, make_grid
@@ -133,7 +133,7 @@ def validate(cfg: BenchConfig) -> None:
     bad(cfg.spacings, SPACINGS, "spacing(s)")
     bad(cfg.metrics, METRICS, "metric(s)")
     bad((cfg.extractor,), EXTRACTORS, "extractor")
-    bad((cfg.variance,), S.VARIANCES, "DDPM variance")
+    bad((cfg.variance,), VARIANCES, "DDPM variance")
     bad((cfg.ref_split,), ("train", "test"), "reference split")
     if not cfg.samplers or not cfg.metrics or not cfg.steps:
         raise FastdiffError("need at least one --samplers, --metrics and --steps entry")
@@ -209,7 +209,7 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     validate(cfg)
     device = runs.resolve_device(cfg.device)
     family = family or load_family(cfg, device)
-    extractor = D.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained/fetched once
+    extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained/fetched once
                           inception_weights=cfg.inception_weights, data_root=cfg.data_root)
     if tuple(family.reference.x.shape[1:]) != family.data_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
@@ -218,11 +218,11 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     csv_path = results_csv_path(cfg.out_dir, cfg.name or family.dataset)
     out = csv_path.parent
     with contextlib.ExitStack() as held:
-        with D.same_outcome():  # rank 0's refused or locked --out-dir is an error on every rank, not a hang
-            if D.is_main():
+        with dist.same_outcome():  # rank 0's refused or locked --out-dir is an error on every rank, not a hang
+            if dist.is_main():
                 held.enter_context(runs.run_lock(out))
                 check_not_mixed(csv_path, family.teacher.hash, cfg.append)
-            results = ResultsCSV(csv_path) if D.is_main() else None
+            results = ResultsCSV(csv_path) if dist.is_main() else None
         _sweep(cfg, family, specs, extractor, results, out, device, progress)
     return csv_path
 
@@ -237,18 +237,18 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
                   "torch_version": torch.__version__,
                   "torch_fidelity_version": torch_fidelity.__version__, "fastdiff_version": fastdiff.__version__,
                   "fastdiff_commit": git_commit()}
-    todo = D.on_main(lambda: [i for i, s in enumerate(specs)
+    todo = dist.on_main(lambda: [i for i, s in enumerate(specs)
                               if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {}))])
     todo = [specs[i] for i in todo]
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
-    if D.is_main():
-        write_text(out / CONFIG_NAME, json.dumps({"config": C.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
+    if dist.is_main():
+        write_text(out / CONFIG_NAME, json.dumps({"config": cfgs.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
                                                   "students": sorted(family.students), **provenance},
                                                  indent=2, sort_keys=True) + "\n")
     warmed: set[str] = set()
     for i, spec in enumerate(tqdm(todo, desc=f"bench {family.dataset}", unit="row",
-                                  disable=not (progress and D.is_main()))):
+                                  disable=not (progress and dist.is_main()))):
         if i:
             runs.stop_if_requested(device, lambda: None, f"before row {spec.label}; every finished row is in "
                                                          f"{out / CSV_NAME}")
@@ -259,7 +259,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         keys = _rows(spec, network, cfg, provenance, {})
         partial = PartialRow(out / PARTIAL_DIR / _partial_name(spec, keys[0], cfg))
         x, nfe, times = generate(spec, network, family.data_shape, cfg, device, partial)
-        if not D.is_main():
+        if not dist.is_main():
             continue
         values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
         if scores_classes(spec, network, family.dataset):
@@ -272,9 +272,9 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         results.add([r for r in rows if not results.has(r)])
         partial.clear()
         log.info("%s (nfe %d): %s", spec.label, nfe, ", ".join(f"{k}={v:.5g}" for k, v in values.items()))
-    if D.is_main() and (out / PARTIAL_DIR).is_dir() and not any((out / PARTIAL_DIR).iterdir()):
+    if dist.is_main() and (out / PARTIAL_DIR).is_dir() and not any((out / PARTIAL_DIR).iterdir()):
         (out / PARTIAL_DIR).rmdir()
-    D.barrier()
+    dist.barrier()
 
 
 def _partial_name(spec: Spec, key_row: dict, cfg: BenchConfig) -> str:
@@ -312,20 +312,20 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    D.configure_cpu_threads()
-    parser = C.make_parser("python -m fastdiff.bench", "FID vs steps for every sampler of one model family.")
+    dist.configure_cpu_threads()
+    parser = cfgs.make_parser("python -m fastdiff.bench", "FID vs steps for every sampler of one model family.")
     parser.add_argument("--preset", default="digits", help=f"one of {', '.join(PRESETS)}")
     parser.add_argument("--dry-run", action="store_true", help="check the inputs and list the sweep; compute nothing")
-    C.add_dataclass_args(parser, BenchConfig)
+    cfgs.add_dataclass_args(parser, BenchConfig)
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
         raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(PRESETS[args.preset], **C.overrides_from_args(BenchConfig, args))
+    cfg = dataclasses.replace(PRESETS[args.preset], **cfgs.overrides_from_args(BenchConfig, args))
     if args.dry_run:
         return dry_run(cfg)
-    with D.init_from_env(cfg.device), runs.graceful_stop():
+    with dist.init_from_env(cfg.device), runs.graceful_stop():
         path = run_sweep(cfg)
-        if D.is_main():  # inside: once the process group is gone every process counts as rank 0
+        if dist.is_main():  # inside: once the process group is gone every process counts as rank 0
             print(f"results: {path}\nreport:  python -m fastdiff.report {cfg.out_dir}")
     return 0
 

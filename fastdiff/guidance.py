@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import param as P
+from fastdiff.param import to_x0_eps
 from fastdiff.schedules import Schedule
 
 
@@ -52,6 +52,6 @@ def guided_x0_eps(net, param: str, schedule: Schedule, y, w, num_classes: int):
     def fn(z, t):
         a, s = (v.to(z) for v in schedule.alpha_sigma(t))
         out_c, out_u = pair(z, t.to(z))
-        return P.to_x0_eps(combine(out_c, out_u, w), z, a, s, param)
+        return to_x0_eps(combine(out_c, out_u, w), z, a, s, param)
 
     return fn

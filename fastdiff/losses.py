@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import param as P
+from fastdiff.param import append_dims, to_x0_eps
 from fastdiff.schedules import Schedule
 
 WEIGHTINGS = ("eps-mse", "snr-trunc", "snr+1")
@@ -29,9 +29,9 @@ def weighted_loss(out, x0, eps, x_t, alpha, sigma, logsnr, param: str, weighting
     """(B,) loss of network output `out` (in `param`) against the clean x0 and noise eps."""
     dims = tuple(range(1, x0.ndim))
     if weighting == "eps-mse":
-        _, eps_hat = P.to_x0_eps(out, x_t, alpha, sigma, param)
+        _, eps_hat = to_x0_eps(out, x_t, alpha, sigma, param)
         return (eps - eps_hat).pow(2).mean(dims)
-    x0_hat, _ = P.to_x0_eps(out, x_t, alpha, sigma, param)
+    x0_hat, _ = to_x0_eps(out, x_t, alpha, sigma, param)
     return snr_weight(logsnr, weighting) * (x0 - x0_hat).pow(2).mean(dims)
 
 
@@ -43,6 +43,6 @@ def diffusion_loss(net, x0, schedule: Schedule, param: str, weighting: str, gene
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     alpha, sigma = (a.to(x0) for a in schedule.alpha_sigma(t))
     logsnr = schedule.logsnr(t).to(x0)
-    x_t = P.append_dims(alpha, x0.ndim) * x0 + P.append_dims(sigma, x0.ndim) * eps
+    x_t = append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * eps
     out = net(x_t, t.to(x0), y) if y is not None else net(x_t, t.to(x0))
     return weighted_loss(out.float(), x0, eps, x_t, alpha, sigma, logsnr, param, weighting)

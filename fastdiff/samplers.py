@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from fastdiff import param as P
+from fastdiff.param import eps_from_x0, to_x0_eps
 from fastdiff.errors import FastdiffError
 from fastdiff.guidance import combine
 from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid,
@@ -79,10 +79,10 @@ def _x0_eps(model, x, t: float, schedule: Schedule, param: str, clip: bool, guid
     b = x.shape[0]
     alpha, sigma = (v.to(x).expand(b) for v in schedule.alpha_sigma(t))
     out = _guided(*_evaluate(model, x, torch.full((b,), t, dtype=x.dtype, device=x.device), guidance), guidance)
-    x0, eps = P.to_x0_eps(out, x, alpha, sigma, param)
+    x0, eps = to_x0_eps(out, x, alpha, sigma, param)
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
-        eps = P.eps_from_x0(x0, x, alpha, sigma)
+        eps = eps_from_x0(x0, x, alpha, sigma)
     return x0, eps
 
 

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from fastdiff import distributed as D
+from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff import samplers as S
+from fastdiff.samplers import Sample, ddim, ddpm, dpm_solver_pp_2m, heun, randn_like_per_sample, sample_generators
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
@@ -70,17 +70,17 @@ class Spec:
 
 
 def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, param: str, clip: bool,
-                generators, guidance: float | None = None) -> S.Sample:
+                generators, guidance: float | None = None) -> Sample:
     """(B, ...) initial noise -> Sample of `spec`'s sampler on its grid (CFG weight `guidance` if given)."""
     ts = make_grid(spec.grid, spec.steps, schedule)
     kw = dict(schedule=schedule, param=param, clip=clip, generator=generators, guidance=guidance)
     if spec.sampler in ("ddpm", "ddpm-strided"):
-        return S.ddpm(net, x, ts, variance=spec.variance, **kw)
+        return ddpm(net, x, ts, variance=spec.variance, **kw)
     if spec.sampler == "dpm++2m":
-        return S.dpm_solver_pp_2m(net, x, ts, **kw)
+        return dpm_solver_pp_2m(net, x, ts, **kw)
     if spec.sampler == "heun":
-        return S.heun(net, x, ts, **kw)
-    return S.ddim(net, x, ts, eta=spec.eta, **kw)
+        return heun(net, x, ts, **kw)
+    return ddim(net, x, ts, eta=spec.eta, **kw)
 
 
 def _sync(device: torch.device) -> None:
@@ -116,8 +116,8 @@ class PartialRow:
 def _sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -> dict:
     """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
     idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
-    gens = S.sample_generators(cfg.seed, idx)
-    x = S.randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
+    gens = sample_generators(cfg.seed, idx)
+    x = randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
     _sync(device)
     t0 = time.perf_counter()
     net, guidance = _conditioned(network, spec, idx, device)
@@ -141,24 +141,24 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
     # so the gathered set is bit-identical to a single-process run even where a network's floats depend on the
     # batch size (CPU GEMMs do).
     starts = list(range(0, cfg.n_samples, cfg.batch_size))
-    done = (partial.load() if partial is not None else {}) if D.is_main() else {}
-    have = set(D.on_main(lambda: sorted(done)) or ())
+    done = (partial.load() if partial is not None else {}) if dist.is_main() else {}
+    have = set(dist.on_main(lambda: sorted(done)) or ())
     todo = [s for s in starts if s not in have]
-    world = D.world_size()
+    world = dist.world_size()
     for k in range(0, len(todo), world):
         group = todo[k:k + world]
-        mine = group[D.rank()] if D.rank() < len(group) else None
+        mine = group[dist.rank()] if dist.rank() < len(group) else None
         batch = None if mine is None else (mine, _sample_batch(spec, network, shape, cfg, device, mine))
-        for part in D.gather_objects(batch):
-            if part is not None and D.is_main():
+        for part in dist.gather_objects(batch):
+            if part is not None and dist.is_main():
                 done[part[0]] = part[1]
                 if partial is not None:
                     partial.add(*part)
         if partial is not None and k + world < len(todo):
             runs.stop_if_requested(device, lambda: None, f"in row {spec.label} with {len(done)} of {len(starts)} "
                                                          f"batches kept in {partial.folder}")
-    nfe = max((b["nfe"] for b in done.values()), default=0) if D.is_main() else 0
-    if not D.is_main():
+    nfe = max((b["nfe"] for b in done.values()), default=0) if dist.is_main() else 0
+    if not dist.is_main():
         return None, nfe, []
     x = torch.empty(cfg.n_samples, *shape)
     for start, b in done.items():

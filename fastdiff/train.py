@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastdiff import config as C
-from fastdiff import distributed as D
+from fastdiff import config as cfgs
+from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, load_resumable
 from fastdiff.data import get_data, static_info
@@ -152,15 +152,15 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     device = runs.resolve_device(cfg.device)
     runs.set_deterministic(cfg.deterministic)
     with contextlib.ExitStack() as held:
-        with D.same_outcome():  # a run dir refused or locked on rank 0, data missing on one node: an error everywhere
+        with dist.same_outcome():  # a run dir refused or locked on rank 0, data missing on one node: an error everywhere
             data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
-            run = (runs.prepare_run_dir(cfg.out_dir, C.to_dict(cfg), NON_RESULT_FIELDS, C.to_dict(TrainConfig()))
-                   if D.is_main() else Path(cfg.out_dir))
+            run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()))
+                   if dist.is_main() else Path(cfg.out_dir))
             held.enter_context(runs.run_lock(run))
             # Read the checkpoint before writing anything: unreadable ones must leave the run dir as it was.
             ckpt = load_resumable(run / CKPT_NAME, map_location=device)
-        if D.is_main():
-            write_text(run / "config.json", C.dumps(cfg))
+        if dist.is_main():
+            write_text(run / "config.json", cfgs.dumps(cfg))
         _fit_teacher(cfg, run, data, ckpt, device, progress, on_step)
     return run
 
@@ -169,12 +169,12 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     """The teacher's updates (Ho et al. 2020, Alg. 1 with the configured param and weighting) through runs.fit, with
     the weight EMA, metrics.csv and sample pictures as its per-update bookkeeping."""
     ckpt_path = run / CKPT_NAME
-    torch.manual_seed(cfg.seed + D.rank())  # dropout; the data/noise stream has its own generator
+    torch.manual_seed(cfg.seed + dist.rank())  # dropout; the data/noise stream has its own generator
     net = build_network(cfg).to(device)
     # eval(): the EMA net only samples (pictures), so no dropout and no draws from the global RNG there.
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + D.rank())
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank())
     start, acc = 0, [0.0, 0]  # the metrics row in progress: sum of losses, count
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
@@ -186,7 +186,7 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     x_all = data.x.to(device)
     y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
     schedule = Schedule(cfg.schedule, cfg.T)
-    local_batch = D.local_batch_size(cfg.batch_size)
+    local_batch = dist.local_batch_size(cfg.batch_size)
     t_start = time.perf_counter()
 
     def loss_fn(model) -> torch.Tensor:
@@ -211,11 +211,11 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
             metrics.append({"step": step, "loss": f"{acc[0] / acc[1]:.6f}", "lr": f"{lr:.3g}",
                             "grad_norm": f"{grad_norm.item():.4f}", "wall_s": f"{time.perf_counter() - t_start:.1f}"})
             acc[0], acc[1] = 0.0, 0
-        if D.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
+        if dist.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
 
     network = network_to_dict(network_config(cfg))
-    extra_state = lambda: {"kind": "teacher", "config": C.to_dict(cfg), "param": cfg.param,  # noqa: E731
+    extra_state = lambda: {"kind": "teacher", "config": cfgs.to_dict(cfg), "param": cfg.param,  # noqa: E731
                            "network": network, "data_shape": list(data.shape), "ema": ema.state_dict(),
                            "loss_acc": tuple(acc)}
     runs.fit(net, opt, total=cfg.steps, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
@@ -223,18 +223,18 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
              state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {cfg.dataset}", resume=ckpt,
              extra_state=extra_state, after_update=after_update, on_step=on_step, grad_clip=cfg.grad_clip,
              autocast=True, progress=progress)
-    D.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
+    dist.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
     log.info("trained %s for %d steps in %.1f s", run, cfg.steps, time.perf_counter() - t_start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    D.configure_cpu_threads()
+    dist.configure_cpu_threads()
     cfg, _ = runs.config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train",
                                    "Train a teacher diffusion model.")
-    with D.init_from_env(cfg.device), runs.graceful_stop():
+    with dist.init_from_env(cfg.device), runs.graceful_stop():
         t0 = time.perf_counter()
         run = train(cfg)
-        if D.is_main():
+        if dist.is_main():
             print(f"teacher ready: {run / CKPT_NAME} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

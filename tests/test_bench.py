@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import config as C
+from fastdiff import config as cfgs
 from fastdiff import features as F
-from fastdiff import samplers as S
+from fastdiff.samplers import randn_like_per_sample, sample_generators
 from fastdiff.analytic import GaussianDenoiser
 from fastdiff.bench import COLUMNS, BenchConfig, main, run_sweep
 from fastdiff.sweep import Family, Network
@@ -99,7 +99,7 @@ def test_same_noise_per_index_in_every_row_and_batch_size_does_not_matter(tmp_pa
         per_row = len(range(0, 10, batch))
         runs = [torch.cat(spy.first_inputs[i:i + per_row]) for i in range(0, len(spy.first_inputs), per_row)]
         assert len(runs) == len({r["samples_file"] for r in read_rows(path)}) == 10
-        expected = S.randn_like_per_sample((10, DIM), S.sample_generators(0, range(10)), torch.float32, "cpu")
+        expected = randn_like_per_sample((10, DIM), sample_generators(0, range(10)), torch.float32, "cpu")
         for noise in runs:
             assert torch.equal(noise, expected)
         values.append({(r["sampler"], r["spacing"], r["steps"], r["metric"]): float(r["value"])
@@ -132,10 +132,10 @@ def test_interrupted_sweep_resumes_with_only_the_missing_rows(tmp_path):
 TORCHRUN_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[2])
-from fastdiff import distributed as D
+from fastdiff import distributed as dist
 from fastdiff.bench import run_sweep
 from test_bench import gaussian_cfg, gaussian_family
-with D.init_from_env("cpu"):
+with dist.init_from_env("cpu"):
     cfg = gaussian_cfg(sys.argv[1], samplers=("ddim-eta1", "heun"), steps=(1, 4), n_samples=13, batch_size=4,
                        metrics=("fid", "swd"))
     run_sweep(cfg, family=gaussian_family(n_ref=300), progress=False)
@@ -164,7 +164,7 @@ def tiny_unet(dataset: str, **kw) -> TrainConfig:
 
 def save_model(path, tcfg: TrainConfig, shape, kind="teacher", steps=None, seed=0):
     torch.manual_seed(seed)
-    save_checkpoint(path, {"kind": kind, "config": C.to_dict(tcfg), "param": tcfg.param, "data_shape": list(shape),
+    save_checkpoint(path, {"kind": kind, "config": cfgs.to_dict(tcfg), "param": tcfg.param, "data_shape": list(shape),
                            "model": build_network(tcfg).state_dict(), **({"steps": steps} if steps else {})})
 
 

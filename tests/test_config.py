@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fastdiff import config as C
+from fastdiff import config as cfgs
 from fastdiff.errors import FastdiffError
 from fastdiff.runs import config_from_argv
 from fastdiff.train import PRESETS, TrainConfig
@@ -24,9 +24,9 @@ class Cfg:
 
 
 def _parse(argv):
-    parser = C.make_parser("prog", "test")
-    C.add_dataclass_args(parser, Cfg)
-    return C.overrides_from_args(Cfg, parser.parse_args(argv))
+    parser = cfgs.make_parser("prog", "test")
+    cfgs.add_dataclass_args(parser, Cfg)
+    return cfgs.overrides_from_args(Cfg, parser.parse_args(argv))
 
 
 def test_cli_parses_each_field_type():
@@ -60,24 +60,24 @@ def test_cli_errors_are_one_line_user_errors(argv, match):
 
 def test_to_dict_from_dict_round_trip():
     cfg = Cfg(n=4, lr=0.25, name="x", flag=True, sizes=(3,), ratios=(0.1, 0.2))
-    d = C.to_dict(cfg)
+    d = cfgs.to_dict(cfg)
     assert d["sizes"] == [3] and d["ratios"] == [0.1, 0.2]
-    assert C.from_dict(Cfg, json.loads(json.dumps(d))) == cfg
-    assert C.from_dict(Cfg, {"n": 2}) == Cfg(n=2)  # missing fields take their defaults
+    assert cfgs.from_dict(Cfg, json.loads(json.dumps(d))) == cfg
+    assert cfgs.from_dict(Cfg, {"n": 2}) == Cfg(n=2)  # missing fields take their defaults
     for preset in PRESETS.values():
-        assert C.from_dict(TrainConfig, json.loads(C.dumps(preset))) == preset
+        assert cfgs.from_dict(TrainConfig, json.loads(cfgs.dumps(preset))) == preset
 
 
 def test_from_dict_refuses_unknown_fields():
     with pytest.raises(FastdiffError, match=r"unknown fields \['bogus', 'zz'\]"):
-        C.from_dict(Cfg, {"n": 1, "bogus": 2, "zz": 3})
+        cfgs.from_dict(Cfg, {"n": 1, "bogus": 2, "zz": 3})
 
 
 def test_dumps_is_stable_json_and_diff_names_changes():
-    text = C.dumps(Cfg())
+    text = cfgs.dumps(Cfg())
     assert text.endswith("\n") and list(json.loads(text)) == sorted(json.loads(text))
-    assert C.diff(C.to_dict(Cfg()), C.to_dict(Cfg(n=2, sizes=(1,)))) == ["n: 1 -> 2", "sizes: [1, 2] -> [1]"]
-    assert C.diff({"a": 1}, {"b": 1}) == ["a: 1 -> None", "b: None -> 1"]
+    assert cfgs.diff(cfgs.to_dict(Cfg()), cfgs.to_dict(Cfg(n=2, sizes=(1,)))) == ["n: 1 -> 2", "sizes: [1, 2] -> [1]"]
+    assert cfgs.diff({"a": 1}, {"b": 1}) == ["a: 1 -> None", "b: None -> 1"]
 
 
 def test_train_cli_applies_overrides_to_the_preset():

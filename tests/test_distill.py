@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from fastdiff import param as P
+from fastdiff.param import append_dims
 from fastdiff.analytic import GaussianDenoiser
 from fastdiff.distill import PRESETS, DistillConfig, distill, distill_target, main, teacher_fn
 from fastdiff.errors import run_cli
@@ -18,15 +18,15 @@ MU, STD, DIM = 0.3, 0.5, 6
 
 def _gaussian_x0(z, t, schedule):
     """Closed-form E[x0 | z_t] for x0 ~ N(MU, STD^2 I)."""
-    a, s = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t))
+    a, s = (append_dims(v, z.ndim) for v in schedule.alpha_sigma(t))
     return MU + a * STD**2 / (a**2 * STD**2 + s**2) * (z - a * MU)
 
 
 def _ddim_closed(z, t_from, t_to, schedule):
     x0 = _gaussian_x0(z, t_from, schedule)
-    a, s = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t_from))
+    a, s = (append_dims(v, z.ndim) for v in schedule.alpha_sigma(t_from))
     eps = (z - a * x0) / s
-    a2, s2 = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t_to))
+    a2, s2 = (append_dims(v, z.ndim) for v in schedule.alpha_sigma(t_to))
     return a2 * x0 + s2 * eps
 
 
@@ -43,8 +43,8 @@ def test_target_matches_two_closed_form_ddim_steps(kind, teacher_param):
     # Two DDIM steps with the exact denoiser, in closed form.
     z2 = _ddim_closed(_ddim_closed(z, t, t - 0.5 / n, schedule), t - 0.5 / n, t - 1.0 / n, schedule)
     # A student predicting x_tilde, stepped once by DDIM from t to t'' = t - 1/N, lands on z2.
-    a, s = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t))
-    a2, s2 = (P.append_dims(v, z.ndim) for v in schedule.alpha_sigma(t - 1.0 / n))
+    a, s = (append_dims(v, z.ndim) for v in schedule.alpha_sigma(t))
+    a2, s2 = (append_dims(v, z.ndim) for v in schedule.alpha_sigma(t - 1.0 / n))
     one_step = a2 * target + s2 * (z - a * target) / s
     assert torch.allclose(one_step, z2, rtol=1e-9, atol=1e-9)
     # At t'' = 0 the target is the teacher's final x0 prediction, i.e. the two-step DDIM output itself.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff import distributed as D
+from fastdiff import distributed as dist
 from fastdiff.errors import FastdiffError
 
 WORKER_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 240
@@ -32,31 +32,31 @@ WORKER = '''
 import dataclasses, json, os, sys
 from pathlib import Path
 import torch
-from fastdiff import distributed as D
+from fastdiff import distributed as dist
 from fastdiff.errors import FastdiffError
 from test_distributed import ROUND, TEACHER, WORKER_TIMEOUT_S, STOP_AT, sample_sets, sgd_steps
 
 mode, out = sys.argv[1], Path(sys.argv[2])
-with D.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
+with dist.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
     if mode == "steps-and-samples":
-        torch.manual_seed(D.rank())  # each rank starts from other weights, as in train: DDP broadcasts rank 0's
+        torch.manual_seed(dist.rank())  # each rank starts from other weights, as in train: DDP broadcasts rank 0's
         state = sgd_steps()
         sets = sample_sets()
         try:
-            D.local_batch_size(7)
+            dist.local_batch_size(7)
             refused = ""
         except FastdiffError as err:
             refused = str(err)
-        (out / f"batch7_rank{D.rank()}.txt").write_text(refused)
+        (out / f"batch7_rank{dist.rank()}.txt").write_text(refused)
         try:  # an error on rank 1 only (a file its node lacks): rank 0 raises too, instead of waiting for rank 1
-            with D.same_outcome():
-                if D.rank() == 1:
+            with dist.same_outcome():
+                if dist.rank() == 1:
                     raise OSError("no such file")
             failed = ""
         except (FastdiffError, OSError) as err:
             failed = f"{type(err).__name__}: {err}"
-        (out / f"one_rank_fails_rank{D.rank()}.txt").write_text(failed)
-        if D.is_main():
+        (out / f"one_rank_fails_rank{dist.rank()}.txt").write_text(failed)
+        if dist.is_main():
             torch.save({"sgd": state, "samples": sets}, out / "ddp.pt")
     else:
         from fastdiff.distill import PRESETS, distill
@@ -71,23 +71,23 @@ with D.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
         from fastdiff.errors import Preempted
 
         def sigterm_on_rank_1(r, u):  # a preemption signal that reached one rank only
-            if u == STOP_AT and D.rank() == 1:
+            if u == STOP_AT and dist.rank() == 1:
                 runs.request_stop(signal.SIGTERM)
         try:
             distill(cfg, progress=False, on_step=sigterm_on_rank_1)
             stopped = "not stopped"
         except Preempted as stop:
             stopped = str(stop)
-        (out / f"stopped_rank{D.rank()}.txt").write_text(stopped)
+        (out / f"stopped_rank{dist.rank()}.txt").write_text(stopped)
         runs._stop_signal = None
-        if D.is_main():
+        if dist.is_main():
             (out / "after_kill.json").write_text(json.dumps(sorted(os.listdir(out / "run"))))
         try:  # another lr in the same run dir: refused by rank 0's check, an error on every rank
             distill(dataclasses.replace(cfg, lr=2 * cfg.lr), progress=False)
             refused = ""
         except FastdiffError as err:
             refused = str(err)
-        (out / f"refused_rank{D.rank()}.txt").write_text(refused)
+        (out / f"refused_rank{dist.rank()}.txt").write_text(refused)
         distill(dataclasses.replace(cfg, out_dir=str(out / "straight")), progress=False)
 '''
 
@@ -136,10 +136,10 @@ def sgd_steps(steps: int = 2, batch: int = 8) -> dict:
     from fastdiff.schedules import Schedule
 
     net = tiny_mlp()
-    model = D.wrap_ddp(net, torch.device("cpu"))
+    model = dist.wrap_ddp(net, torch.device("cpu"))
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    schedule, gen, local = Schedule("cosine", 1000), torch.Generator().manual_seed(1), D.local_batch_size(batch)
-    mine = slice(D.rank() * local, (D.rank() + 1) * local)
+    schedule, gen, local = Schedule("cosine", 1000), torch.Generator().manual_seed(1), dist.local_batch_size(batch)
+    mine = slice(dist.rank() * local, (dist.rank() + 1) * local)
     for _ in range(steps):
         x0, eps = torch.randn(batch, 2, generator=gen)[mine], torch.randn(batch, 2, generator=gen)[mine]
         t = torch.rand(batch, generator=gen, dtype=torch.float64)[mine]
@@ -234,16 +234,16 @@ def test_two_process_distillation_stopped_on_one_rank_then_resumed_by_the_cli(tm
 def test_without_torchrun_nothing_is_initialised(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     net = torch.nn.Linear(2, 2)
-    with D.init_from_env("cpu"):
+    with dist.init_from_env("cpu"):
         assert not torch.distributed.is_initialized()
-        assert D.wrap_ddp(net, torch.device("cpu")) is net
-        assert (D.world_size(), D.rank(), D.local_batch_size(7)) == (1, 0, 7)
-        assert D.shard(range(5)) == range(5) and D.gather_objects("a") == ["a"] and D.on_main(len, "ab") == 2
+        assert dist.wrap_ddp(net, torch.device("cpu")) is net
+        assert (dist.world_size(), dist.rank(), dist.local_batch_size(7)) == (1, 0, 7)
+        assert dist.shard(range(5)) == range(5) and dist.gather_objects("a") == ["a"] and dist.on_main(len, "ab") == 2
         with pytest.raises(FastdiffError, match="refused"):
-            with D.same_outcome():
+            with dist.same_outcome():
                 raise FastdiffError("refused")
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: a plain single-process run
-    with D.init_from_env("cpu"):
+    with dist.init_from_env("cpu"):
         assert not torch.distributed.is_initialized()
 
 
@@ -252,11 +252,11 @@ def test_a_checkpoint_of_another_world_size_resumes_on_fresh_streams(caplog):
         return torch.Generator().manual_seed(seed).get_state()
 
     gen = torch.Generator()
-    D.restore_rng(gen, [state(1)], salt=7, step=3)  # written by one process, resumed by one: its stream goes on
+    dist.restore_rng(gen, [state(1)], salt=7, step=3)  # written by one process, resumed by one: its stream goes on
     assert torch.equal(gen.get_state(), state(1))
     draws = []
     for _ in range(2):  # written by two processes: a fresh stream, the same in every resume
-        D.restore_rng(gen, [state(1), state(2)], salt=7, step=3)
+        dist.restore_rng(gen, [state(1), state(2)], salt=7, step=3)
         draws.append(torch.rand(4, generator=gen))
     assert torch.equal(*draws) and "written by 2 process(es), resumed by 1" in caplog.text
     assert not any(torch.equal(draws[0], torch.rand(4, generator=torch.Generator().manual_seed(s))) for s in (1, 2))
@@ -273,7 +273,7 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch, cores, busy, per_node, e
     before = torch.get_num_threads()
     chosen = []
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(D, "busy_fraction", lambda: busy)
+    monkeypatch.setattr(dist, "busy_fraction", lambda: busy)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 5 if env else 64)
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", per_node)
@@ -281,7 +281,7 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch, cores, busy, per_node, e
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", env)
-    assert D.configure_cpu_threads() == expected
+    assert dist.configure_cpu_threads() == expected
     assert chosen == ([] if env else [expected])
     monkeypatch.undo()
     assert torch.get_num_threads() == before
@@ -294,8 +294,8 @@ def test_busy_fraction_reads_proc_stat_deltas(monkeypatch, tmp_path):
     def half_a_second_later(seconds):  # +90 busy (60 user, 20 system, 10 steal), +110 idle and iowait
         stat.write_text("cpu  160 0 70 900 60 0 0 10 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
 
-    monkeypatch.setattr(D.time, "sleep", half_a_second_later)
-    assert D.busy_fraction(stat_path=str(stat)) == pytest.approx(90 / 200)
+    monkeypatch.setattr(dist.time, "sleep", half_a_second_later)
+    assert dist.busy_fraction(stat_path=str(stat)) == pytest.approx(90 / 200)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # no /proc/stat: the load average per core
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert D.busy_fraction(stat_path=str(tmp_path / "missing")) == pytest.approx(0.25)
+    assert dist.busy_fraction(stat_path=str(tmp_path / "missing")) == pytest.approx(0.25)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import param as P
+from fastdiff.param import PARAMS, append_dims, eps_from_x0, target, to_x0_eps
 from fastdiff.losses import WEIGHTINGS, diffusion_loss, snr_weight, weighted_loss
 from fastdiff.schedules import Schedule
 
@@ -18,26 +18,26 @@ def _draw(shape, seed=0, kind="cosine"):
     t = 1e-3 + (1 - 1e-3) * torch.rand(shape[0], generator=g, dtype=torch.float64)
     s = Schedule(kind, 1000)
     alpha, sigma = s.alpha_sigma(t)
-    x_t = P.append_dims(alpha, x0.ndim) * x0 + P.append_dims(sigma, x0.ndim) * eps
+    x_t = append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * eps
     return x0, eps, t, alpha, sigma, s.logsnr(t), x_t
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("shape", [(256, 2), (64, 3, 4, 4)])
-@pytest.mark.parametrize("param", P.PARAMS)
+@pytest.mark.parametrize("param", PARAMS)
 def test_target_then_to_x0_eps_round_trips(param, shape, kind):
     x0, eps, _, alpha, sigma, _, x_t = _draw(shape, kind=kind)
-    out = P.target(x0, eps, alpha, sigma, param)
-    x0_hat, eps_hat = P.to_x0_eps(out, x_t, alpha, sigma, param)
+    out = target(x0, eps, alpha, sigma, param)
+    x0_hat, eps_hat = to_x0_eps(out, x_t, alpha, sigma, param)
     torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-10)
     torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-10)
-    torch.testing.assert_close(P.eps_from_x0(x0, x_t, alpha, sigma), eps, rtol=0, atol=1e-10)
+    torch.testing.assert_close(eps_from_x0(x0, x_t, alpha, sigma), eps, rtol=0, atol=1e-10)
 
 
 def test_v_formulas():
     x0, eps, _, alpha, sigma, _, x_t = _draw((32, 5))
     a, s = alpha[:, None], sigma[:, None]
-    v = P.target(x0, eps, alpha, sigma, "v")
+    v = target(x0, eps, alpha, sigma, "v")
     torch.testing.assert_close(v, a * eps - s * x0, rtol=0, atol=1e-14)  # Salimans & Ho 2022
     torch.testing.assert_close(a * x_t - s * v, x0, rtol=0, atol=1e-12)
     torch.testing.assert_close(s * x_t + a * v, eps, rtol=0, atol=1e-12)
@@ -46,9 +46,9 @@ def test_v_formulas():
 def test_unknown_param_raises():
     x0, eps, _, alpha, sigma, _, x_t = _draw((4, 2))
     with pytest.raises(ValueError, match="parameterization"):
-        P.to_x0_eps(x0, x_t, alpha, sigma, "score")
+        to_x0_eps(x0, x_t, alpha, sigma, "score")
     with pytest.raises(ValueError, match="parameterization"):
-        P.target(x0, eps, alpha, sigma, "score")
+        target(x0, eps, alpha, sigma, "score")
     with pytest.raises(ValueError, match="weighting"):
         snr_weight(torch.zeros(4), "min-snr")
 
@@ -77,7 +77,7 @@ def test_eps_mse_is_the_seeds_l_simple():
     np.testing.assert_allclose(loss.numpy(), ((eps - eps_theta) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("param", P.PARAMS)
+@pytest.mark.parametrize("param", PARAMS)
 def test_snr_weighted_losses_by_hand(param):
     x0, _, _, alpha, sigma, logsnr, x_t = _draw((64, 3), seed=4, kind="linear")
     out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -94,9 +94,9 @@ def test_snr_weighted_losses_by_hand(param):
 def test_weightings_equal_their_named_losses():
     x0, eps, _, alpha, sigma, logsnr, x_t = _draw((64, 3), seed=6)
     out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    x0_hat, eps_hat = P.to_x0_eps(out, x_t, alpha, sigma, "v")
+    x0_hat, eps_hat = to_x0_eps(out, x_t, alpha, sigma, "v")
     # (SNR + 1) ||x - x_hat||^2 = ||v - v_hat||^2 (Salimans & Ho 2022 §4)
-    v = P.target(x0, eps, alpha, sigma, "v")
+    v = target(x0, eps, alpha, sigma, "v")
     snr1 = weighted_loss(out, x0, eps, x_t, alpha, sigma, logsnr, "v", "snr+1")
     torch.testing.assert_close(snr1, (v - out).pow(2).mean(1), rtol=1e-9, atol=0)
     # eps-MSE = SNR ||x - x_hat||^2
@@ -106,10 +106,10 @@ def test_weightings_equal_their_named_losses():
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
-@pytest.mark.parametrize("param", P.PARAMS)
+@pytest.mark.parametrize("param", PARAMS)
 def test_exact_model_has_zero_loss(param, weighting):
     x0, eps, _, alpha, sigma, logsnr, x_t = _draw((64, 2, 3), seed=8)
-    out = P.target(x0, eps, alpha, sigma, param)
+    out = target(x0, eps, alpha, sigma, param)
     assert weighted_loss(out, x0, eps, x_t, alpha, sigma, logsnr, param, weighting).abs().max() < 1e-18
     # through diffusion_loss: a net that knows x0 outputs the exact target for its own (x_t, t)
     schedule = Schedule("linear", 1000)
@@ -117,7 +117,7 @@ def test_exact_model_has_zero_loss(param, weighting):
     def exact(x_t, t):
         a, s = schedule.alpha_sigma(t)
         e = (x_t - a[:, None, None] * x0) / s[:, None, None]
-        return P.target(x0, e, a, s, param)
+        return target(x0, e, a, s, param)
 
     random = lambda x_t, t: torch.randn_like(x_t)  # noqa: E731
     gen = lambda: torch.Generator().manual_seed(9)  # noqa: E731

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastdiff.train as T
-from fastdiff import config as C
+from fastdiff import config as cfgs
 from fastdiff import runs
 from fastdiff.checkpoint import load_checkpoint, load_model, save_checkpoint, weights_hash
 from fastdiff.data import get_data
@@ -93,13 +93,13 @@ def test_cli_writes_config_metrics_and_checkpoint(tmp_path, pictures):
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
                                                      "metrics.csv"]
     cfg = _cfg(UNET_ARGS, run)
-    assert C.from_dict(T.TrainConfig, json.loads((run / "config.json").read_text())) == cfg
+    assert cfgs.from_dict(T.TrainConfig, json.loads((run / "config.json").read_text())) == cfg
     rows = _metrics(run)
     assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
     assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["step"] == 40 and ckpt["kind"] == "teacher" and ckpt["param"] == cfg.param
-    assert ckpt["config"] == C.to_dict(cfg) and ckpt["data_shape"] == [1, 8, 8]
+    assert ckpt["config"] == cfgs.to_dict(cfg) and ckpt["data_shape"] == [1, 8, 8]
     assert not all(torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
     assert pictures == [(40, False)]  # drawn at the end, from the EMA net in eval mode (no dropout)
 
@@ -385,9 +385,9 @@ def test_toy2d_preset_learns_the_eight_gaussians(tmp_path, pictures):
 
 def test_run_dir_from_an_older_version_without_a_new_field_resumes(tmp_path):
     """A config.json written before a field existed is accepted while that field keeps its default."""
-    config = C.to_dict(T.TrainConfig(out_dir=str(tmp_path)))
+    config = cfgs.to_dict(T.TrainConfig(out_dir=str(tmp_path)))
     old = {k: v for k, v in config.items() if k != "scalar_cond"}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    runs.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
+    runs.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, cfgs.to_dict(T.TrainConfig()))
     with pytest.raises(FastdiffError, match="scalar_cond"):
-        runs.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, C.to_dict(T.TrainConfig()))
+        runs.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, cfgs.to_dict(T.TrainConfig()))

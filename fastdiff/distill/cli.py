@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from fastdiff import config as C
-from fastdiff import distributed as D
+from fastdiff import config as cfgs
+from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model
 from fastdiff.data import get_data, static_info
@@ -78,7 +78,7 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
 def check_results_folder(cfg: DistillConfig) -> None:
     """Before any work: refuse a results CSV holding another teacher's sweep (unless --append-results), so that a
     run never mixes its rows into another's. Without a teacher checkpoint yet, any earlier rows are another's."""
-    if not cfg.bench or cfg.append_results or not D.is_main():
+    if not cfg.bench or cfg.append_results or not dist.is_main():
         return
     from fastdiff.bench import results_csv_path
     from fastdiff.results import teacher_hashes
@@ -109,25 +109,25 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     runs.set_deterministic(cfg.deterministic)
     check_results_folder(cfg)
     teacher_path = resolve_teacher(cfg, progress)
-    resolved = {**C.to_dict(cfg), "teacher": str(teacher_path)}
+    resolved = {**cfgs.to_dict(cfg), "teacher": str(teacher_path)}
     with contextlib.ExitStack() as held:
-        with D.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
+        with dist.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
             teacher0 = load_model(teacher_path, device)
             check_teacher(teacher0, cfg)
-            run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, C.to_dict(DistillConfig()))
-                   if D.is_main() else Path(cfg.out_dir))
+            run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()))
+                   if dist.is_main() else Path(cfg.out_dir))
             held.enter_context(runs.run_lock(run))
-            tcfg = C.from_dict(TrainConfig, teacher0.config)
+            tcfg = cfgs.from_dict(TrainConfig, teacher0.config)
             data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
             scorer = (round_scorer(tcfg.dataset, tuple(teacher0.data_shape), data_root=tcfg.data_root, seed=tcfg.seed,
-                                   device=device, inception_weights=cfg.inception_weights) if D.is_main() else None)
-        if D.is_main():
+                                   device=device, inception_weights=cfg.inception_weights) if dist.is_main() else None)
+        if dist.is_main():
             write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-        D.barrier()
+        dist.barrier()
         student_tcfg = dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)
         ctx = DistillRun(cfg=cfg, run=run, device=device, schedule=teacher0.schedule, tcfg=tcfg, teacher0=teacher0,
                          x_all=data.x.to(device), y_all=data.y.to(device) if data.y is not None else None,
-                         num_classes=data.num_classes, student_cfg=C.to_dict(student_tcfg),
+                         num_classes=data.num_classes, student_cfg=cfgs.to_dict(student_tcfg),
                          student_network=network_to_dict(network_config(student_tcfg)), progress=progress,
                          on_step=on_step, scorer=scorer)
         run_rounds(ctx)
@@ -152,19 +152,19 @@ def run_rounds(ctx: DistillRun) -> None:
         if done is not None:
             teacher_net, teacher_param = done, cfg.param
             continue
-        student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(device)
+        student = build_network(cfgs.from_dict(TrainConfig, ctx.student_cfg)).to(device)
         student.load_state_dict(teacher_net.state_dict())
         total = round_updates(cfg, r)
         loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
                                  f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
         save_student(ctx, student_path, student, n_student, r, total)
-        if D.is_main() and not rounds.done(r):
+        if dist.is_main() and not rounds.done(r):
             row = evaluate_round(student, ctx, n_student)
             rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
                         "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
             log.info("round %d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r, n_student, row["metric"],
                      row["student_value"], n_student, row["teacher_ddim_value"])
-        D.barrier()
+        dist.barrier()
         teacher_net, teacher_param = student, cfg.param
     log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
 
@@ -187,20 +187,20 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
                               out_dir=dcfg.results_dir, append=dcfg.append_results,
                               inception_weights=dcfg.inception_weights, **steps)
     run_sweep(cfg)
-    return write_report(cfg.out_dir) if D.is_main() else Path(cfg.out_dir) / "report.md"
+    return write_report(cfg.out_dir) if dist.is_main() else Path(cfg.out_dir) / "report.md"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    D.configure_cpu_threads()
+    dist.configure_cpu_threads()
     cfg, _ = runs.config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
                                    "Progressively distill a teacher into few-step students, then benchmark and report.")
     t0 = time.perf_counter()
-    with D.init_from_env(cfg.device), runs.graceful_stop():
+    with dist.init_from_env(cfg.device), runs.graceful_stop():
         run = distill(cfg)
         if cfg.bench:
             sweep_and_report(run, cfg)
-        D.barrier()
-        if D.is_main():  # inside: once the process group is gone every process counts as rank 0
+        dist.barrier()
+        if dist.is_main():  # inside: once the process group is gone every process counts as rank 0
             print(f"done: students in {run / 'students'}, per-round table {run / 'rounds.csv'} "
                   f"(total {time.perf_counter() - t0:.0f} s)")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fastdiff import param as P
+from fastdiff.param import PARAMS
 from fastdiff.errors import FastdiffError
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 
@@ -82,8 +82,8 @@ def validate(cfg: DistillConfig) -> None:
         raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
     if cfg.start_steps < 2 or cfg.start_steps & (cfg.start_steps - 1):
         raise FastdiffError(f"--start-steps must be a power of two >= 2, got {cfg.start_steps}")
-    if cfg.param not in P.PARAMS:
-        raise FastdiffError(f"--param {cfg.param!r} is not one of {', '.join(P.PARAMS)}")
+    if cfg.param not in PARAMS:
+        raise FastdiffError(f"--param {cfg.param!r} is not one of {', '.join(PARAMS)}")
     if cfg.weighting not in ("snr-trunc", "snr+1"):
         raise FastdiffError(f"--weighting {cfg.weighting!r} is not one of snr-trunc, snr+1")
     for name in ("steps_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):

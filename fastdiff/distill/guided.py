@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import config as C
-from fastdiff import distributed as D
+from fastdiff import config as cfgs
+from fastdiff import distributed as dist
 from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
 from fastdiff.errors import FastdiffError
 from fastdiff.runs import RoundLog
@@ -19,7 +19,7 @@ def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
     done = finished_student(ctx, rounds, -1, path)
     if done is not None:
         return done
-    student = build_network(C.from_dict(TrainConfig, ctx.student_cfg)).to(ctx.device)
+    student = build_network(cfgs.from_dict(TrainConfig, ctx.student_cfg)).to(ctx.device)
     missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
     if unexpected or not all(k.startswith("embed.scalar") for k in missing):
         raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "
@@ -30,9 +30,9 @@ def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
     loss, wall = train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
                               ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
     save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates)
-    if D.is_main() and not rounds.done(-1):
+    if dist.is_main() and not rounds.done(-1):
         rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.guided_base_updates,
                     "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}",
                     **evaluate_round(student, ctx, ctx.cfg.start_steps)})
-    D.barrier()
+    dist.barrier()
     return student

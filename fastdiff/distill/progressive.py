@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import param as P
+from fastdiff.param import append_dims, to_x0_eps
 from fastdiff.checkpoint import LoadedModel
 from fastdiff.distill.config import DistillConfig
 from fastdiff.losses import snr_weight
@@ -20,7 +20,7 @@ def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.T
     """
     def ddim_to(z, s_from, s_to):
         x0, eps = x0_fn(z, s_from)
-        a, s = (P.append_dims(v.to(z), z.ndim) for v in schedule.alpha_sigma(s_to))
+        a, s = (append_dims(v.to(z), z.ndim) for v in schedule.alpha_sigma(s_to))
         return a * x0 + s * eps  # DDIM eta=0: x_s = alpha_s x0_hat + sigma_s eps_hat
 
     t1, t2 = t - 0.5 / n_student, t - 1.0 / n_student
@@ -28,8 +28,8 @@ def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.T
     a_t, s_t = schedule.alpha_sigma(t)
     a_2, s_2 = schedule.alpha_sigma(t2)
     ratio = s_2 / s_t
-    num = z2 - P.append_dims((ratio).to(z_t), z_t.ndim) * z_t
-    return num / P.append_dims((a_2 - ratio * a_t).to(z_t), z_t.ndim)
+    num = z2 - append_dims((ratio).to(z_t), z_t.ndim) * z_t
+    return num / append_dims((a_2 - ratio * a_t).to(z_t), z_t.ndim)
 
 
 def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Schedule, cond: dict | None = None):
@@ -42,7 +42,7 @@ def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Sched
 
     def fn(z, t):
         a, s = (v.to(z) for v in schedule.alpha_sigma(t))
-        return P.to_x0_eps(net(z, t.to(z), **cond), z, a, s, param)
+        return to_x0_eps(net(z, t.to(z), **cond), z, a, s, param)
 
     return fn
 
@@ -62,10 +62,10 @@ def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student
         t = torch.randint(1, n_student + 1, (b,), generator=gen).double() / n_student
     eps = torch.randn(x0.shape, generator=gen).to(x0)
     a, s = (v.to(x0) for v in schedule.alpha_sigma(t))
-    z_t = P.append_dims(a, x0.ndim) * x0 + P.append_dims(s, x0.ndim) * eps
+    z_t = append_dims(a, x0.ndim) * x0 + append_dims(s, x0.ndim) * eps
     with torch.no_grad():
         target = (target_fn(z_t, t)[0] if n_student is None
                   else distill_target(z_t, t, target_fn, schedule, n_student))
-    x_hat, _ = P.to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
+    x_hat, _ = to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
     w = snr_weight(schedule.logsnr(t).to(x0), cfg.weighting)
     return w * (target - x_hat).pow(2).mean(tuple(range(1, x0.ndim)))

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from fastdiff import distributed as D
+from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import LoadedModel, load_model, load_resumable, save_checkpoint
 from fastdiff.distill.config import DistillConfig
@@ -77,10 +77,10 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
     student.train().requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     salt = cfg.seed * 7919 + r * 104729
-    gen = torch.Generator().manual_seed(salt + D.rank())
-    torch.manual_seed(salt + 1 + D.rank())  # dropout draws from the global stream: seeded per stage, saved by fit
+    gen = torch.Generator().manual_seed(salt + dist.rank())
+    torch.manual_seed(salt + 1 + dist.rank())  # dropout draws from the global stream: seeded per stage, saved by fit
     state = load_resumable(ctx.state_path, map_location=ctx.device)
-    local_batch = D.local_batch_size(cfg.batch_size)
+    local_batch = dist.local_batch_size(cfg.batch_size)
 
     def loss_fn(model) -> torch.Tensor:
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
@@ -104,7 +104,7 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
 
 
 def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int) -> None:
-    if D.is_main():
+    if dist.is_main():
         save_checkpoint(path, {"kind": "student", "config": ctx.student_cfg, "network": ctx.student_network,
                                "param": ctx.cfg.param, "steps": n_student,
                                "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
