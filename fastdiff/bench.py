@@ -185,7 +185,7 @@ def save_samples(path: Path, x: torch.Tensor, spec: Spec, nfe: int) -> None:
     """Keep the first 16 images as uint8 (N, C, H, W), or the first 500 points as float32 (N, D)."""
     keep = to_extractor_input(x[:N_SAVED_IMAGES] if x.ndim == 4 else x[:N_SAVED_POINTS]).numpy()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, samples=keep, sampler=spec.sampler, spacing=spec.grid, steps=spec.steps, nfe=nfe)
+        np.savez(f, samples=keep, sampler=spec.sampler, grid=spec.grid, steps=spec.steps, nfe=nfe)
 
 
 def results_csv_path(out_dir, name: str) -> Path:
@@ -302,7 +302,7 @@ def _metric_names(metrics: Sequence[str]) -> list[str]:
 def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, measured: dict,
           values: dict | None = None) -> list[dict]:
     """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only."""
-    base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "spacing": spec.grid,
+    base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "grid": spec.grid,
             "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
             "steps": spec.steps, "guidance": spec.guidance,
             "samples_file": samples_file(spec, network, cfg)}

@@ -25,7 +25,7 @@ from torch import nn
 from fastdiff.data import static_info
 from fastdiff.errors import FastdiffError
 from fastdiff.io import atomic_path, fsync_dir
-from fastdiff.models import build_model, model_config, network_from_dict
+from fastdiff.models import build_model, model_config, network_from_dict, network_to_dict
 from fastdiff.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,16 @@ def load_resumable(path, map_location="cpu") -> dict | None:
 
 
 def weights_hash(ckpt: dict, state: dict) -> str:
-    """The model id recorded with every result: 12 hex digits of a sha256 over the network's config, param, kind,
-    grid N and the weights `state` it samples with (names, dtypes, shapes, bytes).
+    """The model id recorded with every result: 12 hex digits of a sha256 over what the model computes: its network
+    (architecture and config), schedule, param, kind, grid N and the weights `state` it samples with (names,
+    dtypes, shapes, bytes); not where or how long it was trained.
 
     Not the file's sha256: the file also holds the optimiser and RNG state, and torch.save's bytes depend on how
     the tensors share storage (a resumed run's file differs from an uninterrupted one's with equal tensors).
     """
-    h = hashlib.sha256(json.dumps([ckpt["config"], ckpt.get("param"), ckpt.get("kind"), ckpt.get("steps")],
+    cfg = ckpt["config"]
+    h = hashlib.sha256(json.dumps([network_to_dict(network_of(ckpt)), cfg["schedule"], cfg["T"],
+                                   ckpt.get("param", cfg["param"]), ckpt.get("kind"), ckpt.get("steps")],
                                   sort_keys=True).encode())
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous().reshape(-1)

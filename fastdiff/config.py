@@ -74,8 +74,16 @@ def to_dict(cfg) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
+def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written by an earlier fastdiff with today's field names (`cls.RENAMED`: old -> new)."""
+    renamed = getattr(cls, "RENAMED", {})
+    return {renamed.get(k, k): v for k, v in data.items()}
+
+
 def from_dict(cls, data: dict[str, Any]):
-    """Inverse of to_dict; unknown keys are an error (a config from another version)."""
+    """Inverse of to_dict; fields renamed since (cls.RENAMED) are mapped, other unknown keys are an error (a config
+    from another version)."""
+    data = upgrade(cls, data)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 NUMERIC = ("steps", "nfe", "n_samples", "seed", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total")
 # What makes rows comparable: one sweep = one model family scored the same way.
 SWEEP = ["teacher_hash", "extractor", "reference", "n_samples", "seed", "clip"]
-LINE = ["sampler", "spacing", "eta", "variance"]
+LINE = ["sampler", "grid", "eta", "variance"]
 OTHER_METRICS = ("kid", "precision", "recall", "swd")
 MAX_GRID_BUDGETS, MAX_TABLE_BUDGETS = 3, 12
 
@@ -45,6 +45,7 @@ def read_results(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise FastdiffError(f"cannot read {path} ({err}); re-run python -m fastdiff.bench") from None
+    df = df.rename(columns={"spacing": "grid"})  # the column's name before fastdiff 0.2
     missing = [c for c in (*NUMERIC, *SWEEP, *LINE, "metric", "dataset") if c not in df.columns]
     if missing:
         raise FastdiffError(f"{path} lacks columns {missing}; it was not written by python -m fastdiff.bench")
@@ -54,11 +55,11 @@ def read_results(path: Path) -> pd.DataFrame:
     return df
 
 
-def line_label(sampler: str, spacing: str, eta: str, variance: str) -> str:
+def line_label(sampler: str, grid: str, eta: str, variance: str) -> str:
     """The legend entry of one curve: sampler + its grid + eta (DDIM) or variance (DDPM)."""
     if sampler == "distilled":
         return "distilled students (own N-step grid)"
-    extra = [spacing] + ([f"η={float(eta):g}"] if sampler.startswith("ddim") and eta else []) + \
+    extra = [grid] + ([f"η={float(eta):g}"] if sampler.startswith("ddim") and eta else []) + \
         ([f"{variance} var."] if variance else [])
     return f"{sampler} ({', '.join(extra)})"
 

@@ -14,7 +14,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 
 CSV_NAME = "fid_vs_steps.csv"
-COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "grid_hash", "eta", "variance", "clip",
+COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "grid", "grid_hash", "eta", "variance", "clip",
            "guidance", "noise", "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy",
            "reference", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device",
            "threads", "torch_version", "torch_fidelity_version", "fastdiff_version", "fastdiff_commit",
@@ -22,7 +22,7 @@ COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "spacing", "grid_
 # What defines a row (a re-run skips rows whose key is present): every option that changes the samples or their
 # score; `grid_hash` (sha256 of the float64 time grid) makes a changed grid definition a new row. Everything else
 # is measured or provenance.
-KEY = ("dataset", "model_hash", "sampler", "spacing", "grid_hash", "eta", "variance", "clip", "guidance", "noise",
+KEY = ("dataset", "model_hash", "sampler", "grid", "grid_hash", "eta", "variance", "clip", "guidance", "noise",
        "steps", "n_samples", "seed", "metric", "extractor", "reference")
 # How the initial and per-step noise is drawn: torch CPU generators seeded by (seed, sample index), so sample k
 # is the same whatever the batch size, rank or device.

@@ -191,7 +191,8 @@ def resolve_device(name: str) -> torch.device:
     return dist.local_device(torch.device(name))
 
 
-def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None) -> Path:
+def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None,
+                    renamed: dict[str, str] | None = None) -> Path:
     """Create/check a run dir: refuse one whose config.json differs in a field that matters.
 
     A field missing from an older config.json (a run from an earlier fastdiff) is fine while the new value is
@@ -202,6 +203,7 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
     if cfg_path.exists():
         try:
             old = json.loads(cfg_path.read_text())
+            old = {(renamed or {}).get(k, k): v for k, v in old.items()}  # names of an earlier version
         except json.JSONDecodeError:
             raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another --out-dir") from None
         added = {k for k in config if k not in old and defaults is not None and k in defaults
@@ -222,9 +224,11 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
 
 
 class MetricsLog:
-    """Append-only CSV of training metrics that a resume trims back (atomically) to the checkpoint's step."""
+    """Append-only CSV of training metrics that a resume trims back (atomically) to the checkpoint's update.
 
-    def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "step"):
+    A file of fastdiff before 0.2, whose key column was `step`, is read with that column as `update`."""
+
+    def __init__(self, path: Path, fields: Sequence[str], resume_step: int, key: str = "update"):
         self.path, self.fields = path, list(fields)
         if not dist.is_main():
             return  # only rank 0 touches the file; a second writer could truncate it mid-rewrite
@@ -232,6 +236,8 @@ class MetricsLog:
         if path.exists():
             with open(path, newline="") as f:
                 for row in csv.DictReader(f):
+                    if key not in row and "step" in row:
+                        row[key] = row.pop("step")
                     try:
                         if int(row[key]) <= resume_step and None not in row.values():
                             rows.append(row)

@@ -130,12 +130,13 @@ def _pairs(ts: torch.Tensor, schedule: Schedule):
     return alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], beta_ts
 
 
-def _coefs(alpha_t, sigma_t, alpha_s, d, c) -> torch.Tensor:
-    """(steps,) each -> (steps, 3) (coef_x0, coef_xt, coef_noise) of x_s = alpha_s x0 + d eps + c z.
+def _coefs(alpha_t, sigma_t, alpha_s, dir_coef, c) -> torch.Tensor:
+    """(steps,) each -> (steps, 3) (coef_x0, coef_xt, coef_noise) of x_s = alpha_s x0 + dir_coef eps + c z.
 
-    eps = (x_t - alpha_t x0)/sigma_t makes it x_s = (alpha_s - d alpha_t/sigma_t) x0 + (d/sigma_t) x_t + c z.
+    eps = (x_t - alpha_t x0)/sigma_t makes it
+    x_s = (alpha_s - dir_coef alpha_t/sigma_t) x0 + (dir_coef/sigma_t) x_t + c z.
     """
-    return torch.stack([alpha_s - d * alpha_t / sigma_t, d / sigma_t, c], 1)
+    return torch.stack([alpha_s - dir_coef * alpha_t / sigma_t, dir_coef / sigma_t, c], 1)
 
 
 def ddpm(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
@@ -150,12 +151,13 @@ def ddpm(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     alpha_t, sigma_t, alpha_s, sigma_s, beta_ts = _pairs(ts, schedule)
     # posterior mean (Ho et al. 2020 eq. 7 between any s < t):
     # mu = sqrt(abar_s) beta_{t|s}/(1 - abar_t) x0 + sqrt(1 - beta_{t|s}) (1 - abar_s)/(1 - abar_t) x_t,
-    # which is the DDIM(eta=1) mean, i.e. direction coefficient d = alpha_t sigma_s^2 / (alpha_s sigma_t)
-    d = alpha_t * sigma_s**2 / (alpha_s * sigma_t)
+    # which is the DDIM(eta=1) mean, i.e. direction coefficient dir_coef = alpha_t sigma_s^2 / (alpha_s sigma_t)
+    dir_coef = alpha_t * sigma_s**2 / (alpha_s * sigma_t)
     var = beta_ts if variance == "large" else sigma_s**2 / sigma_t**2 * beta_ts
     c = torch.where(ts[1:] > 0, var.sqrt(), 0.0)
-    return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, _coefs(alpha_t, sigma_t, alpha_s, d, c), param=param,
-                         clip=clip, generator=generator, return_trajectory=return_trajectory, guidance=guidance)
+    coefs = _coefs(alpha_t, sigma_t, alpha_s, dir_coef, c)
+    return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
+                         return_trajectory=return_trajectory, guidance=guidance)
 
 
 def ddim(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
@@ -164,13 +166,13 @@ def ddim(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     if not 0.0 <= eta <= 1.0:
         raise FastdiffError(f"DDIM eta must be in [0, 1], got {eta}")
     alpha_t, sigma_t, alpha_s, sigma_s, beta_ts = _pairs(ts, schedule)
-    # Song et al. 2021 eq. 12/16: x_s = alpha_s x0 + d eps + c z, c = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(beta_{t|s}),
-    # d = sqrt(1 - abar_s - c^2); with eps = (x_t - alpha_t x0)/sigma_t this is linear in (x0, x_t)
+    # Song et al. 2021 eq. 12/16: x_s = alpha_s x0 + dir_coef eps + c z,
+    # c = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(beta_{t|s}), dir_coef = sqrt(1 - abar_s - c^2); with eps = (x_t - alpha_t x0)/sigma_t this is linear in (x0, x_t)
     c = eta * sigma_s / sigma_t * beta_ts.sqrt()
-    # d^2 = sigma_s^2 - c^2 = sigma_s^2/sigma_t^2 ((1 - eta^2) sigma_t^2 + eta^2 (alpha_t sigma_s/alpha_s)^2),
+    # dir_coef^2 = sigma_s^2 - c^2 = sigma_s^2/sigma_t^2 ((1 - eta^2) sigma_t^2 + eta^2 (alpha_t sigma_s/alpha_s)^2),
     # written without the cancellation
-    d = sigma_s / sigma_t * ((1 - eta**2) * sigma_t**2 + eta**2 * (alpha_t * sigma_s / alpha_s) ** 2).sqrt()
-    coefs = _coefs(alpha_t, sigma_t, alpha_s, d, c)
+    dir_coef = sigma_s / sigma_t * ((1 - eta**2) * sigma_t**2 + eta**2 * (alpha_t * sigma_s / alpha_s) ** 2).sqrt()
+    coefs = _coefs(alpha_t, sigma_t, alpha_s, dir_coef, c)
     return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
                          return_trajectory=return_trajectory, guidance=guidance)
 
@@ -192,7 +194,7 @@ def dpm_solver_pp_2m(model, x, ts, *, schedule: Schedule, param: str, clip: bool
     """
     _check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)
-    lam = schedule.logsnr(ts) / 2  # lambda = log(alpha/sigma)
+    half_logsnr = schedule.logsnr(ts) / 2  # DPM-Solver's lambda = log(alpha/sigma), half the contract's logSNR
     trajectory = [x] if return_trajectory else None
     x0_prev = None
     for i in range(len(ts) - 1):
@@ -200,14 +202,14 @@ def dpm_solver_pp_2m(model, x, ts, *, schedule: Schedule, param: str, clip: bool
         if ts[i + 1] == 0:
             x = x0
         else:
-            h = lam[i + 1] - lam[i]
-            d = x0
+            h = half_logsnr[i + 1] - half_logsnr[i]
+            x0_mix = x0
             if x0_prev is not None:
                 # eq. (2M): D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1}/h_i
-                r = (lam[i] - lam[i - 1]) / h
-                d = x0 + (x0 - x0_prev) / (2 * r)
+                r = (half_logsnr[i] - half_logsnr[i - 1]) / h
+                x0_mix = x0 + (x0 - x0_prev) / (2 * r)
             # exponential integrator in data prediction: x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) D
-            x = float(sigma[i + 1] / sigma[i]) * x + float(-alpha[i + 1] * torch.expm1(-h)) * d
+            x = float(sigma[i + 1] / sigma[i]) * x + float(-alpha[i + 1] * torch.expm1(-h)) * x0_mix
         x0_prev = x0
         if trajectory is not None:
             trajectory.append(x)
@@ -227,7 +229,7 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     """
     _check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)
-    sig = sigma / alpha
+    sigma_edm = sigma / alpha
     trajectory = [x] if return_trajectory else None
     nfe = 0
     for i in range(len(ts) - 1):
@@ -240,8 +242,8 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
             nfe += 1
             # trapezoid: x~'' = x0 + (sigma~ + sigma~')/2 eps + (sigma~' - sigma~)/2 eps'
             a = float(alpha[i + 1])
-            x_next = (a * x0 + float(a * (sig[i] + sig[i + 1]) / 2) * eps
-                      + float(a * (sig[i + 1] - sig[i]) / 2) * eps_next)
+            x_next = (a * x0 + float(a * (sigma_edm[i] + sigma_edm[i + 1]) / 2) * eps
+                      + float(a * (sigma_edm[i + 1] - sigma_edm[i]) / 2) * eps_next)
         x = x_next
         if trajectory is not None:
             trajectory.append(x)

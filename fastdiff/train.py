@@ -1,7 +1,7 @@
 """Teacher training: `python -m fastdiff.train --preset digits [--field value ...]`.
 
 A run directory holds the resolved `config.json`, `metrics.csv`, `checkpoint.pt` (written atomically
-every `ckpt_every` steps, the one before kept as `checkpoint.prev.pt`) and periodic sample pictures.
+every `ckpt_every` updates, the one before kept as `checkpoint.prev.pt`) and periodic sample pictures.
 Re-running the same command resumes from the checkpoint and ends with the same weights as an
 uninterrupted run (on CPU; on CUDA with --deterministic); a run dir holding a different config is refused,
 and so is a second process on the same run dir. SIGTERM/SIGINT stop it after the current update with a
@@ -36,7 +36,7 @@ from fastdiff.schedules import SCHEDULES, Schedule
 log = logging.getLogger(__name__)
 
 # Fields that change neither the trajectory nor the result: a run may be resumed with other values.
-NON_RESULT_FIELDS = ("out_dir", "device", "steps", "log_every", "sample_every", "ckpt_every", "deterministic")
+NON_RESULT_FIELDS = ("out_dir", "device", "updates", "log_every", "sample_every", "ckpt_every", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class TrainConfig:
     hidden: int = 256
     layers: int = 4
     scalar_cond: bool = False
-    steps: int = 4000
+    updates: int = 4000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
@@ -79,16 +79,19 @@ class TrainConfig:
     deterministic: bool = False
 
 
+
+TrainConfig.RENAMED = {"steps": "updates"}  # field names of fastdiff before 0.2 (config.json, checkpoints)
+
 PRESETS = {
-    "toy2d": TrainConfig(dataset="toy2d", arch="mlp", hidden=256, layers=4, steps=4000, batch_size=512, lr=2e-3,
+    "toy2d": TrainConfig(dataset="toy2d", arch="mlp", hidden=256, layers=4, updates=4000, batch_size=512, lr=2e-3,
                          warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=2000, out_dir="runs/teacher-toy2d"),
     "digits": TrainConfig(),
     "digits-cond": TrainConfig(cond="class", out_dir="runs/teacher-digits-cond"),
     # The DDPM paper's CIFAR-10 settings (Ho et al. 2020, App. B): 35.7M-parameter U-Net, linear schedule,
-    # L_simple, lr 2e-4 with 5000 warm-up steps, batch 128, dropout 0.1, EMA 0.9999, 800k steps, flips.
+    # L_simple, lr 2e-4 with 5000 warm-up updates, batch 128, dropout 0.1, EMA 0.9999, 800k updates, flips.
     "cifar10": TrainConfig(dataset="cifar10", schedule="linear", param="eps", weighting="eps-mse", channels=128,
                            channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), head_dim=256,
-                           dropout=0.1, steps=800_000, lr=2e-4, warmup=5000, ema_decay=0.9999, flip=True,
+                           dropout=0.1, updates=800_000, lr=2e-4, warmup=5000, ema_decay=0.9999, flip=True,
                            ckpt_every=5000, sample_every=20_000, log_every=100, out_dir="runs/teacher-cifar10"),
 }
 
@@ -100,7 +103,7 @@ def validate(cfg: TrainConfig) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise FastdiffError(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    for name in ("steps", "batch_size", "T", "channels", "hidden", "layers", "ckpt_every", "log_every", "sample_every"):
+    for name in ("updates", "batch_size", "T", "channels", "hidden", "layers", "ckpt_every", "log_every", "sample_every"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.label_dropout < 1:
@@ -154,7 +157,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     with contextlib.ExitStack() as held:
         with dist.same_outcome():  # a run dir refused or locked on rank 0, data missing on one node: an error everywhere
             data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
-            run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()))
+            run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()),
+                                        TrainConfig.RENAMED)
                    if dist.is_main() else Path(cfg.out_dir))
             held.enter_context(runs.run_lock(run))
             # Read the checkpoint before writing anything: unreadable ones must leave the run dir as it was.
@@ -179,10 +183,10 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
         start, acc = ckpt["step"], list(ckpt.get("loss_acc", (0.0, 0)))  # so that metrics.csv matches too
-    if start >= cfg.steps:
-        log.info("%s already finished (%d steps); nothing to do", run, start)
+    if start >= cfg.updates:
+        log.info("%s already finished (%d updates); nothing to do", run, start)
         return
-    metrics = runs.MetricsLog(run / "metrics.csv", ["step", "loss", "lr", "grad_norm", "wall_s"], start)
+    metrics = runs.MetricsLog(run / "metrics.csv", ["update", "loss", "lr", "grad_norm", "wall_s"], start)
     x_all = data.x.to(device)
     y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
     schedule = Schedule(cfg.schedule, cfg.T)
@@ -202,29 +206,29 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
             y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
         return diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
 
-    def after_update(step: int, loss: float, lr: float, grad_norm) -> None:
+    def after_update(update: int, loss: float, lr: float, grad_norm) -> None:
         with torch.no_grad():  # the weight EMA the teacher samples with
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - cfg.ema_decay)
         acc[0], acc[1] = acc[0] + loss, acc[1] + 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.append({"step": step, "loss": f"{acc[0] / acc[1]:.6f}", "lr": f"{lr:.3g}",
+        if update % cfg.log_every == 0 or update == cfg.updates:
+            metrics.append({"update": update, "loss": f"{acc[0] / acc[1]:.6f}", "lr": f"{lr:.3g}",
                             "grad_norm": f"{grad_norm.item():.4f}", "wall_s": f"{time.perf_counter() - t_start:.1f}"})
             acc[0], acc[1] = 0.0, 0
-        if dist.is_main() and (step % cfg.sample_every == 0 or step == cfg.steps):
-            save_sample_picture(ema, cfg, device, run / f"samples_{step:07d}.png")
+        if dist.is_main() and (update % cfg.sample_every == 0 or update == cfg.updates):
+            save_sample_picture(ema, cfg, device, run / f"samples_{update:07d}.png")
 
     network = network_to_dict(network_config(cfg))
     extra_state = lambda: {"kind": "teacher", "config": cfgs.to_dict(cfg), "param": cfg.param,  # noqa: E731
                            "network": network, "data_shape": list(data.shape), "ema": ema.state_dict(),
                            "loss_acc": tuple(acc)}
-    runs.fit(net, opt, total=cfg.steps, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
-             lr_at=lambda step: cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
+    runs.fit(net, opt, total=cfg.updates, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
+             lr_at=lambda update: cfg.lr * min(1.0, (update + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
              state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {cfg.dataset}", resume=ckpt,
              extra_state=extra_state, after_update=after_update, on_step=on_step, grad_clip=cfg.grad_clip,
              autocast=True, progress=progress)
     dist.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
-    log.info("trained %s for %d steps in %.1f s", run, cfg.steps, time.perf_counter() - t_start)
+    log.info("trained %s for %d updates in %.1f s", run, cfg.updates, time.perf_counter() - t_start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

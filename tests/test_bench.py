@@ -102,7 +102,7 @@ def test_same_noise_per_index_in_every_row_and_batch_size_does_not_matter(tmp_pa
         expected = randn_like_per_sample((10, DIM), sample_generators(0, range(10)), torch.float32, "cpu")
         for noise in runs:
             assert torch.equal(noise, expected)
-        values.append({(r["sampler"], r["spacing"], r["steps"], r["metric"]): float(r["value"])
+        values.append({(r["sampler"], r["grid"], r["steps"], r["metric"]): float(r["value"])
                        for r in read_rows(path)})
     assert values[0].keys() == values[1].keys()
     for key, v in values[0].items():
@@ -187,7 +187,7 @@ def test_cli_sweeps_a_distillation_run_and_the_report_reads_it(tmp_path, distill
             "--out-dir", str(out), "--device", "cpu"]
     assert run_cli(main, argv) == 0
     rows = read_rows(out / "digits" / "fid_vs_steps.csv")
-    runs = {(r["sampler"], r["spacing"], int(r["steps"]), int(r["nfe"])) for r in rows}
+    runs = {(r["sampler"], r["grid"], int(r["steps"]), int(r["nfe"])) for r in rows}
     assert runs == {("ddpm", "full", 16, 16), ("ddim", "linspace", 1, 1), ("ddim", "linspace", 2, 2),
                     ("distilled", "student", 1, 1), ("distilled", "student", 2, 2)}
     assert {r["metric"] for r in rows} == {"fid", "kid", "kid_std", "precision", "recall"}

@@ -81,9 +81,9 @@ def test_dumps_is_stable_json_and_diff_names_changes():
 
 
 def test_train_cli_applies_overrides_to_the_preset():
-    cfg, _ = config_from_argv(["--preset", "toy2d", "--steps", "7", "--channel-mult", "1,2,4", "--flip", "true",
+    cfg, _ = config_from_argv(["--preset", "toy2d", "--updates", "7", "--channel-mult", "1,2,4", "--flip", "true",
                                "--attn-resolutions", ""], TrainConfig, PRESETS, "p", "d")
-    assert cfg == dataclasses.replace(PRESETS["toy2d"], steps=7, channel_mult=(1, 2, 4), flip=True, attn_resolutions=())
+    assert cfg == dataclasses.replace(PRESETS["toy2d"], updates=7, channel_mult=(1, 2, 4), flip=True, attn_resolutions=())
     assert config_from_argv([], TrainConfig, PRESETS, "p", "d")[0] == PRESETS["digits"]
     with pytest.raises(FastdiffError, match="unknown preset .big.; choose one of toy2d, digits, digits-cond, cifar10"):
         config_from_argv(["--preset", "big"], TrainConfig, PRESETS, "p", "d")

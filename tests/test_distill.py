@@ -66,12 +66,12 @@ def test_bad_input_exit_2(tmp_path, capsys):
 def _tiny_toy(tmp_path, **kw) -> DistillConfig:
     from fastdiff.train import PRESETS as TRAIN
 
-    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], steps=300, hidden=64, layers=2, out_dir=str(tmp_path / "teacher"),
+    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], updates=300, hidden=64, layers=2, out_dir=str(tmp_path / "teacher"),
                                       sample_every=10_000)
     from fastdiff.train import train
 
     train(teacher_cfg, progress=False)
-    base = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=4, steps_per_round=30,
+    base = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=4, updates_per_round=30,
                                ckpt_every=10, eval_samples=100, bench=False, out_dir=str(tmp_path / "distill"))
     return dataclasses.replace(base, **kw)
 

@@ -23,8 +23,8 @@ from fastdiff.errors import FastdiffError
 
 WORKER_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 240
 # The tiny teacher and distillation round every test here uses (toy2d MLP, 4 -> 2 steps, 16 updates).
-TEACHER = dict(steps=30, hidden=32, layers=1, batch_size=64, sample_every=10_000, device="cpu")
-ROUND = dict(start_steps=4, rounds=1, steps_per_round=8, batch_size=64, ckpt_every=3, eval_samples=64, bench=False,
+TEACHER = dict(updates=30, hidden=32, layers=1, batch_size=64, sample_every=10_000, device="cpu")
+ROUND = dict(start_steps=4, rounds=1, updates_per_round=8, batch_size=64, ckpt_every=3, eval_samples=64, bench=False,
              device="cpu")
 STOP_AT = 5  # rank 1 alone is asked to stop here; both ranks stop after this update with state.pt written
 

@@ -29,7 +29,7 @@ from test_metrics import one_thread  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 SEED = 20261130
-DISTILL_ARGS = ["--preset", "toy2d", "--teacher-steps", "120", "--start-steps", "4", "--steps-per-round", "30",
+DISTILL_ARGS = ["--preset", "toy2d", "--teacher-updates", "120", "--start-steps", "4", "--updates-per-round", "30",
                 "--ckpt-every", "15", "--eval-samples", "200", "--bench-steps", "1,2", "--bench-samples", "300",
                 "--bench-samplers", "ddim,dpm++2m,distilled", "--device", "cpu"]
 BENCH_ARGS = ["--preset", "toy2d", "--distill-dir", "runs/distill-toy2d", "--samplers", "ddim-eta1,distilled",

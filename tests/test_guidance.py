@@ -64,11 +64,11 @@ def test_guided_distillation_end_to_end(tmp_path):
     from fastdiff.train import PRESETS as TRAIN
     from fastdiff.train import train
 
-    teacher = dataclasses.replace(TRAIN["toy2d"], cond="class", steps=300, hidden=64, layers=2,
+    teacher = dataclasses.replace(TRAIN["toy2d"], cond="class", updates=300, hidden=64, layers=2,
                                   out_dir=str(tmp_path / "teacher"), sample_every=10_000)
     train(teacher, progress=False)
     cfg = dataclasses.replace(PRESETS["digits-guided"], teacher=str(tmp_path / "teacher"), teacher_preset="toy2d",
-                              start_steps=4, rounds=1, steps_per_round=20, guided_base_updates=30, batch_size=64,
+                              start_steps=4, rounds=1, updates_per_round=20, guided_base_updates=30, batch_size=64,
                               eval_samples=64, out_dir=str(tmp_path / "distill"))
     run = distill(cfg, progress=False)
     rows = list(csv.DictReader(open(run / "rounds.csv")))

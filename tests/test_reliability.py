@@ -88,7 +88,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 def test_sigterm_stops_training_after_the_update_with_a_checkpoint_and_exit_143(tmp_path, capsys, pictures):
     run, ref = tmp_path / "run", tmp_path / "ref"
-    argv = [*MLP_ARGS, "--steps", "30", "--ckpt-every", "10", "--log-every", "5"]
+    argv = [*MLP_ARGS, "--updates", "30", "--ckpt-every", "10", "--log-every", "5"]
 
     def stop_on_arrival(argv):  # the signal arrives while the first update runs
         runs.request_stop(signal.SIGTERM)
@@ -191,11 +191,11 @@ def test_a_corrupt_student_file_is_rebuilt_from_the_rounds_last_state(tmp_path, 
 
 
 def _tiny_toy_distill(tmp_path, **kw) -> DI.DistillConfig:
-    teacher_cfg = dataclasses.replace(T.PRESETS["toy2d"], steps=60, hidden=32, layers=1, batch_size=64,
+    teacher_cfg = dataclasses.replace(T.PRESETS["toy2d"], updates=60, hidden=32, layers=1, batch_size=64,
                                       out_dir=str(tmp_path / "teacher"), sample_every=10_000)
     T.train(teacher_cfg, progress=False)
     base = dataclasses.replace(DI.PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=2,
-                               steps_per_round=6, batch_size=64, ckpt_every=4, eval_samples=100, bench=False,
+                               updates_per_round=6, batch_size=64, ckpt_every=4, eval_samples=100, bench=False,
                                out_dir=str(tmp_path / "distill"), device="cpu")
     return dataclasses.replace(base, **kw)
 
@@ -205,11 +205,11 @@ def _tiny_toy_distill(tmp_path, **kw) -> DI.DistillConfig:
 def test_distillation_with_dropout_resumes_bit_exact(tmp_path, shared_cache, pictures):
     """Dropout draws from the global RNG: it is seeded per stage and saved/restored with the other streams (before,
     a resumed round drew other masks and ended with other weights)."""
-    tcfg = tiny_unet("digits", dropout=0.3, steps=6, batch_size=8, ckpt_every=3, log_every=3,
+    tcfg = tiny_unet("digits", dropout=0.3, updates=6, batch_size=8, ckpt_every=3, log_every=3,
                      out_dir=str(tmp_path / "teacher"))
     T.train(tcfg, progress=False)
     base = DI.DistillConfig(teacher=str(tmp_path / "teacher"), teacher_preset="digits", start_steps=2,
-                            steps_per_round=7, batch_size=8, ckpt_every=3, eval_samples=8, bench=False, device="cpu")
+                            updates_per_round=7, batch_size=8, ckpt_every=3, eval_samples=8, bench=False, device="cpu")
 
     class Kill(Exception):
         pass
@@ -257,7 +257,7 @@ def _fill(folder: Path) -> Path:
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(small_disk, tmp_path, capsys, pictures, fault):
     run, ref = small_disk / "run", tmp_path / "ref"
-    argv = [*MLP_ARGS, "--steps", "30", "--ckpt-every", "10", "--log-every", "5"]
+    argv = [*MLP_ARGS, "--updates", "30", "--ckpt-every", "10", "--log-every", "5"]
     filler = []
 
     def fault_at_12(step):
@@ -333,7 +333,7 @@ def test_default_results_folder_is_apart_from_the_committed_reference_results():
 def test_every_option_that_changes_the_samples_is_in_the_row_key(tmp_path, monkeypatch):
     from fastdiff.results import KEY
 
-    assert {"sampler", "spacing", "grid_hash", "eta", "variance", "clip", "guidance", "noise", "steps", "seed",
+    assert {"sampler", "grid", "grid_hash", "eta", "variance", "clip", "guidance", "noise", "steps", "seed",
             "model_hash", "n_samples"} <= set(KEY)
     cfg = gaussian_cfg(tmp_path, samplers=("ddim",), steps=(2,), n_samples=20, batch_size=20)
     path = B.run_sweep(cfg, family=gaussian_family(), progress=False)
@@ -441,12 +441,12 @@ def test_cifar10_preset_end_to_end_on_a_fake_folder(fake_cifar10, tmp_path, monk
         monkeypatch.setattr(module, "resolve_extractor", resolve)
         monkeypatch.setattr(module, "compute_metrics", spy_compute)
     tcfg = dataclasses.replace(tiny_unet("cifar10"), schedule="linear", param="eps", weighting="eps-mse",
-                               data_root=str(root), steps=3, batch_size=4, ckpt_every=3, log_every=1, seed=3,
+                               data_root=str(root), updates=3, batch_size=4, ckpt_every=3, log_every=1, seed=3,
                                out_dir=str(tmp_path / "teacher"))
     T.train(tcfg, progress=False)
     weights = tmp_path / "inception.pth"
     argv = ["--preset", "cifar10", "--teacher", str(tmp_path / "teacher"), "--start-steps", "2",
-            "--steps-per-round", "2", "--batch-size", "4", "--ckpt-every", "1", "--eval-samples", "6",
+            "--updates-per-round", "2", "--batch-size", "4", "--ckpt-every", "1", "--eval-samples", "6",
             "--bench-steps", "1,2", "--bench-samples", "6", "--inception-weights", str(weights),
             "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "d"), "--device", "cpu"]
     assert run_cli(DI.main, argv) == 0

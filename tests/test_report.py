@@ -23,13 +23,13 @@ def synthetic_results(root, images: bool):
     (folder / "samples").mkdir(parents=True)
     rng = np.random.default_rng(0)
     rows = []
-    for k, (sampler, spacing, eta, variance) in enumerate(LINES):
+    for k, (sampler, grid, eta, variance) in enumerate(LINES):
         for nfe in (1, 2, 4, 8):
             samples_file = f"samples/{sampler}_{nfe}.npz"
             x = rng.integers(0, 256, (16, 1, 8, 8), dtype=np.uint8) if images else rng.normal(size=(300, 2))
             np.savez(folder / samples_file, samples=x.astype(np.uint8 if images else np.float32))
             base = {"dataset": dataset, "model_hash": f"h{k}", "teacher_hash": "teach", "sampler": sampler,
-                    "spacing": spacing, "eta": eta, "variance": variance, "clip": "true", "guidance": "",
+                    "grid": grid, "eta": eta, "variance": variance, "clip": "true", "guidance": "",
                     "steps": nfe, "nfe": nfe, "n_samples": 100, "seed": 0, "extractor": "classifier-digits-abc",
                     "extractor_accuracy": 0.97, "reference": f"{dataset}-train-n1437", "batch_size": 50,
                     "wall_clock_s_per_batch": 0.01 * nfe, "wall_clock_s_total": 0.02 * nfe, "device": "cpu",
@@ -106,3 +106,15 @@ def test_the_commit_in_the_provenance_says_when_the_code_was_not_committed(tmp_p
     with open(pkg / "results.py", "a") as f:
         f.write("# edited\n")
     assert copy.git_commit() == head + "+dirty"
+
+
+def test_a_results_csv_of_an_earlier_version_still_reads(tmp_path):
+    """Before 0.2 the grid column was called `spacing`."""
+    from fastdiff.report import read_results
+
+    synthetic_results(tmp_path, images=False)
+    path = tmp_path / "toy2d" / "fid_vs_steps.csv"
+    new = read_results(path)
+    pd.read_csv(path, dtype=str, keep_default_na=False).rename(columns={"grid": "spacing"}).to_csv(path, index=False)
+    old = read_results(path)
+    assert list(old["grid"]) == list(new["grid"]) and list(old["line"]) == list(new["line"])

@@ -27,8 +27,8 @@ from fastdiff.schedules import Schedule
 # A tiny U-Net on digits with every random stream in play: label dropout, flips, dropout.
 UNET_ARGS = ["--preset", "digits", "--channels", "8", "--channel-mult", "1", "--num-res-blocks", "1",
              "--attn-resolutions", "", "--head-dim", "8", "--batch-size", "16", "--cond", "class", "--flip", "true",
-             "--dropout", "0.1", "--steps", "40", "--ckpt-every", "10", "--log-every", "5", "--sample-every", "1000"]
-MLP_ARGS = ["--preset", "toy2d", "--hidden", "32", "--layers", "1", "--batch-size", "16", "--steps", "20",
+             "--dropout", "0.1", "--updates", "40", "--ckpt-every", "10", "--log-every", "5", "--sample-every", "1000"]
+MLP_ARGS = ["--preset", "toy2d", "--hidden", "32", "--layers", "1", "--batch-size", "16", "--updates", "20",
             "--ckpt-every", "10", "--log-every", "5"]
 
 
@@ -82,7 +82,7 @@ def _assert_same_run(run, ref, steps):
     for key in ("model", "ema", "optimizer", "rng"):
         _assert_same_state(got[key], want[key], key)
     rows, ref_rows = _metrics(run), _metrics(ref)
-    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no duplicate or missing step
+    assert [r["update"] for r in rows] == [r["update"] for r in ref_rows]  # no duplicate or missing update
     for col in ("loss", "lr", "grad_norm"):
         assert [r[col] for r in rows] == [r[col] for r in ref_rows], col
 
@@ -95,7 +95,7 @@ def test_cli_writes_config_metrics_and_checkpoint(tmp_path, pictures):
     cfg = _cfg(UNET_ARGS, run)
     assert cfgs.from_dict(T.TrainConfig, json.loads((run / "config.json").read_text())) == cfg
     rows = _metrics(run)
-    assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
+    assert [int(r["update"]) for r in rows] == list(range(5, 41, 5))
     assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["step"] == 40 and ckpt["kind"] == "teacher" and ckpt["param"] == cfg.param
@@ -117,7 +117,7 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, pictures,
         assert run_cli(T.main, [*UNET_ARGS, "--sample-every", "27", "--out-dir", str(run)]) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 20
-    assert [int(r["step"]) for r in _metrics(run)][-1] == 25  # logged past the checkpoint, trimmed on resume
+    assert [int(r["update"]) for r in _metrics(run)][-1] == 25  # logged past the checkpoint, trimmed on resume
 
     # 2) resume, then stop again at step 33 through train()'s callback
     def stop_at_33(step):
@@ -143,8 +143,8 @@ def test_finished_run_is_left_alone_and_more_steps_extend_it(tmp_path, pictures)
     assert len(pictures) == calls
     # steps, log/ckpt/sample periods and the device do not change the result: a larger --steps continues
     ref = tmp_path / "ref"
-    T.train(_cfg([*MLP_ARGS, "--steps", "30"], ref), progress=False)
-    assert run_cli(T.main, [*MLP_ARGS, "--steps", "30", "--out-dir", str(run)]) == 0
+    T.train(_cfg([*MLP_ARGS, "--updates", "30"], ref), progress=False)
+    assert run_cli(T.main, [*MLP_ARGS, "--updates", "30", "--out-dir", str(run)]) == 0
     _assert_same_run(run, ref, 30)
 
 
@@ -171,10 +171,10 @@ BAD_INPUTS = {
     "bad float": (["--lr", "abc"], "--lr: cannot read 'abc' as float"),
     "bad tuple": (["--channel-mult", "x"], "--channel-mult: cannot read 'x' as int"),
     "unknown flag": (["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1 (see --help)"),
-    "missing value": (["--steps"], "--steps: expected one argument"),
+    "missing value": (["--updates"], "--updates: expected one argument"),
     "bad enum": (["--param", "foo"], "--param 'foo' is not one of eps, x0, v"),
     "bad weighting": (["--weighting", "l1"], "--weighting 'l1' is not one of"),
-    "zero steps": (["--steps", "0"], "--steps must be >= 1, got 0"),
+    "zero steps": (["--updates", "0"], "--updates must be >= 1, got 0"),
     "unknown data set": (["--dataset", "mnist"], "unknown data set 'mnist'; choose one of"),
     "unknown toy kind": (["--preset", "toy2d", "--dataset", "toy2d:spiral"], "unknown toy2d kind 'spiral'"),
     "cifar10 not here": (["--dataset", "cifar10"], "cifar10 needs a local copy: download CIFAR-10"),
@@ -222,7 +222,7 @@ def test_unreadable_checkpoints_are_named_and_nothing_written(tmp_path, pictures
         (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     before = _snapshot(run)
     capsys.readouterr()
-    assert run_cli(T.main, [*MLP_ARGS, "--steps", "30", "--out-dir", str(run)]) == 2
+    assert run_cli(T.main, [*MLP_ARGS, "--updates", "30", "--out-dir", str(run)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: no readable checkpoint") and "corrupt" in err[0]
     assert str(run / "checkpoint.pt") in err[0] and str(run / "checkpoint.prev.pt") in err[0]
@@ -237,28 +237,35 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, pic
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 3])
     seen = []
-    T.train(_cfg([*argv, "--steps", "30"], run), progress=False, on_step=seen.append)
+    T.train(_cfg([*argv, "--updates", "30"], run), progress=False, on_step=seen.append)
     assert seen[0] == 11 and "resuming from the previous checkpoint" in caplog.text
     assert (run / "checkpoint.pt.corrupt").exists()  # set aside, so the next save keeps the good one as .prev
-    T.train(_cfg([*argv, "--steps", "30"], ref), progress=False)
+    T.train(_cfg([*argv, "--updates", "30"], ref), progress=False)
     _assert_same_run(run, ref, 30)
 
 
 def test_no_warmup(tmp_path, pictures):
-    cfg = _cfg([*MLP_ARGS, "--warmup", "0", "--steps", "2", "--log-every", "1"], tmp_path / "r")
+    cfg = _cfg([*MLP_ARGS, "--warmup", "0", "--updates", "2", "--log-every", "1"], tmp_path / "r")
     run = T.train(cfg, progress=False)
     assert [float(r["lr"]) for r in _metrics(run)] == [T.PRESETS["toy2d"].lr] * 2
 
 
 def test_metrics_log_is_rewritten_by_rank_0_only(tmp_path, monkeypatch):
     path = tmp_path / "metrics.csv"
-    path.write_text("step,loss\n1,0.5\n2,0.4\n")
+    path.write_text("update,loss\n1,0.5\n2,0.4\n")
     monkeypatch.setattr(runs.dist, "is_main", lambda: False)
-    runs.MetricsLog(path, ["step", "loss"], resume_step=1).append({"step": 3, "loss": 0.3})
-    assert path.read_text() == "step,loss\n1,0.5\n2,0.4\n"
+    runs.MetricsLog(path, ["update", "loss"], resume_step=1).append({"update": 3, "loss": 0.3})
+    assert path.read_text() == "update,loss\n1,0.5\n2,0.4\n"
     monkeypatch.setattr(runs.dist, "is_main", lambda: True)
-    runs.MetricsLog(path, ["step", "loss"], resume_step=1).append({"step": 2, "loss": 0.3})
-    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.3"]
+    runs.MetricsLog(path, ["update", "loss"], resume_step=1).append({"update": 2, "loss": 0.3})
+    assert path.read_text().splitlines() == ["update,loss", "1,0.5", "2,0.3"]
+
+
+def test_metrics_log_of_an_earlier_version_is_read_with_its_old_column_name(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.4\n")  # fastdiff before 0.2 called optimiser updates "step"
+    runs.MetricsLog(path, ["update", "loss"], resume_step=1)
+    assert path.read_text().splitlines() == ["update,loss", "1,0.5"]
 
 
 def test_load_model_gives_the_ema_net_with_schedule_and_param(tmp_path, pictures):
@@ -313,7 +320,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 def test_sigkill_mid_run_then_resume(tmp_path):
     """A real `python -m fastdiff.train`, killed with SIGKILL, resumes to the uninterrupted result."""
     run, ref = tmp_path / "run", tmp_path / "ref"
-    argv = [*MLP_ARGS, "--steps", "100000", "--ckpt-every", "20", "--log-every", "1", "--sample-every", "100000"]
+    argv = [*MLP_ARGS, "--updates", "100000", "--ckpt-every", "20", "--log-every", "1", "--sample-every", "100000"]
     # one thread, as in this process: the comparison below is bitwise
     code = "import torch, runpy; torch.set_num_threads(1); runpy.run_module('fastdiff.train', run_name='__main__')"
     log = tmp_path / "stderr.txt"
@@ -324,7 +331,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             rows = _metrics(run) if (run / "checkpoint.pt").exists() else []
-            if rows and int(rows[-1]["step"]) >= 45 and int(rows[-1]["step"]) % 20:
+            if rows and int(rows[-1]["update"]) >= 45 and int(rows[-1]["update"]) % 20:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, f"the training process ended early: {log.read_text()[-2000:]}"
@@ -334,8 +341,8 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         if proc.poll() is None:
             proc.kill()
     step = load_checkpoint(run / "checkpoint.pt")["step"]
-    assert step >= 40 and int(_metrics(run)[-1]["step"]) >= step
-    final = ["--steps", str(step + 20)]
+    assert step >= 40 and int(_metrics(run)[-1]["update"]) >= step
+    final = ["--updates", str(step + 20)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "save_sample_picture", lambda *a, **k: None)
         assert run_cli(T.main, [*argv, *final, "--out-dir", str(run)]) == 0
@@ -346,7 +353,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
 @pytest.mark.parametrize("preset", ["digits", "toy2d"])
 def test_real_attention_and_sample_pictures(tmp_path, preset):
     args = UNET_ARGS + ["--attn-resolutions", "8"] if preset == "digits" else MLP_ARGS
-    run = T.train(_cfg([*args, "--steps", "4", "--sample-every", "2"], tmp_path / "run"), progress=False)
+    run = T.train(_cfg([*args, "--updates", "4", "--sample-every", "2"], tmp_path / "run"), progress=False)
     pictures = sorted(p.name for p in run.glob("samples_*.png"))
     assert pictures == ["samples_0000002.png", "samples_0000004.png"]
     assert all((run / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
@@ -363,8 +370,8 @@ def _sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_proj: int = 256) -> floa
 def test_toy2d_preset_learns_the_eight_gaussians(tmp_path, pictures):
     # The preset with 500 of its 4000 steps (~15 s here), DDIM with 32 steps. Measured SW2 to the test split on
     # 2000 points: 0.12 (0.10 after 700 steps); an untrained net 0.63, N(0, I) 0.34, two data samples 0.07.
-    cfg = dataclasses.replace(T.PRESETS["toy2d"], steps=500, out_dir=str(tmp_path / "run"))
-    assert run_cli(T.main, ["--preset", "toy2d", "--steps", "500", "--out-dir", cfg.out_dir]) == 0
+    cfg = dataclasses.replace(T.PRESETS["toy2d"], updates=500, out_dir=str(tmp_path / "run"))
+    assert run_cli(T.main, ["--preset", "toy2d", "--updates", "500", "--out-dir", cfg.out_dir]) == 0
     lm = load_model(cfg.out_dir)
     test = get_data("toy2d", "test").x[:2000].numpy()
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
@@ -391,3 +398,22 @@ def test_run_dir_from_an_older_version_without_a_new_field_resumes(tmp_path):
     runs.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, cfgs.to_dict(T.TrainConfig()))
     with pytest.raises(FastdiffError, match="scalar_cond"):
         runs.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, cfgs.to_dict(T.TrainConfig()))
+
+
+def test_run_dir_and_checkpoint_of_fastdiff_before_the_renames_still_load_and_resume(tmp_path, pictures):
+    """Before 0.2 TrainConfig said `steps` for optimiser updates, metrics.csv `step`, and checkpoints did not describe
+    their network: such a run dir resumes, and its checkpoint loads with the same model id."""
+    run = tmp_path / "run"
+    T.train(_cfg(MLP_ARGS, run), progress=False)
+    hash_now = load_model(run).hash
+    old_config = {("steps" if k == "updates" else k): v for k, v in json.loads((run / "config.json").read_text()).items()}
+    (run / "config.json").write_text(json.dumps(old_config))
+    (run / "metrics.csv").write_text((run / "metrics.csv").read_text().replace("update,", "step,", 1))
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        ckpt = load_checkpoint(run / name)
+        ckpt["config"] = {("steps" if k == "updates" else k): v for k, v in ckpt["config"].items()}
+        del ckpt["network"]
+        save_checkpoint(run / name, ckpt)
+    assert load_model(run).hash == hash_now
+    T.train(_cfg([*MLP_ARGS, "--updates", "30"], run), progress=False)
+    assert [int(r["update"]) for r in _metrics(run)] == [5, 10, 15, 20, 25, 30]

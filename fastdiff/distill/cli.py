@@ -55,7 +55,7 @@ def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
 def teacher_config(cfg: DistillConfig) -> TrainConfig:
     tcfg = TRAIN_PRESETS[cfg.teacher_preset]
     return dataclasses.replace(tcfg, device=cfg.device, deterministic=cfg.deterministic,
-                               **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}))
+                               **({"updates": cfg.teacher_updates} if cfg.teacher_updates else {}))
 
 
 def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
@@ -114,7 +114,8 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
         with dist.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
             teacher0 = load_model(teacher_path, device)
             check_teacher(teacher0, cfg)
-            run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()))
+            run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()),
+                                        DistillConfig.RENAMED)
                    if dist.is_main() else Path(cfg.out_dir))
             held.enter_context(runs.run_lock(run))
             tcfg = cfgs.from_dict(TrainConfig, teacher0.config)

@@ -21,10 +21,10 @@ class DistillConfig:
 
     teacher: str = ""
     teacher_preset: str = "digits"
-    teacher_steps: int = 0
+    teacher_updates: int = 0
     start_steps: int = 64
     rounds: int = 0
-    steps_per_round: int = 500
+    updates_per_round: int = 500
     last_rounds_factor: int = 2
     param: str = "v"
     weighting: str = "snr-trunc"
@@ -50,19 +50,23 @@ class DistillConfig:
     deterministic: bool = False
 
 
+
+# field names of fastdiff before 0.2 (config.json)
+DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": "updates_per_round"}
+
 PRESETS = {
     # Sized for a 2-core CPU: the sweep stops at 64 steps, where DDIM has converged (10 and 20: DDIM's paper).
-    "digits": DistillConfig(steps_per_round=400, bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
-    "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, steps_per_round=400, lr=5e-4, batch_size=512,
+    "digits": DistillConfig(updates_per_round=400, bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
+    "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, updates_per_round=400, lr=5e-4, batch_size=512,
                            eval_samples=2000, out_dir="runs/distill-toy2d"),
     # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one
     # network that takes the guidance weight w as an input, then progressively.
-    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=16, steps_per_round=300,
+    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=16, updates_per_round=300,
                                    guided_base_updates=800, out_dir="runs/distill-digits-guided",
                                    bench_steps=(1, 2, 4, 8, 16, 32)),
     # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
     # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
-    "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, steps_per_round=50_000, lr=5e-5,
+    "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, updates_per_round=50_000, lr=5e-5,
                              ckpt_every=2000, eval_samples=10_000, out_dir="runs/distill-cifar10"),
 }
 
@@ -74,7 +78,7 @@ def num_rounds(cfg: DistillConfig) -> int:
 
 def round_updates(cfg: DistillConfig, r: int) -> int:
     """Updates in round r (0-based); the paper doubles the last two rounds (to 1 and 2 steps)."""
-    return cfg.steps_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
+    return cfg.updates_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -86,7 +90,7 @@ def validate(cfg: DistillConfig) -> None:
         raise FastdiffError(f"--param {cfg.param!r} is not one of {', '.join(PARAMS)}")
     if cfg.weighting not in ("snr-trunc", "snr+1"):
         raise FastdiffError(f"--weighting {cfg.weighting!r} is not one of snr-trunc, snr+1")
-    for name in ("steps_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
+    for name in ("updates_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
     from fastdiff.bench import SAMPLERS
