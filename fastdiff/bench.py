@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -53,20 +53,21 @@ import fastdiff
 from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff.samplers import VARIANCES
 from fastdiff.errors import FastdiffError, run_cli
-from fastdiff.features import EXTRACTORS, resolve_extractor, slug, to_extractor_input
-from fastdiff.grids import SPACINGS, make_grid
+from fastdiff.features import ExtractorName, resolve_extractor, slug, to_extractor_input
+from fastdiff.grids import Spacing, make_grid
 from fastdiff.io import atomic_path, write_text
-from fastdiff.metrics import METRICS, class_accuracy, compute_metrics
+from fastdiff.metrics import Metric, class_accuracy, compute_metrics
 from fastdiff.results import CSV_NAME, COLUMNS, NOISE, ResultsCSV, git_commit, teacher_hashes, to_csv_value
+from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
 from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, generate, load_family, scores_classes,
                             warm_up)
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled")
+SamplerName = Literal["ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 # Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's uniform logSNR, EDM's
 # Karras grid, a student's own i/N.
 FIXED_GRID = {"ddpm": "full", "dpm++2m": "logsnr", "heun": "karras", "distilled": "student"}
@@ -85,28 +86,32 @@ class BenchConfig:
     and each row also gets the class accuracy of the samples. `name` is the results folder (default: dataset).
     """
 
-    model: str = ""
-    distill_dir: str = ""
-    dataset: str = ""
-    data_root: str = ""
-    samplers: tuple[str, ...] = SAMPLERS
-    spacings: tuple[str, ...] = ("quadratic", "linspace")
-    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    variance: str = "large"
-    n_samples: int = 1000
-    batch_size: int = 500
-    seed: int = 0
-    clip: bool = True
-    extractor: str = "auto"
-    metrics: tuple[str, ...] = ("fid", "prc")
-    ref_split: str = "train"
-    n_ref: int = 0
-    out_dir: str = "runs/results"
-    device: str = "auto"
-    inception_weights: str = ""
-    guidance: tuple[float, ...] = ()
-    name: str = ""
-    append: bool = False
+    # the model family and its data
+    model: str = ""  # a teacher run dir or checkpoint (empty: the teacher of --distill-dir)
+    distill_dir: str = ""  # a distillation run dir: its students join the sweep
+    dataset: str = ""  # the reference data set (empty: the model's)
+    data_root: str = ""  # folder of the reference data (empty: the teacher's)
+    # the sampling runs
+    samplers: tuple[SamplerName, ...] = SAMPLERS  # ddpm runs its full grid once; the others every step count
+    spacings: tuple[Spacing, ...] = ("quadratic", "linspace")  # strided grids of ddpm-strided and ddim
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sampling steps (Heun: NFE ~ these)
+    variance: Variance = "large"  # DDPM's beta or beta-tilde
+    clip: bool = True  # clip x0_hat to [-1, 1]
+    guidance: tuple[float, ...] = ()  # classifier-free guidance weights to sweep (class-conditional families)
+    n_samples: int = 1000  # samples per row, the same per-index noise in every row
+    batch_size: int = 500  # samples per forward (per process under torchrun)
+    seed: int = 0  # the per-index noise
+    # the metric
+    extractor: ExtractorName = "auto"  # features of FID, KID and precision/recall
+    metrics: tuple[Metric, ...] = ("fid", "prc")  # prc: precision and recall
+    ref_split: Literal["train", "test"] = "train"  # the reference split
+    n_ref: int = 0  # reference examples (0: the whole split)
+    inception_weights: str = ""  # local Inception-v3 weights file (offline)
+    # outputs
+    out_dir: str = "runs/results"  # results folder: <out_dir>/<name>/fid_vs_steps.csv and the report
+    name: str = ""  # the sweep's folder under out_dir (empty: the data set's name)
+    append: bool = False  # add this teacher's rows to a CSV that holds another teacher's sweep
+    device: str = "auto"  # auto, cpu or cuda[:N]
 
 
 PRESETS = {
@@ -124,17 +129,7 @@ PRESETS = {
 
 def validate(cfg: BenchConfig) -> None:
     """Reject a config a sweep cannot run, before anything is loaded or written."""
-    def bad(names, allowed, what):
-        wrong = [n for n in names if n not in allowed]
-        if wrong:
-            raise FastdiffError(f"unknown {what} {', '.join(map(repr, wrong))}; choose from {', '.join(allowed)}")
-
-    bad(cfg.samplers, SAMPLERS, "sampler(s)")
-    bad(cfg.spacings, SPACINGS, "spacing(s)")
-    bad(cfg.metrics, METRICS, "metric(s)")
-    bad((cfg.extractor,), EXTRACTORS, "extractor")
-    bad((cfg.variance,), VARIANCES, "DDPM variance")
-    bad((cfg.ref_split,), ("train", "test"), "reference split")
+    cfgs.check_choices(cfg)
     if not cfg.samplers or not cfg.metrics or not cfg.steps:
         raise FastdiffError("need at least one --samplers, --metrics and --steps entry")
     if any(s < 1 for s in cfg.steps):
@@ -209,7 +204,7 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     validate(cfg)
     device = runs.resolve_device(cfg.device)
     family = family or load_family(cfg, device)
-    extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained/fetched once
+    extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained once
                           inception_weights=cfg.inception_weights, data_root=cfg.data_root)
     if tuple(family.reference.x.shape[1:]) != family.data_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
@@ -243,7 +238,8 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
     if dist.is_main():
-        write_text(out / CONFIG_NAME, json.dumps({"config": cfgs.to_dict(cfg), "extractor": dataclasses.asdict(extractor),
+        write_text(out / CONFIG_NAME, json.dumps({"config": cfgs.to_dict(cfg),
+                                                  "extractor": dataclasses.asdict(extractor),
                                                   "students": sorted(family.students), **provenance},
                                                  indent=2, sort_keys=True) + "\n")
     warmed: set[str] = set()

@@ -64,14 +64,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by save_checkpoint; FastdiffError if missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FastdiffError(f"checkpoint {str(path)!r} does not exist; pass a run dir or a .pt file written by fastdiff")
+        raise FastdiffError(f"checkpoint {str(path)!r} does not exist; pass a run dir or a .pt file written by "
+                            "fastdiff")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt files
         raise FastdiffError(f"checkpoint {str(path)!r} is corrupt or not a fastdiff checkpoint ({type(err).__name__}); "
                             "delete it to start over or point to another file") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise FastdiffError(f"{str(path)!r} is not a fastdiff checkpoint (no config/model); point to one written by fastdiff")
+        raise FastdiffError(f"{str(path)!r} is not a fastdiff checkpoint (no config/model); point to one written "
+                            "by fastdiff")
     return ckpt
 
 

@@ -1,9 +1,17 @@
-"""Frozen-dataclass configs: JSON round-trip and an argparse CLI derived from the fields."""
+"""Frozen-dataclass configs: JSON round-trip and an argparse CLI derived from the fields.
+
+A config class documents each field with a trailing comment on its line (`lr: float = 2e-4  # Adam learning
+rate`), which becomes the field's --help text; a field typed `Literal[...]` (or a tuple of them) has its choices
+checked here, in one place, on the command line and for configs built in code (`check_choices`).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import json
+import re
 import typing
 from typing import Any, Sequence
 
@@ -25,9 +33,24 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _choices(tp) -> tuple | None:
+    """The allowed values of a Literal type (or of a tuple of Literals), else None."""
+    if typing.get_origin(tp) is tuple:
+        return _choices(typing.get_args(tp)[0])
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def _bad_choice(name: str, value, allowed) -> FastdiffError:
+    return FastdiffError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
 def _parse(name: str, tp, text: str):
-    """Parse one CLI value `text` for a field of type `tp` (int, float, str, bool, tuple[X, ...])."""
+    """Parse one CLI value `text` for a field of type `tp` (int, float, str, bool, Literal, tuple[X, ...])."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if text not in typing.get_args(tp):
+            raise _bad_choice(name, text, typing.get_args(tp))
+        return text
     try:
         if origin is tuple:
             inner = typing.get_args(tp)[0]
@@ -39,20 +62,48 @@ def _parse(name: str, tp, text: str):
             return low in ("1", "true", "yes", "on")
         return tp(text)
     except ValueError:
-        raise FastdiffError(f"--{name.replace('_', '-')}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from None
+        what = getattr(tp, "__name__", tp)
+        raise FastdiffError(f"--{name.replace('_', '-')}: cannot read {text!r} as {what}") from None
+
+
+def check_choices(cfg) -> None:
+    """FastdiffError for a Literal-typed field of `cfg` holding a value outside its choices."""
+    types = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        allowed = _choices(types[f.name])
+        value = getattr(cfg, f.name)
+        for v in (value if isinstance(value, tuple) else (value,)) if allowed else ():
+            if v not in allowed:
+                raise _bad_choice(f.name, v, allowed)
+
+
+@functools.lru_cache(maxsize=None)
+def field_help(cls) -> dict[str, str]:
+    """{field: the trailing comment on its line in the class body} (empty where the source is not available)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+?)\s*$", source, flags=re.M))
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
-    """One `--field-name VALUE` option per dataclass field; tuples are comma-separated."""
+    """One `--field-name VALUE` option per dataclass field, with the field's comment as help; tuples are
+    comma-separated."""
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         tp = _field_types(cls)[f.name]
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=_metavar(tp),
-                            help=f"(default from the preset; {f.name}={f.default!r} in the base config)")
+                            help=f"{helps.get(f.name, f.name)} (default: the preset's; {f.default!r} in the base "
+                                 "config)".replace("%", "%%"))
 
 
 def _metavar(tp) -> str:
+    allowed = _choices(tp)
+    if allowed:
+        return ("{" + ",".join(allowed) + "}") + (",..." if typing.get_origin(tp) is tuple else "")
     if typing.get_origin(tp) is tuple:
         return "A,B,..."
     return getattr(tp, "__name__", "VALUE").upper()

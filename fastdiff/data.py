@@ -53,7 +53,8 @@ def static_info(name: str, image_size: int = 32) -> tuple[tuple[int, ...], int]:
         return (3, 32, 32), 10
     if base == "folder":
         return (3, image_size, image_size), 0
-    raise FastdiffError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)} (toy2d:{'|'.join(TOY2D_KINDS)})")
+    raise FastdiffError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)} "
+                        f"(toy2d:{'|'.join(TOY2D_KINDS)})")
 
 
 def get_data(name: str, split: str = "train", root: str = "", seed: int = 0, image_size: int = 32) -> DataBundle:
@@ -71,7 +72,8 @@ def get_data(name: str, split: str = "train", root: str = "", seed: int = 0, ima
         return _cifar10(split, root)
     if base == "folder":
         return _folder(root, image_size)
-    raise FastdiffError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)} (toy2d:{'|'.join(TOY2D_KINDS)})")
+    raise FastdiffError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)} "
+                        f"(toy2d:{'|'.join(TOY2D_KINDS)})")
 
 
 def _toy2d(kind: str, split: str, seed: int, name: str) -> DataBundle:

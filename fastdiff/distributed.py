@@ -85,7 +85,8 @@ def local_batch_size(global_batch: int) -> int:
     """Per-rank batch that keeps the global batch equal to the single-process one."""
     n = world_size()
     if global_batch % n:
-        raise FastdiffError(f"--batch-size {global_batch} does not divide by the world size {n}; pick a multiple of {n}")
+        raise FastdiffError(f"--batch-size {global_batch} does not divide by the world size {n}; pick a multiple of "
+                            f"{n}")
     return global_batch // n
 
 

@@ -22,6 +22,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch_fidelity
@@ -33,7 +34,8 @@ from fastdiff.io import atomic_path, sha256_file, write_text
 
 log = logging.getLogger(__name__)
 
-EXTRACTORS = ("auto", "identity", "classifier", "inception")
+ExtractorName = Literal["auto", "identity", "classifier", "inception"]  # the choices, once: configs use it
+EXTRACTORS: tuple[str, ...] = get_args(ExtractorName)
 IDENTITY, CLASSIFIER, INCEPTION = "fastdiff-identity", "fastdiff-classifier", "inception-v3-compat"
 INCEPTION_URL = torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3
 CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR, CLASSIFIER_WIDTH = 20, 128, 5e-3, 32

@@ -6,13 +6,16 @@ placed in logsnr and mapped back with `Schedule.t_of_logsnr`. Every grid ends wi
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 
 from fastdiff.errors import FastdiffError
 from fastdiff.schedules import Schedule
 
-SPACINGS = ("linspace", "leading", "trailing", "quadratic")
+Spacing = Literal["linspace", "leading", "trailing", "quadratic"]  # the choices, once: configs use it
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 GRIDS = ("full", "student", "logsnr", "karras") + SPACINGS
 
 

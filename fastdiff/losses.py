@@ -7,12 +7,15 @@ All are means over the example's elements, returned per example so callers can r
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from fastdiff.param import append_dims, to_x0_eps
 from fastdiff.schedules import Schedule
 
-WEIGHTINGS = ("eps-mse", "snr-trunc", "snr+1")
+Weighting = Literal["eps-mse", "snr-trunc", "snr+1"]  # the choices, once: configs use it
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 
 def snr_weight(logsnr: torch.Tensor, weighting: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from fastdiff.features import Extractor, cache_dir, resolve_extractor, slug, to_
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "kid", "prc", "swd")
+Metric = Literal["fid", "kid", "prc", "swd"]  # the choices, once: configs use it
+METRICS: tuple[str, ...] = get_args(Metric)
 # torch-fidelity result key -> our metric name
 FIDELITY_KEYS = {
     torch_fidelity.KEY_METRIC_FID: "fid",

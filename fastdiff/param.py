@@ -6,9 +6,12 @@ alpha, sigma are per-sample tensors of shape (B,) and broadcast over the remaini
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-PARAMS = ("eps", "x0", "v")
+Param = Literal["eps", "x0", "v"]  # the choices, once: configs use it
+PARAMS: tuple[str, ...] = get_args(Param)
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -205,7 +205,8 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
             old = json.loads(cfg_path.read_text())
             old = {(renamed or {}).get(k, k): v for k, v in old.items()}  # names of an earlier version
         except json.JSONDecodeError:
-            raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another --out-dir") from None
+            raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another "
+                                "--out-dir") from None
         added = {k for k in config if k not in old and defaults is not None and k in defaults
                  and config[k] == defaults[k]}
         keep = lambda d: {k: v for k, v in d.items() if k not in ignore and k not in added}  # noqa: E731
@@ -219,7 +220,8 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable --out-dir") from None
+        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable "
+                            "--out-dir") from None
     return run
 
 
@@ -290,8 +292,9 @@ class Fitted:
     seconds: float
 
 
-def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
-        lr_at: Callable[[int], float], gen: torch.Generator, salt: int, device: torch.device, state_path: Path,
+def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int,
+        loss_fn: Callable[[torch.nn.Module], torch.Tensor], lr_at: Callable[[int], float], gen: torch.Generator,
+        salt: int, device: torch.device, state_path: Path,
         ckpt_every: int, label: str, resume: dict | None = None, extra_state: Callable[[], dict] = dict,
         after_update: Callable[[int, float, float, torch.Tensor | None], None] | None = None,
         on_step: Callable[[int], None] | None = None, grad_clip: float | None = None, accumulate: int = 1,

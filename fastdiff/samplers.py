@@ -16,16 +16,15 @@ tensor of continuous times in x's dtype and `out` in the parameterization `param
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 
-from fastdiff.param import eps_from_x0, to_x0_eps
 from fastdiff.errors import FastdiffError
+from fastdiff.grids import GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
 from fastdiff.guidance import combine
-from fastdiff.grids import (GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid,
-                            student_grid)
 from fastdiff.ops import sample_generators, sampler_step
+from fastdiff.param import eps_from_x0, to_x0_eps
 from fastdiff.schedules import Schedule
 
 __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "sample_generators",
@@ -33,7 +32,8 @@ __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "s
            # the grids, re-exported so that one import serves a sampling call
            "GRIDS", "SPACINGS", "make_grid", "full_grid", "strided_grid", "student_grid", "logsnr_grid", "karras_grid"]
 
-VARIANCES = ("large", "small")
+Variance = Literal["large", "small"]  # the choices, once: configs use it
+VARIANCES: tuple[str, ...] = get_args(Variance)
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -167,7 +167,8 @@ def ddim(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
         raise FastdiffError(f"DDIM eta must be in [0, 1], got {eta}")
     alpha_t, sigma_t, alpha_s, sigma_s, beta_ts = _pairs(ts, schedule)
     # Song et al. 2021 eq. 12/16: x_s = alpha_s x0 + dir_coef eps + c z,
-    # c = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(beta_{t|s}), dir_coef = sqrt(1 - abar_s - c^2); with eps = (x_t - alpha_t x0)/sigma_t this is linear in (x0, x_t)
+    # c = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(beta_{t|s}), dir_coef = sqrt(1 - abar_s - c^2); with
+    # eps = (x_t - alpha_t x0)/sigma_t this is linear in (x0, x_t)
     c = eta * sigma_s / sigma_t * beta_ts.sqrt()
     # dir_coef^2 = sigma_s^2 - c^2 = sigma_s^2/sigma_t^2 ((1 - eta^2) sigma_t^2 + eta^2 (alpha_t sigma_s/alpha_s)^2),
     # written without the cancellation

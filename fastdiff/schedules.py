@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 from fastdiff.errors import FastdiffError
 
-SCHEDULES = ("linear", "cosine")
+ScheduleName = Literal["linear", "cosine"]  # the choices, once: configs use it
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 LOGSNR_MIN = -20.0
 COSINE_S = 0.008
 BETA_START, BETA_END = 1e-4, 0.02

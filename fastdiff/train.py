@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -28,10 +28,10 @@ from fastdiff.checkpoint import CKPT_NAME, load_resumable
 from fastdiff.data import get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
-from fastdiff.losses import WEIGHTINGS, diffusion_loss
+from fastdiff.losses import Weighting, diffusion_loss
 from fastdiff.models import build_model, model_config, network_to_dict
-from fastdiff.param import PARAMS
-from fastdiff.schedules import SCHEDULES, Schedule
+from fastdiff.param import Param
+from fastdiff.schedules import Schedule, ScheduleName
 
 log = logging.getLogger(__name__)
 
@@ -43,40 +43,45 @@ NON_RESULT_FIELDS = ("out_dir", "device", "updates", "log_every", "sample_every"
 class TrainConfig:
     """Everything that defines a teacher run. Presets below are instances of it."""
 
-    dataset: str = "digits"
-    data_root: str = ""
-    image_size: int = 32
-    cond: str = "none"
-    label_dropout: float = 0.1
-    schedule: str = "cosine"
-    T: int = 1000
-    param: str = "v"
-    weighting: str = "snr-trunc"
-    arch: str = "unet"
-    channels: int = 48
-    channel_mult: tuple[int, ...] = (1, 2)
-    num_res_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = (4,)
-    head_dim: int = 32
-    dropout: float = 0.0
-    hidden: int = 256
-    layers: int = 4
-    scalar_cond: bool = False
-    updates: int = 4000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    flip: bool = False
-    seed: int = 0
-    ckpt_every: int = 250
-    sample_every: int = 1000
-    log_every: int = 50
-    out_dir: str = "runs/teacher-digits"
-    device: str = "auto"
-    deterministic: bool = False
+    # data
+    dataset: str = "digits"  # toy2d[:8gaussians|moons|swissroll], digits, cifar10 or folder
+    data_root: str = ""  # folder holding the data set's files (cifar10: cifar-10-batches-py; folder: images)
+    image_size: int = 32  # side of the images of a `folder` data set
+    cond: Literal["none", "class"] = "none"  # class: a class-conditional teacher (for guidance)
+    label_dropout: float = 0.1  # probability of the null label in training (classifier-free guidance)
+    flip: bool = False  # random horizontal flips
+    # diffusion
+    schedule: ScheduleName = "cosine"  # Ho et al. 2020 / Nichol & Dhariwal 2021
+    T: int = 1000  # discrete steps of the schedule (the linear betas; the DDPM sampler's full grid)
+    param: Param = "v"  # what the network predicts
+    weighting: Weighting = "snr-trunc"  # L_simple, max(SNR, 1) or SNR + 1 (x-space)
+    # network (the U-Net's fields, or the MLP's hidden/layers)
+    arch: Literal["unet", "mlp"] = "unet"  # unet for images, mlp for 2-D points
+    channels: int = 48  # U-Net base channels
+    channel_mult: tuple[int, ...] = (1, 2)  # channels per resolution, as multiples of `channels`
+    num_res_blocks: int = 1  # residual blocks per resolution
+    attn_resolutions: tuple[int, ...] = (4,)  # feature-map sides with self-attention
+    head_dim: int = 32  # attention head width
+    dropout: float = 0.0  # dropout in the residual blocks
+    hidden: int = 256  # MLP width
+    layers: int = 4  # MLP residual blocks
+    scalar_cond: bool = False  # a scalar input besides t (the guidance weight w of guided students)
+    # optimisation
+    updates: int = 4000  # optimiser updates
+    batch_size: int = 128  # global batch (split over torchrun ranks)
+    lr: float = 1e-3  # AdamW learning rate after warm-up
+    warmup: int = 200  # updates of linear warm-up (0: none)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    ema_decay: float = 0.999  # weight EMA the teacher samples with
+    seed: int = 0  # data split, batches, noise and initial weights
+    # run
+    ckpt_every: int = 250  # updates between checkpoints
+    sample_every: int = 1000  # updates between sample pictures
+    log_every: int = 50  # updates between metrics.csv rows
+    out_dir: str = "runs/teacher-digits"  # the run dir
+    device: str = "auto"  # auto, cpu or cuda[:N]
+    deterministic: bool = False  # deterministic CUDA algorithms: bit-exact resume on the GPU
 
 
 
@@ -98,19 +103,17 @@ PRESETS = {
 
 def validate(cfg: TrainConfig) -> None:
     """Raise FastdiffError for field values no run could use."""
-    choices = {"schedule": SCHEDULES, "param": PARAMS, "weighting": WEIGHTINGS, "arch": ("unet", "mlp"),
-               "cond": ("none", "class")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise FastdiffError(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    for name in ("updates", "batch_size", "T", "channels", "hidden", "layers", "ckpt_every", "log_every", "sample_every"):
+    cfgs.check_choices(cfg)
+    for name in ("updates", "batch_size", "T", "channels", "hidden", "layers", "ckpt_every", "log_every",
+                 "sample_every"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.label_dropout < 1:
         raise FastdiffError("need lr > 0, 0 <= ema-decay < 1 and 0 <= label-dropout < 1")
     shape, num_classes = static_info(cfg.dataset, cfg.image_size)
     if (cfg.arch == "mlp") != (len(shape) == 1):
-        raise FastdiffError(f"--arch {cfg.arch} does not fit data set {cfg.dataset!r} (use mlp for toy2d, unet for images)")
+        raise FastdiffError(f"--arch {cfg.arch} does not fit data set {cfg.dataset!r} (use mlp for toy2d, unet for "
+                            "images)")
     if cfg.cond == "class" and num_classes == 0:
         raise FastdiffError(f"--cond class needs a labelled data set; {cfg.dataset!r} has no labels")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
@@ -155,7 +158,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     device = runs.resolve_device(cfg.device)
     runs.set_deterministic(cfg.deterministic)
     with contextlib.ExitStack() as held:
-        with dist.same_outcome():  # a run dir refused or locked on rank 0, data missing on one node: an error everywhere
+        # A run dir refused or locked on rank 0, data missing on one node: an error on every rank.
+        with dist.same_outcome():
             data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
             run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()),
                                         TrainConfig.RENAMED)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 
 import pytest
 
@@ -83,7 +84,32 @@ def test_dumps_is_stable_json_and_diff_names_changes():
 def test_train_cli_applies_overrides_to_the_preset():
     cfg, _ = config_from_argv(["--preset", "toy2d", "--updates", "7", "--channel-mult", "1,2,4", "--flip", "true",
                                "--attn-resolutions", ""], TrainConfig, PRESETS, "p", "d")
-    assert cfg == dataclasses.replace(PRESETS["toy2d"], updates=7, channel_mult=(1, 2, 4), flip=True, attn_resolutions=())
+    assert cfg == dataclasses.replace(PRESETS["toy2d"], updates=7, channel_mult=(1, 2, 4), flip=True,
+                                      attn_resolutions=())
     assert config_from_argv([], TrainConfig, PRESETS, "p", "d")[0] == PRESETS["digits"]
     with pytest.raises(FastdiffError, match="unknown preset .big.; choose one of toy2d, digits, digits-cond, cifar10"):
         config_from_argv(["--preset", "big"], TrainConfig, PRESETS, "p", "d")
+
+
+def test_choices_are_declared_once_checked_in_one_place_and_every_field_has_help():
+    """Config fields typed with the modules' Literal aliases: the CLI, check_choices and the modules agree; each
+    field's trailing comment is its --help text."""
+    from fastdiff.bench import SAMPLERS, BenchConfig
+    from fastdiff.distill import DistillConfig
+    from fastdiff.grids import SPACINGS
+    from fastdiff.losses import WEIGHTINGS
+    from fastdiff.schedules import SCHEDULES
+
+    assert cfgs._choices(typing.get_type_hints(TrainConfig)["schedule"]) == SCHEDULES == ("linear", "cosine")
+    assert cfgs._choices(typing.get_type_hints(TrainConfig)["weighting"]) == WEIGHTINGS
+    assert cfgs._choices(typing.get_type_hints(BenchConfig)["samplers"]) == SAMPLERS
+    assert cfgs._choices(typing.get_type_hints(BenchConfig)["spacings"]) == SPACINGS
+    for cls in (TrainConfig, DistillConfig, BenchConfig):
+        helps = cfgs.field_help(cls)
+        assert {f.name for f in dataclasses.fields(cls)} <= set(helps), cls
+    with pytest.raises(FastdiffError, match="--schedule 'sqrt' is not one of linear, cosine"):
+        cfgs.check_choices(dataclasses.replace(TrainConfig(), schedule="sqrt"))
+    with pytest.raises(FastdiffError, match="--samplers 'euler' is not one of ddpm"):
+        cfgs.check_choices(dataclasses.replace(BenchConfig(), samplers=("ddim", "euler")))
+    with pytest.raises(FastdiffError, match="--param 'z' is not one of eps, x0, v"):
+        config_from_argv(["--param", "z"], TrainConfig, PRESETS, "p", "d")

@@ -66,7 +66,8 @@ def test_bad_input_exit_2(tmp_path, capsys):
 def _tiny_toy(tmp_path, **kw) -> DistillConfig:
     from fastdiff.train import PRESETS as TRAIN
 
-    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], updates=300, hidden=64, layers=2, out_dir=str(tmp_path / "teacher"),
+    teacher_cfg = dataclasses.replace(TRAIN["toy2d"], updates=300, hidden=64, layers=2,
+                                      out_dir=str(tmp_path / "teacher"),
                                       sample_every=10_000)
     from fastdiff.train import train
 

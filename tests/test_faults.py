@@ -38,7 +38,8 @@ BENCH_ARGS = ["--preset", "toy2d", "--distill-dir", "runs/distill-toy2d", "--sam
 # Columns that measure time, not results.
 TIMING = {"timestamp", "wall_clock_s_per_batch", "wall_clock_s_total", "wall_clock_s", "wall_s"}
 # One torch thread in the workers as in this process: the comparison is bitwise.
-WORKER = "import torch, runpy, sys; torch.set_num_threads(1); runpy.run_module(sys.argv.pop(1), run_name='__main__')"
+WORKER = ("import torch, runpy, sys; torch.set_num_threads(1); "  # as `python -m MODULE` runs it
+          "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
 def _launch(module: str, argv: list[str], cwd: Path, log) -> subprocess.Popen:

@@ -322,7 +322,8 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
     argv = [*MLP_ARGS, "--updates", "100000", "--ckpt-every", "20", "--log-every", "1", "--sample-every", "100000"]
     # one thread, as in this process: the comparison below is bitwise
-    code = "import torch, runpy; torch.set_num_threads(1); runpy.run_module('fastdiff.train', run_name='__main__')"
+    code = ("import torch, runpy; torch.set_num_threads(1); "  # as `python -m fastdiff.train` runs it
+            "runpy.run_module('fastdiff.train', run_name='__main__', alter_sys=True)")
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--out-dir", str(run)],
@@ -397,7 +398,8 @@ def test_run_dir_from_an_older_version_without_a_new_field_resumes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old))
     runs.prepare_run_dir(tmp_path, config, T.NON_RESULT_FIELDS, cfgs.to_dict(T.TrainConfig()))
     with pytest.raises(FastdiffError, match="scalar_cond"):
-        runs.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS, cfgs.to_dict(T.TrainConfig()))
+        runs.prepare_run_dir(tmp_path, {**config, "scalar_cond": True}, T.NON_RESULT_FIELDS,
+                             cfgs.to_dict(T.TrainConfig()))
 
 
 def test_run_dir_and_checkpoint_of_fastdiff_before_the_renames_still_load_and_resume(tmp_path, pictures):
@@ -406,7 +408,8 @@ def test_run_dir_and_checkpoint_of_fastdiff_before_the_renames_still_load_and_re
     run = tmp_path / "run"
     T.train(_cfg(MLP_ARGS, run), progress=False)
     hash_now = load_model(run).hash
-    old_config = {("steps" if k == "updates" else k): v for k, v in json.loads((run / "config.json").read_text()).items()}
+    config = json.loads((run / "config.json").read_text())
+    old_config = {("steps" if k == "updates" else k): v for k, v in config.items()}
     (run / "config.json").write_text(json.dumps(old_config))
     (run / "metrics.csv").write_text((run / "metrics.csv").read_text().replace("update,", "step,", 1))
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):

@@ -65,7 +65,8 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
     tcfg = teacher.config
     if tcfg["schedule"] != expected.schedule or tuple(teacher.data_shape) != tuple(shape):
         raise FastdiffError(
-            f"teacher {teacher.path} (schedule {tcfg['schedule']}, data shape {tuple(teacher.data_shape)}) does not match "
+            f"teacher {teacher.path} (schedule {tcfg['schedule']}, data shape {tuple(teacher.data_shape)}) does not "
+            "match "
             f"preset {cfg.teacher_preset!r} (schedule {expected.schedule}, data shape {shape}); "
             "pass --teacher-preset matching the teacher or another --teacher")
     if teacher.kind != "teacher":

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
-from fastdiff.param import PARAMS
+from fastdiff import config as cfgs
 from fastdiff.errors import FastdiffError
+from fastdiff.param import Param
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 
 ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
@@ -19,35 +21,39 @@ NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench",
 class DistillConfig:
     """A progressive-distillation run; `teacher_preset` names the TrainConfig preset of the teacher."""
 
-    teacher: str = ""
-    teacher_preset: str = "digits"
-    teacher_updates: int = 0
-    start_steps: int = 64
-    rounds: int = 0
-    updates_per_round: int = 500
-    last_rounds_factor: int = 2
-    param: str = "v"
-    weighting: str = "snr-trunc"
-    lr: float = 2e-4
-    batch_size: int = 128
-    seed: int = 0
-    ckpt_every: int = 100
-    eval_samples: int = 500
-    out_dir: str = "runs/distill-digits"
-    device: str = "auto"
-    bench: bool = True
-    bench_steps: tuple[int, ...] = ()
-    bench_samples: int = 0
-    bench_samplers: tuple[str, ...] = ()
-    results_dir: str = "runs/results"
-    append_results: bool = False
-    guided: bool = False
-    w_min: float = 0.0
-    w_max: float = 4.0
-    guided_base_updates: int = 1000
-    eval_guidance: float = 2.0
-    inception_weights: str = ""
-    deterministic: bool = False
+    # the teacher
+    teacher: str = ""  # a teacher run dir or checkpoint (empty: train the teacher preset's, or reuse it)
+    teacher_preset: str = "digits"  # the TrainConfig preset of the teacher (its data set and schedule)
+    teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
+    # progressive rounds (Salimans & Ho 2022, Alg. 2)
+    start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
+    rounds: int = 0  # rounds to run (0: down to 1 step)
+    updates_per_round: int = 500  # optimiser updates per round
+    last_rounds_factor: int = 2  # the last two rounds get this many times the updates (the paper's 100k vs 50k)
+    param: Param = "v"  # what the students predict (eps fails at few steps: the paper's point)
+    weighting: Literal["snr-trunc", "snr+1"] = "snr-trunc"  # x-space loss weight max(SNR, 1) or SNR + 1
+    lr: float = 2e-4  # Adam learning rate, annealed linearly to 0 in every round
+    batch_size: int = 128  # global batch (split over torchrun ranks)
+    seed: int = 0  # batches, noise, evaluation noise
+    ckpt_every: int = 100  # updates between state checkpoints
+    eval_samples: int = 500  # samples of each round's FID (student vs the teacher's DDIM at the same steps)
+    out_dir: str = "runs/distill-digits"  # the run dir
+    device: str = "auto"  # auto, cpu or cuda[:N]
+    deterministic: bool = False  # deterministic CUDA algorithms: bit-exact resume on the GPU
+    # guided distillation (Meng et al. 2023)
+    guided: bool = False  # first distil the CFG teacher into a w-conditioned student, then progressively
+    w_min: float = 0.0  # guidance weights drawn from U[w_min, w_max] in training
+    w_max: float = 4.0  # see w_min
+    guided_base_updates: int = 1000  # updates of the w-conditioned first stage
+    eval_guidance: float = 2.0  # the w at which guided rounds are evaluated
+    # the sweep and report at the end
+    bench: bool = True  # run the FID-vs-steps sweep and write the report after the rounds
+    bench_steps: tuple[int, ...] = ()  # sampling steps of the sweep (empty: the bench preset's)
+    bench_samples: int = 0  # samples per row (0: the bench preset's)
+    bench_samplers: tuple[str, ...] = ()  # samplers of the sweep (empty: the bench preset's)
+    results_dir: str = "runs/results"  # where the sweep's CSV, plots and report go
+    append_results: bool = False  # add this teacher's rows to a CSV that holds another teacher's sweep
+    inception_weights: str = ""  # local Inception-v3 weights for RGB data (rounds' FID and the sweep)
 
 
 
@@ -83,13 +89,11 @@ def round_updates(cfg: DistillConfig, r: int) -> int:
 
 def validate(cfg: DistillConfig) -> None:
     if cfg.teacher_preset not in TRAIN_PRESETS:
-        raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+        raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of "
+                            f"{', '.join(TRAIN_PRESETS)}")
     if cfg.start_steps < 2 or cfg.start_steps & (cfg.start_steps - 1):
         raise FastdiffError(f"--start-steps must be a power of two >= 2, got {cfg.start_steps}")
-    if cfg.param not in PARAMS:
-        raise FastdiffError(f"--param {cfg.param!r} is not one of {', '.join(PARAMS)}")
-    if cfg.weighting not in ("snr-trunc", "snr+1"):
-        raise FastdiffError(f"--weighting {cfg.weighting!r} is not one of snr-trunc, snr+1")
+    cfgs.check_choices(cfg)
     for name in ("updates_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")

@@ -15,7 +15,8 @@ def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.T
     """(B, ...) x_tilde: the x the student must predict at z_t so that one DDIM step hits two teacher steps.
 
     Salimans & Ho 2022, Algorithm 2: t' = t - 0.5/N, t'' = t - 1/N; z_t -> z_t' -> z_t'' by DDIM (eta=0,
-    no clipping) with the teacher; x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
+    no clipping) with the teacher;
+    x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
     `x0_fn(z, t)` returns the teacher's (x0_hat, eps_hat); t is (B,) float64.
     """
     def ddim_to(z, s_from, s_to):

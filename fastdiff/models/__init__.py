@@ -23,7 +23,8 @@ def build_model(cfg) -> nn.Module:
     raise TypeError(f"no model for config {type(cfg).__name__}")
 
 
-def model_config(arch: str, data_shape: Sequence[int], num_classes: int, fields: dict[str, Any]) -> UNetConfig | MLPConfig:
+def model_config(arch: str, data_shape: Sequence[int], num_classes: int,
+                 fields: dict[str, Any]) -> UNetConfig | MLPConfig:
     """The config of an `arch` network for examples of `data_shape` ((C, H, W) or (D,)) and `num_classes` labels
     (0: unconditional), taking the other fields (channels, hidden, dropout, ...) from `fields`; keys that are not
     fields of the network's config are ignored."""
