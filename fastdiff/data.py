@@ -123,7 +123,7 @@ def _cifar10(split: str, root: str) -> DataBundle:
         ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=False)
     except RuntimeError as err:
         raise FastdiffError(f"CIFAR-10 not found or corrupt under {root!r} ({err}); {howto}") from None
-    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = from_uint8(torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2))
     return DataBundle("cifar10", x, torch.as_tensor(ds.targets).long(), 10)
 
 
@@ -143,10 +143,15 @@ def _folder(root: str, image_size: int) -> DataBundle:
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC)
         out.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a copy: PIL's buffer is read-only
-    x = torch.stack(out).float() / 127.5 - 1.0
+    x = from_uint8(torch.stack(out))
     return DataBundle("folder", x, None, 0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> uint8 in [0, 255]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(N, C, H, W) images in [-1, 1] -> uint8 in [0, 255] (rounded in float32, as a PNG of them would be)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float32 in [-1, 1]: the data scale of every model here."""
+    return x.float() / 127.5 - 1.0

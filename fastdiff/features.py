@@ -29,6 +29,7 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from fastdiff.data import from_uint8, get_data, to_uint8
 from fastdiff.errors import FastdiffError
 from fastdiff.io import atomic_path, sha256_file, write_text
 
@@ -53,14 +54,12 @@ def slug(text: str) -> str:
 
 def to_extractor_input(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images in [-1, 1] -> uint8 in [0, 255]; (N, D) points pass through as float32."""
-    if x.ndim == 4:
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.float()
+    return to_uint8(x) if x.ndim == 4 else x.float()
 
 
 def _as_float_image(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]; float input passes through."""
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+    return from_uint8(x) if x.dtype == torch.uint8 else x.float()
 
 
 class SmallCNN(nn.Module):
@@ -106,6 +105,14 @@ class IdentityFeatures(torch_fidelity.FeatureExtractorBase):
         return (_as_float_image(x).flatten(1).double(),)
 
 
+def load_classifier(path) -> SmallCNN:
+    """The project's classifier from a file written by `classifier_weights` (weights_only), in eval mode."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = SmallCNN(**ckpt["arch"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval()
+
+
 class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
     """torch-fidelity extractor: (B, C, H, W) uint8 -> ("features" (B, 64), "logits" (B, classes)) float64.
 
@@ -114,9 +121,7 @@ class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        ckpt = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
-        self.net = SmallCNN(**ckpt["arch"])
-        self.net.load_state_dict(ckpt["state_dict"])
+        self.net = load_classifier(feature_extractor_weights_path)
         self.requires_grad_(False)
         self.eval()
 
@@ -256,8 +261,6 @@ def train_classifier(dataset: str, data_root: str = "", seed: int = 0) -> dict:
 
     Returns the checkpoint dict: state_dict, arch, test_accuracy, dataset.
     """
-    from fastdiff.data import get_data
-
     train, test = get_data(dataset, "train", data_root, seed=0), get_data(dataset, "test", data_root, seed=0)
     if not train.is_image or train.num_classes < 2:
         raise FastdiffError(f"the feature classifier needs a labelled image data set; {dataset!r} is not one "

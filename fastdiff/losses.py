@@ -16,6 +16,7 @@ from fastdiff.schedules import Schedule
 
 Weighting = Literal["eps-mse", "snr-trunc", "snr+1"]  # the choices, once: configs use it
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+T_MIN = 1e-3  # training times t ~ U[T_MIN, 1]: never t = 0, where sigma = 0
 
 
 def snr_weight(logsnr: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -28,24 +29,39 @@ def snr_weight(logsnr: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
 
+def x_space_loss(x_hat, target, logsnr, weighting: str) -> torch.Tensor:
+    """(B,) w(lambda)·||target - x_hat||^2, mean over each example's elements (w from `snr_weight`)."""
+    return snr_weight(logsnr, weighting) * (target - x_hat).pow(2).mean(tuple(range(1, target.ndim)))
+
+
+def sample_t(b: int, generator: torch.Generator, n_grid: int | None = None, t_min: float = T_MIN) -> torch.Tensor:
+    """(B,) float64 training times: t ~ U[t_min, 1], or on the grid i/N with i ~ U{1..N} when `n_grid` = N."""
+    if n_grid is None:
+        return t_min + (1 - t_min) * torch.rand(b, generator=generator, dtype=torch.float64)
+    return torch.randint(1, n_grid + 1, (b,), generator=generator).double() / n_grid
+
+
+def noised(x0, t, schedule: Schedule, generator: torch.Generator):
+    """-> (x_t, eps, alpha, sigma): x_t = alpha_t x0 + sigma_t eps, eps ~ N(0, I) from `generator`; alpha and sigma
+    (B,) in x0's dtype. The forward process of every loss here (teacher and distillation)."""
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    alpha, sigma = (a.to(x0) for a in schedule.alpha_sigma(t))
+    return append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * eps, eps, alpha, sigma
+
+
 def weighted_loss(out, x0, eps, x_t, alpha, sigma, logsnr, param: str, weighting: str) -> torch.Tensor:
     """(B,) loss of network output `out` (in `param`) against the clean x0 and noise eps."""
-    dims = tuple(range(1, x0.ndim))
     if weighting == "eps-mse":
         _, eps_hat = to_x0_eps(out, x_t, alpha, sigma, param)
-        return (eps - eps_hat).pow(2).mean(dims)
+        return (eps - eps_hat).pow(2).mean(tuple(range(1, x0.ndim)))
     x0_hat, _ = to_x0_eps(out, x_t, alpha, sigma, param)
-    return snr_weight(logsnr, weighting) * (x0 - x0_hat).pow(2).mean(dims)
+    return x_space_loss(x0_hat, x0, logsnr, weighting)
 
 
 def diffusion_loss(net, x0, schedule: Schedule, param: str, weighting: str, generator: torch.Generator,
-                   t_min: float = 1e-3, y=None) -> torch.Tensor:
+                   t_min: float = T_MIN, y=None) -> torch.Tensor:
     """(B,) denoising loss at t ~ U[t_min, 1] with x_t = alpha x0 + sigma eps (noise from `generator`)."""
-    b = x0.shape[0]
-    t = t_min + (1 - t_min) * torch.rand(b, generator=generator, dtype=torch.float64)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)
-    alpha, sigma = (a.to(x0) for a in schedule.alpha_sigma(t))
-    logsnr = schedule.logsnr(t).to(x0)
-    x_t = append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * eps
+    t = sample_t(x0.shape[0], generator, t_min=t_min)
+    x_t, eps, alpha, sigma = noised(x0, t, schedule, generator)
     out = net(x_t, t.to(x0), y) if y is not None else net(x_t, t.to(x0))
-    return weighted_loss(out.float(), x0, eps, x_t, alpha, sigma, logsnr, param, weighting)
+    return weighted_loss(out.float(), x0, eps, x_t, alpha, sigma, schedule.logsnr(t).to(x0), param, weighting)

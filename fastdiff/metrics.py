@@ -155,13 +155,11 @@ def quick_score(samples: torch.Tensor, dataset: str, *, data_root: str = "", see
 
 def class_accuracy(samples: torch.Tensor, y: torch.Tensor, dataset: str) -> float:
     """How often the project's classifier assigns each sample the class it was asked for."""
-    from fastdiff.features import SmallCNN, classifier_weights, to_extractor_input
+    from fastdiff.data import from_uint8
+    from fastdiff.features import classifier_weights, load_classifier
 
-    path, _ = classifier_weights(dataset)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = SmallCNN(**ckpt["arch"])
-    net.load_state_dict(ckpt["state_dict"])
+    net = load_classifier(classifier_weights(dataset)[0])
     with torch.no_grad():
-        x = to_extractor_input(samples.cpu()).float() / 127.5 - 1  # quantized to uint8 like every scored sample
-        pred = net.eval()(x)[1].argmax(1)
+        x = from_uint8(to_extractor_input(samples.cpu()))  # quantized to uint8 like every scored sample
+        pred = net(x)[1].argmax(1)
     return float((pred == y.cpu()).float().mean())

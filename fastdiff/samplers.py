@@ -54,6 +54,22 @@ def randn_like_per_sample(shape, generators: Sequence[torch.Generator], dtype, d
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators]).to(device)
 
 
+def initial_noise(indices, shape: Sequence[int], seed: int, device, dtype=torch.float32):
+    """-> ((len(indices), *shape) x_T, the per-index generators): sample k's starting noise and the stream its
+    later step noise comes from, whatever the batch, rank or device (EDM's seed per sample)."""
+    generators = sample_generators(seed, indices)
+    return randn_like_per_sample((len(generators), *shape), generators, dtype, device), generators
+
+
+def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: Schedule, param: str, seed: int,
+           device, clip: bool, guidance: float | None = None) -> torch.Tensor:
+    """(n, *shape) samples 0..n-1 of `model` by DDIM(eta=0) on the grid `ts` from their per-index noise: the one
+    way training pictures and every distillation round's evaluation draw samples (the sweep uses the same noise)."""
+    x, _ = initial_noise(range(n), shape, seed, device)
+    with torch.no_grad():
+        return ddim(model, x, ts, schedule=schedule, param=param, clip=clip, guidance=guidance).x
+
+
 def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """(B, ...) standard normals like x from the global RNG, one generator, or one generator per row."""
     if generator is None:

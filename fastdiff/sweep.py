@@ -20,7 +20,7 @@ import torch
 
 from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff.samplers import Sample, ddim, ddpm, dpm_solver_pp_2m, heun, randn_like_per_sample, sample_generators
+from fastdiff.samplers import Sample, ddim, ddpm, dpm_solver_pp_2m, heun, initial_noise
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
@@ -116,8 +116,7 @@ class PartialRow:
 def _sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -> dict:
     """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
     idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
-    gens = sample_generators(cfg.seed, idx)
-    x = randn_like_per_sample((len(idx), *shape), gens, torch.float32, device)
+    x, gens = initial_noise(idx, shape, cfg.seed, device)
     _sync(device)
     t0 = time.perf_counter()
     net, guidance = _conditioned(network, spec, idx, device)

@@ -133,16 +133,14 @@ def build_network(cfg: TrainConfig) -> torch.nn.Module:
 def save_sample_picture(net, cfg: TrainConfig, device, path: Path, n: int = 64) -> None:
     """DDIM(eta=0, 32 steps) samples from `net` to a PNG, with fixed per-index noise."""
     from fastdiff.data import to_uint8
-    from fastdiff.samplers import ddim, make_grid, randn_like_per_sample, sample_generators
+    from fastdiff.samplers import make_grid, sample
     from fastdiff.viz import save_samples
 
     schedule = Schedule(cfg.schedule, cfg.T)
     shape, _ = static_info(cfg.dataset, cfg.image_size)
     n = n if len(shape) > 1 else 2000
-    x = randn_like_per_sample((n, *shape), sample_generators(cfg.seed, range(n)), torch.float32, device)
-    with torch.no_grad():
-        out = ddim(net, x, make_grid("student", 32, schedule), schedule=schedule, param=cfg.param,
-                   clip=len(shape) > 1).x
+    out = sample(net, n, shape, make_grid("student", 32, schedule), schedule=schedule, param=cfg.param,
+                 seed=cfg.seed, device=device, clip=len(shape) > 1)
     arr = to_uint8(out).cpu().numpy() if len(shape) > 1 else out.cpu().numpy()
     save_samples(arr, path, title=path.stem)
 

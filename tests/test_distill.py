@@ -106,3 +106,29 @@ def test_resume_inside_a_round_gives_complete_table(tmp_path):
 
     student = load_student(run / "students" / "student_N2.pt")
     assert student.steps == 2 and student.kind == "student"
+
+
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
+@pytest.mark.parametrize("weighting", ["snr-trunc", "snr+1"])
+def test_a_student_that_outputs_the_target_has_zero_loss(param, weighting):
+    """student_loss end to end on the exact Gaussian teacher: a student whose output (in its parameterization) is
+    the closed-form x_tilde of two teacher DDIM steps scores 0, and one that outputs the teacher's x0_hat does not."""
+    from fastdiff.distill import student_loss
+    from fastdiff.param import target
+
+    schedule, n = Schedule("cosine", 1000), 4
+    teacher = GaussianDenoiser(0.3, 0.5, schedule, "v")
+    target_fn = teacher_fn(teacher, "v", schedule)
+    cfg = DistillConfig(param=param, weighting=weighting)
+
+    def exact_student(z, t):
+        x_tilde = distill_target(z, t, target_fn, schedule, n)
+        alpha, sigma = schedule.alpha_sigma(t)
+        eps = (z - append_dims(alpha, z.ndim) * x_tilde) / append_dims(sigma, z.ndim)
+        return target(x_tilde, eps, alpha, sigma, param)
+
+    x0 = teacher.sample((64, 3), torch.Generator().manual_seed(0))
+    loss = student_loss(exact_student, target_fn, x0, schedule, cfg, n, torch.Generator().manual_seed(1))
+    assert loss.shape == (64,) and float(loss.max()) < 1e-20
+    lazy = lambda z, t: target(*target_fn(z, t), *schedule.alpha_sigma(t), param)  # noqa: E731  (one step only)
+    assert float(student_loss(lazy, target_fn, x0, schedule, cfg, n, torch.Generator().manual_seed(1)).mean()) > 1e-6

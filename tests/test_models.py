@@ -115,3 +115,16 @@ def test_mlp_shapes(dim):
 def test_build_model_rejects_other_configs():
     with pytest.raises(TypeError, match="no model"):
         build_model(object())
+
+
+def test_closed_form_facts_of_the_networks():
+    """The U-Net's output layer starts at zero, so a fresh teacher predicts exactly 0 for any input; the cifar10
+    preset builds the DDPM paper's 35.7M-parameter CIFAR-10 model (Ho et al. 2020, App. B)."""
+    from fastdiff.train import PRESETS, build_network
+
+    net = build_model(TINY_8)
+    x, t = _inputs(TINY_8)
+    with torch.no_grad():
+        assert torch.equal(net(x, t), torch.zeros_like(x))
+    params = sum(p.numel() for p in build_network(PRESETS["cifar10"]).parameters())
+    assert round(params / 1e6, 1) == 35.7, params

@@ -7,7 +7,7 @@ import torch
 from fastdiff.param import append_dims, to_x0_eps
 from fastdiff.checkpoint import LoadedModel
 from fastdiff.distill.config import DistillConfig
-from fastdiff.losses import snr_weight
+from fastdiff.losses import noised, sample_t, x_space_loss
 from fastdiff.schedules import Schedule
 
 
@@ -56,17 +56,10 @@ def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student
     first stage (n_student None, Meng et al. 2023): t ~ U[1e-3, 1], x_tilde = the guided teacher's x0_hat.
     `target_fn(z, t) -> (x0_hat, eps_hat)` is the teacher for this batch.
     """
-    b = x0.shape[0]
-    if n_student is None:
-        t = 1e-3 + (1 - 1e-3) * torch.rand(b, generator=gen, dtype=torch.float64)
-    else:
-        t = torch.randint(1, n_student + 1, (b,), generator=gen).double() / n_student
-    eps = torch.randn(x0.shape, generator=gen).to(x0)
-    a, s = (v.to(x0) for v in schedule.alpha_sigma(t))
-    z_t = append_dims(a, x0.ndim) * x0 + append_dims(s, x0.ndim) * eps
+    t = sample_t(x0.shape[0], gen, n_student)  # distillation is training with another target (google-research)
+    z_t, _, a, s = noised(x0, t, schedule, gen)
     with torch.no_grad():
         target = (target_fn(z_t, t)[0] if n_student is None
                   else distill_target(z_t, t, target_fn, schedule, n_student))
     x_hat, _ = to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
-    w = snr_weight(schedule.logsnr(t).to(x0), cfg.weighting)
-    return w * (target - x_hat).pow(2).mean(tuple(range(1, x0.ndim)))
+    return x_space_loss(x_hat, target, schedule.logsnr(t).to(x0), cfg.weighting)

@@ -17,6 +17,7 @@ from fastdiff.distill.progressive import student_loss, teacher_fn
 from fastdiff.errors import FastdiffError
 from fastdiff.guidance import guided_x0_eps
 from fastdiff.runs import RoundLog
+from fastdiff.samplers import make_grid, sample
 from fastdiff.schedules import Schedule
 from fastdiff.train import TrainConfig
 
@@ -25,13 +26,9 @@ log = logging.getLogger(__name__)
 
 def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student", guidance=None):
     """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps (CFG weight `guidance`)."""
-    from fastdiff.samplers import ddim, make_grid, randn_like_per_sample, sample_generators
-
     net = model.net if isinstance(model, LoadedModel) else model
-    x = randn_like_per_sample((n, *shape), sample_generators(seed, range(n)), torch.float32, device)
-    with torch.no_grad():
-        return ddim(net, x, make_grid(grid, n_steps, schedule), schedule=schedule, param=param,
-                    clip=len(shape) > 1, guidance=guidance).x
+    return sample(net, n, shape, make_grid(grid, n_steps, schedule), schedule=schedule, param=param, seed=seed,
+                  device=device, clip=len(shape) > 1, guidance=guidance)
 
 
 @dataclass
