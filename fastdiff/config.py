@@ -80,11 +80,14 @@ def check_choices(cfg) -> None:
 @functools.lru_cache(maxsize=None)
 def field_help(cls) -> dict[str, str]:
     """{field: the trailing comment on its line in the class body} (empty where the source is not available)."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+?)\s*$", source, flags=re.M))
+    helps = {}
+    for klass in reversed(cls.__mro__):  # inherited fields first, the class's own comments win
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        helps.update(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+?)\s*$", source, flags=re.M))
+    return helps
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.param import to_x0_eps
+from fastdiff.param import denoiser
 from fastdiff.schedules import Schedule
 
 
@@ -48,10 +48,4 @@ def guided_x0_eps(net, param: str, schedule: Schedule, y, w, num_classes: int):
     network's parameterization, which is affine in (x0, eps) at fixed (z, t), so it equals guiding x0 and eps.
     """
     pair = guided(net, y, num_classes)
-
-    def fn(z, t):
-        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
-        out_c, out_u = pair(z, t.to(z))
-        return to_x0_eps(combine(out_c, out_u, w), z, a, s, param)
-
-    return fn
+    return denoiser(lambda x_t, t: combine(*pair(x_t, t), w), schedule, param)

@@ -45,3 +45,19 @@ def target(x0, eps, alpha, sigma, param: str) -> torch.Tensor:
     if param == "v":
         return append_dims(alpha, x0.ndim) * eps - append_dims(sigma, x0.ndim) * x0
     raise ValueError(f"unknown parameterization {param!r}; choose one of {PARAMS}")
+
+
+def denoiser(net, schedule, param: str):
+    """A network in any parameterization as one denoiser (x_t, t) -> (x0_hat, eps_hat), the adapter samplers,
+    distillers and guidance share (google-research's `_run_model`, k-diffusion's external wrappers).
+
+    `net(x_t, t_net)` returns (B, ...) in `param`; t is a float (one time for the batch) or (B,) float64 times;
+    alpha_t and sigma_t come from `schedule.alpha_sigma(t)` in float64, then x_t's dtype.
+    """
+    def fn(x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha, sigma = (v.to(x_t) for v in schedule.alpha_sigma(t))
+        t_net = (torch.full((x_t.shape[0],), t, dtype=x_t.dtype, device=x_t.device) if isinstance(t, float)
+                 else t.to(x_t))
+        return to_x0_eps(net(x_t, t_net), x_t, alpha, sigma, param)
+
+    return fn

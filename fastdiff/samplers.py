@@ -24,7 +24,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.grids import GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
 from fastdiff.guidance import combine
 from fastdiff.ops import sample_generators, sampler_step
-from fastdiff.param import eps_from_x0, to_x0_eps
+from fastdiff.param import denoiser, eps_from_x0
 from fastdiff.schedules import Schedule
 
 __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "sample_generators",
@@ -92,11 +92,10 @@ def _guided(out, out_uncond, guidance):
 
 def _x0_eps(model, x, t: float, schedule: Schedule, param: str, clip: bool, guidance):
     """(B, ...) x at time t -> (x0_hat, eps_hat), x0_hat clamped to [-1, 1] if clip, eps_hat consistent with it."""
-    b = x.shape[0]
-    alpha, sigma = (v.to(x).expand(b) for v in schedule.alpha_sigma(t))
-    out = _guided(*_evaluate(model, x, torch.full((b,), t, dtype=x.dtype, device=x.device), guidance), guidance)
-    x0, eps = to_x0_eps(out, x, alpha, sigma, param)
+    x0, eps = denoiser(lambda x_t, t_net: _guided(*_evaluate(model, x_t, t_net, guidance), guidance), schedule,
+                       param)(x, t)
     if clip:
+        alpha, sigma = (v.to(x) for v in schedule.alpha_sigma(t))
         x0 = x0.clamp(-1.0, 1.0)
         eps = eps_from_x0(x0, x, alpha, sigma)
     return x0, eps

@@ -30,6 +30,7 @@ from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
 from fastdiff.losses import Weighting, diffusion_loss
 from fastdiff.models import build_model, model_config, network_to_dict
+from fastdiff.models.fields import MLPFields, UNetFields
 from fastdiff.param import Param
 from fastdiff.schedules import Schedule, ScheduleName
 
@@ -40,8 +41,9 @@ NON_RESULT_FIELDS = ("out_dir", "device", "updates", "log_every", "sample_every"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a teacher run. Presets below are instances of it."""
+class TrainConfig(UNetFields, MLPFields):
+    """Everything that defines a teacher run. Presets below are instances of it. The network's fields are
+    inherited from the one declaration in fastdiff/models/fields.py."""
 
     # data
     dataset: str = "digits"  # toy2d[:8gaussians|moons|swissroll], digits, cifar10 or folder
@@ -55,17 +57,8 @@ class TrainConfig:
     T: int = 1000  # discrete steps of the schedule (the linear betas; the DDPM sampler's full grid)
     param: Param = "v"  # what the network predicts
     weighting: Weighting = "snr-trunc"  # L_simple, max(SNR, 1) or SNR + 1 (x-space)
-    # network (the U-Net's fields, or the MLP's hidden/layers)
+    # network: its fields (channels, channel_mult, ..., hidden, layers, scalar_cond) come from models/fields.py
     arch: Literal["unet", "mlp"] = "unet"  # unet for images, mlp for 2-D points
-    channels: int = 48  # U-Net base channels
-    channel_mult: tuple[int, ...] = (1, 2)  # channels per resolution, as multiples of `channels`
-    num_res_blocks: int = 1  # residual blocks per resolution
-    attn_resolutions: tuple[int, ...] = (4,)  # feature-map sides with self-attention
-    head_dim: int = 32  # attention head width
-    dropout: float = 0.0  # dropout in the residual blocks
-    hidden: int = 256  # MLP width
-    layers: int = 4  # MLP residual blocks
-    scalar_cond: bool = False  # a scalar input besides t (the guidance weight w of guided students)
     # optimisation
     updates: int = 4000  # optimiser updates
     batch_size: int = 128  # global batch (split over torchrun ranks)

@@ -128,3 +128,17 @@ def test_closed_form_facts_of_the_networks():
         assert torch.equal(net(x, t), torch.zeros_like(x))
     params = sum(p.numel() for p in build_network(PRESETS["cifar10"]).parameters())
     assert round(params / 1e6, 1) == 35.7, params
+
+
+def test_network_fields_are_declared_once():
+    """channels, hidden, dropout, ...: one declaration (models/fields.py) that the model configs and TrainConfig
+    inherit, so their defaults cannot drift apart (they did: channels 48 in TrainConfig, 128 in UNetConfig)."""
+    import dataclasses
+
+    from fastdiff.models.fields import MLPFields, UNetFields
+    from fastdiff.train import TrainConfig
+
+    for fields_cls, model_cls in ((UNetFields, UNetConfig), (MLPFields, MLPConfig)):
+        for f in dataclasses.fields(fields_cls):
+            assert getattr(TrainConfig(), f.name) == getattr(model_cls(), f.name) == f.default, f.name
+    assert issubclass(TrainConfig, UNetFields) and issubclass(TrainConfig, MLPFields)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.param import append_dims, to_x0_eps
+from fastdiff.param import append_dims, denoiser, to_x0_eps
 from fastdiff.checkpoint import LoadedModel
 from fastdiff.distill.config import DistillConfig
 from fastdiff.losses import noised, sample_t, x_space_loss
@@ -40,12 +40,7 @@ def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Sched
     """
     net = model.net if isinstance(model, LoadedModel) else model
     cond = cond or {}
-
-    def fn(z, t):
-        a, s = (v.to(z) for v in schedule.alpha_sigma(t))
-        return to_x0_eps(net(z, t.to(z), **cond), z, a, s, param)
-
-    return fn
+    return denoiser(lambda x_t, t: net(x_t, t, **cond), schedule, param)
 
 
 def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student: int | None, gen,

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from fastdiff.models.embeddings import CondEmbedding
+from fastdiff.models.fields import MLPFields
 
 
 @dataclass(frozen=True)
-class MLPConfig:
-    dim: int = 2
-    hidden: int = 256
-    layers: int = 4
-    num_classes: int = 0
-    scalar_cond: bool = False
+class MLPConfig(MLPFields):
+    """The MLP's fields (models/fields.py) plus what the data set fixes."""
+
+    dim: int = 2  # dimension of the points
+    num_classes: int = 0  # class labels (0: unconditional)
 
 
 class MLPDenoiser(nn.Module):

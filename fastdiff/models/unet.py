@@ -13,20 +13,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastdiff.models.embeddings import CondEmbedding
+from fastdiff.models.fields import UNetFields
 
 
 @dataclass(frozen=True)
-class UNetConfig:
-    image_size: int = 32
-    in_channels: int = 3
-    channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    head_dim: int = 64
-    dropout: float = 0.1
-    num_classes: int = 0
-    scalar_cond: bool = False
+class UNetConfig(UNetFields):
+    """The U-Net's fields (models/fields.py) plus what the data set fixes."""
+
+    image_size: int = 32  # side of the (square) images
+    in_channels: int = 3  # image channels
+    num_classes: int = 0  # class labels (0: unconditional); label num_classes is the null label of CFG
 
 
 def _norm(ch: int) -> nn.GroupNorm:
