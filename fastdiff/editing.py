@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from fastdiff.errors import FastdiffError
-from fastdiff.samplers import Generators, Sample, _check_grid, _linear_steps, _randn, ddim
+from fastdiff.samplers import Generators, Sample, check_grid, affine_steps, randn, ddim
 from fastdiff.schedules import Schedule
 
 
@@ -24,7 +24,7 @@ def ddim_invert(model, x0, ts, *, schedule: Schedule, param: str, clip: bool = F
     approximation eps(x_t) ~ eps(x_s)): x_t = alpha_t (x_s - sigma_s eps_hat)/alpha_s + sigma_t eps_hat.
     Decoding the result with `ddim` on the same grid reproduces x0 up to O(step size). NFE = steps.
     """
-    _check_grid(ts)
+    check_grid(ts)
     up = ts.flip(0)
     alpha, sigma = schedule.alpha_sigma(up)
     alpha_s, sigma_s, alpha_t, sigma_t = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
@@ -32,14 +32,14 @@ def ddim_invert(model, x0, ts, *, schedule: Schedule, param: str, clip: bool = F
     # x_t = (alpha_t/alpha_s + k/sigma_t) x_s - (k alpha_t/sigma_t) x0_hat, k = sigma_t - alpha_t sigma_s/alpha_s
     k = sigma_t - alpha_t * sigma_s / alpha_s
     coefs = torch.stack([-k * alpha_t / sigma_t, alpha_t / alpha_s + k / sigma_t, torch.zeros_like(k)], 1)
-    return _linear_steps(model, x0, up[1:], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=None,
+    return affine_steps(model, x0, up[1:], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=None,
                          return_trajectory=return_trajectory, guidance=guidance)
 
 
 def _noised(x0: torch.Tensor, t: float, schedule: Schedule, generator: Generators) -> torch.Tensor:
     """(B, ...) x0 -> (B, ...) x_t = alpha_t x0 + sigma_t eps, eps from the (per-sample) generators."""
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(t))
-    return alpha * x0 + sigma * _randn(x0, generator)
+    return alpha * x0 + sigma * randn(x0, generator)
 
 
 def img2img(model, x0, ts, strength: float, *, schedule: Schedule, param: str, sampler: Callable[..., Sample] = ddim,
@@ -53,7 +53,7 @@ def img2img(model, x0, ts, strength: float, *, schedule: Schedule, param: str, s
     """
     if not 0.0 < strength <= 1.0:
         raise FastdiffError(f"img2img strength must be in (0, 1], got {strength}")
-    _check_grid(ts)
+    check_grid(ts)
     ts = ts[ts <= strength]
     if len(ts) < 2:
         return Sample(x0, 0, [x0] if return_trajectory else None)
@@ -76,9 +76,9 @@ def inpaint(model, x0, mask, ts, *, schedule: Schedule, param: str, sampler: Cal
     region is replaced by x0 noised forward to the new time with fresh per-sample noise (the replacement method,
     Song et al. 2021 / RePaint without resampling), so at t = 0 it is x0 exactly.
     """
-    _check_grid(ts)
+    check_grid(ts)
     mask = torch.as_tensor(mask, dtype=x0.dtype, device=x0.device).expand_as(x0)
-    x = _paste(_randn(x0, generator), _noised(x0, float(ts[0]), schedule, generator), mask)
+    x = _paste(randn(x0, generator), _noised(x0, float(ts[0]), schedule, generator), mask)
     trajectory = [x] if return_trajectory else None
     nfe = 0
     for i in range(len(ts) - 1):

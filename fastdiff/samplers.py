@@ -70,7 +70,7 @@ def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: S
         return ddim(model, x, ts, schedule=schedule, param=param, clip=clip, guidance=guidance).x
 
 
-def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+def randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """(B, ...) standard normals like x from the global RNG, one generator, or one generator per row."""
     if generator is None:
         return torch.randn_like(x)
@@ -101,14 +101,14 @@ def _x0_eps(model, x, t: float, schedule: Schedule, param: str, clip: bool, guid
     return x0, eps
 
 
-def _check_grid(ts: torch.Tensor) -> None:
+def check_grid(ts: torch.Tensor) -> None:
     """(steps+1,) grid: raise a FastdiffError unless it is strictly decreasing in [0, 1]."""
     if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()) or ts[-1] < 0 or ts[0] > 1:
         raise FastdiffError("a time grid must be a strictly decreasing 1-D tensor in [0, 1] with >= 2 points; "
                             "build one with fastdiff.grids.make_grid")
 
 
-def _linear_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generator, return_trajectory,
+def affine_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generator, return_trajectory,
                   guidance) -> Sample:
     """Run the per-step updates x <- coef_x0 x0_hat + coef_xt x + coef_noise z (one fastdiff.ops.sampler_step each).
 
@@ -127,7 +127,7 @@ def _linear_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generato
         out, out_uncond = _evaluate(model, x, t_in[i].expand(b), guidance)
         a, s, c_x0, c_xt, c_noise = table[i, :, None].expand(5, b).contiguous().unbind()
         x = sampler_step(x, out, param=param, alpha_t=a, sigma_t=s, coef_x0=c_x0, coef_xt=c_xt, coef_noise=c_noise,
-                         clip=clip, noise=_randn(x, generator) if noisy[i] else None, out_uncond=out_uncond,
+                         clip=clip, noise=randn(x, generator) if noisy[i] else None, out_uncond=out_uncond,
                          guidance=guidance, validate=False)  # the table above is built here: trusted
         if trajectory is not None:
             trajectory.append(x)
@@ -139,7 +139,7 @@ def _pairs(ts: torch.Tensor, schedule: Schedule):
 
     beta_{t|s} = 1 - abar_t/abar_s, computed with expm1 so it stays exact on fine grids.
     """
-    _check_grid(ts)
+    check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)
     beta_ts = -torch.expm1(2 * (alpha[:-1].log() - alpha[1:].log()))
     return alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], beta_ts
@@ -171,7 +171,7 @@ def ddpm(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     var = beta_ts if variance == "large" else sigma_s**2 / sigma_t**2 * beta_ts
     c = torch.where(ts[1:] > 0, var.sqrt(), 0.0)
     coefs = _coefs(alpha_t, sigma_t, alpha_s, dir_coef, c)
-    return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
+    return affine_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
                          return_trajectory=return_trajectory, guidance=guidance)
 
 
@@ -189,7 +189,7 @@ def ddim(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     # written without the cancellation
     dir_coef = sigma_s / sigma_t * ((1 - eta**2) * sigma_t**2 + eta**2 * (alpha_t * sigma_s / alpha_s) ** 2).sqrt()
     coefs = _coefs(alpha_t, sigma_t, alpha_s, dir_coef, c)
-    return _linear_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
+    return affine_steps(model, x, ts[:-1], alpha_t, sigma_t, coefs, param=param, clip=clip, generator=generator,
                          return_trajectory=return_trajectory, guidance=guidance)
 
 
@@ -208,7 +208,7 @@ def dpm_solver_pp_2m(model, x, ts, *, schedule: Schedule, param: str, clip: bool
     First order on the first step and on the step to t = 0 (as k-diffusion's sample_dpmpp_2m), where it returns
     x0_hat. Deterministic: `generator` is accepted for a uniform signature and unused.
     """
-    _check_grid(ts)
+    check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)
     half_logsnr = schedule.logsnr(ts) / 2  # DPM-Solver's lambda = log(alpha/sigma), half the contract's logSNR
     trajectory = [x] if return_trajectory else None
@@ -243,7 +243,7 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
     sigma~(1) = e^10 a first step down to sigma~ ~ 1 is far off at few steps, by the method, not by rounding;
     the karras grid starts at EDM's sigma~ = 80 instead (see `karras_grid`).
     """
-    _check_grid(ts)
+    check_grid(ts)
     alpha, sigma = schedule.alpha_sigma(ts)
     sigma_edm = sigma / alpha
     trajectory = [x] if return_trajectory else None
