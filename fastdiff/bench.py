@@ -309,14 +309,8 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
 
 def main(argv: Sequence[str] | None = None) -> int:
     dist.configure_cpu_threads()
-    parser = cfgs.make_parser("python -m fastdiff.bench", "FID vs steps for every sampler of one model family.")
-    parser.add_argument("--preset", default="digits", help=f"one of {', '.join(PRESETS)}")
-    parser.add_argument("--dry-run", action="store_true", help="check the inputs and list the sweep; compute nothing")
-    cfgs.add_dataclass_args(parser, BenchConfig)
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(PRESETS[args.preset], **cfgs.overrides_from_args(BenchConfig, args))
+    cfg, args = runs.config_from_argv(argv, BenchConfig, PRESETS, "python -m fastdiff.bench",
+                                      "FID vs steps for every sampler of one model family.")
     if args.dry_run:
         return dry_run(cfg)
     with dist.init_from_env(cfg.device), runs.graceful_stop():

@@ -128,6 +128,26 @@ def restore_rng(gen: torch.Generator, states: list, salt: int, step: int) -> Non
     gen.manual_seed(hash((salt, step, rank())))  # hash of a tuple of ints: the same in every process
 
 
+def capture_streams(gen: torch.Generator, device: torch.device) -> dict:
+    """Every random stream a resume must restore, one entry per rank: the data/noise generator `gen`, the global
+    CPU generator (dropout on CPU) and, on CUDA, the device's generator (dropout on the GPU)."""
+    state = {"data": gather_objects(gen.get_state()), "torch": gather_objects(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = gather_objects(torch.cuda.get_rng_state(device))
+    return state
+
+
+def restore_streams(state: dict, gen: torch.Generator, device: torch.device, salt: int, step: int) -> None:
+    """Inverse of capture_streams (see restore_rng for a checkpoint of another world size)."""
+    restore_rng(gen, state["data"], salt, step)
+    restore_rng(torch.default_generator, state["torch"], salt + 1, step)
+    if device.type == "cuda" and "cuda" in state:
+        if len(state["cuda"]) == world_size():
+            torch.cuda.set_rng_state(state["cuda"][rank()], device)
+        else:
+            torch.cuda.manual_seed(hash((salt + 2, step, rank())) % 2**63)
+
+
 def _cpu_times(stat_path: str) -> tuple[int, int] | None:
     """(idle, total) jiffies of all CPUs from /proc/stat (Linux), None elsewhere."""
     try:

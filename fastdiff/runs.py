@@ -139,26 +139,6 @@ def stop_if_requested(device, save, where: str) -> None:
         raise Preempted(signum, where)
 
 
-def capture_rng(gen: torch.Generator, device: torch.device) -> dict:
-    """Every random stream a resume must restore, one entry per rank: the data/noise generator `gen`, the global
-    CPU generator (dropout on CPU) and, on CUDA, the device's generator (dropout on the GPU)."""
-    state = {"data": dist.gather_objects(gen.get_state()), "torch": dist.gather_objects(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["cuda"] = dist.gather_objects(torch.cuda.get_rng_state(device))
-    return state
-
-
-def restore_rng(state: dict, gen: torch.Generator, device: torch.device, salt: int, step: int) -> None:
-    """Inverse of capture_rng (see distributed.restore_rng for a checkpoint of another world size)."""
-    dist.restore_rng(gen, state["data"], salt, step)
-    dist.restore_rng(torch.default_generator, state["torch"], salt + 1, step)
-    if device.type == "cuda" and "cuda" in state:
-        if len(state["cuda"]) == dist.world_size():
-            torch.cuda.set_rng_state(state["cuda"][dist.rank()], device)
-        else:
-            torch.cuda.manual_seed(hash((salt + 2, step, dist.rank())) % 2**63)
-
-
 def set_deterministic(on: bool) -> None:
     """--deterministic: deterministic CUDA algorithms (cuBLAS workspace, no cuDNN autotuning), so that a resumed
     CUDA run ends bit-identical to an uninterrupted one. CPU runs are bit-exact without it at a fixed thread count."""
@@ -172,9 +152,10 @@ def set_deterministic(on: bool) -> None:
 
 def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, description: str,
                      default_preset: str = "digits"):
-    """Parse `--preset NAME` and field overrides into a frozen config."""
+    """Parse `--preset NAME`, `--dry-run` and field overrides into a frozen config; -> (config, parsed args)."""
     parser = cfgs.make_parser(prog, description)
     parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(presets)}")
+    parser.add_argument("--dry-run", action="store_true", help="check the inputs, say what would run; write nothing")
     cfgs.add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)
     if args.preset not in presets:
@@ -193,13 +174,28 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None,
                     renamed: dict[str, str] | None = None) -> Path:
-    """Create/check a run dir: refuse one whose config.json differs in a field that matters.
+    """Create/check a run dir: refuse one whose config.json differs in a field that matters (`check_run_dir`),
+    then make sure the folder can be written."""
+    run = Path(out_dir)
+    check_run_dir(run, config, ignore, defaults, renamed)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable "
+                            "--out-dir") from None
+    return run
+
+
+def check_run_dir(run: Path, config: dict, ignore: Sequence[str], defaults: dict | None = None,
+                  renamed: dict[str, str] | None = None) -> None:
+    """FastdiffError if run/config.json holds a config that differs from `config` in a field not in `ignore`.
 
     A field missing from an older config.json (a run from an earlier fastdiff) is fine while the new value is
-    that field's default in `defaults`, which is what the older version did.
-    """
-    run = Path(out_dir)
-    cfg_path = run / "config.json"
+    that field's default in `defaults`, which is what the older version did; `renamed` maps old field names."""
+    cfg_path = Path(run) / "config.json"
     if cfg_path.exists():
         try:
             old = json.loads(cfg_path.read_text())
@@ -214,15 +210,6 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
         if changes:
             raise FastdiffError(f"run dir {str(run)!r} holds a different config ({'; '.join(changes[:3])}); "
                                 "use another --out-dir or delete that one")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise FastdiffError(f"cannot write to output dir {str(run)!r} ({err.strerror}); choose a writable "
-                            "--out-dir") from None
-    return run
 
 
 class MetricsLog:
@@ -320,7 +307,7 @@ def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int,
 
     def save() -> None:
         nonlocal saved
-        rng = capture_rng(gen, device)  # a collective: every rank
+        rng = dist.capture_streams(gen, device)  # a collective: every rank
         if dist.is_main() and saved != update:
             save_checkpoint(state_path, {**extra_state(), "model": net.state_dict(), "optimizer": opt.state_dict(),
                                          "step": update, "rng": rng, "recent": recent,
@@ -357,8 +344,8 @@ def _resume(state: dict, net, opt, gen: torch.Generator, device, salt: int) -> t
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     rng = state["rng"]
-    restore_rng(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},  # before 0.2
-                gen, device, salt, state["step"])
+    dist.restore_streams(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},
+                         gen, device, salt, state["step"])  # (a list: a state of fastdiff before 0.2)
     return state["step"], list(state.get("recent", [])), state.get("wall_clock_s", 0.0)
 
 

@@ -228,13 +228,30 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
 
 def main(argv: Sequence[str] | None = None) -> int:
     dist.configure_cpu_threads()
-    cfg, _ = runs.config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train",
-                                   "Train a teacher diffusion model.")
+    cfg, args = runs.config_from_argv(argv, TrainConfig, PRESETS, "python -m fastdiff.train",
+                                      "Train a teacher diffusion model.")
+    if args.dry_run:
+        return dry_run(cfg)
     with dist.init_from_env(cfg.device), runs.graceful_stop():
         t0 = time.perf_counter()
         run = train(cfg)
         if dist.is_main():
             print(f"teacher ready: {run / CKPT_NAME} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def dry_run(cfg: TrainConfig) -> int:
+    """Check `cfg` and its run dir and say what `train` would do; loads the data and the checkpoint, writes nothing."""
+    validate(cfg)
+    runs.resolve_device(cfg.device)
+    data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
+    run = Path(cfg.out_dir)
+    runs.check_run_dir(run, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()), TrainConfig.RENAMED)
+    ckpt = load_resumable(run / CKPT_NAME) if run.is_dir() else None
+    start = 0 if ckpt is None else ckpt["step"]
+    params = sum(p.numel() for p in build_network(cfg).parameters())
+    print(f"{cfg.arch} of {params:,} parameters on {cfg.dataset} ({len(data.x)} examples), {cfg.schedule} schedule, "
+          f"param {cfg.param}: updates {start} -> {cfg.updates} in {run}" + (" (resumed)" if start else ""))
     return 0
 
 

@@ -132,3 +132,11 @@ def test_a_student_that_outputs_the_target_has_zero_loss(param, weighting):
     assert loss.shape == (64,) and float(loss.max()) < 1e-20
     lazy = lambda z, t: target(*target_fn(z, t), *schedule.alpha_sigma(t), param)  # noqa: E731  (one step only)
     assert float(student_loss(lazy, target_fn, x0, schedule, cfg, n, torch.Generator().manual_seed(1)).mean()) > 1e-6
+
+
+def test_dry_run_plans_the_rounds_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(main, ["--preset", "toy2d", "--start-steps", "8", "--updates-per-round", "10", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "to train: preset 'toy2d'" in out and "8->4 steps: 10 updates; 4->2 steps: 20 updates" in out
+    assert list(tmp_path.iterdir()) == []

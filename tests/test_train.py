@@ -420,3 +420,14 @@ def test_run_dir_and_checkpoint_of_fastdiff_before_the_renames_still_load_and_re
     assert load_model(run).hash == hash_now
     T.train(_cfg([*MLP_ARGS, "--updates", "30"], run), progress=False)
     assert [int(r["update"]) for r in _metrics(run)] == [5, 10, 15, 20, 25, 30]
+
+
+def test_dry_run_says_what_would_run_and_writes_nothing(tmp_path, capsys, pictures):
+    run = tmp_path / "run"
+    assert run_cli(T.main, [*MLP_ARGS, "--out-dir", str(run), "--dry-run"]) == 0
+    assert "updates 0 -> 20" in capsys.readouterr().out and not run.exists()
+    T.train(_cfg(MLP_ARGS, run), progress=False)
+    before = _snapshot(run)
+    assert run_cli(T.main, [*MLP_ARGS, "--updates", "30", "--out-dir", str(run), "--dry-run"]) == 0
+    assert "updates 20 -> 30" in capsys.readouterr().out and _snapshot(run) == before
+    assert run_cli(T.main, [*MLP_ARGS, "--lr", "0.5", "--out-dir", str(run), "--dry-run"]) == 2  # another config

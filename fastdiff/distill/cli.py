@@ -192,10 +192,34 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     return write_report(cfg.out_dir) if dist.is_main() else Path(cfg.out_dir) / "report.md"
 
 
+def dry_run(cfg: DistillConfig) -> int:
+    """Check `cfg` (teacher, run dir, results folder) and print the plan; trains nothing, writes nothing."""
+    validate(cfg)
+    runs.resolve_device(cfg.device)
+    check_results_folder(cfg)
+    teacher = resolve_path_only(cfg)
+    if teacher.is_file():
+        check_teacher(load_model(teacher), cfg)
+    elif cfg.teacher:
+        raise FastdiffError(f"checkpoint {str(teacher)!r} does not exist; pass a run dir or a .pt file written by "
+                            "fastdiff")
+    runs.check_run_dir(Path(cfg.out_dir), {**cfgs.to_dict(cfg), "teacher": str(teacher)}, NON_RESULT_FIELDS,
+                       cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED)
+    plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
+            for r in range(num_rounds(cfg))]
+    print(f"teacher: {teacher}" + ("" if teacher.is_file() else f" (to train: preset {cfg.teacher_preset!r})"))
+    print("rounds: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
+    print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     dist.configure_cpu_threads()
-    cfg, _ = runs.config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
-                                   "Progressively distill a teacher into few-step students, then benchmark and report.")
+    cfg, args = runs.config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
+                                      "Progressively distill a teacher into few-step students, then benchmark and "
+                                      "report.")
+    if args.dry_run:
+        return dry_run(cfg)
     t0 = time.perf_counter()
     with dist.init_from_env(cfg.device), runs.graceful_stop():
         run = distill(cfg)
