@@ -1,6 +1,6 @@
-"""What every long-running CLI (train, distill, bench) shares: the config from argv, the device, the run dir and its
-CSV logs, one writer per run dir, a graceful stop on SIGTERM/SIGINT agreed between the ranks, and the random
-streams a resume must restore.
+"""What every long-running CLI (train, distill, bench) shares: the config from argv (with --dry-run), the device, the
+run dir and its CSV logs, one writer per run dir, a graceful stop on SIGTERM/SIGINT agreed between the ranks, and
+`fit()`, the one optimiser loop that teacher training and every distiller run on.
 
 - `run_lock(folder)`: an exclusive `fcntl.flock` on `folder/.lock`. The kernel drops it when the process dies,
   so a killed run never leaves a stale lock; a second process is refused at once with the holder's pid, host
