@@ -92,7 +92,7 @@ class BenchConfig:
     dataset: str = ""  # the reference data set (empty: the model's)
     data_root: str = ""  # folder of the reference data (empty: the teacher's)
     # the sampling runs
-    samplers: tuple[SamplerName, ...] = SAMPLERS  # ddpm runs its full grid once; the others every step count
+    samplers: tuple[SamplerName, ...] = SAMPLERS  # ddpm: its full grid once; distilled: every student; others: --steps
     spacings: tuple[Spacing, ...] = ("quadratic", "linspace")  # strided grids of ddpm-strided and ddim
     steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sampling steps (Heun: NFE ~ these)
     variance: Variance = "large"  # DDPM's beta or beta-tilde
@@ -134,9 +134,9 @@ def validate(cfg: BenchConfig) -> None:
         raise FastdiffError("need at least one --samplers, --metrics and --steps entry")
     if any(s < 1 for s in cfg.steps):
         raise FastdiffError(f"--steps must all be >= 1, got {cfg.steps}")
-    if cfg.n_samples < 4 or cfg.batch_size < 1 or cfg.n_ref < 0:
-        raise FastdiffError("need --n-samples >= 4 (precision/recall use 3 neighbours), --batch-size >= 1 and "
-                            "--n-ref >= 0")
+    cfgs.check_range(cfg, "n_samples", cfg.n_samples >= 4, ">= 4 (precision/recall use 3 neighbours)")
+    cfgs.check_range(cfg, "batch_size", cfg.batch_size >= 1, ">= 1")
+    cfgs.check_range(cfg, "n_ref", cfg.n_ref >= 0, ">= 0 (0: the whole split)")
     if not cfg.model and not cfg.distill_dir:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 

@@ -63,7 +63,14 @@ def _parse(name: str, tp, text: str):
         return tp(text)
     except ValueError:
         what = getattr(tp, "__name__", tp)
-        raise FastdiffError(f"--{name.replace('_', '-')}: cannot read {text!r} as {what}") from None
+        accepted = " (use true or false)" if tp is bool else ""
+        raise FastdiffError(f"--{name.replace('_', '-')}: cannot read {text!r} as {what}{accepted}") from None
+
+
+def check_range(cfg, name: str, ok: bool, need: str) -> None:
+    """FastdiffError naming the option, what it needs and the value it got, unless `ok`."""
+    if not ok:
+        raise FastdiffError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)!r}")
 
 
 def check_choices(cfg) -> None:

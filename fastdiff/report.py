@@ -378,7 +378,7 @@ def _remove_stale_figures(md: list[str], results_dir: Path, folders: list[Path])
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("python -m fastdiff.report", __doc__.splitlines()[0])
-    parser.add_argument("results_dir", help="the --out-dir of python -m fastdiff.bench (default there: results)")
+    parser.add_argument("results_dir", help="the --out-dir of python -m fastdiff.bench (default there: runs/results)")
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
         raise FastdiffError(f"{args.results_dir!r} is not a folder; pass the --out-dir of python -m fastdiff.bench")

@@ -173,11 +173,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict | None = None,
-                    renamed: dict[str, str] | None = None) -> Path:
+                    renamed: dict[str, str] | None = None, normalize: Callable[[dict], dict] | None = None) -> Path:
     """Create/check a run dir: refuse one whose config.json differs in a field that matters (`check_run_dir`),
     then make sure the folder can be written."""
     run = Path(out_dir)
-    check_run_dir(run, config, ignore, defaults, renamed)
+    check_run_dir(run, config, ignore, defaults, renamed, normalize)
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / ".write-test"
@@ -190,16 +190,18 @@ def prepare_run_dir(out_dir, config: dict, ignore: Sequence[str], defaults: dict
 
 
 def check_run_dir(run: Path, config: dict, ignore: Sequence[str], defaults: dict | None = None,
-                  renamed: dict[str, str] | None = None) -> None:
+                  renamed: dict[str, str] | None = None, normalize: Callable[[dict], dict] | None = None) -> None:
     """FastdiffError if run/config.json holds a config that differs from `config` in a field not in `ignore`.
 
     A field missing from an older config.json (a run from an earlier fastdiff) is fine while the new value is
-    that field's default in `defaults`, which is what the older version did; `renamed` maps old field names."""
+    that field's default in `defaults`, which is what the older version did; `renamed` maps old field names and
+    `normalize` rewrites the old dict's values (e.g. a relative path an earlier version stored) before comparing."""
     cfg_path = Path(run) / "config.json"
     if cfg_path.exists():
         try:
             old = json.loads(cfg_path.read_text())
             old = {(renamed or {}).get(k, k): v for k, v in old.items()}  # names of an earlier version
+            old = normalize(old) if normalize is not None else old
         except json.JSONDecodeError:
             raise FastdiffError(f"{cfg_path} is not valid JSON; delete the run dir or choose another "
                                 "--out-dir") from None

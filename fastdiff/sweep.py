@@ -207,6 +207,9 @@ def load_family(cfg, device: torch.device) -> Family:
             except (OSError, ValueError, KeyError):
                 raise FastdiffError(f"{config_path} is missing or names no teacher; pass --model") from None
     teacher = load_model(teacher_path, device)
+    if teacher.kind != "teacher":
+        raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --model needs a teacher (students join "
+                            "the sweep through --distill-dir)")
     students = {}
     if cfg.distill_dir and "distilled" in cfg.samplers:
         for path in sorted(students_dir.glob("student_N*.pt")):

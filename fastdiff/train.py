@@ -101,8 +101,9 @@ def validate(cfg: TrainConfig) -> None:
                  "sample_every"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.label_dropout < 1:
-        raise FastdiffError("need lr > 0, 0 <= ema-decay < 1 and 0 <= label-dropout < 1")
+    cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
+    cfgs.check_range(cfg, "ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)")
+    cfgs.check_range(cfg, "label_dropout", 0 <= cfg.label_dropout < 1, "in [0, 1)")
     shape, num_classes = static_info(cfg.dataset, cfg.image_size)
     if (cfg.arch == "mlp") != (len(shape) == 1):
         raise FastdiffError(f"--arch {cfg.arch} does not fit data set {cfg.dataset!r} (use mlp for toy2d, unet for "
@@ -186,7 +187,8 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
     schedule = Schedule(cfg.schedule, cfg.T)
     local_batch = dist.local_batch_size(cfg.batch_size)
-    t_start = time.perf_counter()
+    t_here = time.perf_counter()
+    t_start = t_here - (ckpt.get("wall_clock_s", 0.0) if ckpt is not None else 0.0)  # wall_s goes on across resumes
 
     def loss_fn(model) -> torch.Tensor:
         # The batch, the flips and the dropped labels come from the run's own stream, then t and eps.
@@ -223,7 +225,8 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
              extra_state=extra_state, after_update=after_update, on_step=on_step, grad_clip=cfg.grad_clip,
              autocast=True, progress=progress)
     dist.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
-    log.info("trained %s for %d updates in %.1f s", run, cfg.updates, time.perf_counter() - t_start)
+    log.info("trained %s to %d updates (%d of them in this process, %.1f s)", run, cfg.updates, cfg.updates - start,
+             time.perf_counter() - t_here)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

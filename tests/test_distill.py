@@ -140,3 +140,17 @@ def test_dry_run_plans_the_rounds_and_writes_nothing(tmp_path, capsys, monkeypat
     out = capsys.readouterr().out
     assert "to train: preset 'toy2d'" in out and "8->4 steps: 10 updates; 4->2 steps: 20 updates" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_dir_of_another_config_is_refused_before_any_teacher_is_trained(tmp_path, capsys, monkeypatch):
+    """Found by trying it: distill trained a whole teacher, then refused its run dir. Also: more rounds than
+    --start-steps allows is an error, not silently fewer rounds."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text('{"start_steps": 4}')
+    assert run_cli(main, ["--preset", "toy2d", "--start-steps", "8", "--out-dir", "d"]) == 2
+    assert run_cli(main, ["--preset", "toy2d", "--start-steps", "4", "--rounds", "5", "--out-dir", "e"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "holds a different config (" in err[0] and "start_steps: 4 -> 8" in err[0]
+    assert err[1] == "error: --rounds must be in [0, 2] for --start-steps 4 (0: down to 1 step), got 5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no runs/teacher-toy2d

@@ -181,7 +181,7 @@ BAD_INPUTS = {
     "no images": (["--dataset", "folder"], "no images"),
     "arch mismatch": (["--preset", "toy2d", "--arch", "unet"], "--arch unet does not fit data set 'toy2d'"),
     "labels needed": (["--preset", "toy2d", "--dataset", "toy2d:swissroll", "--cond", "class"], "has no labels"),
-    "bad ema": (["--ema-decay", "1.0"], "0 <= ema-decay < 1"),
+    "bad ema": (["--ema-decay", "1.0"], "--ema-decay must be in [0, 1), got 1.0"),
     "no cuda": (None, "CUDA is not available here; use --device cpu"),
 }
 

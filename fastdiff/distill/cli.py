@@ -96,6 +96,14 @@ def check_results_folder(cfg: DistillConfig) -> None:
                             "choose another --results-dir")
 
 
+def absolute_teacher(config: dict) -> dict:
+    """A run dir's config.json with its teacher as an absolute path (fastdiff before 0.2 stored it as typed, relative
+    to the folder distill ran in; compared from the same folder, the two mean the same file)."""
+    if config.get("teacher"):
+        return {**config, "teacher": str(Path(config["teacher"]).resolve())}
+    return config
+
+
 def resolve_path_only(cfg: DistillConfig) -> Path:
     """The teacher checkpoint path resolve_teacher will use, without training anything."""
     if cfg.teacher:
@@ -109,14 +117,18 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     device = runs.resolve_device(cfg.device)
     runs.set_deterministic(cfg.deterministic)
     check_results_folder(cfg)
+    resolved = {**cfgs.to_dict(cfg), "teacher": str(resolve_path_only(cfg).resolve())}
+    with dist.same_outcome():  # a run dir of another config is refused before any teacher is trained
+        if dist.is_main():
+            runs.check_run_dir(Path(cfg.out_dir), resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()),
+                               DistillConfig.RENAMED, absolute_teacher)
     teacher_path = resolve_teacher(cfg, progress)
-    resolved = {**cfgs.to_dict(cfg), "teacher": str(teacher_path)}
     with contextlib.ExitStack() as held:
         with dist.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
             teacher0 = load_model(teacher_path, device)
             check_teacher(teacher0, cfg)
             run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()),
-                                        DistillConfig.RENAMED)
+                                        DistillConfig.RENAMED, absolute_teacher)
                    if dist.is_main() else Path(cfg.out_dir))
             held.enter_context(runs.run_lock(run))
             tcfg = cfgs.from_dict(TrainConfig, teacher0.config)
@@ -164,8 +176,8 @@ def run_rounds(ctx: DistillRun) -> None:
             row = evaluate_round(student, ctx, n_student)
             rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
                         "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
-            log.info("round %d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r, n_student, row["metric"],
-                     row["student_value"], n_student, row["teacher_ddim_value"])
+            log.info("round %d/%d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r + 1, num_rounds(cfg),
+                     n_student, row["metric"], row["student_value"], n_student, row["teacher_ddim_value"])
         dist.barrier()
         teacher_net, teacher_param = student, cfg.param
     log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
@@ -203,8 +215,8 @@ def dry_run(cfg: DistillConfig) -> int:
     elif cfg.teacher:
         raise FastdiffError(f"checkpoint {str(teacher)!r} does not exist; pass a run dir or a .pt file written by "
                             "fastdiff")
-    runs.check_run_dir(Path(cfg.out_dir), {**cfgs.to_dict(cfg), "teacher": str(teacher)}, NON_RESULT_FIELDS,
-                       cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED)
+    runs.check_run_dir(Path(cfg.out_dir), {**cfgs.to_dict(cfg), "teacher": str(teacher.resolve())},
+                       NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED, absolute_teacher)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
     print(f"teacher: {teacher}" + ("" if teacher.is_file() else f" (to train: preset {cfg.teacher_preset!r})"))

@@ -22,7 +22,7 @@ class DistillConfig:
     """A progressive-distillation run; `teacher_preset` names the TrainConfig preset of the teacher."""
 
     # the teacher
-    teacher: str = ""  # a teacher run dir or checkpoint (empty: train the teacher preset's, or reuse it)
+    teacher: str = ""  # a teacher run dir or checkpoint (empty: train or reuse the preset's, in runs/teacher-NAME)
     teacher_preset: str = "digits"  # the TrainConfig preset of the teacher (its data set and schedule)
     teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
     # progressive rounds (Salimans & Ho 2022, Alg. 2)
@@ -102,8 +102,11 @@ def validate(cfg: DistillConfig) -> None:
     unknown = [name for name in cfg.bench_samplers if name not in SAMPLERS]
     if unknown:
         raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
-    if cfg.lr <= 0 or cfg.rounds < 0 or cfg.bench_samples < 0:
-        raise FastdiffError("need --lr > 0, --rounds >= 0 and --bench-samples >= 0")
+    cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
+    cfgs.check_range(cfg, "bench_samples", cfg.bench_samples >= 0, ">= 0 (0: the bench preset's)")
+    most = int(math.log2(cfg.start_steps))
+    cfgs.check_range(cfg, "rounds", 0 <= cfg.rounds <= most,
+                     f"in [0, {most}] for --start-steps {cfg.start_steps} (0: down to 1 step)")
 
 
 def sweep_name(cfg: DistillConfig) -> str:
