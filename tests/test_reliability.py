@@ -457,3 +457,13 @@ def test_cifar10_preset_end_to_end_on_a_fake_folder(fake_cifar10, tmp_path, monk
     rows = read_rows(tmp_path / "res" / "cifar10" / "fid_vs_steps.csv")
     assert {r["sampler"] for r in rows} == set(B.SAMPLERS) and {r["extractor"] for r in rows} == {"test-pool"}
     assert {r["n_samples"] for r in rows} == {"6"} and (tmp_path / "res" / "report.md").exists()
+
+
+def test_a_second_signal_stops_at_once():
+    """The first SIGINT/SIGTERM only asks for a stop at the next safe point; a second one raises right away."""
+    with runs.graceful_stop():
+        signal.raise_signal(signal.SIGTERM)
+        assert runs.stop_requested() == signal.SIGTERM
+        with pytest.raises(Preempted, match="at once"):
+            signal.raise_signal(signal.SIGINT)
+    assert runs.stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
