@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from fastdiff.data import static_info
+from fastdiff.distributed import is_main
 from fastdiff.errors import FastdiffError
-from fastdiff.io import atomic_path, fsync_dir
+from fastdiff.io import atomic_path
 from fastdiff.models import build_model, model_config, network_from_dict, network_to_dict
 from fastdiff.schedules import Schedule
 
@@ -50,14 +51,8 @@ def save_checkpoint(path, payload: dict, keep_previous: bool = False) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getbuffer()
-    with atomic_path(path, needed=len(data)) as tmp:
+    with atomic_path(path, needed=len(data), previous=previous_path(path) if keep_previous else None) as tmp:
         tmp.write_bytes(data)
-        if keep_previous and path.exists():
-            # The new file is complete on disk (atomic_path fsyncs it next); only then does the old one step back.
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(path, previous_path(path))
-            fsync_dir(path.parent)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -97,7 +92,7 @@ def load_resumable(path, map_location="cpu") -> dict | None:
             continue
         if candidate == prev:
             log.warning("%s; resuming from the previous checkpoint %s", problems[0], prev)
-            if path.exists():
+            if path.exists() and is_main():  # one rank sets it aside; the others read prev as well
                 os.replace(path, path.with_name(path.name + ".corrupt"))
         return ckpt
     raise FastdiffError(f"no readable checkpoint to resume from: {problems[0]}, and {problems[1]}; "

@@ -51,27 +51,40 @@ def fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, needed: int | None = None):
+def write_errors(path: str | os.PathLike, needed: int | None = None):
+    """Turn an OSError of a full or read-only disk inside the block into the one-line FastdiffError for `path`
+    (`needed` bytes, when known); other OSErrors pass through."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(Path(path), err, needed) from None
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, needed: int | None = None, previous: Path | None = None):
     """Yield a temporary path next to `path`; on success it is fsynced and replaces `path` atomically.
 
-    `needed` (bytes) goes into the message if the write fails for lack of space.
+    `needed` (bytes) goes into the message if the write fails for lack of space. With `previous`, the file being
+    replaced is first moved there, once the new one is complete on disk (a kill in between leaves `previous` and
+    the temporary file, never half a file).
     """
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and checkpoints are meant to be shared
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as err:
-        if err.errno in WRITE_ERRNOS:
-            raise write_error(path, err, needed) from None
-        raise
+        with write_errors(path, needed):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and checkpoints are meant to be shared
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            if previous is not None and path.exists():
+                os.replace(path, previous)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

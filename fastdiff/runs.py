@@ -37,7 +37,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff.checkpoint import save_checkpoint
 from fastdiff.errors import FastdiffError, Preempted
-from fastdiff.io import WRITE_ERRNOS, atomic_path, write_error
+from fastdiff.io import atomic_path, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -243,13 +243,9 @@ class MetricsLog:
         if dist.is_main():
             line = io.StringIO()
             csv.DictWriter(line, self.fields).writerow(row)
-            try:
-                with open(self.path, "a", newline="") as f:
-                    f.write(line.getvalue())
-            except OSError as err:  # a full disk: at worst a row cut short, which a resume drops
-                if err.errno in WRITE_ERRNOS:
-                    raise write_error(self.path, err, len(line.getvalue())) from None
-                raise
+            # A full disk: at worst a row cut short, which a resume drops.
+            with write_errors(self.path, len(line.getvalue())), open(self.path, "a", newline="") as f:
+                f.write(line.getvalue())
 
 
 class RoundLog:
