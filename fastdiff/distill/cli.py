@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model
+from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
 from fastdiff.data import get_data, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 
 def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
     """The teacher checkpoint: --teacher if given, else train (or reuse) the preset's teacher."""
-    if cfg.teacher:
-        return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
-    return train(teacher_config(cfg), progress=progress) / CKPT_NAME
+    if not cfg.teacher:
+        train(teacher_config(cfg), progress=progress)
+    return resolve_path_only(cfg)
 
 
 def teacher_config(cfg: DistillConfig) -> TrainConfig:
@@ -106,9 +106,17 @@ def absolute_teacher(config: dict) -> dict:
 
 def resolve_path_only(cfg: DistillConfig) -> Path:
     """The teacher checkpoint path resolve_teacher will use, without training anything."""
-    if cfg.teacher:
-        return Path(cfg.teacher) / CKPT_NAME if Path(cfg.teacher).is_dir() else Path(cfg.teacher)
-    return Path(teacher_config(cfg).out_dir) / CKPT_NAME
+    return resolve_path(cfg.teacher) if cfg.teacher else Path(teacher_config(cfg).out_dir) / CKPT_NAME
+
+
+def check_distill_dir(cfg: DistillConfig, prepare: bool = False) -> dict:
+    """-> the run's resolved config (with the teacher's absolute path); FastdiffError if cfg.out_dir holds another
+    one. With `prepare`, also create the run dir and check it can be written."""
+    resolved = {**cfgs.to_dict(cfg), "teacher": str(resolve_path_only(cfg).resolve())}
+    check = runs.prepare_run_dir if prepare else runs.check_run_dir
+    check(Path(cfg.out_dir), resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED,
+          absolute_teacher)
+    return resolved
 
 
 def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> Path:
@@ -117,19 +125,16 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     device = runs.resolve_device(cfg.device)
     runs.set_deterministic(cfg.deterministic)
     check_results_folder(cfg)
-    resolved = {**cfgs.to_dict(cfg), "teacher": str(resolve_path_only(cfg).resolve())}
     with dist.same_outcome():  # a run dir of another config is refused before any teacher is trained
-        if dist.is_main():
-            runs.check_run_dir(Path(cfg.out_dir), resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()),
-                               DistillConfig.RENAMED, absolute_teacher)
+        resolved = check_distill_dir(cfg) if dist.is_main() else None
     teacher_path = resolve_teacher(cfg, progress)
     with contextlib.ExitStack() as held:
         with dist.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
             teacher0 = load_model(teacher_path, device)
             check_teacher(teacher0, cfg)
-            run = (runs.prepare_run_dir(cfg.out_dir, resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()),
-                                        DistillConfig.RENAMED, absolute_teacher)
-                   if dist.is_main() else Path(cfg.out_dir))
+            if dist.is_main():  # again: another process may have written it while the teacher trained
+                check_distill_dir(cfg, prepare=True)
+            run = Path(cfg.out_dir)
             held.enter_context(runs.run_lock(run))
             tcfg = cfgs.from_dict(TrainConfig, teacher0.config)
             data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
@@ -210,13 +215,9 @@ def dry_run(cfg: DistillConfig) -> int:
     runs.resolve_device(cfg.device)
     check_results_folder(cfg)
     teacher = resolve_path_only(cfg)
-    if teacher.is_file():
+    if cfg.teacher or teacher.is_file():  # a --teacher that is missing is refused by load_model
         check_teacher(load_model(teacher), cfg)
-    elif cfg.teacher:
-        raise FastdiffError(f"checkpoint {str(teacher)!r} does not exist; pass a run dir or a .pt file written by "
-                            "fastdiff")
-    runs.check_run_dir(Path(cfg.out_dir), {**cfgs.to_dict(cfg), "teacher": str(teacher.resolve())},
-                       NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED, absolute_teacher)
+    check_distill_dir(cfg)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
     print(f"teacher: {teacher}" + ("" if teacher.is_file() else f" (to train: preset {cfg.teacher_preset!r})"))
