@@ -72,10 +72,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_resumable(path, map_location="cpu") -> dict | None:
-    """The latest readable state of a resumable run: `path`, else its previous checkpoint (with a warning; the
-    unreadable latest is set aside as `<name>.corrupt` so the next save cannot push the good one out); None when
-    neither exists (a fresh run). FastdiffError naming both files when neither can be read."""
+def load_resumable(path, map_location="cpu", set_aside: bool = True) -> dict | None:
+    """The latest readable state of a resumable run: `path`, else its previous checkpoint (with a warning; with
+    `set_aside` the unreadable latest is renamed `<name>.corrupt` so the next save cannot push the good one out);
+    None when neither exists (a fresh run). FastdiffError naming both files when neither can be read."""
     path = Path(path)
     prev = previous_path(path)
     if not path.exists() and not prev.exists():
@@ -92,7 +92,7 @@ def load_resumable(path, map_location="cpu") -> dict | None:
             continue
         if candidate == prev:
             log.warning("%s; resuming from the previous checkpoint %s", problems[0], prev)
-            if path.exists() and is_main():  # one rank sets it aside; the others read prev as well
+            if set_aside and path.exists() and is_main():  # one rank sets it aside; the others read prev as well
                 os.replace(path, path.with_name(path.name + ".corrupt"))
         return ckpt
     raise FastdiffError(f"no readable checkpoint to resume from: {problems[0]}, and {problems[1]}; "

@@ -250,7 +250,7 @@ def dry_run(cfg: TrainConfig) -> int:
     data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
     run = Path(cfg.out_dir)
     runs.check_run_dir(run, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()), TrainConfig.RENAMED)
-    ckpt = load_resumable(run / CKPT_NAME) if run.is_dir() else None
+    ckpt = load_resumable(run / CKPT_NAME, set_aside=False) if run.is_dir() else None
     start = 0 if ckpt is None else ckpt["step"]
     params = sum(p.numel() for p in build_network(cfg).parameters())
     print(f"{cfg.arch} of {params:,} parameters on {cfg.dataset} ({len(data.x)} examples), {cfg.schedule} schedule, "

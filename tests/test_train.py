@@ -431,3 +431,7 @@ def test_dry_run_says_what_would_run_and_writes_nothing(tmp_path, capsys, pictur
     assert run_cli(T.main, [*MLP_ARGS, "--updates", "30", "--out-dir", str(run), "--dry-run"]) == 0
     assert "updates 20 -> 30" in capsys.readouterr().out and _snapshot(run) == before
     assert run_cli(T.main, [*MLP_ARGS, "--lr", "0.5", "--out-dir", str(run), "--dry-run"]) == 2  # another config
+    (run / "checkpoint.pt").write_bytes(b"truncated")  # the fallback is reported, the corrupt file left in place
+    before = _snapshot(run)
+    assert run_cli(T.main, [*MLP_ARGS, "--updates", "30", "--out-dir", str(run), "--dry-run"]) == 0
+    assert "updates 10 -> 30" in capsys.readouterr().out and _snapshot(run) == before
