@@ -108,9 +108,12 @@ def weights_hash(ckpt: dict, state: dict) -> str:
     the tensors share storage (a resumed run's file differs from an uninterrupted one's with equal tensors).
     """
     cfg = ckpt["config"]
-    h = hashlib.sha256(json.dumps([network_to_dict(network_of(ckpt)), cfg["schedule"], cfg["T"],
-                                   ckpt.get("param", cfg["param"]), ckpt.get("kind"), ckpt.get("steps")],
-                                  sort_keys=True).encode())
+    described = [network_to_dict(network_of(ckpt)), cfg["schedule"], cfg["T"], ckpt.get("param", cfg["param"]),
+                 ckpt.get("kind"), ckpt.get("steps")]
+    schedule = schedule_of(ckpt).to_dict()
+    if schedule != {"kind": cfg["schedule"], "T": cfg["T"]}:  # beyond kind and T (ids of older runs unchanged)
+        described.append(schedule)
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
@@ -119,9 +122,19 @@ def weights_hash(ckpt: dict, state: dict) -> str:
 
 
 def resolve_path(path_or_dir) -> Path:
-    """A run dir means its checkpoint.pt; a file means itself."""
+    """A run dir means its checkpoint.pt; a file, a diffusers folder or a hub id means itself."""
+    from fastdiff.interop import is_diffusers_source
+
     p = Path(path_or_dir)
-    return p / CKPT_NAME if p.is_dir() else p
+    return p / CKPT_NAME if p.is_dir() and not is_diffusers_source(p) else p
+
+
+def schedule_of(ckpt: dict) -> Schedule:
+    """The schedule a checkpoint samples with: its `schedule` entry (a diffusers teacher's betas, kept by its
+    students), else its training config's kind and T."""
+    if ckpt.get("schedule"):
+        return Schedule.from_dict(ckpt["schedule"])
+    return Schedule(ckpt["config"]["schedule"], ckpt["config"]["T"])
 
 
 @dataclass
@@ -138,6 +151,8 @@ class LoadedModel:
     config: dict
     data_shape: tuple[int, ...]
     path: Path
+    network: dict | None = None  # the network it holds, as checkpoints describe it (network_to_dict)
+    source: dict | None = None  # a diffusers model: where it came from and its scheduler's inference-grid keys
 
 
 def network_of(ckpt: dict):
@@ -150,21 +165,34 @@ def network_of(ckpt: dict):
     return model_config(cfg["arch"], shape, num_classes if cfg.get("cond") == "class" else 0, cfg)
 
 
-def load_model(path_or_run_dir, device="cpu", use_ema: bool = True) -> LoadedModel:
-    """Load a teacher (EMA weights by default) or a student checkpoint for sampling.
+def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str = "",
+               data_root: str = "") -> LoadedModel:
+    """Load a teacher (EMA weights by default) or a student checkpoint for sampling; or a diffusers model (a pipeline
+    or UNet2DModel folder, or a hub id; see fastdiff.interop), trained on `dataset` (in `data_root`).
 
-    Raises FastdiffError if the file is missing, unreadable or not a fastdiff checkpoint."""
+    Raises FastdiffError if the file is missing, unreadable or not a fastdiff checkpoint or diffusers model."""
+    from fastdiff.interop import is_diffusers_source, read_diffusers
+
+    if is_diffusers_source(path_or_run_dir):
+        got = read_diffusers(str(path_or_run_dir), device, dataset, data_root)
+        ckpt = {k: got[k] for k in ("config", "network", "param", "kind", "steps")}
+        ckpt["schedule"] = got["schedule"].to_dict()
+        return LoadedModel(net=got["net"], schedule=got["schedule"], param=got["param"], dataset=got["dataset"],
+                           kind=got["kind"], steps=got["steps"], hash=weights_hash(ckpt, got["net"].state_dict()),
+                           config=got["config"], data_shape=got["data_shape"], path=Path(str(path_or_run_dir)),
+                           network=got["network"], source=got["recorded"])
     path = resolve_path(path_or_run_dir)
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    net = build_model(network_of(ckpt))
+    network = network_of(ckpt)
+    net = build_model(network)
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     net.load_state_dict(state)
     net.to(device).eval().requires_grad_(False)
-    return LoadedModel(net=net, schedule=Schedule(cfg["schedule"], cfg["T"]), param=ckpt.get("param", cfg["param"]),
+    return LoadedModel(net=net, schedule=schedule_of(ckpt), param=ckpt.get("param", cfg["param"]),
                        dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=weights_hash(ckpt, state), config=cfg,
-                       data_shape=tuple(ckpt.get("data_shape", ())), path=path)
+                       data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network))
 
 
 def load_student(path, device="cpu") -> LoadedModel:

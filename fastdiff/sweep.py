@@ -206,7 +206,7 @@ def load_family(cfg, device: torch.device) -> Family:
                 teacher_path = json.loads(config_path.read_text())["teacher"]
             except (OSError, ValueError, KeyError):
                 raise FastdiffError(f"{config_path} is missing or names no teacher; pass --model") from None
-    teacher = load_model(teacher_path, device)
+    teacher = load_model(teacher_path, device, dataset=cfg.dataset, data_root=cfg.data_root)
     if teacher.kind != "teacher":
         raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --model needs a teacher (students join "
                             "the sweep through --distill-dir)")

@@ -58,7 +58,7 @@ class TrainConfig(UNetFields, MLPFields):
     param: Param = "v"  # what the network predicts
     weighting: Weighting = "snr-trunc"  # L_simple, max(SNR, 1) or SNR + 1 (x-space)
     # network: its fields (channels, channel_mult, ..., hidden, layers, scalar_cond) come from models/fields.py
-    arch: Literal["unet", "mlp"] = "unet"  # unet for images, mlp for 2-D points
+    arch: Literal["unet", "mlp", "diffusers-unet2d"] = "unet"  # images: unet or diffusers-unet2d (exports); 2-D: mlp
     # optimisation
     updates: int = 4000  # optimiser updates
     batch_size: int = 128  # global batch (split over torchrun ranks)
@@ -85,6 +85,9 @@ PRESETS = {
                          warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=2000, out_dir="runs/teacher-toy2d"),
     "digits": TrainConfig(),
     "digits-cond": TrainConfig(cond="class", out_dir="runs/teacher-digits-cond"),
+    # the digits teacher as a diffusers UNet2DModel (exports to diffusers); T = 1024 so that every power-of-two
+    # student N divides T, which a stock DDIMScheduler needs to reproduce the grid i/N
+    "digits-diffusers": TrainConfig(arch="diffusers-unet2d", T=1024, out_dir="runs/teacher-digits-diffusers"),
     # The DDPM paper's CIFAR-10 settings (Ho et al. 2020, App. B): 35.7M-parameter U-Net, linear schedule,
     # L_simple, lr 2e-4 with 5000 warm-up updates, batch 128, dropout 0.1, EMA 0.9999, 800k updates, flips.
     "cifar10": TrainConfig(dataset="cifar10", schedule="linear", param="eps", weighting="eps-mse", channels=128,

@@ -29,18 +29,19 @@ from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
 from fastdiff.data import get_data, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
-from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig, num_rounds, round_updates,
-                                     sweep_name, validate)
+from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig, dataset_of, num_rounds,
+                                     round_updates, sweep_name, validate)
 from fastdiff.distill.guided import guided_base
 from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 from fastdiff.metrics import round_scorer
-from fastdiff.models import network_to_dict
+from fastdiff.interop import is_diffusers_source
+from fastdiff.models import build_model, network_from_dict
 from fastdiff.report import write_report
 from fastdiff.runs import RoundLog
 from fastdiff.train import PRESETS as TRAIN_PRESETS
-from fastdiff.train import TrainConfig, build_network, network_config, train
+from fastdiff.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,30 @@ def teacher_config(cfg: DistillConfig) -> TrainConfig:
                                **({"updates": cfg.teacher_updates} if cfg.teacher_updates else {}))
 
 
+def load_teacher(path, cfg: DistillConfig, device="cpu") -> LoadedModel:
+    """The teacher at `path` (a fastdiff checkpoint, or a diffusers model trained on --dataset)."""
+    return load_model(path, device, dataset=cfg.dataset, data_root=cfg.data_root)
+
+
+def teacher_exists(path: Path) -> bool:
+    return path.is_file() or is_diffusers_source(path)
+
+
 def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
-    """Refuse a teacher whose schedule or data shape doesn't match the preset."""
+    """Refuse a teacher that does not fit the run: a schedule or data shape other than the preset's (a fastdiff
+    teacher), a student, a guided run without classes, or a first grid finer than a discrete teacher's T allows."""
+    if teacher.network and teacher.network.get("discrete"):  # a diffusers teacher: timesteps 0..T-1 only
+        T = teacher.schedule.T
+        if 2 * cfg.start_steps > T:  # round 1 calls the teacher at t - 0.5/N0 >= 1/T, i.e. timestep >= 0
+            raise FastdiffError(f"--start-steps {cfg.start_steps} is too fine for {teacher.path}, a discrete teacher "
+                                f"with T = {T}: its half-step 0.5/N0 must be >= 1/T, so N0 <= {T // 2} (the largest "
+                                f"power of two: {2 ** (T // 2).bit_length() // 2})")
+        if cfg.guided:
+            raise FastdiffError("--guided needs a class-conditional teacher; diffusers UNet2DModel teachers are "
+                                "loaded unconditional")
+        if teacher.kind != "teacher":
+            raise FastdiffError(f"{teacher.path} is an exported {teacher.kind}; --teacher needs a teacher")
+        return
     expected = TRAIN_PRESETS[cfg.teacher_preset]
     shape, _ = static_info(expected.dataset, expected.image_size)
     tcfg = teacher.config
@@ -89,7 +112,7 @@ def check_results_folder(cfg: DistillConfig) -> None:
     if not held:
         return
     teacher = resolve_path_only(cfg)
-    mine = load_model(teacher).hash if teacher.is_file() else None
+    mine = load_teacher(teacher, cfg).hash if teacher_exists(teacher) else None
     if held - {mine}:
         raise FastdiffError(f"{csv_path} holds the sweep of teacher {', '.join(sorted(held))}; this run's teacher is "
                             f"{mine or 'not trained yet'}: pass --append-results to add its rows to that file, or "
@@ -105,14 +128,16 @@ def absolute_teacher(config: dict) -> dict:
 
 
 def resolve_path_only(cfg: DistillConfig) -> Path:
-    """The teacher checkpoint path resolve_teacher will use, without training anything."""
+    """The teacher checkpoint path (or diffusers folder or hub id) resolve_teacher will use, training nothing."""
     return resolve_path(cfg.teacher) if cfg.teacher else Path(teacher_config(cfg).out_dir) / CKPT_NAME
 
 
 def check_distill_dir(cfg: DistillConfig, prepare: bool = False) -> dict:
     """-> the run's resolved config (with the teacher's absolute path); FastdiffError if cfg.out_dir holds another
     one. With `prepare`, also create the run dir and check it can be written."""
-    resolved = {**cfgs.to_dict(cfg), "teacher": str(resolve_path_only(cfg).resolve())}
+    teacher = resolve_path_only(cfg)
+    hub_id = is_diffusers_source(teacher) and not teacher.exists()
+    resolved = {**cfgs.to_dict(cfg), "teacher": str(teacher if hub_id else teacher.resolve())}
     check = runs.prepare_run_dir if prepare else runs.check_run_dir
     check(Path(cfg.out_dir), resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED,
           absolute_teacher)
@@ -130,7 +155,7 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
     teacher_path = resolve_teacher(cfg, progress)
     with contextlib.ExitStack() as held:
         with dist.same_outcome():  # a run dir refused or locked on rank 0, a teacher or data missing on one node
-            teacher0 = load_model(teacher_path, device)
+            teacher0 = load_teacher(teacher_path, cfg, device)
             check_teacher(teacher0, cfg)
             if dist.is_main():  # again: another process may have written it while the teacher trained
                 check_distill_dir(cfg, prepare=True)
@@ -144,10 +169,12 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
             write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         dist.barrier()
         student_tcfg = dataclasses.replace(tcfg, param=cfg.param, scalar_cond=cfg.guided)
+        # the teacher's network, with a guidance-weight input for guided students; initialised from its weights
+        student_network = {**teacher0.network, "scalar_cond": cfg.guided}
         ctx = DistillRun(cfg=cfg, run=run, device=device, schedule=teacher0.schedule, tcfg=tcfg, teacher0=teacher0,
                          x_all=data.x.to(device), y_all=data.y.to(device) if data.y is not None else None,
                          num_classes=data.num_classes, student_cfg=cfgs.to_dict(student_tcfg),
-                         student_network=network_to_dict(network_config(student_tcfg)), progress=progress,
+                         student_network=student_network, progress=progress,
                          on_step=on_step, scorer=scorer)
         run_rounds(ctx)
     return run
@@ -171,7 +198,7 @@ def run_rounds(ctx: DistillRun) -> None:
         if done is not None:
             teacher_net, teacher_param = done, cfg.param
             continue
-        student = build_network(cfgs.from_dict(TrainConfig, ctx.student_cfg)).to(device)
+        student = build_model(network_from_dict(ctx.student_network)).to(device)
         student.load_state_dict(teacher_net.state_dict())
         total = round_updates(cfg, r)
         loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
@@ -192,7 +219,7 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
     (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
     `bench_samples` where set. -> report.md."""
-    dataset = TRAIN_PRESETS[dcfg.teacher_preset].dataset.partition(":")[0]
+    dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
         base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
@@ -203,8 +230,10 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     if dcfg.bench_samples:
         steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
     cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
+                              name=sweep_name(dcfg),
                               out_dir=dcfg.results_dir, append=dcfg.append_results,
-                              inception_weights=dcfg.inception_weights, **steps)
+                              inception_weights=dcfg.inception_weights, dataset=dcfg.dataset,
+                              data_root=dcfg.data_root, **steps)
     run_sweep(cfg)
     return write_report(cfg.out_dir) if dist.is_main() else Path(cfg.out_dir) / "report.md"
 
@@ -215,12 +244,12 @@ def dry_run(cfg: DistillConfig) -> int:
     runs.resolve_device(cfg.device)
     check_results_folder(cfg)
     teacher = resolve_path_only(cfg)
-    if cfg.teacher or teacher.is_file():  # a --teacher that is missing is refused by load_model
-        check_teacher(load_model(teacher), cfg)
+    if cfg.teacher or teacher_exists(teacher):  # a --teacher that is missing is refused by load_model
+        check_teacher(load_teacher(teacher, cfg), cfg)
     check_distill_dir(cfg)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
-    print(f"teacher: {teacher}" + ("" if teacher.is_file() else f" (to train: preset {cfg.teacher_preset!r})"))
+    print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
     print("rounds: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}'}")
     return 0

@@ -12,7 +12,8 @@ from fastdiff.train import PRESETS as TRAIN_PRESETS
 
 ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
                 "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
-NON_RESULT_FIELDS = ("out_dir", "device", "ckpt_every", "eval_samples", "bench", "results_dir", "bench_steps",
+NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_samples", "bench", "results_dir",
+                     "bench_steps",
                      "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
                      "bench_samplers")
 
@@ -25,6 +26,8 @@ class DistillConfig:
     teacher: str = ""  # a teacher run dir or checkpoint (empty: train or reuse the preset's, in runs/teacher-NAME)
     teacher_preset: str = "digits"  # the TrainConfig preset of the teacher (its data set and schedule)
     teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
+    dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
+    data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
     # progressive rounds (Salimans & Ho 2022, Alg. 2)
     start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
     rounds: int = 0  # rounds to run (0: down to 1 step)
@@ -63,6 +66,10 @@ DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": 
 PRESETS = {
     # Sized for a 2-core CPU: the sweep stops at 64 steps, where DDIM has converged (10 and 20: DDIM's paper).
     "digits": DistillConfig(updates_per_round=400, bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
+    # the digits run on the diffusers UNet2DModel architecture: its students export with python -m fastdiff.export
+    "digits-diffusers": DistillConfig(teacher_preset="digits-diffusers", start_steps=16, updates_per_round=400,
+                                      out_dir="runs/distill-digits-diffusers",
+                                      bench_steps=(1, 2, 4, 8, 16, 32, 64)),
     "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, updates_per_round=400, lr=5e-4, batch_size=512,
                            eval_samples=2000, out_dir="runs/distill-toy2d"),
     # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one
@@ -103,13 +110,28 @@ def validate(cfg: DistillConfig) -> None:
     if unknown:
         raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
     cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
+    if (cfg.dataset or cfg.data_root) and not cfg.teacher:
+        raise FastdiffError("--dataset/--data-root name the data of a diffusers --teacher; a preset teacher's data "
+                            "comes from --teacher-preset")
     cfgs.check_range(cfg, "bench_samples", cfg.bench_samples >= 0, ">= 0 (0: the bench preset's)")
     most = int(math.log2(cfg.start_steps))
     cfgs.check_range(cfg, "rounds", 0 <= cfg.rounds <= most,
                      f"in [0, {most}] for --start-steps {cfg.start_steps} (0: down to 1 step)")
 
 
+def dataset_of(cfg: DistillConfig) -> str:
+    """The run's data set: --dataset (a diffusers teacher's), else the teacher preset's."""
+    return (cfg.dataset or TRAIN_PRESETS[cfg.teacher_preset].dataset).partition(":")[0]
+
+
 def sweep_name(cfg: DistillConfig) -> str:
-    """The results folder of the run's sweep: the data set's name, `-guided` for a guided family."""
-    dataset = TRAIN_PRESETS[cfg.teacher_preset].dataset.partition(":")[0]
-    return f"{dataset}-guided" if cfg.guided else dataset
+    """The results folder of the run's sweep: the data set's name, `-guided` for a guided family, `-diffusers` for a
+    teacher of the diffusers UNet2DModel architecture (a preset's, or a diffusers --teacher)."""
+    from fastdiff.interop import is_diffusers_source
+
+    dataset = dataset_of(cfg)
+    if cfg.guided:
+        return f"{dataset}-guided"
+    diffusers_arch = (is_diffusers_source(cfg.teacher) if cfg.teacher
+                      else TRAIN_PRESETS[cfg.teacher_preset].arch == "diffusers-unet2d")
+    return f"{dataset}-diffusers" if diffusers_arch else dataset

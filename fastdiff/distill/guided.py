@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
 from fastdiff.errors import FastdiffError
 from fastdiff.runs import RoundLog
-from fastdiff.train import TrainConfig, build_network
+from fastdiff.models import build_model, network_from_dict
 
 
 def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
@@ -19,7 +18,7 @@ def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
     done = finished_student(ctx, rounds, -1, path)
     if done is not None:
         return done
-    student = build_network(cfgs.from_dict(TrainConfig, ctx.student_cfg)).to(ctx.device)
+    student = build_model(network_from_dict(ctx.student_network)).to(ctx.device)
     missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
     if unexpected or not all(k.startswith("embed.scalar") for k in missing):
         raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "

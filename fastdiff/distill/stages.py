@@ -103,7 +103,7 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
 def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int) -> None:
     if dist.is_main():
         save_checkpoint(path, {"kind": "student", "config": ctx.student_cfg, "network": ctx.student_network,
-                               "param": ctx.cfg.param, "steps": n_student,
+                               "param": ctx.cfg.param, "steps": n_student, "schedule": ctx.schedule.to_dict(),
                                "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
                                "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided})
 

@@ -1,4 +1,5 @@
-"""Denoising networks: a DDPM-style U-Net for images and an MLP for 2-D data."""
+"""Denoising networks: a DDPM-style U-Net for images, an MLP for 2-D data, and diffusers' UNet2DModel (the
+`diffusers-unet2d` architecture: diffusers teachers, and students that export to diffusers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,28 +7,43 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from fastdiff.models.diffusers_unet import DiffusersUNetConfig, config_json, unet2d_config
 from fastdiff.models.mlp import MLPConfig, MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
 
 __all__ = ["MLPConfig", "MLPDenoiser", "UNet", "UNetConfig", "build_model", "model_config", "network_to_dict",
            "network_from_dict"]
-ARCHS = {"unet": UNetConfig, "mlp": MLPConfig}
+ARCHS = {"unet": UNetConfig, "mlp": MLPConfig, "diffusers-unet2d": DiffusersUNetConfig}
 
 
 def build_model(cfg) -> nn.Module:
-    """A network from a UNetConfig or MLPConfig."""
+    """A network from a UNetConfig, MLPConfig or DiffusersUNetConfig (the last needs the diffusers extra)."""
     if isinstance(cfg, UNetConfig):
         return UNet(cfg)
     if isinstance(cfg, MLPConfig):
         return MLPDenoiser(cfg)
+    if isinstance(cfg, DiffusersUNetConfig):
+        from fastdiff.models.diffusers_unet import DiffusersUNet
+
+        return DiffusersUNet(cfg)
     raise TypeError(f"no model for config {type(cfg).__name__}")
 
 
 def model_config(arch: str, data_shape: Sequence[int], num_classes: int,
-                 fields: dict[str, Any]) -> UNetConfig | MLPConfig:
+                 fields: dict[str, Any]) -> UNetConfig | MLPConfig | DiffusersUNetConfig:
     """The config of an `arch` network for examples of `data_shape` ((C, H, W) or (D,)) and `num_classes` labels
     (0: unconditional), taking the other fields (channels, hidden, dropout, ...) from `fields`; keys that are not
     fields of the network's config are ignored."""
+    if arch == "diffusers-unet2d":  # the U-Net fields mapped onto a UNet2DModel config; T: the time convention
+        if num_classes or fields.get("scalar_cond"):
+            from fastdiff.errors import FastdiffError
+
+            raise FastdiffError("--arch diffusers-unet2d takes no class label or guidance weight yet; use --arch unet "
+                                "for class-conditional or guided runs")
+        unet = unet2d_config(data_shape[1], data_shape[0], fields["channels"], fields["channel_mult"],
+                             fields["num_res_blocks"], fields["attn_resolutions"], fields["head_dim"],
+                             fields["dropout"])
+        return DiffusersUNetConfig(unet_config=config_json(unet), T=fields["T"])
     cls = ARCHS[arch]
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in names}

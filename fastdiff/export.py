@@ -1,0 +1,88 @@
+"""`python -m fastdiff.export RUN_OR_CKPT --out DIR`: a fastdiff model as a diffusers DDIMPipeline folder.
+
+RUN_OR_CKPT is a student checkpoint (`students/student_N4.pt`), a distillation run dir (its fewest-step student,
+or `--steps N`), or a teacher run dir / checkpoint. Only the `diffusers-unet2d` architecture exports (the mapping
+is the identity: the network *is* a UNet2DModel); a student exports when its N divides T, so that a stock
+DDIMScheduler with trailing spacing reproduces its grid t_i = i/N. The folder holds model_index.json,
+unet/ (safetensors), scheduler/scheduler_config.json (with the `_fastdiff` block: exact schedule, param, N) and a
+model card README.md. See fastdiff.interop for the conventions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fastdiff.errors import FastdiffError, run_cli
+
+
+def pick(source: str, steps: int) -> Path:
+    """The checkpoint RUN_OR_CKPT names: a file as is; a distillation run dir's student (N = steps, else the fewest
+    steps); a teacher run dir's checkpoint.pt."""
+    p = Path(source)
+    students = p / "students"
+    if p.is_dir() and students.is_dir():
+        found = {int(f.stem.removeprefix("student_N")): f for f in students.glob("student_N*.pt")}
+        if not found:
+            raise FastdiffError(f"{students} holds no student_N*.pt yet; finish a round first")
+        n = steps or min(found)
+        if n not in found:
+            raise FastdiffError(f"{source} has no {n}-step student; it has N = {', '.join(map(str, sorted(found)))}")
+        return found[n]
+    if steps:
+        raise FastdiffError("--steps picks a student of a distillation run dir; pass the run dir, or a checkpoint "
+                            "without --steps")
+    return p / "checkpoint.pt" if p.is_dir() else p
+
+
+def round_quality(ckpt_path: Path, steps: int | None) -> str:
+    """The student's score from its run's rounds.csv (metric, value, the teacher's DDIM at the same N), or '-'."""
+    rounds = ckpt_path.parent.parent / "rounds.csv"
+    if not steps or not rounds.is_file():
+        return "-"
+    with open(rounds, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("student_steps") == str(steps):
+                return (f"{row['metric']} {row['student_value']} (teacher DDIM at {steps} steps: "
+                        f"{row['teacher_ddim_value']}; one estimate, no interval yet)")
+    return "-"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", metavar="RUN_OR_CKPT", help="a student/teacher checkpoint or a run dir")
+    parser.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    parser.add_argument("--check", type=int, default=16, help="images to sample from the written folder with "
+                        "fastdiff and diffusers before it is kept (0: no check)")
+    parser.add_argument("--steps", type=int, default=0, help="the student N of a distillation run dir (default: "
+                        "the fewest)")
+    args = parser.parse_args(argv)
+    from fastdiff.checkpoint import load_checkpoint, load_model
+    from fastdiff.interop import export
+
+    path = pick(args.source, args.steps)
+    model = load_model(path)
+    ckpt = load_checkpoint(path)
+    extra = {"method": ("guided + progressive distillation" if ckpt.get("guided") else "progressive distillation "
+                        "(Salimans & Ho 2022)") if model.kind == "student" else "-",
+             "quality": round_quality(path, model.steps)}
+    if ckpt.get("teacher"):
+        try:
+            extra["teacher"] = f"{load_model(ckpt['teacher'], dataset=model.dataset).hash} ({ckpt['teacher']})"
+        except FastdiffError:
+            extra["teacher"] = f"{ckpt['teacher']} (not readable here)"
+    if args.check < 0:
+        raise FastdiffError("--check must be >= 0 (0: no check)")
+    out, checked = export(model, args.out, extra, check=args.check)
+    print(f"exported {model.kind} {path} -> {out} (diffusers DDIMPipeline"
+          + (f", {model.steps} steps" if model.steps else "") + ")")
+    if checked:
+        print(f"checked: {json.dumps(checked)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

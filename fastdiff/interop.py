@@ -1,0 +1,309 @@
+"""diffusers folders in and out: a `UNet2DModel` (pipeline folder, bare model folder, or hub id) as a fastdiff
+teacher, and a fastdiff student of the `diffusers-unet2d` architecture as a diffusers `DDIMPipeline` folder.
+
+The time convention (tau = t·T - 1) lives in fastdiff.models.diffusers_unet; the schedule conversion is
+`schedule_from_scheduler`, the one place that reads a diffusers scheduler config. Scheduler keys, each honoured or
+refused (FastdiffError, exit 2):
+
+- `trained_betas`, or `beta_schedule` linear / scaled_linear / squaredcos_cap_v2 with `beta_start`, `beta_end`,
+  `num_train_timesteps`: a fastdiff Schedule of kind "trained" holding the betas the scheduler itself computes
+  (float32 in diffusers), widened to float64; alpha_bar is then their float64 cumulative product (diffusers
+  multiplies in float32). An exported folder's `_fastdiff` block names the exact schedule (e.g. fastdiff's
+  continuous cosine) and is preferred.
+- `prediction_type`: epsilon / v_prediction / sample -> param eps / v / x0.
+- `rescale_betas_zero_snr`: refused (alpha_bar_T = 0: x_T carries no signal and x0 = (x - sigma eps)/alpha divides
+  by 0 at t = 1); `thresholding`: refused; `clip_sample` false or `clip_sample_range` != 1: refused (fastdiff
+  clips x0 to [-1, 1] on pixel data); `variance_type` learned / learned_range: refused (fixed_small/large are the
+  DDPM sampler's two variances, both in fastdiff's sweep).
+- `timestep_spacing`, `steps_offset`, `set_alpha_to_one`: they place diffusers' *inference* grid and change nothing
+  the model computes; fastdiff samples on its own grids (its `trailing` spacing is diffusers' trailing) and
+  records them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastdiff.errors import FastdiffError
+from fastdiff.models.diffusers_unet import (DiffusersUNet, DiffusersUNetConfig, check_unet_config, config_json,
+                                            require_diffusers)
+from fastdiff.schedules import Schedule
+
+log = logging.getLogger(__name__)
+
+PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PARAM_TO_PREDICTION = {v: k for k, v in PREDICTION.items()}
+VARIANCES_OK = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SUPPORTED = "UNet2DModel (alone, or in a pipeline folder such as DDPMPipeline/DDIMPipeline)"
+
+
+def is_diffusers_source(source) -> bool:
+    """Whether `source` names a diffusers model: a folder with model_index.json or a diffusers config.json, or
+    (not an existing path) a hub id `org/name`."""
+    p = Path(str(source))
+    if p.is_dir():
+        return (p / "model_index.json").is_file() or _class_name(p / "config.json") is not None
+    return not p.exists() and bool(HUB_ID.match(str(source))) and not str(source).endswith(".pt")
+
+
+def _class_name(config_path: Path) -> str | None:
+    try:
+        return json.loads(config_path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError:
+        raise FastdiffError(f"{path} is missing: {what}") from None
+    except ValueError:
+        raise FastdiffError(f"{path} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise FastdiffError(f"{path} is not a JSON object")
+    return data
+
+
+def local_folder(source: str) -> Path:
+    """A local folder for `source`: itself, or a hub id downloaded (or found in the hub cache) with
+    huggingface_hub. FastdiffError when the hub cannot be reached (offline) or the id does not exist."""
+    p = Path(source)
+    if p.is_dir():
+        return p
+    require_diffusers()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.md"]))
+    except Exception as err:  # offline, unknown id, gated repo: huggingface_hub raises many types
+        raise FastdiffError(f"cannot fetch {source!r} from the Hugging Face hub ({type(err).__name__}; offline?): "
+                            f"download it where there is internet (`hf download {source} --local-dir DIR`) and pass "
+                            "the folder") from None
+
+
+def find_parts(folder: Path) -> tuple[Path, Path]:
+    """-> (the UNet2DModel's folder, its scheduler config) in a pipeline folder or a bare model folder."""
+    if (folder / "model_index.json").is_file():
+        index = _read_json(folder / "model_index.json", "a diffusers pipeline folder has one")
+        unet = index.get("unet")
+        if not unet:
+            raise FastdiffError(f"{folder}: the pipeline has no `unet`; fastdiff loads {SUPPORTED}")
+        return folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    for sched in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
+                  folder.parent / "scheduler" / "scheduler_config.json"):
+        if sched.is_file():
+            return folder, sched
+    raise FastdiffError(f"{folder} is a bare model folder without a scheduler config: put the scheduler's "
+                        "scheduler_config.json beside config.json (it holds the betas the model was trained with)")
+
+
+def schedule_from_scheduler(sc: dict, where: str = "scheduler config") -> tuple[Schedule, str, dict]:
+    """A diffusers scheduler config -> (Schedule, param, the inference-grid keys recorded as they are). See the
+    module docstring for every key; FastdiffError for one that is refused."""
+    def refuse(why: str):
+        raise FastdiffError(f"{where}: {why}")
+
+    block = sc.get("_fastdiff") or {}
+    pred = sc.get("prediction_type", "epsilon")
+    if pred not in PREDICTION:
+        refuse(f"prediction_type {pred!r} is not supported; fastdiff takes {', '.join(PREDICTION)}")
+    if sc.get("rescale_betas_zero_snr"):
+        refuse("rescale_betas_zero_snr=true gives alpha_bar_T = 0 (zero terminal SNR), which fastdiff refuses: x0 "
+               "and eps are undefined from x at t = 1 for eps/x0 models; use the model without it")
+    if sc.get("thresholding"):
+        refuse("thresholding=true (dynamic thresholding) is not supported; set it false")
+    if not sc.get("clip_sample", True) or float(sc.get("clip_sample_range", 1.0)) != 1.0:
+        refuse("clip_sample false or clip_sample_range != 1 is not supported: fastdiff clips x0 to [-1, 1] on pixel "
+               "data")
+    variance = sc.get("variance_type", "fixed_small")
+    if variance not in VARIANCES_OK:
+        refuse(f"variance_type {variance!r} (a learned variance) is not supported; fastdiff takes "
+               f"{', '.join(VARIANCES_OK)}")
+    if block.get("schedule"):
+        schedule = Schedule.from_dict(block["schedule"])
+    else:
+        kind = sc.get("beta_schedule", "linear")
+        if sc.get("trained_betas") is None and kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            refuse(f"beta_schedule {kind!r} is not supported; fastdiff takes linear, scaled_linear, "
+                   "squaredcos_cap_v2 or trained_betas")
+        # the scheduler's own betas (diffusers computes them in float32), widened to float64
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        betas = require_diffusers().DDPMScheduler(**{k: sc[k] for k in keys if k in sc}).betas.double()
+        schedule = Schedule("trained", len(betas), betas=tuple(betas.tolist()))
+    recorded = {k: sc[k] for k in ("timestep_spacing", "steps_offset", "set_alpha_to_one", "variance_type",
+                                   "_class_name") if k in sc}
+    return schedule, PREDICTION[pred], recorded
+
+
+def read_diffusers(source: str, device="cpu", dataset: str = "", data_root: str = "") -> dict:
+    """A diffusers `UNet2DModel` with its scheduler, as the pieces of a fastdiff LoadedModel (which
+    `fastdiff.load_model` assembles): a teacher, or a student when the folder was exported by fastdiff. `dataset`
+    names the data it was trained on (an exported folder records it) and is checked against the model's
+    `sample_size` and `in_channels`. FastdiffError for every bad input."""
+    from fastdiff.data import static_info
+    from fastdiff.models import network_to_dict
+
+    diffusers = require_diffusers()
+    folder = local_folder(source)
+    unet_dir, sched_path = find_parts(folder)
+    unet_cfg = _read_json(unet_dir / "config.json", "the UNet's config.json")
+    cls = unet_cfg.get("_class_name")
+    if cls != "UNet2DModel":
+        raise FastdiffError(f"{unet_dir}: model class {cls!r} is not supported; fastdiff loads {SUPPORTED}")
+    check_unet_config(unet_cfg, str(unet_dir))
+    sc = _read_json(sched_path, "the scheduler config with the betas the model was trained with")
+    schedule, param, recorded = schedule_from_scheduler(sc, str(sched_path))
+    block = sc.get("_fastdiff") or {}
+    dataset = dataset or block.get("dataset", "")
+    if not dataset:
+        raise FastdiffError(f"{source}: name the data set the model was trained on with --dataset (e.g. cifar10, "
+                            "digits, folder with --data-root)")
+    size, channels = int(unet_cfg["sample_size"]), int(unet_cfg.get("in_channels", 3))
+    shape, _ = static_info(dataset, size)
+    if tuple(shape) != (channels, size, size):
+        raise FastdiffError(f"{source} makes {channels}x{size}x{size} images but data set {dataset!r} has shape "
+                            f"{'x'.join(map(str, shape))}; pass the --dataset it was trained on")
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+    except Exception as err:  # missing/corrupt weights: diffusers raises OSError, ValueError, safetensors errors
+        raise FastdiffError(f"cannot load the UNet2DModel weights in {unet_dir} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    netcfg = DiffusersUNetConfig(unet_config=config_json(dict(unet.config)), T=schedule.T,
+                                 discrete=bool(block.get("discrete", True)))
+    net = DiffusersUNet(netcfg, unet).to(device).eval().requires_grad_(False)
+    # the training config a fastdiff run of this model would have (what distill and bench read from a teacher)
+    config = {"dataset": dataset, "data_root": data_root or block.get("data_root", ""), "image_size": size,
+              "schedule": schedule.kind, "T": schedule.T, "param": param, "arch": "diffusers-unet2d"}
+    return {"net": net, "schedule": schedule, "param": param, "kind": block.get("kind", "teacher"),
+            "steps": block.get("steps"), "dataset": dataset, "config": config, "data_shape": tuple(shape),
+            "network": network_to_dict(netcfg), "recorded": {"source": str(source), **recorded}}
+
+
+def scheduler_config(schedule: Schedule, param: str, block: dict) -> dict:
+    """The DDIMScheduler config of an exported model: stock keys diffusers reads (the beta list in diffusers'
+    terms: `beta_schedule` when diffusers has the kind, else `trained_betas` = 1 - alpha_bar(k/T)/alpha_bar((k-1)/T)
+    from fastdiff's schedule), trailing spacing (grid t_i = i/N when N divides T), alpha_bar(0) = 1, x0 clipped to
+    [-1, 1], and the `_fastdiff` block that fastdiff prefers on import."""
+    cfg = {"num_train_timesteps": schedule.T, "prediction_type": PARAM_TO_PREDICTION[param],
+           "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": True,
+           "clip_sample_range": 1.0, "thresholding": False, "rescale_betas_zero_snr": False}
+    if schedule.kind in ("linear", "scaled_linear"):
+        cfg.update(beta_schedule=schedule.kind, beta_start=schedule.beta_start, beta_end=schedule.beta_end)
+    elif schedule.kind == "squaredcos_cap_v2":
+        cfg.update(beta_schedule="squaredcos_cap_v2")
+    else:
+        ab = schedule.alpha_bar(torch.arange(schedule.T + 1, dtype=torch.float64) / schedule.T)
+        cfg.update(beta_schedule="linear", trained_betas=(1 - ab[1:] / ab[:-1]).tolist())
+    cfg["_fastdiff"] = block
+    return cfg
+
+
+def model_card(model, block: dict, extra: dict) -> str:
+    """The README.md of an exported folder: what the model is, how to sample it, where it came from."""
+    n = block.get("steps")
+    lines = [f"# fastdiff {model.kind}: {model.dataset}" + (f", {n}-step" if n else ""), "",
+             f"Exported by fastdiff from `{model.path}` (model id `{model.hash}`).", "",
+             "| field | value |", "| --- | --- |"]
+    rows = {"kind": model.kind, "method": extra.get("method", "-"), "steps N": n or "-",
+            "grid": f"t_i = i/N (diffusers timesteps i*T/N - 1: DDIMScheduler, trailing spacing, eta = 0)" if n
+            else "-", "parameterization": f"{model.param} ({PARAM_TO_PREDICTION[model.param]})",
+            "schedule": f"{model.schedule.kind}, T = {model.schedule.T}", "teacher id": extra.get("teacher", "-"),
+            "guidance": "none (unconditional)", "data set": model.dataset,
+            "quality": extra.get("quality", "-"), "checked at export": extra.get("checked", "-")}
+    lines += [f"| {k} | {v} |" for k, v in rows.items()]
+    lines += ["", "Sample it with diffusers:", "", "```python", "from diffusers import DDIMPipeline",
+              "pipe = DDIMPipeline.from_pretrained(FOLDER)",
+              f"images = pipe(batch_size=16, num_inference_steps={n or 50}, eta=0.0,",
+              "              use_clipped_model_output=True).images",
+              "```", "", "`use_clipped_model_output=True` makes DDIM re-derive eps from the clipped x0, as fastdiff "
+              "does (diffusers' "
+              "default keeps the network's eps after clipping x0, which gives other images).", "",
+              "or as a fastdiff model: `fastdiff.load_model(FOLDER)` (the `_fastdiff` block of "
+              "scheduler/scheduler_config.json holds the exact schedule).", ""]
+    return "\n".join(lines)
+
+
+def verify(model, folder: Path, n: int) -> dict:
+    """Sample `n` images three ways on fastdiff's per-index noise (seed 0) and compare: `model` itself, the folder
+    reloaded by fastdiff (must be bit-identical) and the folder run by diffusers (DDIMScheduler.step with
+    use_clipped_model_output=True) -> {"steps", "fastdiff_max_abs", "diffusers_rel"} (max |a - b| / max |a|).
+    A student runs its own N steps; a teacher 8 (trailing grid)."""
+    from fastdiff.samplers import ddim, initial_noise, student_grid
+
+    diffusers = require_diffusers()
+    steps = model.steps or 8
+    x, _ = initial_noise(range(n), model.data_shape, 0, "cpu")
+    back = read_diffusers(str(folder))
+    pipe = diffusers.DDIMPipeline.from_pretrained(folder)
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        ours = ddim(model.net.cpu(), x, student_grid(steps), schedule=model.schedule, param=model.param, clip=True).x
+        again = ddim(back["net"], x, student_grid(steps), schedule=back["schedule"], param=back["param"], clip=True).x
+        y = x.clone()
+        for tau in pipe.scheduler.timesteps:
+            y = pipe.scheduler.step(pipe.unet(y, tau).sample, tau, y, eta=0.0,
+                                    use_clipped_model_output=True).prev_sample
+    return {"steps": steps, "samples": n, "fastdiff_max_abs": float((ours - again).abs().max()),
+            "diffusers_rel": float((y - ours).abs().max() / ours.abs().max())}
+
+
+def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[Path, dict | None]:
+    """Write `model` (a LoadedModel of the diffusers-unet2d architecture) as a DDIMPipeline folder at `out_dir`:
+    model_index.json, unet/ (safetensors), scheduler/scheduler_config.json, README.md. Written to a temporary folder
+    beside it and renamed, so a failure leaves nothing behind. With `check` > 0 the written folder is reloaded and
+    sampled (`verify`, `check` images) before the rename; the result goes into the model card and is returned.
+    FastdiffError when the model cannot be exported exactly (another architecture; a student whose N does not
+    divide T), `out_dir` exists, or the check finds a difference (fastdiff reload not bit-identical, diffusers
+    more than 1e-4 relative)."""
+    extra = extra or {}
+    diffusers = require_diffusers()
+    out = Path(out_dir)
+    if not isinstance(model.net, DiffusersUNet):
+        raise FastdiffError(f"{model.path}: the {model.config.get('arch', 'unet')} architecture has no exact "
+                            "diffusers counterpart (fastdiff's U-Net differs from UNet2DModel in GroupNorm groups, "
+                            "fused qkv and time embedding): train and distil with --arch diffusers-unet2d to export")
+    n, T = model.steps, model.schedule.T
+    if n and T % n:
+        raise FastdiffError(f"{model.path}: a {n}-step student of a T = {T} schedule: a stock DDIMScheduler "
+                            f"(trailing spacing) reproduces the grid i/N only when N divides T; export a student "
+                            f"whose N divides {T}, or distil from a teacher with T a multiple of N (e.g. 1024)")
+    if out.exists():
+        raise FastdiffError(f"{out} exists; choose a new --out folder (export never overwrites)")
+    block = {"schedule": model.schedule.to_dict(), "param": model.param, "kind": model.kind, "steps": n,
+             "dataset": model.dataset, "discrete": model.net.cfg.discrete, "id": model.hash,
+             "time": "diffusers timestep tau = t*T - 1"}
+    sched = diffusers.DDIMScheduler.from_config(scheduler_config(model.schedule, model.param, block))
+    pipe = diffusers.DDIMPipeline(unet=model.net.unet, scheduler=sched)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        sc_path = tmp / "scheduler" / "scheduler_config.json"
+        sc = json.loads(sc_path.read_text())
+        sc["_fastdiff"] = block  # save_pretrained drops private keys: put the block back
+        sc_path.write_text(json.dumps(sc, indent=2, sort_keys=True) + "\n")
+        checked = verify(model, tmp, check) if check > 0 else None
+        if checked and (checked["fastdiff_max_abs"] != 0 or checked["diffusers_rel"] > 1e-4):
+            raise FastdiffError(f"the exported folder does not reproduce {model.path}: {checked}")
+        if checked:
+            extra = {**extra, "checked": f"{checked['samples']} samples, {checked['steps']} steps on fastdiff's "
+                     f"per-index noise (seed 0): fastdiff reload max abs diff {checked['fastdiff_max_abs']:.3g}, "
+                     f"diffusers DDIMPipeline max rel diff {checked['diffusers_rel']:.3g} (float32, CPU)"}
+        (tmp / "README.md").write_text(model_card(model, block, extra))
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FastdiffError(f"cannot write {out}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, checked

@@ -1,0 +1,338 @@
+"""diffusers interop: teachers in, students out, and parity of fastdiff's samplers with diffusers' schedulers.
+
+Every model here is a tiny random UNet2DModel built from a config in the test (no downloads). In CI (CI=true)
+a missing diffusers is a failure, not a skip: .ci/run installs the `diffusers` extra.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+try:
+    import diffusers
+except ImportError:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip('diffusers is not installed: pip install -e ".[diffusers]"', allow_module_level=True)
+
+import fastdiff
+from fastdiff.errors import FastdiffError
+from fastdiff.interop import schedule_from_scheduler
+from fastdiff.models.diffusers_unet import timesteps
+from fastdiff.samplers import ddim, ddpm, distilled, dpm_solver_pp_2m, initial_noise
+
+T = 1000
+
+
+def tiny_unet(seed=0, **kw) -> "diffusers.UNet2DModel":
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), **kw)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    """A DDPMPipeline folder as save_pretrained writes it: linear betas, epsilon prediction, T = 1000."""
+    path = tmp_path_factory.mktemp("diffusers") / "ddpm"
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler(num_train_timesteps=T)).save_pretrained(
+        path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(pipe_dir):
+    return fastdiff.load_model(pipe_dir, dataset="digits")
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def run_diffusers(sched, unet, x, **step_kw):
+    with torch.no_grad():
+        for tau in sched.timesteps:
+            x = sched.step(unet(x, tau).sample, tau, x, **step_kw).prev_sample
+    return x
+
+
+def in_float64(sched, net):
+    """diffusers' scheduler formulas on float64 alpha_bar (the float64 cumulative product of its own betas, which is
+    what fastdiff's schedule holds) and the network in float64: any difference left is a difference of formulas."""
+    sched = copy.deepcopy(sched)
+    sched.alphas_cumprod = torch.cumprod(1 - sched.betas.double(), 0)
+    sched.one = sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return sched, copy.deepcopy(net).double()
+
+
+# --- the schedule and the time convention -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+                                    {"beta_schedule": "squaredcos_cap_v2"}, {"trained_betas": [0.1, 0.2, 0.5, 0.9]},
+                                    {"num_train_timesteps": 50, "beta_start": 1e-3, "beta_end": 0.05}])
+def test_schedule_is_the_schedulers_own_betas(config):
+    sched = diffusers.DDPMScheduler(**config)
+    schedule, param, _ = schedule_from_scheduler(dict(sched.config))
+    n = len(sched.betas)
+    assert param == "eps" and schedule.T == n
+    assert torch.equal(schedule.discrete_betas(), sched.betas.double())  # widened, not recomputed
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    # fastdiff's alpha_bar(k/T) is diffusers' alphas_cumprod[k-1] (diffusers multiplies in float32)
+    torch.testing.assert_close(schedule.alpha_bar(k / n), sched.alphas_cumprod.double(), rtol=2e-6, atol=0)
+    mid = schedule.alpha_bar((k[:-1] + 0.5) / n)  # log alpha_bar interpolated linearly between grid points
+    torch.testing.assert_close(mid.log(), (schedule.alpha_bar(k[:-1] / n).log() + schedule.alpha_bar(k[1:] / n).log())
+                               / 2, rtol=1e-12, atol=1e-12)
+
+
+def test_network_time_is_tau_equals_tT_minus_1(teacher, x_T):
+    """t = k/T in float32 (as samplers pass it) calls the UNet at exactly timestep k - 1."""
+    k = torch.tensor([1, 2, 250, 500, 999, 1000])
+    tau = timesteps((k.double() / T).float(), T, discrete=True)
+    assert torch.equal(tau, (k - 1).float())
+    x = x_T[:1].expand(len(k), -1, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.net(x, (k.double() / T).float()), teacher.net.unet(x, k - 1).sample,
+                                   rtol=0, atol=0)
+
+
+def test_discrete_teacher_is_clamped_at_timestep_0_with_a_warning(teacher, x_T, caplog):
+    net = copy.deepcopy(teacher.net)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        out = net(x_T[:2], torch.tensor([0.2 / T, 0.5 / T]))
+        ref = net.unet(x_T[:2], torch.zeros(2)).sample
+    assert torch.equal(out, ref) and "clamped to timestep 0" in caplog.text
+    torch.testing.assert_close(timesteps(torch.tensor([0.5 / T]), T, discrete=False), torch.tensor([-0.5]))  # kept
+
+
+# --- sampler parity ---------------------------------------------------------------------------------------------
+
+def ddim_pairs(sched, N):
+    """diffusers' DDIM steps from tau to tau - T//N (its rule for every spacing), as fastdiff two-point grids."""
+    out = []
+    for tau in sched.timesteps.tolist():
+        prev = tau - T // N
+        out.append(torch.tensor([(tau + 1) / T, (prev + 1) / T if prev >= 0 else 0.0], dtype=torch.float64))
+    return out
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("N", [10, 7])
+def test_ddim_parity(teacher, x_T, spacing, N):
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    sched.set_timesteps(N)
+    pairs = ddim_pairs(sched, N)
+    # diffusers' DDIM steps to tau - T//N whatever the spacing: a grid only when that is the next timestep
+    is_grid = all(torch.equal(a[1], b[0]) for a, b in zip(pairs, pairs[1:])) and pairs[-1][1] == 0
+    assert is_grid == (spacing == "leading" or (spacing == "trailing" and T % N == 0))
+
+    def fastdiff_run(net, x):
+        with torch.no_grad():
+            if is_grid:  # one call over the whole grid
+                ts = torch.cat([p[:1] for p in pairs] + [torch.zeros(1, dtype=torch.float64)])
+                return ddim(net, x, ts, schedule=teacher.schedule, param="eps", clip=True).x
+            for ts in pairs:  # the documented difference: step by step, the state moved to tau - T//N
+                x = ddim(net, x, ts, schedule=teacher.schedule, param="eps", clip=True).x
+            return x
+
+    s64, unet64 = in_float64(sched, teacher.net.unet)
+    net64 = copy.deepcopy(teacher.net).double()
+    ref64 = run_diffusers(s64, unet64, x_T.double(), eta=0.0, use_clipped_model_output=True)
+    assert rel(fastdiff_run(net64, x_T.double()), ref64) < 1e-12
+    ref32 = run_diffusers(sched, teacher.net.unet, x_T, eta=0.0, use_clipped_model_output=True)
+    # float32: both sit ~1e-5 from their float64 result (x0 = (x - sigma eps)/alpha with 1/alpha ~ 156 at t = 1)
+    assert rel(fastdiff_run(teacher.net, x_T), ref32) < 5e-5
+    assert rel(ref32, ref64.float()) < 2e-5
+
+
+def test_ddim_default_keeps_the_unclipped_eps(teacher, x_T):
+    """diffusers' DDIM (use_clipped_model_output=False, its default) moves along the network's eps after clipping
+    x0; fastdiff re-derives eps from the clipped x0 (GLIDE, and diffusers with use_clipped_model_output=True)."""
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    sched.set_timesteps(4)
+    ts = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        ours = ddim(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps", clip=True).x
+    assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T, eta=0.0, use_clipped_model_output=True)) < 5e-5
+    assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T, eta=0.0)) > 1e-2  # the random UNet clips often
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_parity(teacher, x_T, variance):
+    taus = [999, 799, 499, 199, 49, 0]
+    sched = diffusers.DDPMScheduler(num_train_timesteps=T, variance_type=variance)
+    sched.set_timesteps(timesteps=taus)
+    ts = torch.tensor([(t + 1) / T for t in taus] + [0.0], dtype=torch.float64)
+    s64, unet64 = in_float64(sched, teacher.net.unet)
+    net64 = copy.deepcopy(teacher.net).double()
+    kw = dict(schedule=teacher.schedule, param="eps", clip=True, variance=variance.split("_")[1])
+    with torch.no_grad():
+        ours64 = ddpm(net64, x_T.double(), ts, generator=torch.Generator().manual_seed(5), **kw).x
+        ours32 = ddpm(teacher.net, x_T, ts, generator=torch.Generator().manual_seed(5), **kw).x
+    ref64 = run_diffusers(s64, unet64, x_T.double(), generator=torch.Generator().manual_seed(5))
+    ref32 = run_diffusers(sched, teacher.net.unet, x_T, generator=torch.Generator().manual_seed(5))
+    assert rel(ours64, ref64) < 1e-12
+    assert rel(ours32, ref32) < 5e-5
+
+
+def test_strided_ddpm_ending_above_0_adds_noise_in_diffusers(teacher, x_T):
+    """DDPMScheduler adds noise whenever its timestep is > 0: on a strided grid ending at tau = 99 its last step
+    (to alpha_bar = 1) adds N(0, 1 - alpha_bar_99) under fixed_large; fastdiff never adds noise on the step to 0."""
+    taus = [999, 499, 99]
+    sched, unet64 = in_float64(diffusers.DDPMScheduler(num_train_timesteps=T, variance_type="fixed_large"),
+                               teacher.net.unet)
+    sched.set_timesteps(timesteps=taus)
+    gen = torch.Generator().manual_seed(3)
+    ref = run_diffusers(sched, unet64, x_T.double(), generator=gen)
+    gen2 = torch.Generator().manual_seed(3)
+    ts = torch.tensor([(t + 1) / T for t in taus] + [0.0], dtype=torch.float64)
+    with torch.no_grad():
+        ours = ddpm(copy.deepcopy(teacher.net).double(), x_T.double(), ts, schedule=teacher.schedule, param="eps",
+                    clip=True, generator=gen2, variance="large").x
+    z_last = torch.randn(x_T.shape, generator=gen2, dtype=torch.float64)  # the draw fastdiff skips
+    var = 1 - teacher.schedule.alpha_bar(100 / T)
+    torch.testing.assert_close(ref - ours, var.sqrt() * z_last, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("taus", [[999, 599, 299, 99, 19], list(range(999, 0, -100))])
+def test_dpm_solver_pp_2m_parity(teacher, x_T, taus):
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="dpmsolver++",
+                                                  solver_order=2, final_sigmas_type="zero")
+    sched.set_timesteps(timesteps=taus)
+    ts = torch.tensor([(t + 1) / T for t in taus] + [0.0], dtype=torch.float64)
+    with torch.no_grad():
+        ours = dpm_solver_pp_2m(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps").x
+    assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T)) < 1e-6
+
+
+# --- distillation and export, end to end --------------------------------------------------------------------------
+
+def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp_path):
+    """tiny diffusers teacher -> one progressive round (eps teacher, v student) -> export -> diffusers reloads it and
+    samples what fastdiff samples on the same noise."""
+    from fastdiff.distill.cli import main as distill_main
+    from fastdiff.export import main as export_main
+
+    run = tmp_path / "run"
+    assert distill_main(["--teacher", str(pipe_dir), "--dataset", "digits", "--start-steps", "8", "--rounds", "1",
+                         "--updates-per-round", "3", "--batch-size", "8", "--eval-samples", "16", "--bench", "false",
+                         "--out-dir", str(run)]) == 0
+    student = fastdiff.load_student(run / "students" / "student_N4.pt")
+    assert student.param == "v" and student.schedule == teacher.schedule and student.network == teacher.network
+    assert export_main([str(run), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "progressive distillation" in card and teacher.hash in card and "| steps N | 4 |" in card
+    back = fastdiff.load_model(tmp_path / "export")
+    assert (back.kind, back.steps, back.param, back.schedule) == ("student", 4, "v", teacher.schedule)
+    x, _ = initial_noise(range(6), (1, 8, 8), 0, "cpu")
+    with torch.no_grad():
+        ours = distilled(student.net, x, 4, schedule=student.schedule, param="v", clip=True).x
+        again = distilled(back.net, x, 4, schedule=back.schedule, param="v", clip=True).x
+    assert torch.equal(ours, again)
+    pipe = diffusers.DDIMPipeline.from_pretrained(tmp_path / "export")
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    theirs = run_diffusers(pipe.scheduler, pipe.unet, x, eta=0.0, use_clipped_model_output=True)
+    assert rel(theirs, ours) < 1e-5
+
+
+def test_native_diffusers_arch_trains_and_exports_its_teacher(tmp_path):
+    from fastdiff.export import main as export_main
+    from fastdiff.train import main as train_main
+
+    run = tmp_path / "teacher"
+    assert train_main(["--preset", "digits-diffusers", "--channels", "8", "--updates", "2", "--batch-size", "4",
+                       "--sample-every", "1000", "--out-dir", str(run)]) == 0
+    ours = fastdiff.load_model(run)
+    assert export_main([str(run), "--out", str(tmp_path / "export")]) == 0
+    back = fastdiff.load_model(tmp_path / "export")  # the _fastdiff block: the exact (continuous cosine) schedule
+    assert back.schedule == ours.schedule and back.kind == "teacher" and not back.network["discrete"]
+    x, _ = initial_noise(range(3), (1, 8, 8), 0, "cpu")
+    ts = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(ddim(ours.net, x, ts, schedule=ours.schedule, param="v", clip=True).x,
+                           ddim(back.net, x, ts, schedule=back.schedule, param="v", clip=True).x)
+
+
+# --- bad input: exit 2, one line, nothing written -----------------------------------------------------------------
+
+def write_pipeline(path, unet=None, **sched):
+    diffusers.DDPMPipeline(unet=unet or tiny_unet(), scheduler=diffusers.DDPMScheduler(**sched)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("sched, match", [({"thresholding": True}, "thresholding"),
+                                          ({"rescale_betas_zero_snr": True}, "zero terminal SNR"),
+                                          ({"variance_type": "learned"}, "learned"),
+                                          ({"clip_sample": False}, "clip_sample")])
+def test_refused_scheduler_keys(tmp_path, sched, match):
+    path = write_pipeline(tmp_path / "p", **sched)
+    with pytest.raises(FastdiffError, match=match):
+        fastdiff.load_model(path, dataset="digits")
+
+
+def test_refused_prediction_type():
+    with pytest.raises(FastdiffError, match="prediction_type"):
+        schedule_from_scheduler({"prediction_type": "flow"})
+
+
+def test_unsupported_model_class_names_the_supported_one(tmp_path):
+    path = tmp_path / "cond"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "sample_size": 8}))
+    (path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    with pytest.raises(FastdiffError, match="UNet2DConditionModel.*not supported.*UNet2DModel"):
+        fastdiff.load_model(path, dataset="digits")
+
+
+def test_data_set_must_fit_the_model(pipe_dir):
+    with pytest.raises(FastdiffError, match="--dataset"):
+        fastdiff.load_model(pipe_dir)
+    with pytest.raises(FastdiffError, match="1x8x8 images but data set 'cifar10'"):
+        fastdiff.load_model(pipe_dir, dataset="cifar10")
+
+
+def test_hub_id_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FastdiffError, match="cannot fetch 'google/ddpm-cifar10-32'.*pass the folder"):
+        fastdiff.load_model("google/ddpm-cifar10-32", dataset="cifar10")
+
+
+def test_missing_extra_names_the_pip_command(pipe_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(FastdiffError, match=r'pip install -e "\.\[diffusers\]"'):
+        fastdiff.load_model(pipe_dir, dataset="digits")
+
+
+def test_start_steps_too_fine_for_a_discrete_teacher(pipe_dir, tmp_path, capsys):
+    from fastdiff.distill.cli import main as distill_main
+    from fastdiff.errors import run_cli
+
+    out = tmp_path / "run"
+    assert run_cli(distill_main, ["--teacher", str(pipe_dir), "--dataset", "digits", "--start-steps", "512",
+                                  "--bench", "false", "--out-dir", str(out)]) == 2
+    assert "N0 <= 500 (the largest power of two: 256)" in capsys.readouterr().err and not out.exists()
+
+
+def test_unexportable_students(tmp_path, capsys):
+    from fastdiff.errors import run_cli
+    from fastdiff.export import main as export_main
+    from fastdiff.train import main as train_main
+
+    run = tmp_path / "native"
+    assert train_main(["--preset", "digits", "--channels", "8", "--updates", "1", "--batch-size", "4",
+                       "--sample-every", "1000", "--out-dir", str(run)]) == 0
+    assert run_cli(export_main, [str(run), "--out", str(tmp_path / "e")]) == 2
+    assert "no exact diffusers counterpart" in capsys.readouterr().err and not (tmp_path / "e").exists()
