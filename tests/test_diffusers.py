@@ -25,6 +25,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.interop import schedule_from_scheduler
 from fastdiff.models.diffusers_unet import timesteps
 from fastdiff.samplers import ddim, ddpm, distilled, dpm_solver_pp_2m, initial_noise
+from test_metrics import one_thread, shared_cache  # noqa: F401  (fixtures: one classifier cache, one CPU thread)
 
 T = 1000
 
@@ -217,7 +218,7 @@ def test_dpm_solver_pp_2m_parity(teacher, x_T, taus):
 
 # --- distillation and export, end to end --------------------------------------------------------------------------
 
-def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp_path):
+def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp_path, shared_cache):
     """tiny diffusers teacher -> one progressive round (eps teacher, v student) -> export -> diffusers reloads it and
     samples what fastdiff samples on the same noise."""
     from fastdiff.distill.cli import main as distill_main
@@ -262,6 +263,42 @@ def test_native_diffusers_arch_trains_and_exports_its_teacher(tmp_path):
     with torch.no_grad():
         assert torch.equal(ddim(ours.net, x, ts, schedule=ours.schedule, param="v", clip=True).x,
                            ddim(back.net, x, ts, schedule=back.schedule, param="v", clip=True).x)
+
+
+def test_bench_sweeps_a_diffusers_teacher(pipe_dir, teacher, tmp_path, shared_cache):
+    from fastdiff.bench import main as bench_main
+    from test_bench import read_rows
+
+    out = tmp_path / "results"
+    assert bench_main(["--model", str(pipe_dir), "--dataset", "digits", "--samplers", "ddim", "--spacings",
+                       "trailing", "--steps", "2,4", "--n-samples", "8", "--batch-size", "8", "--metrics", "fid",
+                       "--out-dir", str(out), "--device", "cpu"]) == 0
+    rows = read_rows(out / "digits" / "fid_vs_steps.csv")
+    assert {(r["sampler"], int(r["steps"])) for r in rows} == {("ddim", 2), ("ddim", 4)}
+    assert {r["model_hash"] for r in rows} == {teacher.hash}
+
+
+def test_bare_unet_folder_with_its_scheduler_config(tmp_path, pipe_dir, teacher):
+    bare = tmp_path / "bare"
+    tiny_unet().save_pretrained(bare)
+    diffusers.DDPMScheduler(num_train_timesteps=T).save_pretrained(bare)  # scheduler_config.json beside config.json
+    model = fastdiff.load_model(bare, dataset="digits")
+    assert model.hash == teacher.hash and model.schedule == teacher.schedule  # the same weights and schedule
+    alone = tmp_path / "alone"
+    tiny_unet().save_pretrained(alone)
+    with pytest.raises(FastdiffError, match="without a scheduler config"):
+        fastdiff.load_model(alone, dataset="digits")
+
+
+def test_distill_dry_run_of_a_diffusers_teacher_writes_nothing(pipe_dir, tmp_path, capsys):
+    from fastdiff.distill.cli import main as distill_main
+
+    out = tmp_path / "run"
+    assert distill_main(["--teacher", str(pipe_dir), "--dataset", "digits", "--start-steps", "256", "--out-dir",
+                         str(out), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert f"teacher: {pipe_dir}" in said and "256->128 steps" in said and "digits-diffusers" in said
+    assert not out.exists()
 
 
 # --- bad input: exit 2, one line, nothing written -----------------------------------------------------------------
