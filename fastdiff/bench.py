@@ -87,7 +87,7 @@ class BenchConfig:
     """
 
     # the model family and its data
-    model: str = ""  # a teacher run dir or checkpoint (empty: the teacher of --distill-dir)
+    model: str = ""  # a teacher run dir, checkpoint, diffusers folder or hub id (empty: the teacher of --distill-dir)
     distill_dir: str = ""  # a distillation run dir: its students join the sweep
     dataset: str = ""  # the reference data set (empty: the model's)
     data_root: str = ""  # folder of the reference data (empty: the teacher's)

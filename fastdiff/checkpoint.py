@@ -60,7 +60,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FastdiffError(f"checkpoint {str(path)!r} does not exist; pass a run dir or a .pt file written by "
-                            "fastdiff")
+                            "fastdiff, or a diffusers folder (model_index.json, or a UNet2DModel's config.json)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt files

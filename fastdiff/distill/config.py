@@ -23,7 +23,7 @@ class DistillConfig:
     """A progressive-distillation run; `teacher_preset` names the TrainConfig preset of the teacher."""
 
     # the teacher
-    teacher: str = ""  # a teacher run dir or checkpoint (empty: train or reuse the preset's, in runs/teacher-NAME)
+    teacher: str = ""  # a teacher run dir, checkpoint, diffusers folder or hub id (empty: train/reuse the preset's)
     teacher_preset: str = "digits"  # the TrainConfig preset of the teacher (its data set and schedule)
     teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)

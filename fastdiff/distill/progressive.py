@@ -11,16 +11,25 @@ from fastdiff.losses import noised, sample_t, x_space_loss
 from fastdiff.schedules import Schedule
 
 
-def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int) -> torch.Tensor:
+def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int, clip: bool = False) -> torch.Tensor:
     """(B, ...) x_tilde: the x the student must predict at z_t so that one DDIM step hits two teacher steps.
 
     Salimans & Ho 2022, Algorithm 2: t' = t - 0.5/N, t'' = t - 1/N; z_t -> z_t' -> z_t'' by DDIM (eta=0,
     no clipping) with the teacher;
     x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
     `x0_fn(z, t)` returns the teacher's (x0_hat, eps_hat); t is (B,) float64.
+
+    clip: clamp the teacher's x0_hat to [-1, 1] and re-derive eps_hat from it, as its clipped DDIM sampler does.
+    For an eps-prediction teacher on pixel data: its x0_hat = (z - sigma eps_hat)/alpha divides by alpha(1)
+    (0.0064 for the linear schedule, 4.5e-5 for the cosine one), so the unclipped target at t = 1 is noise
+    amplified by 1/alpha, whose loss outweighs every other t (see README, "Distil your own model").
     """
     def ddim_to(z, s_from, s_to):
         x0, eps = x0_fn(z, s_from)
+        if clip:
+            a_from, s_from_ = (append_dims(v.to(z), z.ndim) for v in schedule.alpha_sigma(s_from))
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (z - a_from * x0) / s_from_
         a, s = (append_dims(v.to(z), z.ndim) for v in schedule.alpha_sigma(s_to))
         return a * x0 + s * eps  # DDIM eta=0: x_s = alpha_s x0_hat + sigma_s eps_hat
 
@@ -44,17 +53,17 @@ def teacher_fn(model: LoadedModel | torch.nn.Module, param: str, schedule: Sched
 
 
 def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student: int | None, gen,
-                 cond: dict | None = None):
+                 cond: dict | None = None, clip_target: bool = False):
     """(B,) w(lambda_t)·||x_tilde - x_hat_student(z_t)||^2.
 
     Progressive rounds (n_student = N): t = i/N, i ~ U{1..N}, x_tilde from two teacher DDIM steps. The guided
     first stage (n_student None, Meng et al. 2023): t ~ U[1e-3, 1], x_tilde = the guided teacher's x0_hat.
-    `target_fn(z, t) -> (x0_hat, eps_hat)` is the teacher for this batch.
+    `target_fn(z, t) -> (x0_hat, eps_hat)` is the teacher for this batch; `clip_target`: see distill_target.
     """
     t = sample_t(x0.shape[0], gen, n_student)  # distillation is training with another target (google-research)
     z_t, _, a, s = noised(x0, t, schedule, gen)
     with torch.no_grad():
         target = (target_fn(z_t, t)[0] if n_student is None
-                  else distill_target(z_t, t, target_fn, schedule, n_student))
+                  else distill_target(z_t, t, target_fn, schedule, n_student, clip_target))
     x_hat, _ = to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
     return x_space_loss(x_hat, target, schedule.logsnr(t).to(x0), cfg.weighting)

@@ -78,6 +78,8 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
     torch.manual_seed(salt + 1 + dist.rank())  # dropout draws from the global stream: seeded per stage, saved by fit
     state = load_resumable(ctx.state_path, map_location=ctx.device)
     local_batch = dist.local_batch_size(cfg.batch_size)
+    # an eps teacher's x0_hat is clipped in the target on pixel data, as its sampler clips it (distill_target)
+    clip_target = teacher_param == "eps" and ctx.x_all.ndim > 2
 
     def loss_fn(model) -> torch.Tensor:
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
@@ -86,7 +88,8 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
             target_fn = guided_x0_eps(teacher_net, teacher_param, ctx.schedule, cond["y"], cond["w"], ctx.num_classes)
         else:
             target_fn = teacher_fn(teacher_net, teacher_param, ctx.schedule, cond)
-        return student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond).mean()
+        return student_loss(model, target_fn, ctx.x_all[idx], ctx.schedule, cfg, n_student, gen, cond,
+                            clip_target).mean()
 
     fitted = runs.fit(
         student, opt, total=total, loss_fn=loss_fn, gen=gen, salt=salt, device=ctx.device,
