@@ -1,6 +1,7 @@
 """Noise schedules against their closed forms (DESIGN.md, "The math contract")."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -109,4 +110,29 @@ def test_discrete_betas():
 @pytest.mark.parametrize("kwargs", [{"kind": "sigmoid"}, {"kind": "linear", "T": 0}])
 def test_bad_schedule_is_a_user_error(kwargs):
     with pytest.raises(FastdiffError, match="schedule"):
+        Schedule(**kwargs)
+
+
+@pytest.mark.parametrize("schedule", [Schedule("linear", 1000), Schedule("cosine", 64),
+                                      Schedule("linear", 50, beta_start=1e-3, beta_end=0.05),
+                                      Schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012),
+                                      Schedule("squaredcos_cap_v2", 100), Schedule("trained", 3, betas=(0.1, 0.2, 0.3))])
+def test_schedule_round_trips_through_its_dict(schedule):
+    assert Schedule.from_dict(json.loads(json.dumps(schedule.to_dict()))) == schedule
+
+
+def test_discrete_kinds_are_exact_on_the_grid():
+    s = Schedule("trained", 3, betas=(0.1, 0.2, 0.3))
+    np.testing.assert_allclose(s.alpha_bar(torch.tensor([1 / 3, 2 / 3, 1.0], dtype=torch.float64)).numpy(),
+                               [0.9, 0.72, 0.504], rtol=1e-15)
+    # squaredcos_cap_v2 is the cosine schedule's capped discrete chain (diffusers' betas_for_alpha_bar)
+    torch.testing.assert_close(Schedule("squaredcos_cap_v2", 100).discrete_betas(),
+                               Schedule("cosine", 100).discrete_betas(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"kind": "trained", "T": 2, "betas": (0.1, 1.0)},  # alpha_bar_T = 0
+                                    {"kind": "trained", "T": 3, "betas": (0.1, 0.2)},
+                                    {"kind": "trained", "T": 2}, {"kind": "linear", "T": 2, "betas": (0.1, 0.2)}])
+def test_bad_beta_lists_are_user_errors(kwargs):
+    with pytest.raises(FastdiffError, match="betas"):
         Schedule(**kwargs)
