@@ -82,8 +82,11 @@ def local_folder(source: str) -> Path:
     require_diffusers()
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.md"]))
+    try:  # the configs and safetensors weights; .bin weights (loaded with weights_only=True) only if there are none
+        folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"]))
+        if not any(folder.rglob("*.safetensors")):
+            folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.bin", "*.txt", "*.md"]))
+        return folder
     except Exception as err:  # offline, unknown id, gated repo: huggingface_hub raises many types
         raise FastdiffError(f"cannot fetch {source!r} from the Hugging Face hub ({type(err).__name__}; offline?): "
                             f"download it where there is internet (`hf download {source} --local-dir DIR`) and pass "
