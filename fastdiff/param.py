@@ -6,11 +6,15 @@ alpha, sigma are per-sample tensors of shape (B,) and broadcast over the remaini
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
+if TYPE_CHECKING:
+    from fastdiff.schedules import Schedule
+
 Param = Literal["eps", "x0", "v"]  # the choices, once: configs use it
+SIGMA_DATA = 0.5  # the data's standard deviation in the consistency models' c_skip (Song et al. 2023)
 PARAMS: tuple[str, ...] = get_args(Param)
 
 
@@ -61,3 +65,31 @@ def denoiser(net, schedule, param: str):
         return to_x0_eps(net(x_t, t_net), x_t, alpha, sigma, param)
 
     return fn
+
+
+def c_skip(schedule: Schedule, t) -> torch.Tensor:
+    """(B,) float64 c_skip(t) = sigma_d^2 / (sigma~^2 + sigma_d^2), sigma~ = sigma_t/alpha_t; c_skip(0) = 1."""
+    alpha, sigma = schedule.alpha_sigma(t)
+    return SIGMA_DATA**2 / ((sigma / alpha) ** 2 + SIGMA_DATA**2)
+
+
+def consistency_fn(net, schedule: Schedule, param: str, cond: dict | None = None):
+    """`net(x, t)` in `param` as the consistency function f(x, t) -> (B, ...) x0 estimate, f(x, 0) = x exactly.
+
+    t: (B,) float64 times. FastdiffError for an eps network (its x0 divides by alpha ~ 0 at t = 1)."""
+    if param == "eps":
+        from fastdiff.errors import FastdiffError
+
+        raise FastdiffError("consistency distillation needs a v- or x0-prediction student (--param v or x0); "
+                            "eps makes x0 = (x - sigma eps)/alpha divide by alpha ~ 0 at t = 1")
+    cond = cond or {}
+
+    def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = (v.to(x) for v in schedule.alpha_sigma(t))
+        out = net(x, t.to(x), **cond)
+        if param == "v":
+            return to_x0_eps(out, x, alpha, sigma, "v")[0]
+        skip = append_dims(c_skip(schedule, t).to(x), x.ndim)
+        return skip * x + (1 - skip) * out
+
+    return f

@@ -24,10 +24,10 @@ from fastdiff.errors import FastdiffError
 from fastdiff.grids import GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
 from fastdiff.guidance import combine
 from fastdiff.ops import sample_generators, sampler_step
-from fastdiff.param import denoiser, eps_from_x0
+from fastdiff.param import consistency_fn, denoiser, eps_from_x0
 from fastdiff.schedules import Schedule
 
-__all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "sample_generators",
+__all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "heun", "consistency", "sample_generators",
            "randn_like_per_sample", "VARIANCES",
            # the grids, re-exported so that one import serves a sampling call
            "GRIDS", "SPACINGS", "make_grid", "full_grid", "strided_grid", "student_grid", "logsnr_grid", "karras_grid"]
@@ -264,3 +264,32 @@ def heun(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, ge
         if trajectory is not None:
             trajectory.append(x)
     return Sample(x, nfe, trajectory)
+
+
+def consistency(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
+                return_trajectory: bool = False, guidance: float | None = None) -> Sample:
+    """(B, ...) x at ts[0] -> Sample: multistep consistency sampling (Song et al. 2023, Alg. 1), NFE = steps.
+
+    `model` is a consistency model in `param` (v, or x0 with the c_skip wrapper: fastdiff.param.consistency_fn).
+    x0 = f(x, ts[0]); then at every later positive time tau of ts: x = alpha_tau x0 + sigma_tau z (z per sample from
+    `generator`), x0 = f(x, tau). Returns the last x0 (clamped to [-1, 1] with clip). One step: ts = [t_top, 0],
+    where t_top is the top of the student's training discretization (`fastdiff.distill.consistency.boundaries`).
+    """
+    check_grid(ts)
+    net = lambda x_t, t_net: _guided(*_evaluate(model, x_t, t_net, guidance), guidance)  # noqa: E731
+    f = consistency_fn(net, schedule, param)
+    b = x.shape[0]
+    times = ts[ts > 0]
+    trajectory = [x] if return_trajectory else None
+    x0 = None
+    for i, tau in enumerate(times.tolist()):
+        t = torch.full((b,), tau, dtype=torch.float64)
+        if i > 0:
+            alpha, sigma = (float(v) for v in schedule.alpha_sigma(tau))
+            x = alpha * x0 + sigma * randn(x0, generator)
+        x0 = f(x, t)
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+        if trajectory is not None:
+            trajectory.append(x0)
+    return Sample(x0, len(times), trajectory)

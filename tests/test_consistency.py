@@ -1,0 +1,147 @@
+"""Consistency distillation's maths against the exact Gaussian denoiser (fastdiff.analytic)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.analytic import GaussianDenoiser, exact_ddim_step, exact_ode_solution
+from fastdiff.distill.consistency import boundaries, cd_loss, ddim_step, distance, heun_step
+from fastdiff.errors import FastdiffError
+from fastdiff.param import consistency_fn, denoiser
+from fastdiff.samplers import consistency
+from fastdiff.schedules import Schedule
+
+MU, STD = 0.3, 0.6
+
+
+@pytest.fixture(params=["linear", "cosine"])
+def schedule(request):
+    return Schedule(request.param, 1000)
+
+
+def x_at(schedule, t, b=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = MU + STD * torch.randn(b, 2, 3, generator=gen, dtype=torch.float64)
+    alpha, sigma = (v.reshape(-1, 1, 1) for v in schedule.alpha_sigma(t))
+    return alpha * x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+
+
+def test_boundaries_are_the_karras_grid_without_its_0(schedule):
+    ts = boundaries(schedule, 18)
+    assert ts.shape == (19,) and bool((ts[1:] > ts[:-1]).all())
+    assert ts[0].item() == pytest.approx(1 / 1000) and ts[-1].item() <= 1.0
+    with pytest.raises(FastdiffError):
+        boundaries(schedule, 0)
+
+
+def test_one_teacher_ddim_step_is_the_closed_form(schedule):
+    den = GaussianDenoiser(MU, STD, schedule, "v")
+    step = ddim_step(denoiser(den, schedule, "v"), schedule)
+    t, s = torch.full((64,), 0.7, dtype=torch.float64), torch.full((64,), 0.55, dtype=torch.float64)
+    x = x_at(schedule, t)
+    torch.testing.assert_close(step(x, t, s), exact_ddim_step(den, x, 0.7, 0.55), rtol=1e-12, atol=1e-12)
+
+
+def test_teacher_steps_have_their_local_order(schedule):
+    """Local error against the exact ODE map: O(h^2) for the DDIM (Euler) step, O(h^3) for Heun's: halving h
+    divides it by ~4 and ~8."""
+    den = GaussianDenoiser(MU, STD, schedule, "eps")
+    fn = denoiser(den, schedule, "eps")
+    t = torch.full((64,), 0.5, dtype=torch.float64)
+    x = x_at(schedule, t)
+
+    def err(step, h):
+        return (step(fn, schedule)(x, t, t - h) - exact_ode_solution(den, x, t, t - h)).abs().max().item()
+
+    for step, order in ((ddim_step, 4), (heun_step, 8)):
+        ratio = err(step, 0.02) / err(step, 0.01)
+        assert order * 0.85 < ratio < order * 1.25
+
+
+def exact_f(den):
+    """The exact consistency function of Gaussian data: the probability-flow ODE map from t to 0."""
+    return lambda x, t: exact_ode_solution(den, x, t, torch.zeros_like(t))
+
+
+def test_exact_ode_map_has_zero_cd_loss_and_a_perturbed_one_does_not(schedule):
+    den = GaussianDenoiser(MU, STD, schedule, "eps")
+    ts = boundaries(schedule, 18)
+    x0 = MU + STD * torch.randn(256, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact_step = lambda x, t, s: exact_ode_solution(den, x, t, s)  # noqa: E731  (an exact teacher ODE step)
+    f = exact_f(den)
+    for metric in ("l2", "pseudo-huber"):
+        loss = cd_loss(f, f, exact_step, x0, schedule, ts, torch.Generator().manual_seed(2), metric)
+        assert loss.abs().max() < 1e-10
+    perturbed = lambda x, t: f(x, t) + 0.01 * t.reshape(-1, 1, 1)  # noqa: E731  (still f(x, 0) = x)
+    loss = cd_loss(perturbed, f, exact_step, x0, schedule, ts, torch.Generator().manual_seed(2), "l2")
+    assert loss.mean() > 1e-6
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(7, 6)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x.flatten(1), t[:, None]], 1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("param", ["v", "x0"])
+def test_boundary_condition_f_x_0_is_x(schedule, param):
+    torch.manual_seed(0)
+    f = consistency_fn(Net().double(), schedule, param)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    assert torch.equal(f(x, torch.zeros(5, dtype=torch.float64)), x)
+    assert not torch.allclose(f(x, torch.full((5,), 0.5, dtype=torch.float64)), x)
+
+
+def test_eps_students_are_refused(schedule):
+    with pytest.raises(FastdiffError, match="v- or x0-prediction"):
+        consistency_fn(Net(), schedule, "eps")
+
+
+def test_pseudo_huber():
+    a = torch.zeros(3, 4, 25)
+    assert torch.equal(distance(a, a, "pseudo-huber"), torch.zeros(3))
+    c = 0.00054 * 10  # sqrt(d) = 10
+    b = a.clone()
+    b[0, 0, 0] = 3.0
+    assert distance(a, b, "pseudo-huber")[0].item() == pytest.approx((9 + c**2) ** 0.5 - c)
+    with pytest.raises(FastdiffError):
+        distance(a, b, "lpips")
+
+
+def test_multistep_sampler_with_one_step_is_one_step_sampling(schedule):
+    torch.manual_seed(0)
+    net = Net().double()
+    top = boundaries(schedule, 18)[-1].item()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    one = consistency(net, x, torch.tensor([top, 0.0], dtype=torch.float64), schedule=schedule, param="v")
+    direct = consistency_fn(net, schedule, "v")(x, torch.full((5,), top, dtype=torch.float64))
+    assert one.nfe == 1 and torch.equal(one.x, direct)
+    two = consistency(net, x, torch.tensor([top, 0.3, 0.0], dtype=torch.float64), schedule=schedule, param="v",
+                      generator=torch.Generator().manual_seed(3))
+    assert two.nfe == 2 and not torch.equal(two.x, one.x)
+
+
+def test_multistep_sampler_on_the_exact_consistency_model_returns_data_moments(schedule):
+    """With the exact f and fresh noise at every step, each step's output is an exact sample: mean and std of the
+    data (a check that re-noising uses alpha_tau x0 + sigma_tau z)."""
+    den = GaussianDenoiser(MU, STD, schedule, "x0")
+
+    class Exact(torch.nn.Module):  # outputs F with c_skip x + (1 - c_skip) F = the exact ODE map
+        def forward(self, x, t):
+            from fastdiff.param import append_dims, c_skip
+
+            t = t.double()
+            skip = append_dims(c_skip(schedule, t), x.ndim)
+            f = exact_ode_solution(den, x, t, torch.zeros_like(t))
+            return (f - skip * x) / (1 - skip)
+
+    top = boundaries(schedule, 18)[-1].item()
+    x = torch.randn(20000, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(top))
+    x = alpha * MU + (alpha**2 * STD**2 + sigma**2) ** 0.5 * x  # the exact marginal at t_top
+    out = consistency(Exact(), x, torch.tensor([top, 0.5, 0.2, 0.0], dtype=torch.float64), schedule=schedule,
+                      param="x0", generator=torch.Generator().manual_seed(1)).x
+    assert out.mean().item() == pytest.approx(MU, abs=0.02) and out.std().item() == pytest.approx(STD, abs=0.02)
