@@ -217,7 +217,7 @@ def model_card(model, block: dict, extra: dict) -> str:
              f"Exported by fastdiff from `{model.path}` (model id `{model.hash}`).", "",
              "| field | value |", "| --- | --- |"]
     rows = {"kind": model.kind, "method": extra.get("method", "-"), "steps N": n or "-",
-            "grid": f"t_i = i/N (diffusers timesteps i*T/N - 1: DDIMScheduler, trailing spacing, eta = 0)" if n
+            "grid": "t_i = i/N (diffusers timesteps i*T/N - 1: DDIMScheduler, trailing spacing, eta = 0)" if n
             else "-", "parameterization": f"{model.param} ({PARAM_TO_PREDICTION[model.param]})",
             "schedule": f"{model.schedule.kind}, T = {model.schedule.T}", "teacher id": extra.get("teacher", "-"),
             "guidance": "none (unconditional)", "data set": model.dataset,
