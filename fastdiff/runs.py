@@ -249,24 +249,25 @@ class MetricsLog:
 
 
 class RoundLog:
-    """rounds.csv, rewritten atomically: one row per finished round, never duplicated."""
+    """rounds.csv (or any per-stage table), rewritten atomically: one row per value of the integer column `key`
+    (a finished round), never duplicated."""
 
-    def __init__(self, path: Path, fields: Sequence[str]):
-        self.path, self.fields = path, list(fields)
+    def __init__(self, path: Path, fields: Sequence[str], key: str = "round"):
+        self.path, self.fields, self.key = path, list(fields), key
         self.rows = []
         if path.exists():
             with open(path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
 
     def done(self, r: int) -> bool:
-        return any(int(row["round"]) == r for row in self.rows)
+        return any(int(row[self.key]) == r for row in self.rows)
 
     def add(self, row: dict) -> None:
-        self.rows = [x for x in self.rows if int(x["round"]) != row["round"]] + [row]
+        self.rows = [x for x in self.rows if int(x[self.key]) != int(row[self.key])] + [row]
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
-            writer.writerows(sorted(self.rows, key=lambda x: int(x["round"])))
+            writer.writerows(sorted(self.rows, key=lambda x: int(x[self.key])))
 
 
 @dataclass

@@ -145,3 +145,46 @@ def test_multistep_sampler_on_the_exact_consistency_model_returns_data_moments(s
     out = consistency(Exact(), x, torch.tensor([top, 0.5, 0.2, 0.0], dtype=torch.float64), schedule=schedule,
                       param="x0", generator=torch.Generator().manual_seed(1)).x
     assert out.mean().item() == pytest.approx(MU, abs=0.02) and out.std().item() == pytest.approx(STD, abs=0.02)
+
+
+@pytest.mark.slow
+def test_cd_run_resumes_to_the_same_weights(tmp_path):
+    """A consistency-distillation run stopped mid-way and re-run ends with the weights, target network and cd.csv of
+    an uninterrupted run (on a tiny toy2d teacher)."""
+    import csv
+    import dataclasses
+
+    from fastdiff import runs
+    from fastdiff.checkpoint import load_checkpoint
+    from fastdiff.distill import distill
+    from fastdiff.errors import Preempted
+    from test_distill import _tiny_toy
+
+    cfg = _tiny_toy(tmp_path, method="cd", cd_updates=12, ckpt_every=4, cd_steps=8, eval_samples=64)
+    ref = distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")), progress=False)
+
+    def stop_at_6(r, update):
+        if update == 6:
+            runs.request_stop(15)
+
+    with runs.graceful_stop(), pytest.raises(Preempted):
+        distill(cfg, progress=False, on_step=stop_at_6)
+    seen = []
+    run = distill(cfg, progress=False, on_step=lambda r, u: seen.append(u))
+    assert seen[0] == 7
+    a, b = load_checkpoint(run / "students" / "cd.pt"), load_checkpoint(ref / "students" / "cd.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["method"] == "cd" and a["cd"]["steps"] == 8
+    rows = [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(run / "cd.csv"))]
+    assert rows == [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(ref / "cd.csv"))]
+    assert [int(r["nfe"]) for r in rows] == [1, 2, 4]
+
+
+def test_cd_refuses_eps_students_and_guided_runs(tmp_path, capsys):
+    from fastdiff.distill.cli import main
+    from fastdiff.errors import run_cli
+
+    assert run_cli(main, ["--method", "cd", "--param", "eps", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "--method cd needs --param v or x0" in capsys.readouterr().err
+    assert run_cli(main, ["--preset", "digits-guided", "--method", "cd", "--out-dir", str(tmp_path / "b")]) == 2
+    assert not any(tmp_path.iterdir())

@@ -31,6 +31,7 @@ from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
 from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig, dataset_of, num_rounds,
                                      round_updates, sweep_name, validate)
+from fastdiff.distill.consistency import run_consistency
 from fastdiff.distill.guided import guided_base
 from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
 from fastdiff.errors import FastdiffError
@@ -176,7 +177,10 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
                          num_classes=data.num_classes, student_cfg=cfgs.to_dict(student_tcfg),
                          student_network=student_network, progress=progress,
                          on_step=on_step, scorer=scorer)
-        run_rounds(ctx)
+        if cfg.method == "cd":
+            run_consistency(ctx)
+        else:
+            run_rounds(ctx)
     return run
 
 
@@ -249,6 +253,9 @@ def dry_run(cfg: DistillConfig) -> int:
     check_distill_dir(cfg)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
+    if cfg.method == "cd":
+        plan = [f"consistency distillation: {cfg.cd_updates} updates on {cfg.cd_steps} karras steps "
+                f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema})"]
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
     print("rounds: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}'}")

@@ -28,6 +28,7 @@ class DistillConfig:
     teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
     data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
+    method: Literal["pd", "cd"] = "pd"  # pd: progressive (Salimans & Ho 2022); cd: consistency (Song et al. 2023)
     # progressive rounds (Salimans & Ho 2022, Alg. 2)
     start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
     rounds: int = 0  # rounds to run (0: down to 1 step)
@@ -43,6 +44,12 @@ class DistillConfig:
     out_dir: str = "runs/distill-digits"  # the run dir
     device: str = "auto"  # auto, cpu or cuda[:N]
     deterministic: bool = False  # deterministic CUDA algorithms: bit-exact resume on the GPU
+    # consistency distillation (Song et al. 2023, Alg. 2; --method cd)
+    cd_updates: int = 2000  # optimiser updates of consistency distillation
+    cd_steps: int = 18  # N: the karras discretization (rho = 7) has N + 1 boundaries
+    target_ema: float = 0.95  # mu of the target network theta- (0: theta- = theta, as in iCT)
+    cd_metric: Literal["pseudo-huber", "l2"] = "pseudo-huber"  # the distance d (LPIPS needs weights not here)
+    cd_solver: Literal["ddim", "heun"] = "ddim"  # the teacher's one ODE step per update
     # guided distillation (Meng et al. 2023)
     guided: bool = False  # first distil the CFG teacher into a w-conditioned student, then progressively
     w_min: float = 0.0  # guidance weights drawn from U[w_min, w_max] in training
@@ -110,6 +117,15 @@ def validate(cfg: DistillConfig) -> None:
     if unknown:
         raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
     cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
+    if cfg.method == "cd":
+        if cfg.param == "eps":
+            raise FastdiffError("--method cd needs --param v or x0: an eps consistency function x0 = (x - sigma "
+                                "eps)/alpha divides by alpha ~ 0 at t = 1")
+        if cfg.guided:
+            raise FastdiffError("--method cd with --guided is not supported yet; use --method pd for guided runs")
+        cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 1, ">= 1")
+        cfgs.check_range(cfg, "cd_steps", cfg.cd_steps >= 1, ">= 1")
+        cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
     if (cfg.dataset or cfg.data_root) and not cfg.teacher:
         raise FastdiffError("--dataset/--data-root name the data of a diffusers --teacher; a preset teacher's data "
                             "comes from --teacher-preset")

@@ -62,6 +62,19 @@ def heun_step(x0_eps_fn: Callable, schedule: Schedule) -> Callable:
     return step
 
 
+def clipped(x0_eps_fn: Callable, schedule: Schedule) -> Callable:
+    """The teacher with x0^ clamped to [-1, 1] and eps^ re-derived from it, as its clipped sampler steps; used for
+    eps teachers on pixel data, whose x0^ = (x - sigma eps^)/alpha divides by alpha ~ 0.0125 at the top of the
+    karras discretization (see fastdiff.distill.progressive.distill_target)."""
+    def fn(x, t):
+        x0, _ = x0_eps_fn(x, t)
+        a, s = (append_dims(v.to(x), x.ndim) for v in schedule.alpha_sigma(t))
+        x0 = x0.clamp(-1.0, 1.0)
+        return x0, (x - a * x0) / s
+
+    return fn
+
+
 def distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
     """(B,) pseudo-Huber sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(d) (d elements per example), or the squared
     L2 distance as a mean over elements ("l2")."""
@@ -87,3 +100,112 @@ def cd_loss(student_f: Callable, target_f: Callable, teacher_step: Callable, x0:
         x_lo = teacher_step(x_hi, t_hi, t_lo)
         target = target_f(x_lo, t_lo)
     return distance(student_f(x_hi, t_hi), target, metric)
+
+
+# --- the training stage -------------------------------------------------------------------------------------------
+
+EVAL_NFE = (1, 2, 4)
+CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim_value", "loss", "wall_clock_s"]
+
+
+def sampling_times(schedule: Schedule, n: int, nfe: int) -> torch.Tensor:
+    """(nfe+1,) decreasing times of `nfe`-step consistency sampling: the student's training boundaries t_N > ... > t_0
+    subsampled at indices round(j N / nfe), j = nfe..1 (so one step starts at t_top = t_N, where it was trained),
+    then 0. A fixed rule, chosen before any result (Song et al. 2023 pick theirs by search; not done here)."""
+    ts = boundaries(schedule, n)
+    idx = [round(j * n / nfe) for j in range(nfe, 0, -1)]
+    return torch.cat([ts[idx], ts.new_zeros(1)])
+
+
+def run_consistency(ctx) -> None:
+    """Consistency distillation of ctx's teacher (Song et al. 2023, Alg. 2) through runs.fit, resumable from
+    state.pt (the target network theta- saved with it); writes students/cd.pt and cd.csv (FID of 1/2/4-step
+    consistency sampling beside the teacher's DDIM at the same NFE)."""
+    import copy
+    import time
+
+    from fastdiff import distributed as dist
+    from fastdiff import runs
+    from fastdiff.checkpoint import load_resumable, save_checkpoint
+    from fastdiff.models import build_model, network_from_dict
+    from fastdiff.param import denoiser
+    from fastdiff.runs import RoundLog
+
+    cfg, device, schedule = ctx.cfg, ctx.device, ctx.schedule
+    path = ctx.run / "students" / "cd.pt"
+    log = RoundLog(ctx.run / "cd.csv", CD_FIELDS, key="nfe")
+    if path.exists() and all(log.done(nfe) for nfe in EVAL_NFE):
+        return
+    student = build_model(network_from_dict(ctx.student_network)).to(device)
+    student.load_state_dict(ctx.teacher0.net.state_dict())  # the teacher's EMA weights
+    target = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher = ctx.teacher0.net.eval().requires_grad_(False)
+    teacher_fn = denoiser(teacher, schedule, ctx.teacher0.param)
+    if ctx.teacher0.param == "eps" and ctx.x_all.ndim > 2:
+        teacher_fn = clipped(teacher_fn, schedule)
+    step_fn = (heun_step if cfg.cd_solver == "heun" else ddim_step)(teacher_fn, schedule)
+    ts = boundaries(schedule, cfg.cd_steps).to(device)
+    salt = cfg.seed * 7919 + 31337
+    gen = torch.Generator().manual_seed(salt + dist.rank())
+    torch.manual_seed(salt + 1 + dist.rank())
+    state = load_resumable(ctx.state_path, map_location=device)
+    resume = state if state is not None and state.get("stage") == "cd" else None
+    if resume is not None:
+        target.load_state_dict(resume["target"])
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    local_batch = dist.local_batch_size(cfg.batch_size)
+
+    def loss_fn(model) -> torch.Tensor:
+        idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
+        f = consistency_fn(model, schedule, cfg.param)
+        f_target = consistency_fn(target, schedule, cfg.param)
+        return cd_loss(f, f_target, step_fn, ctx.x_all[idx], schedule, ts.cpu(), gen, cfg.cd_metric).mean()
+
+    def after_update(update, loss, lr, grad_norm) -> None:
+        with torch.no_grad():  # theta- <- mu theta- + (1 - mu) theta
+            for pt, p in zip(target.parameters(), student.parameters()):
+                pt.lerp_(p, 1 - cfg.target_ema)
+
+    student.train().requires_grad_(True)
+    t0 = time.perf_counter()
+    fitted = runs.fit(student, opt, total=cfg.cd_updates, loss_fn=loss_fn, gen=gen, salt=salt, device=device,
+                      lr_at=lambda update: cfg.lr, state_path=ctx.state_path, ckpt_every=cfg.ckpt_every,
+                      label="consistency distillation", resume=resume, after_update=after_update,
+                      extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "stage": "cd",
+                                           "network": ctx.student_network, "target": target.state_dict()},
+                      on_step=None if ctx.on_step is None else lambda update: ctx.on_step(0, update),
+                      progress=ctx.progress)
+    student.eval().requires_grad_(False)
+    if dist.is_main():
+        save_checkpoint(path, {"kind": "student", "method": "cd", "config": ctx.student_cfg,
+                               "network": ctx.student_network, "param": cfg.param, "steps": 1,
+                               "schedule": schedule.to_dict(), "data_shape": list(ctx.teacher0.data_shape),
+                               "model": student.state_dict(), "updates": cfg.cd_updates,
+                               "teacher": str(ctx.teacher0.path),
+                               "cd": {"steps": cfg.cd_steps, "target_ema": cfg.target_ema, "metric": cfg.cd_metric,
+                                      "solver": cfg.cd_solver, "t_top": float(ts[-1])}})
+        evaluate_cd(ctx, student, log, fitted.loss, time.perf_counter() - t0)
+    dist.barrier()
+
+
+def evaluate_cd(ctx, student, log, loss: float, wall: float) -> None:
+    """cd.csv rows: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the same NFE, on
+    the same per-index noise, scored with the round metric."""
+    from fastdiff.distill.stages import sample_model
+    from fastdiff.samplers import initial_noise
+
+    cfg, shape = ctx.cfg, tuple(ctx.teacher0.data_shape)
+    name, score = ctx.scorer
+    for nfe in EVAL_NFE:
+        ts = sampling_times(ctx.schedule, cfg.cd_steps, nfe)
+        x, gens = initial_noise(range(cfg.eval_samples), shape, cfg.seed, ctx.device)
+        with torch.no_grad():
+            from fastdiff.samplers import consistency
+
+            xs = consistency(student, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
+                             clip=len(shape) > 1, generator=gens).x
+        xt = sample_model(ctx.teacher0, nfe, cfg.eval_samples, shape, ctx.schedule, ctx.teacher0.param, cfg.seed,
+                          ctx.device)
+        log.add({"updates": cfg.cd_updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
+                 "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",
+                 "loss": f"{loss:.6g}", "wall_clock_s": f"{wall:.1f}"})
