@@ -301,6 +301,11 @@ def test_bare_unet_folder_with_its_scheduler_config(tmp_path, pipe_dir, teacher)
     diffusers.DDPMScheduler(num_train_timesteps=T).save_pretrained(bare)  # scheduler_config.json beside config.json
     model = fastdiff.load_model(bare, dataset="digits")
     assert model.hash == teacher.hash and model.schedule == teacher.schedule  # the same weights and schedule
+    pickled = tmp_path / "bin"  # .bin weights (torch.load with weights_only=True inside diffusers)
+    tiny_unet().save_pretrained(pickled, safe_serialization=False)
+    diffusers.DDPMScheduler(num_train_timesteps=T).save_pretrained(pickled)
+    assert (pickled / "diffusion_pytorch_model.bin").is_file()
+    assert fastdiff.load_model(pickled, dataset="digits").hash == teacher.hash
     alone = tmp_path / "alone"
     tiny_unet().save_pretrained(alone)
     with pytest.raises(FastdiffError, match="without a scheduler config"):
