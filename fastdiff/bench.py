@@ -8,6 +8,8 @@ Sweeps (sampler, step count) pairs over one model family and appends one long-fo
 - ``dpm++2m`` (DPM-Solver++(2M), uniform-logSNR grid), ``heun`` (Karras et al. 2022 Alg. 1, Karras grid,
   steps = (nfe + 1) // 2 so that its NFE = 2 steps - 1 tracks the step counts; the true NFE is recorded);
 - ``distilled``: every student `<distill_dir>/students/student_N{N}.pt`, DDIM eta 0 on its own grid i/N.
+- ``consistency``: the consistency-distilled student `<distill_dir>/students/cd.pt` (distill --method cd),
+  multistep consistency sampling on grid cd{N} (fastdiff.grids.consistency_grid) at every step count <= N.
 
 Every row uses the same `n_samples` and the same initial noise per sample index (`sample_generators(seed, k)`),
 so sample k is the same whatever the batch size, and the curves differ only by the sampler. A re-run computes
@@ -66,7 +68,7 @@ from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, gen
 
 log = logging.getLogger(__name__)
 
-SamplerName = Literal["ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled"]
+SamplerName = Literal["ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled", "consistency"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 # Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's uniform logSNR, EDM's
 # Karras grid, a student's own i/N.
@@ -141,8 +143,9 @@ def validate(cfg: BenchConfig) -> None:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
 
-def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int]) -> list[Spec]:
-    """Every sampling run of the sweep, in the order of cfg.samplers; strided grids stop at T."""
+def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid: str = "") -> list[Spec]:
+    """Every sampling run of the sweep, in the order of cfg.samplers; strided grids stop at T. `cd_grid` (cd{N}) is
+    the grid of the run's consistency student, sampled at every step count <= N (none without one)."""
     specs: list[Spec] = []
     strided = sorted(s for s in set(cfg.steps) if s <= T)
     if len(strided) < len(set(cfg.steps)):
@@ -152,6 +155,9 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int]) -> list[
             specs.append(Spec(name, FIXED_GRID[name], T, None, cfg.variance))
         elif name == "ddpm-strided":
             specs += [Spec(name, sp, s, None, cfg.variance) for sp in cfg.spacings for s in strided]
+        elif name == "consistency":
+            n = int(cd_grid[2:]) if cd_grid else 0
+            specs += [Spec(name, cd_grid, s, 0.0) for s in sorted(set(cfg.steps)) if s <= n]
         elif name in ("ddim", "ddim-eta1"):
             specs += [Spec(name, sp, s, 0.0 if name == "ddim" else 1.0) for sp in cfg.spacings for s in strided]
         else:
@@ -209,7 +215,7 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     if tuple(family.reference.x.shape[1:]) != family.data_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.data_shape}; check --dataset")
-    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
+    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid)
     csv_path = results_csv_path(cfg.out_dir, cfg.name or family.dataset)
     out = csv_path.parent
     with contextlib.ExitStack() as held:
@@ -286,6 +292,8 @@ def grid_hash(spec: Spec, schedule: Schedule) -> str:
 
 
 def _network(family: Family, spec: Spec) -> Network:
+    if spec.sampler == "consistency":
+        return family.consistency
     return family.students[spec.steps] if spec.sampler == "distilled" else family.teacher
 
 
@@ -324,7 +332,7 @@ def dry_run(cfg: BenchConfig) -> int:
     """Print the sampling runs `cfg` would do (all of them, resumed or not); loads the models, writes nothing."""
     validate(cfg)
     family = load_family(cfg, runs.resolve_device(cfg.device))
-    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students))
+    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid)
     print(f"{len(specs)} sampling runs x {len(_metric_names(cfg.metrics))} metrics, {cfg.n_samples} samples each, "
           f"dataset {family.dataset}, reference {family.reference.name}:")
     for spec in specs:

@@ -6,6 +6,7 @@ placed in logsnr and mapped back with `Schedule.t_of_logsnr`. Every grid ends wi
 """
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 import numpy as np
@@ -116,12 +117,29 @@ def karras_grid(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: flo
     return _from_logsnr(schedule, -2 * sigma.log(), from_t1=top == np.exp(-lo / 2))
 
 
+def consistency_grid(schedule: Schedule, n: int, steps: int) -> torch.Tensor:
+    """(steps+1,) the times of `steps`-step consistency sampling for a student distilled on the karras
+    discretization with n steps (n + 1 boundaries t_0 = 1/T < ... < t_n, the karras grid without its 0): the
+    boundaries at indices round(j n / steps), j = steps..1 (one step starts at t_n, the top the student was trained
+    at), then 0. A fixed rule chosen before any result (Song et al. 2023 search the times; not done here)."""
+    if not 1 <= steps <= n:
+        raise FastdiffError(f"consistency sampling of a student trained on {n} steps needs 1 <= steps <= {n}, got "
+                            f"{steps}")
+    bounds = karras_grid(schedule, n + 1)[:-1].flip(0)
+    idx = [round(j * n / steps) for j in range(steps, 0, -1)]
+    return torch.cat([bounds[idx], bounds.new_zeros(1)])
+
+
 def make_grid(kind: str, steps: int, schedule: Schedule) -> torch.Tensor:
-    """(steps+1,) the grid named `kind` (one of GRIDS) with `steps` steps for `schedule`.
+    """(steps+1,) the grid named `kind` (one of GRIDS, or "cd{n}") with `steps` steps for `schedule`.
 
     "full" is k/T and needs steps == schedule.T; "student" is i/steps (any steps >= 1); the spacings are
-    strided sub-grids of schedule.T; "logsnr" and "karras" are continuous in t.
+    strided sub-grids of schedule.T; "logsnr" and "karras" are continuous in t; "cd{n}" (e.g. cd18) is
+    `consistency_grid` of a consistency student trained on n karras steps.
     """
+    cd = re.fullmatch(r"cd([0-9]+)", kind)
+    if cd:
+        return consistency_grid(schedule, int(cd.group(1)), steps)
     if kind not in GRIDS:
         raise FastdiffError(f"unknown grid {kind!r}; choose one of {', '.join(GRIDS)}")
     if steps < 1:

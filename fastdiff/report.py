@@ -59,6 +59,8 @@ def line_label(sampler: str, grid: str, eta: str, variance: str) -> str:
     """The legend entry of one curve: sampler + its grid + eta (DDIM) or variance (DDPM)."""
     if sampler == "distilled":
         return "distilled students (own N-step grid)"
+    if sampler == "consistency":
+        return f"consistency student ({grid}, multistep)"
     extra = [grid] + ([f"η={float(eta):g}"] if sampler.startswith("ddim") and eta else []) + \
         ([f"{variance} var."] if variance else [])
     return f"{sampler} ({', '.join(extra)})"

@@ -20,7 +20,7 @@ import torch
 
 from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff.samplers import Sample, ddim, ddpm, dpm_solver_pp_2m, heun, initial_noise
+from fastdiff.samplers import Sample, consistency, ddim, ddpm, dpm_solver_pp_2m, heun, initial_noise
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
@@ -51,6 +51,8 @@ class Family:
     teacher: Network
     students: dict[int, Network]
     reference: Reference
+    consistency: Network | None = None  # the consistency-distilled student (students/cd.pt), if swept
+    cd_grid: str = ""  # its grid name, cd{N} (fastdiff.grids.consistency_grid)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, 
         return dpm_solver_pp_2m(net, x, ts, **kw)
     if spec.sampler == "heun":
         return heun(net, x, ts, **kw)
+    if spec.sampler == "consistency":
+        return consistency(net, x, ts, **kw)
     return ddim(net, x, ts, eta=spec.eta, **kw)
 
 
@@ -224,6 +228,13 @@ def load_family(cfg, device: torch.device) -> Family:
             log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
     elif "distilled" in cfg.samplers:
         log.info("no --distill-dir: the sweep has no distilled students")
+    cd_student, cd_grid = None, ""
+    if cfg.distill_dir and "consistency" in cfg.samplers and (students_dir / "cd.pt").is_file():
+        from fastdiff.checkpoint import load_checkpoint
+
+        st = load_model(students_dir / "cd.pt", device)
+        cd_grid = f"cd{int(load_checkpoint(students_dir / 'cd.pt')['cd']['steps'])}"
+        cd_student = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st))
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
                                seed=int(teacher.config.get("seed", 0)))
@@ -231,7 +242,7 @@ def load_family(cfg, device: torch.device) -> Family:
     if cfg.guidance and not network.num_classes:
         raise FastdiffError(f"--guidance needs a class-conditional teacher (trained with --cond class); "
                             f"{teacher.path} is unconditional")
-    return Family(dataset, tuple(teacher.data_shape), network, students, reference)
+    return Family(dataset, tuple(teacher.data_shape), network, students, reference, cd_student, cd_grid)
 
 
 def scores_classes(spec: Spec, network: Network, dataset: str) -> bool:

@@ -188,3 +188,25 @@ def test_cd_refuses_eps_students_and_guided_runs(tmp_path, capsys):
     assert "--method cd needs --param v or x0" in capsys.readouterr().err
     assert run_cli(main, ["--preset", "digits-guided", "--method", "cd", "--out-dir", str(tmp_path / "b")]) == 2
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_cd_student_joins_the_sweep_as_its_own_family(tmp_path):
+    import csv
+    import dataclasses
+
+    from fastdiff.bench import main as bench_main
+    from fastdiff.distill import distill
+    from fastdiff.report import write_report
+    from test_distill import _tiny_toy
+
+    cfg = _tiny_toy(tmp_path, method="cd", cd_updates=4, cd_steps=8, eval_samples=64)
+    run = distill(dataclasses.replace(cfg), progress=False)
+    out = tmp_path / "results"
+    assert bench_main(["--distill-dir", str(run), "--samplers", "consistency,ddim", "--steps", "1,2,16",
+                       "--n-samples", "64", "--batch-size", "64", "--metrics", "fid", "--out-dir", str(out),
+                       "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out / "toy2d" / "fid_vs_steps.csv")))
+    cd_rows = {(r["grid"], int(r["steps"]), int(r["nfe"])) for r in rows if r["sampler"] == "consistency"}
+    assert cd_rows == {("cd8", 1, 1), ("cd8", 2, 2)}  # 16 > N = 8 steps: not sampled
+    assert "consistency student (cd8, multistep)" in write_report(out).read_text()

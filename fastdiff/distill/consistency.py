@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from fastdiff.errors import FastdiffError
-from fastdiff.grids import karras_grid
+from fastdiff.grids import consistency_grid, karras_grid
 from fastdiff.losses import noised
 from fastdiff.param import append_dims, c_skip, consistency_fn  # noqa: F401  (re-exported: the CD student)
 from fastdiff.schedules import Schedule
@@ -108,15 +108,6 @@ EVAL_NFE = (1, 2, 4)
 CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim_value", "loss", "wall_clock_s"]
 
 
-def sampling_times(schedule: Schedule, n: int, nfe: int) -> torch.Tensor:
-    """(nfe+1,) decreasing times of `nfe`-step consistency sampling: the student's training boundaries t_N > ... > t_0
-    subsampled at indices round(j N / nfe), j = nfe..1 (so one step starts at t_top = t_N, where it was trained),
-    then 0. A fixed rule, chosen before any result (Song et al. 2023 pick theirs by search; not done here)."""
-    ts = boundaries(schedule, n)
-    idx = [round(j * n / nfe) for j in range(nfe, 0, -1)]
-    return torch.cat([ts[idx], ts.new_zeros(1)])
-
-
 def run_consistency(ctx) -> None:
     """Consistency distillation of ctx's teacher (Song et al. 2023, Alg. 2) through runs.fit, resumable from
     state.pt (the target network theta- saved with it); writes students/cd.pt and cd.csv (FID of 1/2/4-step
@@ -197,7 +188,7 @@ def evaluate_cd(ctx, student, log, loss: float, wall: float) -> None:
     cfg, shape = ctx.cfg, tuple(ctx.teacher0.data_shape)
     name, score = ctx.scorer
     for nfe in EVAL_NFE:
-        ts = sampling_times(ctx.schedule, cfg.cd_steps, nfe)
+        ts = consistency_grid(ctx.schedule, cfg.cd_steps, nfe)
         x, gens = initial_noise(range(cfg.eval_samples), shape, cfg.seed, ctx.device)
         with torch.no_grad():
             from fastdiff.samplers import consistency
