@@ -47,11 +47,13 @@ SUPPORTED = "UNet2DModel (alone, or in a pipeline folder such as DDPMPipeline/DD
 
 def is_diffusers_source(source) -> bool:
     """Whether `source` names a diffusers model: a folder with model_index.json or a diffusers config.json, or
-    (not an existing path) a hub id `org/name`."""
+    (not an existing path, and `org` not a local folder) a hub id `org/name`."""
     p = Path(str(source))
     if p.is_dir():
         return (p / "model_index.json").is_file() or _class_name(p / "config.json") is not None
-    return not p.exists() and bool(HUB_ID.match(str(source))) and not str(source).endswith(".pt")
+    # org/name whose org is not a local folder: `runs/missing` stays a (missing) local path
+    return (not p.exists() and bool(HUB_ID.match(str(source))) and not str(source).endswith(".pt")
+            and not p.parent.exists())
 
 
 def _class_name(config_path: Path) -> str | None:

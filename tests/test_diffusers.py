@@ -401,3 +401,10 @@ def test_unexportable_students(tmp_path, capsys):
                        "--sample-every", "1000", "--out-dir", str(run)]) == 0
     assert run_cli(export_main, [str(run), "--out", str(tmp_path / "e")]) == 2
     assert "no exact diffusers counterpart" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FastdiffError, match="'runs/missing/checkpoint.pt' does not exist|'runs/missing' does not"):
+        fastdiff.load_model("runs/missing")
