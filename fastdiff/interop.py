@@ -241,11 +241,11 @@ def verify(model, folder: Path, n: int) -> dict:
     """Sample `n` images three ways on fastdiff's per-index noise (seed 0) and compare: `model` itself, the folder
     reloaded by fastdiff (must be bit-identical) and the folder run by diffusers (DDIMScheduler.step with
     use_clipped_model_output=True) -> {"steps", "fastdiff_max_abs", "diffusers_rel"} (max |a - b| / max |a|).
-    A student runs its own N steps; a teacher 8 (trailing grid)."""
+    A student runs its own N steps; a teacher 8 (or the largest of 4, 2, 1 dividing T: a trailing grid)."""
     from fastdiff.samplers import ddim, initial_noise, student_grid
 
     diffusers = require_diffusers()
-    steps = model.steps or 8
+    steps = model.steps or next(k for k in (8, 4, 2, 1) if model.schedule.T % k == 0)
     x, _ = initial_noise(range(n), model.data_shape, 0, "cpu")
     back = read_diffusers(str(folder))
     pipe = diffusers.DDIMPipeline.from_pretrained(folder)
