@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FastdiffError("--check must be >= 0 (0: no check)")
     out, checked = export(model, args.out, extra, check=args.check)
     print(f"exported {model.kind} {path} -> {out} (diffusers DDIMPipeline"
-          + (f", {model.steps} steps" if model.steps else "") + ")")
+          + (f", {model.steps} step{'s' if model.steps != 1 else ''}" if model.steps else "") + ")")
     if checked:
         print(f"checked: {json.dumps(checked)}")
     return 0
