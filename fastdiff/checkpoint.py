@@ -108,7 +108,12 @@ def weights_hash(ckpt: dict, state: dict) -> str:
     the tensors share storage (a resumed run's file differs from an uninterrupted one's with equal tensors).
     """
     cfg = ckpt["config"]
-    described = [network_to_dict(network_of(ckpt)), cfg["schedule"], cfg["T"], ckpt.get("param", cfg["param"]),
+    network = network_to_dict(network_of(ckpt))
+    if network["arch"] == "diffusers-unet2d":  # fastdiff's short config and diffusers' full one: one network
+        from fastdiff.models.diffusers_unet import full_config
+
+        network = {**network, "unet_config": full_config(network["unet_config"])}
+    described = [network, cfg["schedule"], cfg["T"], ckpt.get("param", cfg["param"]),
                  ckpt.get("kind"), ckpt.get("steps")]
     schedule = schedule_of(ckpt).to_dict()
     if schedule != {"kind": cfg["schedule"], "T": cfg["T"]}:  # beyond kind and T (ids of older runs unchanged)

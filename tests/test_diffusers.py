@@ -235,6 +235,7 @@ def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp
     assert "progressive distillation" in card and teacher.hash in card and "| steps N | 4 |" in card
     back = fastdiff.load_model(tmp_path / "export")
     assert (back.kind, back.steps, back.param, back.schedule) == ("student", 4, "v", teacher.schedule)
+    assert back.hash == student.hash  # one model id for the checkpoint and its exported folder
     x, _ = initial_noise(range(6), (1, 8, 8), 0, "cpu")
     with torch.no_grad():
         ours = distilled(student.net, x, 4, schedule=student.schedule, param="v", clip=True).x
@@ -258,6 +259,7 @@ def test_native_diffusers_arch_trains_and_exports_its_teacher(tmp_path):
     assert export_main([str(run), "--out", str(tmp_path / "export")]) == 0
     back = fastdiff.load_model(tmp_path / "export")  # the _fastdiff block: the exact (continuous cosine) schedule
     assert back.schedule == ours.schedule and back.kind == "teacher" and not back.network["discrete"]
+    assert back.hash == ours.hash
     x, _ = initial_noise(range(3), (1, 8, 8), 0, "cpu")
     ts = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
     with torch.no_grad():

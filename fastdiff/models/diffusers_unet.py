@@ -80,6 +80,19 @@ def config_json(config: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)
 
 
+def full_config(config_json_str: str) -> str:
+    """The same UNet2DModel config with every init argument diffusers fills by default written out (sorted JSON):
+    a config as fastdiff writes it and the config.json diffusers saves describe one network with one string."""
+    import inspect
+
+    diffusers = require_diffusers()
+    given = json.loads(config_json_str)
+    defaults = {name: p.default for name, p in inspect.signature(diffusers.UNet2DModel.__init__).parameters.items()
+                if name != "self" and p.default is not inspect.Parameter.empty}
+    full = {**defaults, **given}
+    return json.dumps(json.loads(json.dumps(full)), sort_keys=True)  # tuples -> lists, as in a saved config.json
+
+
 def timesteps(t: torch.Tensor, T: int, discrete: bool) -> torch.Tensor:
     """(B,) continuous t -> (B,) float32 diffusers timesteps tau = t·T - 1 (module docstring: the snap and, for
     discrete networks, the clamp at 0)."""
