@@ -175,6 +175,7 @@ def test_cd_run_resumes_to_the_same_weights(tmp_path):
     a, b = load_checkpoint(run / "students" / "cd.pt"), load_checkpoint(ref / "students" / "cd.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["method"] == "cd" and a["cd"]["steps"] == 8
+    assert a["cost"]["updates"] == 12 and a["cost"]["teacher_evals"] == 12 * cfg.batch_size
     rows = [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(run / "cd.csv"))]
     assert rows == [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(ref / "cd.csv"))]
     assert [int(r["nfe"]) for r in rows] == [1, 2, 4]

@@ -106,6 +106,13 @@ def test_resume_inside_a_round_gives_complete_table(tmp_path):
 
     student = load_student(run / "students" / "student_N2.pt")
     assert student.steps == 2 and student.kind == "student"
+    # what each student cost, cumulative from the teacher: the 1-step one includes the 2-step one's round
+    from fastdiff.checkpoint import load_checkpoint
+
+    c1, c2 = (load_checkpoint(run / "students" / f"student_N{n}.pt")["cost"] for n in (1, 2))
+    assert (c2["updates"], c1["updates"]) == (60, 120)
+    assert c1["teacher_evals"] == 2 * cfg.batch_size * 120 and c1["student_passes"] == cfg.batch_size * 120
+    assert c1["wall_clock_s"] > c2["wall_clock_s"] > 0 and c1["device"] == "cpu"
 
 
 @pytest.mark.parametrize("param", ["eps", "x0", "v"])

@@ -33,7 +33,8 @@ from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, D
                                      round_updates, sweep_name, validate)
 from fastdiff.distill.consistency import run_consistency
 from fastdiff.distill.guided import guided_base
-from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
+from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
+                                    training_cost)
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 from fastdiff.metrics import round_scorer
@@ -207,7 +208,7 @@ def run_rounds(ctx: DistillRun) -> None:
         total = round_updates(cfg, r)
         loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
                                  f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
-        save_student(ctx, student_path, student, n_student, r, total)
+        save_student(ctx, student_path, student, n_student, r, total, training_cost(ctx, rounds, r, total, wall))
         if dist.is_main() and not rounds.done(r):
             row = evaluate_round(student, ctx, n_student)
             rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,

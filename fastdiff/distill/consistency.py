@@ -173,6 +173,15 @@ def run_consistency(ctx) -> None:
                                "schedule": schedule.to_dict(), "data_shape": list(ctx.teacher0.data_shape),
                                "model": student.state_dict(), "updates": cfg.cd_updates,
                                "teacher": str(ctx.teacher0.path),
+                               # per update and example: 1 teacher step (2 evaluations for Heun), 1 target forward,
+                               # 1 student forward + backward; the teacher's own training not included
+                               "cost": {"updates": cfg.cd_updates,
+                                        "teacher_evals": cfg.batch_size * cfg.cd_updates
+                                        * (2 if cfg.cd_solver == "heun" else 1),
+                                        "target_evals": cfg.batch_size * cfg.cd_updates,
+                                        "student_passes": cfg.batch_size * cfg.cd_updates,
+                                        "wall_clock_s": round(fitted.seconds, 1), "device": str(device),
+                                        "threads": torch.get_num_threads()},
                                "cd": {"steps": cfg.cd_steps, "target_ema": cfg.target_ema, "metric": cfg.cd_metric,
                                       "solver": cfg.cd_solver, "t_top": float(ts[-1])}})
         evaluate_cd(ctx, student, log, fitted.loss, time.perf_counter() - t0)

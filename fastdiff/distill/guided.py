@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff import distributed as dist
-from fastdiff.distill.stages import DistillRun, evaluate_round, finished_student, save_student, train_stage
+from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
+                                    training_cost)
 from fastdiff.errors import FastdiffError
 from fastdiff.runs import RoundLog
 from fastdiff.models import build_model, network_from_dict
@@ -28,7 +29,8 @@ def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
     torch.nn.init.zeros_(student.embed.scalar[-1].bias)
     loss, wall = train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
                               ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
-    save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates)
+    save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates,
+                 training_cost(ctx, rounds, -1, ctx.cfg.guided_base_updates, wall))
     if dist.is_main() and not rounds.done(-1):
         rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.guided_base_updates,
                     "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}",

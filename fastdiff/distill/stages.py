@@ -103,12 +103,30 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
     return fitted.loss, fitted.seconds
 
 
-def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int) -> None:
+def training_cost(ctx: DistillRun, rounds: RoundLog, r: int, updates: int, wall: float) -> dict:
+    """What the student of stage r cost to make, cumulative from the teacher: this stage (`updates`, `wall` s) plus
+    every finished stage before it in rounds.csv (the guided first stage is round -1). Per update each example costs
+    2 teacher network evaluations (two DDIM steps of progressive distillation; the conditional and unconditional
+    halves of the guided stage) and 1 student forward + backward pass. The teacher's own training is not included."""
+    earlier = [row for row in rounds.rows if int(row["round"]) < r]
+    total_updates = updates + sum(int(row["updates"]) for row in earlier)
+    batch = ctx.cfg.batch_size
+    return {"updates": total_updates, "teacher_evals": 2 * batch * total_updates,
+            "student_passes": batch * total_updates,
+            "wall_clock_s": round(wall + sum(float(row["wall_clock_s"]) for row in earlier), 1),
+            "device": str(ctx.device), "threads": torch.get_num_threads()}
+
+
+def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int,
+                 cost: dict | None = None) -> None:
+    """students/<name>.pt (rank 0): a checkpoint fastdiff.load_student reads, with its grid N, the schedule, and
+    `cost`, what it took to make it (`training_cost`)."""
     if dist.is_main():
         save_checkpoint(path, {"kind": "student", "config": ctx.student_cfg, "network": ctx.student_network,
                                "param": ctx.cfg.param, "steps": n_student, "schedule": ctx.schedule.to_dict(),
                                "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
-                               "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided})
+                               "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided,
+                               "cost": cost})
 
 
 def finished_student(ctx: DistillRun, rounds: RoundLog, r: int, path: Path):
