@@ -309,7 +309,9 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "grid": spec.grid,
             "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
             "steps": spec.steps, "guidance": spec.guidance,
-            "samples_file": samples_file(spec, network, cfg)}
+            "samples_file": samples_file(spec, network, cfg),
+            **{f"train_{k}": v for k, v in (network.cost or {}).items()
+               if k in ("updates", "teacher_evals", "student_passes", "wall_clock_s", "device")}}
     names = _metric_names(cfg.metrics) + (["class_accuracy"] if scores_classes(spec, network, base["dataset"]) else [])
     return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
             for m in names]

@@ -157,6 +157,7 @@ class LoadedModel:
     data_shape: tuple[int, ...]
     path: Path
     network: dict | None = None  # the network it holds, as checkpoints describe it (network_to_dict)
+    cost: dict | None = None  # a student's training cost, cumulative from its teacher (see distill.stages)
     source: dict | None = None  # a diffusers model: where it came from and its scheduler's inference-grid keys
 
 
@@ -197,7 +198,8 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
     return LoadedModel(net=net, schedule=schedule_of(ckpt), param=ckpt.get("param", cfg["param"]),
                        dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=weights_hash(ckpt, state), config=cfg,
-                       data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network))
+                       data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network),
+                       cost=ckpt.get("cost"))
 
 
 def load_student(path, device="cpu") -> LoadedModel:

@@ -206,6 +206,20 @@ def pivot_table(fid: pd.DataFrame) -> str:
                     [[line] + list(vals) for line, vals in zip(pivot.index, pivot.to_numpy())])
 
 
+def cost_table(fid: pd.DataFrame) -> str | None:
+    """The distilled students' FID beside what each cost to make (cumulative from the teacher; the rows'
+    train_* columns), or None when no row records a cost (the teacher's rows, CSVs before fastdiff 0.3)."""
+    if "train_updates" not in fid:
+        return None
+    rows = fid[fid.train_updates.astype(str) != ""].sort_values(["line", "nfe"])
+    if rows.empty:
+        return None
+    return md_table(("student (grid)", "NFE", "FID", "updates", "teacher evaluations", "student passes",
+                     "training wall-clock (s)", "trained on"),
+                    [(r.line, int(r.nfe), r.value, r.train_updates, r.train_teacher_evals, r.train_student_passes,
+                      r.train_wall_clock_s, r.train_device) for r in rows.itertuples()])
+
+
 def provenance_table(df: pd.DataFrame) -> str:
     def uniq(col):
         vals = sorted({v for v in df[col].astype(str) if v not in ("", "nan")})
@@ -244,6 +258,10 @@ def sweep_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -
                "scoring excluded), measured in the same run on the device listed below.", "",
                "**Best FID within an NFE budget**", "", best_table(fid), "", "**FID by sampler and NFE**", "",
                pivot_table(fid), ""]
+        costs = cost_table(fid)
+        if costs:
+            md += ["**What each student cost to make** (cumulative from the teacher, whose own training is not "
+                   "counted; teacher evaluations and student passes per example)", "", costs, ""]
     other_png = folder / f"metrics_vs_nfe{tag}.png"
     if plot_other_metrics(df, other_png, styles):
         md += [f"![Other metrics vs NFE]({rel(other_png)})", ""]

@@ -40,6 +40,7 @@ class Network:
     hash: str
     num_classes: int = 0
     takes_w: bool = False
+    cost: dict | None = None  # a student's training cost (its checkpoint's `cost`), recorded with its rows
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def load_family(cfg, device: torch.device) -> Family:
             if st.schedule != teacher.schedule:
                 raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
             students[int(st.steps)] = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st),
-                                              bool(st.config.get("scalar_cond")))
+                                              bool(st.config.get("scalar_cond")), st.cost)
         if not students:
             log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
     elif "distilled" in cfg.samplers:
@@ -234,7 +235,7 @@ def load_family(cfg, device: torch.device) -> Family:
 
         st = load_model(students_dir / "cd.pt", device)
         cd_grid = f"cd{int(load_checkpoint(students_dir / 'cd.pt')['cd']['steps'])}"
-        cd_student = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st))
+        cd_student = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st), cost=st.cost)
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
                                seed=int(teacher.config.get("seed", 0)))

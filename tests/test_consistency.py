@@ -210,4 +210,8 @@ def test_cd_student_joins_the_sweep_as_its_own_family(tmp_path):
     rows = list(csv.DictReader(open(out / "toy2d" / "fid_vs_steps.csv")))
     cd_rows = {(r["grid"], int(r["steps"]), int(r["nfe"])) for r in rows if r["sampler"] == "consistency"}
     assert cd_rows == {("cd8", 1, 1), ("cd8", 2, 2)}  # 16 > N = 8 steps: not sampled
-    assert "consistency student (cd8, multistep)" in write_report(out).read_text()
+    report = write_report(out).read_text()
+    assert "consistency student (cd8, multistep)" in report and "What each student cost to make" in report
+    cd = [r for r in rows if r["sampler"] == "consistency"]
+    assert {r["train_updates"] for r in cd} == {"4"} and {r["train_teacher_evals"] for r in cd} == {str(4 * 512)}
+    assert {r["train_updates"] for r in rows if r["sampler"] == "ddim"} == {""}  # the teacher's rows

@@ -118,3 +118,23 @@ def test_a_results_csv_of_an_earlier_version_still_reads(tmp_path):
     pd.read_csv(path, dtype=str, keep_default_na=False).rename(columns={"grid": "spacing"}).to_csv(path, index=False)
     old = read_results(path)
     assert list(old["grid"]) == list(new["grid"]) and list(old["line"]) == list(new["line"])
+
+
+def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_path):
+    """CSVs of fastdiff 0.2 lack the train_* columns: the sweep reads them (empty) and writes them back extended."""
+    import csv as _csv
+
+    from fastdiff.results import COLUMNS, COST_COLUMNS, ResultsCSV
+
+    old = [c for c in COLUMNS if c not in COST_COLUMNS]
+    path = tmp_path / "fid_vs_steps.csv"
+    with open(path, "w", newline="") as f:
+        w = _csv.DictWriter(f, old)
+        w.writeheader()
+        w.writerow({c: "x" for c in old})
+    results = ResultsCSV(path)
+    assert results.rows[0]["train_updates"] == "" and results.has(results.rows[0])
+    results.add([{c: "y" for c in COLUMNS}])
+    with open(path, newline="") as f:
+        reader = _csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS and len(list(reader)) == 2
