@@ -250,24 +250,31 @@ class MetricsLog:
 
 class RoundLog:
     """rounds.csv (or any per-stage table), rewritten atomically: one row per value of the integer column `key`
-    (a finished round), never duplicated."""
+    (a finished round) or of a tuple of integer columns, never duplicated."""
 
-    def __init__(self, path: Path, fields: Sequence[str], key: str = "round"):
-        self.path, self.fields, self.key = path, list(fields), key
+    def __init__(self, path: Path, fields: Sequence[str], key: str | tuple[str, ...] = "round"):
+        self.path, self.fields = path, list(fields)
+        self.key = (key,) if isinstance(key, str) else tuple(key)
         self.rows = []
         if path.exists():
             with open(path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
 
     def done(self, r: int) -> bool:
-        return any(int(row[self.key]) == r for row in self.rows)
+        return any(self._key(row) == self._key_of(r) for row in self.rows)
+
+    def _key(self, row: dict) -> tuple[int, ...]:
+        return tuple(int(row[k]) for k in self.key)
+
+    def _key_of(self, r) -> tuple[int, ...]:
+        return tuple(r) if isinstance(r, tuple) else (int(r),)
 
     def add(self, row: dict) -> None:
-        self.rows = [x for x in self.rows if int(x[self.key]) != int(row[self.key])] + [row]
+        self.rows = [x for x in self.rows if self._key(x) != self._key(row)] + [row]
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
-            writer.writerows(sorted(self.rows, key=lambda x: int(x[self.key])))
+            writer.writerows(sorted(self.rows, key=self._key))
 
 
 @dataclass

@@ -160,7 +160,8 @@ def test_cd_run_resumes_to_the_same_weights(tmp_path):
     from fastdiff.errors import Preempted
     from test_distill import _tiny_toy
 
-    cfg = _tiny_toy(tmp_path, method="cd", cd_updates=12, ckpt_every=4, cd_steps=8, eval_samples=64)
+    cfg = _tiny_toy(tmp_path, method="cd", cd_updates=12, ckpt_every=4, cd_steps=8, eval_samples=64,
+                    cd_eval_every=5)
     ref = distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")), progress=False)
 
     def stop_at_6(r, update):
@@ -178,7 +179,11 @@ def test_cd_run_resumes_to_the_same_weights(tmp_path):
     assert a["cost"]["updates"] == 12 and a["cost"]["teacher_evals"] == 12 * cfg.batch_size
     rows = [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(run / "cd.csv"))]
     assert rows == [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(ref / "cd.csv"))]
-    assert [int(r["nfe"]) for r in rows] == [1, 2, 4]
+    # snapshots at 5, 10 and the end, each with its cost so far (the EMA weights, restored on resume too)
+    assert [(int(r["updates"]), int(r["nfe"])) for r in rows] == [(u, n) for u in (5, 10, 12) for n in (1, 2, 4)]
+    assert [int(r["teacher_evals"]) for r in rows[::3]] == [u * cfg.batch_size for u in (5, 10, 12)]
+    assert sorted(p.name for p in (run / "students").iterdir()) == ["cd.pt", "cd_u000005.pt", "cd_u000010.pt",
+                                                                   "cd_u000012.pt"]
 
 
 def test_cd_refuses_eps_students_and_guided_runs(tmp_path, capsys):

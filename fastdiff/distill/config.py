@@ -48,6 +48,8 @@ class DistillConfig:
     cd_updates: int = 2000  # optimiser updates of consistency distillation
     cd_steps: int = 18  # N: the karras discretization (rho = 7) has N + 1 boundaries
     target_ema: float = 0.95  # mu of the target network theta- (0: theta- = theta, as in iCT)
+    cd_ema_decay: float = 0.99  # EMA of the weights that is saved and evaluated (apart from theta-; 0: the raw weights)
+    cd_eval_every: int = 0  # updates between student snapshots with cd.csv rows (0: only at the end)
     cd_metric: Literal["pseudo-huber", "l2"] = "pseudo-huber"  # the distance d (LPIPS needs weights not here)
     cd_solver: Literal["ddim", "heun"] = "ddim"  # the teacher's one ODE step per update
     # guided distillation (Meng et al. 2023)
@@ -126,6 +128,8 @@ def validate(cfg: DistillConfig) -> None:
         cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 1, ">= 1")
         cfgs.check_range(cfg, "cd_steps", cfg.cd_steps >= 1, ">= 1")
         cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
+        cfgs.check_range(cfg, "cd_ema_decay", 0 <= cfg.cd_ema_decay < 1, "in [0, 1)")
+        cfgs.check_range(cfg, "cd_eval_every", cfg.cd_eval_every >= 0, ">= 0 (0: only at the end)")
     if (cfg.dataset or cfg.data_root) and not cfg.teacher:
         raise FastdiffError("--dataset/--data-root name the data of a diffusers --teacher; a preset teacher's data "
                             "comes from --teacher-preset")

@@ -105,13 +105,29 @@ def cd_loss(student_f: Callable, target_f: Callable, teacher_step: Callable, x0:
 # --- the training stage -------------------------------------------------------------------------------------------
 
 EVAL_NFE = (1, 2, 4)
-CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim_value", "loss", "wall_clock_s"]
+CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim_value", "loss", "teacher_evals",
+             "student_passes", "wall_clock_s"]
+
+
+def cd_cost(cfg, updates: int, wall: float, device) -> dict:
+    """What a consistency student cost after `updates` updates, per example: 1 teacher ODE step (2 evaluations for
+    Heun), 1 target-network forward, 1 student forward + backward; the teacher's own training is not included."""
+    batch = cfg.batch_size
+    return {"updates": updates, "teacher_evals": batch * updates * (2 if cfg.cd_solver == "heun" else 1),
+            "target_evals": batch * updates, "student_passes": batch * updates, "wall_clock_s": round(wall, 1),
+            "device": str(device), "threads": torch.get_num_threads()}
+
+
+def snapshot_path(run, updates: int):
+    return run / "students" / f"cd_u{updates:06d}.pt"
 
 
 def run_consistency(ctx) -> None:
     """Consistency distillation of ctx's teacher (Song et al. 2023, Alg. 2) through runs.fit, resumable from
-    state.pt (the target network theta- saved with it); writes students/cd.pt and cd.csv (FID of 1/2/4-step
-    consistency sampling beside the teacher's DDIM at the same NFE)."""
+    state.pt (with the target network theta- and the weights EMA). The saved and evaluated student is the EMA of
+    the weights (decay cd_ema_decay), separate from theta- (decay target_ema). Every cd_eval_every updates and at
+    the end: students/cd_u{updates}.pt and cd.csv rows (FID of 1/2/4-step consistency sampling beside the teacher's
+    DDIM at the same NFE, with the cost so far); the last one is also students/cd.pt."""
     import copy
     import time
 
@@ -123,13 +139,14 @@ def run_consistency(ctx) -> None:
     from fastdiff.runs import RoundLog
 
     cfg, device, schedule = ctx.cfg, ctx.device, ctx.schedule
-    path = ctx.run / "students" / "cd.pt"
-    log = RoundLog(ctx.run / "cd.csv", CD_FIELDS, key="nfe")
-    if path.exists() and all(log.done(nfe) for nfe in EVAL_NFE):
+    final = ctx.run / "students" / "cd.pt"
+    log = RoundLog(ctx.run / "cd.csv", CD_FIELDS, key=("updates", "nfe"))
+    if final.exists() and all(log.done((cfg.cd_updates, nfe)) for nfe in EVAL_NFE):
         return
     student = build_model(network_from_dict(ctx.student_network)).to(device)
     student.load_state_dict(ctx.teacher0.net.state_dict())  # the teacher's EMA weights
     target = copy.deepcopy(student).eval().requires_grad_(False)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
     teacher = ctx.teacher0.net.eval().requires_grad_(False)
     teacher_fn = denoiser(teacher, schedule, ctx.teacher0.param)
     if ctx.teacher0.param == "eps" and ctx.x_all.ndim > 2:
@@ -141,10 +158,16 @@ def run_consistency(ctx) -> None:
     torch.manual_seed(salt + 1 + dist.rank())
     state = load_resumable(ctx.state_path, map_location=device)
     resume = state if state is not None and state.get("stage") == "cd" else None
+    timing = {"start": time.perf_counter() - (resume["wall_clock_s"] if resume else 0.0),
+              "eval_s": resume.get("eval_s", 0.0) if resume else 0.0,
+              "loss": list(resume.get("cd_losses", [])) if resume else []}  # the last 50, for cd.csv
     if resume is not None:
         target.load_state_dict(resume["target"])
+        ema.load_state_dict(resume["ema"])
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     local_batch = dist.local_batch_size(cfg.batch_size)
+    meta = {"steps": cfg.cd_steps, "target_ema": cfg.target_ema, "ema_decay": cfg.cd_ema_decay,
+            "metric": cfg.cd_metric, "solver": cfg.cd_solver, "t_top": float(ts[-1])}
 
     def loss_fn(model) -> torch.Tensor:
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
@@ -152,47 +175,50 @@ def run_consistency(ctx) -> None:
         f_target = consistency_fn(target, schedule, cfg.param)
         return cd_loss(f, f_target, step_fn, ctx.x_all[idx], schedule, ts.cpu(), gen, cfg.cd_metric).mean()
 
+    def snapshot(update: int) -> None:
+        """students/cd_u{update}.pt and its cd.csv rows (rank 0); the evaluation's time is not training cost."""
+        t_eval = time.perf_counter()
+        cost = cd_cost(cfg, update, t_eval - timing["start"] - timing["eval_s"], device)
+        payload = {"kind": "student", "method": "cd", "config": ctx.student_cfg, "network": ctx.student_network,
+                   "param": cfg.param, "steps": 1, "schedule": schedule.to_dict(),
+                   "data_shape": list(ctx.teacher0.data_shape), "model": ema.state_dict(), "updates": update,
+                   "teacher": str(ctx.teacher0.path), "cost": cost, "cd": meta}
+        save_checkpoint(snapshot_path(ctx.run, update), payload)
+        if update == cfg.cd_updates:
+            save_checkpoint(final, payload)
+        recent = timing["loss"][-50:]
+        evaluate_cd(ctx, ema, log, update, sum(recent) / max(len(recent), 1), cost)
+        timing["eval_s"] += time.perf_counter() - t_eval
+
     def after_update(update, loss, lr, grad_norm) -> None:
-        with torch.no_grad():  # theta- <- mu theta- + (1 - mu) theta
-            for pt, p in zip(target.parameters(), student.parameters()):
+        with torch.no_grad():  # theta- <- mu theta- + (1 - mu) theta; the weights EMA likewise with its own decay
+            for pt, pe, p in zip(target.parameters(), ema.parameters(), student.parameters()):
                 pt.lerp_(p, 1 - cfg.target_ema)
+                pe.lerp_(p, 1 - cfg.cd_ema_decay)
+        timing["loss"] = timing["loss"][-49:] + [loss]
+        if dist.is_main() and (update == cfg.cd_updates or (cfg.cd_eval_every and update % cfg.cd_eval_every == 0)):
+            snapshot(update)
 
     student.train().requires_grad_(True)
-    t0 = time.perf_counter()
-    fitted = runs.fit(student, opt, total=cfg.cd_updates, loss_fn=loss_fn, gen=gen, salt=salt, device=device,
-                      lr_at=lambda update: cfg.lr, state_path=ctx.state_path, ckpt_every=cfg.ckpt_every,
-                      label="consistency distillation", resume=resume, after_update=after_update,
-                      extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "stage": "cd",
-                                           "network": ctx.student_network, "target": target.state_dict()},
-                      on_step=None if ctx.on_step is None else lambda update: ctx.on_step(0, update),
-                      progress=ctx.progress)
-    student.eval().requires_grad_(False)
-    if dist.is_main():
-        save_checkpoint(path, {"kind": "student", "method": "cd", "config": ctx.student_cfg,
-                               "network": ctx.student_network, "param": cfg.param, "steps": 1,
-                               "schedule": schedule.to_dict(), "data_shape": list(ctx.teacher0.data_shape),
-                               "model": student.state_dict(), "updates": cfg.cd_updates,
-                               "teacher": str(ctx.teacher0.path),
-                               # per update and example: 1 teacher step (2 evaluations for Heun), 1 target forward,
-                               # 1 student forward + backward; the teacher's own training not included
-                               "cost": {"updates": cfg.cd_updates,
-                                        "teacher_evals": cfg.batch_size * cfg.cd_updates
-                                        * (2 if cfg.cd_solver == "heun" else 1),
-                                        "target_evals": cfg.batch_size * cfg.cd_updates,
-                                        "student_passes": cfg.batch_size * cfg.cd_updates,
-                                        "wall_clock_s": round(fitted.seconds, 1), "device": str(device),
-                                        "threads": torch.get_num_threads()},
-                               "cd": {"steps": cfg.cd_steps, "target_ema": cfg.target_ema, "metric": cfg.cd_metric,
-                                      "solver": cfg.cd_solver, "t_top": float(ts[-1])}})
-        evaluate_cd(ctx, student, log, fitted.loss, time.perf_counter() - t0)
+    runs.fit(student, opt, total=cfg.cd_updates, loss_fn=loss_fn, gen=gen, salt=salt, device=device,
+             lr_at=lambda update: cfg.lr, state_path=ctx.state_path, ckpt_every=cfg.ckpt_every,
+             label="consistency distillation", resume=resume, after_update=after_update,
+             extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "stage": "cd",
+                                  "network": ctx.student_network, "target": target.state_dict(),
+                                  "ema": ema.state_dict(), "eval_s": timing["eval_s"],
+                                  "cd_losses": timing["loss"][-50:]},
+             on_step=None if ctx.on_step is None else lambda update: ctx.on_step(0, update),
+             progress=ctx.progress)
+    if dist.is_main() and not final.exists():  # a run stopped after its last update, before the snapshot
+        snapshot(cfg.cd_updates)
     dist.barrier()
 
 
-def evaluate_cd(ctx, student, log, loss: float, wall: float) -> None:
-    """cd.csv rows: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the same NFE, on
-    the same per-index noise, scored with the round metric."""
+def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> None:
+    """cd.csv rows at `updates`: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the
+    same NFE, on the same per-index noise, scored with the round metric, with the cost so far."""
     from fastdiff.distill.stages import sample_model
-    from fastdiff.samplers import initial_noise
+    from fastdiff.samplers import consistency, initial_noise
 
     cfg, shape = ctx.cfg, tuple(ctx.teacher0.data_shape)
     name, score = ctx.scorer
@@ -200,12 +226,11 @@ def evaluate_cd(ctx, student, log, loss: float, wall: float) -> None:
         ts = consistency_grid(ctx.schedule, cfg.cd_steps, nfe)
         x, gens = initial_noise(range(cfg.eval_samples), shape, cfg.seed, ctx.device)
         with torch.no_grad():
-            from fastdiff.samplers import consistency
-
             xs = consistency(student, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
                              clip=len(shape) > 1, generator=gens).x
         xt = sample_model(ctx.teacher0, nfe, cfg.eval_samples, shape, ctx.schedule, ctx.teacher0.param, cfg.seed,
                           ctx.device)
-        log.add({"updates": cfg.cd_updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
+        log.add({"updates": updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
                  "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",
-                 "loss": f"{loss:.6g}", "wall_clock_s": f"{wall:.1f}"})
+                 "loss": f"{loss:.6g}", "teacher_evals": cost["teacher_evals"],
+                 "student_passes": cost["student_passes"], "wall_clock_s": f"{cost['wall_clock_s']:.1f}"})
