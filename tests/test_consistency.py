@@ -197,7 +197,7 @@ def test_cd_refuses_eps_students_and_guided_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cd_student_joins_the_sweep_as_its_own_family(tmp_path):
+def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path):
     import csv
     import dataclasses
 
@@ -206,10 +206,10 @@ def test_cd_student_joins_the_sweep_as_its_own_family(tmp_path):
     from fastdiff.report import write_report
     from test_distill import _tiny_toy
 
-    cfg = _tiny_toy(tmp_path, method="cd", cd_updates=4, cd_steps=8, eval_samples=64)
+    cfg = _tiny_toy(tmp_path, method="pd+cd", cd_updates=4, cd_steps=8, eval_samples=64)
     run = distill(dataclasses.replace(cfg), progress=False)
     out = tmp_path / "results"
-    assert bench_main(["--distill-dir", str(run), "--samplers", "consistency,ddim", "--steps", "1,2,16",
+    assert bench_main(["--distill-dir", str(run), "--samplers", "consistency,distilled,ddim", "--steps", "1,2,16",
                        "--n-samples", "64", "--batch-size", "64", "--metrics", "fid", "--out-dir", str(out),
                        "--device", "cpu"]) == 0
     rows = list(csv.DictReader(open(out / "toy2d" / "fid_vs_steps.csv")))
@@ -220,3 +220,5 @@ def test_cd_student_joins_the_sweep_as_its_own_family(tmp_path):
     cd = [r for r in rows if r["sampler"] == "consistency"]
     assert {r["train_updates"] for r in cd} == {"4"} and {r["train_teacher_evals"] for r in cd} == {str(4 * 512)}
     assert {r["train_updates"] for r in rows if r["sampler"] == "ddim"} == {""}  # the teacher's rows
+    pd = {int(r["steps"]): r["train_updates"] for r in rows if r["sampler"] == "distilled"}
+    assert pd == {2: "60", 1: "120"}  # both methods from one run dir: PD's rounds, then CD

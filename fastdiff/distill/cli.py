@@ -178,10 +178,10 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
                          num_classes=data.num_classes, student_cfg=cfgs.to_dict(student_tcfg),
                          student_network=student_network, progress=progress,
                          on_step=on_step, scorer=scorer)
-        if cfg.method == "cd":
-            run_consistency(ctx)
-        else:
+        if "pd" in cfg.method:
             run_rounds(ctx)
+        if "cd" in cfg.method:  # after the rounds (pd+cd): its state.pt is marked stage "cd"
+            run_consistency(ctx)
     return run
 
 
@@ -254,9 +254,9 @@ def dry_run(cfg: DistillConfig) -> int:
     check_distill_dir(cfg)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
-    if cfg.method == "cd":
-        plan = [f"consistency distillation: {cfg.cd_updates} updates on {cfg.cd_steps} karras steps "
-                f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema})"]
+    cd_plan = [f"consistency distillation: {cfg.cd_updates} updates on {cfg.cd_steps} karras steps "
+               f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema})"]
+    plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
     print("rounds: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}'}")

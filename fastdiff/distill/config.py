@@ -28,7 +28,7 @@ class DistillConfig:
     teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
     data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
-    method: Literal["pd", "cd"] = "pd"  # pd: progressive (Salimans & Ho 2022); cd: consistency (Song et al. 2023)
+    method: Literal["pd", "cd", "pd+cd"] = "pd"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023)
     # progressive rounds (Salimans & Ho 2022, Alg. 2)
     start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
     rounds: int = 0  # rounds to run (0: down to 1 step)
@@ -119,7 +119,7 @@ def validate(cfg: DistillConfig) -> None:
     if unknown:
         raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
     cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
-    if cfg.method == "cd":
+    if "cd" in cfg.method:
         if cfg.param == "eps":
             raise FastdiffError("--method cd needs --param v or x0: an eps consistency function x0 = (x - sigma "
                                 "eps)/alpha divides by alpha ~ 0 at t = 1")

@@ -95,7 +95,7 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
         student, opt, total=total, loss_fn=loss_fn, gen=gen, salt=salt, device=ctx.device,
         lr_at=lambda update: cfg.lr * (1 - update / total),  # Salimans & Ho 2022, sec. 5: annealed linearly to 0
         state_path=ctx.state_path, ckpt_every=cfg.ckpt_every, label=label,
-        resume=state if state is not None and state["round"] == r else None,
+        resume=state if state is not None and state.get("stage") is None and state.get("round") == r else None,
         extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "network": ctx.student_network,
                              "round": r},
         on_step=None if ctx.on_step is None else lambda update: ctx.on_step(r, update), progress=ctx.progress)
