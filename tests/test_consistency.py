@@ -10,6 +10,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.param import consistency_fn, denoiser
 from fastdiff.samplers import consistency
 from fastdiff.schedules import Schedule
+from test_metrics import one_thread, shared_cache  # noqa: F401  (fixtures: one classifier cache, one CPU thread)
 
 MU, STD = 0.3, 0.6
 
@@ -197,7 +198,7 @@ def test_cd_refuses_eps_students_and_guided_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path):
+def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path, shared_cache):
     import csv
     import dataclasses
 
@@ -222,3 +223,11 @@ def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path):
     assert {r["train_updates"] for r in rows if r["sampler"] == "ddim"} == {""}  # the teacher's rows
     pd = {int(r["steps"]): r["train_updates"] for r in rows if r["sampler"] == "distilled"}
     assert pd == {2: "60", 1: "120"}  # both methods from one run dir: PD's rounds, then CD
+    # distill's own sweep and report copy the run's training logs beside the sweep: FID vs training cost
+    from fastdiff.distill import sweep_and_report
+
+    report = sweep_and_report(run, dataclasses.replace(cfg, results_dir=str(tmp_path / "res"), bench=True,
+                                                       bench_samples=64, bench_steps=(1, 2)))
+    text = report.read_text()
+    assert "![FID vs training cost](toy2d/fid_vs_training_cost.png)" in text and "updates to reach" in text
+    assert (tmp_path / "res" / "toy2d" / "training_pd.csv").is_file()

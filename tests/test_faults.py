@@ -36,7 +36,7 @@ BENCH_ARGS = ["--preset", "toy2d", "--distill-dir", "runs/distill-toy2d", "--sam
               "--steps", "1,2,4,8,16", "--n-samples", "1200", "--batch-size", "150", "--metrics", "swd",
               "--n-ref", "1000", "--out-dir", "runs/bench", "--device", "cpu"]
 # Columns that measure time, not results.
-TIMING = {"timestamp", "wall_clock_s_per_batch", "wall_clock_s_total", "wall_clock_s", "wall_s"}
+TIMING = {"timestamp", "wall_clock_s_per_batch", "wall_clock_s_total", "wall_clock_s", "wall_s", "train_wall_clock_s"}
 # One torch thread in the workers as in this process: the comparison is bitwise.
 WORKER = ("import torch, runpy, sys; torch.set_num_threads(1); "  # as `python -m MODULE` runs it
           "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")

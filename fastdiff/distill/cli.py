@@ -239,8 +239,16 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
                               out_dir=dcfg.results_dir, append=dcfg.append_results,
                               inception_weights=dcfg.inception_weights, dataset=dcfg.dataset,
                               data_root=dcfg.data_root, **steps)
-    run_sweep(cfg)
-    return write_report(cfg.out_dir) if dist.is_main() else Path(cfg.out_dir) / "report.md"
+    csv_path = run_sweep(cfg)
+    if not dist.is_main():
+        return Path(cfg.out_dir) / "report.md"
+    # the run's own evaluation while training, beside the sweep: the report's FID-vs-training-cost figure
+    from fastdiff.report import TRAINING_CD, TRAINING_PD
+
+    for method, name, copy in (("pd", "rounds.csv", TRAINING_PD), ("cd", "cd.csv", TRAINING_CD)):
+        if method in dcfg.method and (Path(run_dir) / name).exists():
+            write_text(csv_path.parent / copy, (Path(run_dir) / name).read_text())
+    return write_report(cfg.out_dir)
 
 
 def dry_run(cfg: DistillConfig) -> int:
