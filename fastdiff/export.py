@@ -22,7 +22,11 @@ from fastdiff.errors import FastdiffError, run_cli
 def pick(source: str, steps: int) -> Path:
     """The checkpoint RUN_OR_CKPT names: a file as is; a distillation run dir's student (N = steps, else the fewest
     steps); a teacher run dir's checkpoint.pt."""
+    from fastdiff.interop import is_diffusers_source
+
     p = Path(source)
+    if is_diffusers_source(p) and p.exists():
+        raise FastdiffError(f"{source} is a diffusers folder already; export takes a fastdiff checkpoint or run dir")
     students = p / "students"
     if p.is_dir() and students.is_dir():
         found = {int(f.stem.removeprefix("student_N")): f for f in students.glob("student_N*.pt")}
@@ -56,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", metavar="RUN_OR_CKPT", help="a student/teacher checkpoint or a run dir")
     parser.add_argument("--out", required=True, help="the folder to write (must not exist)")
     parser.add_argument("--check", type=int, default=16, help="images to sample from the written folder with "
-                        "fastdiff and diffusers before it is kept (0: no check)")
+                        "fastdiff and diffusers before it is kept (default 16; 0: no check)")
     parser.add_argument("--steps", type=int, default=0, help="the student N of a distillation run dir (default: "
                         "the fewest)")
     args = parser.parse_args(argv)

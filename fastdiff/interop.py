@@ -90,9 +90,9 @@ def local_folder(source: str) -> Path:
             folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.bin", "*.txt", "*.md"]))
         return folder
     except Exception as err:  # offline, unknown id, gated repo: huggingface_hub raises many types
-        raise FastdiffError(f"cannot fetch {source!r} from the Hugging Face hub ({type(err).__name__}; offline?): "
-                            f"download it where there is internet (`hf download {source} --local-dir DIR`) and pass "
-                            "the folder") from None
+        raise FastdiffError(f"{source!r} is no local path, and the Hugging Face hub cannot give it "
+                            f"({type(err).__name__}; offline?): check the path, or download the model where there is "
+                            f"internet (`hf download {source} --local-dir DIR`) and pass the folder") from None
 
 
 def find_parts(folder: Path) -> tuple[Path, Path]:
@@ -221,9 +221,11 @@ def model_card(model, block: dict, extra: dict) -> str:
     rows = {"kind": model.kind, "method": extra.get("method", "-"), "steps N": n or "-",
             "grid": "t_i = i/N (diffusers timesteps i*T/N - 1: DDIMScheduler, trailing spacing, eta = 0)" if n
             else "-", "parameterization": f"{model.param} ({PARAM_TO_PREDICTION[model.param]})",
-            "schedule": f"{model.schedule.kind}, T = {model.schedule.T}", "teacher id": extra.get("teacher", "-"),
+            "schedule": (f"the teacher scheduler's own betas, T = {model.schedule.T}"
+                         if model.schedule.kind == "trained" else f"{model.schedule.kind}, T = {model.schedule.T}"), "teacher id": extra.get("teacher", "-"),
             "guidance": "none (unconditional)", "data set": model.dataset,
-            "quality": extra.get("quality", "-"), "checked at export": extra.get("checked", "-")}
+            "quality": extra.get("quality", "-"),
+            "checked at export": extra.get("checked", "not checked (--check 0)")}
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
     lines += ["", "Sample it with diffusers:", "", "```python", "from diffusers import DDIMPipeline",
               "pipe = DDIMPipeline.from_pretrained(FOLDER)",
@@ -248,7 +250,7 @@ def verify(model, folder: Path, n: int) -> dict:
     steps = model.steps or next(k for k in (8, 4, 2, 1) if model.schedule.T % k == 0)
     x, _ = initial_noise(range(n), model.data_shape, 0, "cpu")
     back = read_diffusers(str(folder))
-    pipe = diffusers.DDIMPipeline.from_pretrained(folder)
+    pipe = diffusers.DDIMPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
     pipe.scheduler.set_timesteps(steps)
     with torch.no_grad():
         ours = ddim(model.net.cpu(), x, student_grid(steps), schedule=model.schedule, param=model.param, clip=True).x
@@ -275,7 +277,8 @@ def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[
     if not isinstance(model.net, DiffusersUNet):
         raise FastdiffError(f"{model.path}: the {model.config.get('arch', 'unet')} architecture has no exact "
                             "diffusers counterpart (fastdiff's U-Net differs from UNet2DModel in GroupNorm groups, "
-                            "fused qkv and time embedding): train and distil with --arch diffusers-unet2d to export")
+                            "fused qkv and time embedding): train the teacher with `python -m fastdiff.train --arch "
+                            "diffusers-unet2d` (or distil a diffusers teacher): its students have its architecture")
     n, T = model.steps, model.schedule.T
     if n and T % n:
         raise FastdiffError(f"{model.path}: a {n}-step student of a T = {T} schedule: a stock DDIMScheduler "

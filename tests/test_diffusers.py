@@ -371,7 +371,7 @@ def test_data_set_must_fit_the_model(pipe_dir):
 
 def test_hub_id_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FastdiffError, match="cannot fetch 'google/ddpm-cifar10-32'.*pass the folder"):
+    with pytest.raises(FastdiffError, match="'google/ddpm-cifar10-32' is no local path, and the Hugging Face hub"):
         fastdiff.load_model("google/ddpm-cifar10-32", dataset="cifar10")
 
 
@@ -410,3 +410,19 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(FastdiffError, match="'runs/missing/checkpoint.pt' does not exist|'runs/missing' does not"):
         fastdiff.load_model("runs/missing")
+
+
+def test_export_of_a_diffusers_folder_and_a_contradicting_dataset_are_refused(pipe_dir, tmp_path, capsys):
+    from fastdiff.distill.cli import main as distill_main
+    from fastdiff.errors import run_cli
+    from fastdiff.export import main as export_main
+    from fastdiff.train import main as train_main
+
+    assert run_cli(export_main, [str(pipe_dir), "--out", str(tmp_path / "e")]) == 2
+    assert "is a diffusers folder already" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    teacher = tmp_path / "teacher"
+    assert train_main(["--preset", "digits", "--channels", "8", "--updates", "1", "--batch-size", "4",
+                       "--sample-every", "1000", "--out-dir", str(teacher)]) == 0
+    assert run_cli(distill_main, ["--teacher", str(teacher), "--dataset", "cifar10", "--out-dir",
+                                  str(tmp_path / "d"), "--bench", "false"]) == 2
+    assert "--dataset cifar10 contradicts teacher" in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -85,6 +85,10 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
         if teacher.kind != "teacher":
             raise FastdiffError(f"{teacher.path} is an exported {teacher.kind}; --teacher needs a teacher")
         return
+    if cfg.dataset and cfg.dataset != teacher.dataset:
+        raise FastdiffError(f"--dataset {cfg.dataset} contradicts teacher {teacher.path}, trained on "
+                            f"{teacher.dataset}; --dataset names the data of a diffusers teacher: drop it for a "
+                            "fastdiff checkpoint")
     expected = TRAIN_PRESETS[cfg.teacher_preset]
     shape, _ = static_info(expected.dataset, expected.image_size)
     tcfg = teacher.config
