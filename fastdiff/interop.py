@@ -222,7 +222,8 @@ def model_card(model, block: dict, extra: dict) -> str:
             "grid": "t_i = i/N (diffusers timesteps i*T/N - 1: DDIMScheduler, trailing spacing, eta = 0)" if n
             else "-", "parameterization": f"{model.param} ({PARAM_TO_PREDICTION[model.param]})",
             "schedule": (f"the teacher scheduler's own betas, T = {model.schedule.T}"
-                         if model.schedule.kind == "trained" else f"{model.schedule.kind}, T = {model.schedule.T}"), "teacher id": extra.get("teacher", "-"),
+                         if model.schedule.kind == "trained" else f"{model.schedule.kind}, T = {model.schedule.T}"),
+            "teacher id": extra.get("teacher", "-"),
             "guidance": "none (unconditional)", "data set": model.dataset,
             "quality": extra.get("quality", "-"),
             "checked at export": extra.get("checked", "not checked (--check 0)")}
