@@ -117,6 +117,14 @@ def karras_grid(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: flo
     return _from_logsnr(schedule, -2 * sigma.log(), from_t1=top == np.exp(-lo / 2))
 
 
+def consistency_boundaries(schedule: Schedule, n: int, rho: float = 7.0) -> torch.Tensor:
+    """(n+1,) float64 increasing times t_0 < ... < t_n of consistency distillation's discretization: the karras
+    grid of n steps without its final 0 (t_0 = 1/T, t_n its top: t = 1, or where sigma~ = 80)."""
+    if n < 1:
+        raise FastdiffError(f"consistency distillation needs N >= 1 discretization steps, got {n}")
+    return karras_grid(schedule, n + 1, rho)[:-1].flip(0)
+
+
 def consistency_grid(schedule: Schedule, n: int, steps: int) -> torch.Tensor:
     """(steps+1,) the times of `steps`-step consistency sampling for a student distilled on the karras
     discretization with n steps (n + 1 boundaries t_0 = 1/T < ... < t_n, the karras grid without its 0): the
@@ -125,7 +133,7 @@ def consistency_grid(schedule: Schedule, n: int, steps: int) -> torch.Tensor:
     if not 1 <= steps <= n:
         raise FastdiffError(f"consistency sampling of a student trained on {n} steps needs 1 <= steps <= {n}, got "
                             f"{steps}")
-    bounds = karras_grid(schedule, n + 1)[:-1].flip(0)
+    bounds = consistency_boundaries(schedule, n)
     idx = [round(j * n / steps) for j in range(steps, 0, -1)]
     return torch.cat([bounds[idx], bounds.new_zeros(1)])
 

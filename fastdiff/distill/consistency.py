@@ -20,20 +20,13 @@ from typing import Callable
 import torch
 
 from fastdiff.errors import FastdiffError
-from fastdiff.grids import consistency_grid, karras_grid
+from fastdiff.grids import consistency_boundaries as boundaries  # noqa: F401  (the CD discretization)
+from fastdiff.grids import consistency_grid
 from fastdiff.losses import noised
 from fastdiff.param import append_dims, c_skip, consistency_fn  # noqa: F401  (re-exported: the CD student)
 from fastdiff.schedules import Schedule
 
 HUBER_C = 0.00054  # times sqrt(d_data)
-
-
-def boundaries(schedule: Schedule, n: int, rho: float = 7.0) -> torch.Tensor:
-    """(n+1,) float64 increasing times t_0 < ... < t_n: the karras grid of n steps without its final 0 (t_0 = 1/T,
-    t_n its top: t = 1, or where sigma~ = 80)."""
-    if n < 1:
-        raise FastdiffError(f"consistency distillation needs N >= 1 discretization steps, got {n}")
-    return karras_grid(schedule, n + 1, rho)[:-1].flip(0)
 
 
 def ddim_step(x0_eps_fn: Callable, schedule: Schedule) -> Callable:
