@@ -105,7 +105,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]
         if f.name in skip:
             continue
         tp = _field_types(cls)[f.name]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=_metavar(tp),
+        flag = {"nargs": "?", "const": "true"} if tp is bool else {}  # a bare --flag means true
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=_metavar(tp), **flag,
                             help=f"{helps.get(f.name, f.name)} (default: the preset's; {f.default!r} in the base "
                                  "config)".replace("%", "%%"))
 

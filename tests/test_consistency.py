@@ -231,3 +231,77 @@ def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path, share
     text = report.read_text()
     assert "![FID vs training cost](toy2d/fid_vs_training_cost.png)" in text and "updates to reach" in text
     assert (tmp_path / "res" / "toy2d" / "training_pd.csv").is_file()
+
+
+def test_cd_gets_the_pd_rounds_updates_and_snapshots_at_each_pd_students_cost():
+    """Equal cost by default: CD runs as many updates (same batch) as the PD rounds of the same config and saves a
+    student where each PD student is done, so that the report compares the two at equal updates."""
+    import dataclasses
+
+    from fastdiff.distill.config import PRESETS, cd_snapshots, cd_total, pd_costs, round_updates
+
+    cfg = PRESETS["digits"]
+    assert cfg.method == "pd+cd" and cfg.cd_updates == 0
+    costs = pd_costs(cfg)
+    assert costs == [sum(round_updates(cfg, i) for i in range(r + 1)) for r in range(6)]
+    assert cd_total(cfg) == costs[-1] and cd_snapshots(cfg) == costs
+    every = dataclasses.replace(cfg, cd_eval_every=costs[0] * 3)
+    assert cd_snapshots(every) == sorted(set(costs) | set(range(costs[0] * 3, costs[-1], costs[0] * 3)))
+    short = dataclasses.replace(cfg, cd_updates=costs[1] + 1)
+    assert cd_total(short) == costs[1] + 1 and cd_snapshots(short) == costs[:2] + [costs[1] + 1]
+
+
+def test_bare_bool_flags_and_the_full_sweep_option(monkeypatch, tmp_path):
+    """`--full` alone means true; without it the distill sweep leaves out the teacher's full-grid DDPM row, with it
+    the row and 10 and 20 steps are swept (an explicit --bench-samplers wins)."""
+    import fastdiff.distill.cli as cli
+    from fastdiff import runs
+    from fastdiff.distill.config import PRESETS, DistillConfig
+
+    cfg, _ = runs.config_from_argv(["--full"], DistillConfig, PRESETS, "x", "")
+    assert cfg.full is True
+    cfg, _ = runs.config_from_argv(["--full", "false"], DistillConfig, PRESETS, "x", "")
+    assert cfg.full is False
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_sweep(bcfg):
+        seen.append(bcfg)
+        raise Stop
+
+    monkeypatch.setattr(cli, "run_sweep", fake_sweep)
+    for full in (False, True):
+        with pytest.raises(Stop):
+            cli.sweep_and_report(tmp_path, cfgs_replace(PRESETS["digits"], full=full))
+    lean, full = seen
+    assert "ddpm" not in lean.samplers and "ddpm" in full.samplers and "consistency" in lean.samplers
+    assert lean.steps == (1, 2, 4, 8, 16, 32, 64) and full.steps == (1, 2, 4, 8, 10, 16, 20, 32, 64)
+    with pytest.raises(Stop):
+        cli.sweep_and_report(tmp_path, cfgs_replace(PRESETS["digits"], bench_samplers=("ddpm", "ddim")))
+    assert seen[-1].samplers == ("ddpm", "ddim")
+
+
+def cfgs_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_a_pd_run_dir_does_not_depend_on_the_cd_fields(tmp_path):
+    """A PD-only run dir re-run with other consistency settings is the same run (they are not read); a pd+cd one
+    is refused."""
+    import json
+
+    from fastdiff.distill.cli import check_distill_dir
+    from fastdiff.distill.config import DistillConfig
+    from fastdiff.errors import FastdiffError
+
+    out = tmp_path / "run"
+    pd = DistillConfig(method="pd", out_dir=str(out), teacher=str(tmp_path / "t.pt"))
+    (out).mkdir()
+    (out / "config.json").write_text(json.dumps(check_distill_dir(pd)))
+    check_distill_dir(cfgs_replace(pd, cd_updates=2000, target_ema=0.0))
+    with pytest.raises(FastdiffError, match="different config"):
+        check_distill_dir(cfgs_replace(pd, method="pd+cd"))

@@ -455,8 +455,9 @@ def test_cifar10_preset_end_to_end_on_a_fake_folder(fake_cifar10, tmp_path, monk
     assert asked[0] == ("auto", "cifar10", (3, 32, 32), str(weights))
     assert all(isinstance(d, torch.device) and d.type == "cpu" for d in devices)
     rows = read_rows(tmp_path / "res" / "cifar10" / "fid_vs_steps.csv")
-    # every sampler of the sweep; a progressive run has no consistency student (distill --method cd makes one)
-    assert {r["sampler"] for r in rows} == set(B.SAMPLERS) - {"consistency"}
+    # every sampler of the sweep; a progressive run has no consistency student (distill --method cd makes one), and
+    # the teacher's full-grid DDPM row is in distill's sweep only with --full
+    assert {r["sampler"] for r in rows} == set(B.SAMPLERS) - {"consistency", "ddpm"}
     assert {r["extractor"] for r in rows} == {"test-pool"}
     assert {r["n_samples"] for r in rows} == {"6"} and (tmp_path / "res" / "report.md").exists()
 

@@ -29,8 +29,9 @@ from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
 from fastdiff.data import get_data, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
-from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig, dataset_of, num_rounds,
-                                     round_updates, sweep_name, validate)
+from fastdiff.distill.config import (CD_FIELDS_OF_CONFIG, NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig,
+                                     cd_snapshots, cd_total, dataset_of, num_rounds, round_updates, sweep_name,
+                                     validate)
 from fastdiff.distill.consistency import run_consistency
 from fastdiff.distill.guided import guided_base
 from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
@@ -145,7 +146,8 @@ def check_distill_dir(cfg: DistillConfig, prepare: bool = False) -> dict:
     hub_id = is_diffusers_source(teacher) and not teacher.exists()
     resolved = {**cfgs.to_dict(cfg), "teacher": str(teacher if hub_id else teacher.resolve())}
     check = runs.prepare_run_dir if prepare else runs.check_run_dir
-    check(Path(cfg.out_dir), resolved, NON_RESULT_FIELDS, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED,
+    ignore = NON_RESULT_FIELDS + (CD_FIELDS_OF_CONFIG if "cd" not in cfg.method else ())  # CD's, in a PD-only run
+    check(Path(cfg.out_dir), resolved, ignore, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED,
           absolute_teacher)
     return resolved
 
@@ -224,10 +226,15 @@ def run_rounds(ctx: DistillRun) -> None:
     log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
 
 
+FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts, beside the teacher's 1000-step DDPM row
+
+
 def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
     (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
-    `bench_samples` where set. -> report.md."""
+    `bench_samples` where set. Without --full (and --bench-samplers) the sweep leaves out the teacher's full-grid
+    DDPM row (T NFE: 1000 on digits, more than every other row together); --full adds it and 10 and 20 steps.
+    -> report.md."""
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
@@ -236,6 +243,10 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:
         steps["samplers"] = tuple(dcfg.bench_samplers)
+    elif not dcfg.full and not dcfg.guided:  # the 1000-step DDPM row costs more than the rest of a digits sweep
+        steps["samplers"] = tuple(s for s in base.samplers if s != "ddpm")
+    if dcfg.full:
+        steps["steps"] = tuple(sorted(set(steps.get("steps", base.steps)) | set(FULL_EXTRA_STEPS)))
     if dcfg.bench_samples:
         steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
     cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
@@ -266,11 +277,12 @@ def dry_run(cfg: DistillConfig) -> int:
     check_distill_dir(cfg)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
-    cd_plan = [f"consistency distillation: {cfg.cd_updates} updates on {cfg.cd_steps} karras steps "
-               f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema})"]
+    cd_plan = [f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd_steps} karras steps "
+               f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema}; students and 1/2/4-NFE "
+               f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
     plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
-    print("rounds: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
+    print("stages: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}'}")
     return 0
 

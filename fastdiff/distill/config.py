@@ -15,7 +15,7 @@ ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "m
 NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_samples", "bench", "results_dir",
                      "bench_steps",
                      "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
-                     "bench_samplers")
+                     "bench_samplers", "full")
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ class DistillConfig:
     device: str = "auto"  # auto, cpu or cuda[:N]
     deterministic: bool = False  # deterministic CUDA algorithms: bit-exact resume on the GPU
     # consistency distillation (Song et al. 2023, Alg. 2; --method cd)
-    cd_updates: int = 2000  # optimiser updates of consistency distillation
+    cd_updates: int = 0  # optimiser updates of consistency distillation (0: the PD rounds' total, equal cost)
     cd_steps: int = 18  # N: the karras discretization (rho = 7) has N + 1 boundaries
     target_ema: float = 0.95  # mu of the target network theta- (0: theta- = theta, as in iCT)
     cd_ema_decay: float = 0.99  # EMA of the weights that is saved and evaluated (apart from theta-; 0: the raw weights)
-    cd_eval_every: int = 0  # updates between student snapshots with cd.csv rows (0: only at the end)
+    cd_eval_every: int = 0  # updates between extra student snapshots with cd.csv rows (besides the PD students' costs)
     cd_metric: Literal["pseudo-huber", "l2"] = "pseudo-huber"  # the distance d (LPIPS needs weights not here)
     cd_solver: Literal["ddim", "heun"] = "ddim"  # the teacher's one ODE step per update
     # guided distillation (Meng et al. 2023)
@@ -63,18 +63,26 @@ class DistillConfig:
     bench_steps: tuple[int, ...] = ()  # sampling steps of the sweep (empty: the bench preset's)
     bench_samples: int = 0  # samples per row (0: the bench preset's)
     bench_samplers: tuple[str, ...] = ()  # samplers of the sweep (empty: the bench preset's)
+    full: bool = False  # the full sweep: also the teacher's 1000-step DDPM row and DDIM's 10 and 20 steps
     results_dir: str = "runs/results"  # where the sweep's CSV, plots and report go
     append_results: bool = False  # add this teacher's rows to a CSV that holds another teacher's sweep
     inception_weights: str = ""  # local Inception-v3 weights for RGB data (rounds' FID and the sweep)
 
 
+# the fields only consistency distillation reads (a PD-only run dir does not depend on them)
+CD_FIELDS_OF_CONFIG = ("cd_updates", "cd_steps", "target_ema", "cd_ema_decay", "cd_eval_every", "cd_metric",
+                       "cd_solver")
 
 # field names of fastdiff before 0.2 (config.json)
 DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": "updates_per_round"}
 
 PRESETS = {
     # Sized for a 2-core CPU: the sweep stops at 64 steps, where DDIM has converged (10 and 20: DDIM's paper).
-    "digits": DistillConfig(updates_per_round=400, bench_steps=(1, 2, 4, 8, 10, 16, 20, 32, 64)),
+    # The bundled default: PD and CD from the same teacher at equal cost (2400 updates each; CD is evaluated at each
+    # PD student's cumulative updates). PD's updates go where they matter: 200 per round from 64 steps down to 4,
+    # 800 for the rounds to 2 and 1 step (the paper doubles its last two rounds).
+    "digits": DistillConfig(method="pd+cd", updates_per_round=200, last_rounds_factor=4,
+                            bench_steps=(1, 2, 4, 8, 16, 32, 64)),
     # the digits run on the diffusers UNet2DModel architecture: its students export with python -m fastdiff.export
     "digits-diffusers": DistillConfig(teacher_preset="digits-diffusers", start_steps=16, updates_per_round=400,
                                       out_dir="runs/distill-digits-diffusers",
@@ -103,6 +111,25 @@ def round_updates(cfg: DistillConfig, r: int) -> int:
     return cfg.updates_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
 
 
+def pd_costs(cfg: DistillConfig) -> list[int]:
+    """Optimiser updates, cumulative from the teacher, at which each progressive student is done (round order)."""
+    return [sum(round_updates(cfg, i) for i in range(r + 1)) for r in range(num_rounds(cfg))]
+
+
+def cd_total(cfg: DistillConfig) -> int:
+    """Updates of consistency distillation: --cd-updates, or (0) the PD rounds' total, so that the two methods
+    get the same number of optimiser updates of the same batch."""
+    return cfg.cd_updates or pd_costs(cfg)[-1]
+
+
+def cd_snapshots(cfg: DistillConfig) -> list[int]:
+    """The updates at which CD saves a student and writes its cd.csv rows: every PD student's cumulative cost (the
+    equal-cost comparison), every --cd-eval-every updates, and the last one."""
+    total = cd_total(cfg)
+    every = list(range(cfg.cd_eval_every, total, cfg.cd_eval_every)) if cfg.cd_eval_every else []
+    return sorted({u for u in pd_costs(cfg) + every if u < total} | {total})
+
+
 def validate(cfg: DistillConfig) -> None:
     if cfg.teacher_preset not in TRAIN_PRESETS:
         raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of "
@@ -125,7 +152,7 @@ def validate(cfg: DistillConfig) -> None:
                                 "eps)/alpha divides by alpha ~ 0 at t = 1")
         if cfg.guided:
             raise FastdiffError("--method cd with --guided is not supported yet; use --method pd for guided runs")
-        cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 1, ">= 1")
+        cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 0, ">= 0 (0: the PD rounds' total)")
         cfgs.check_range(cfg, "cd_steps", cfg.cd_steps >= 1, ">= 1")
         cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
         cfgs.check_range(cfg, "cd_ema_decay", 0 <= cfg.cd_ema_decay < 1, "in [0, 1)")

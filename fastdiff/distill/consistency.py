@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from fastdiff.distill.config import cd_snapshots, cd_total
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import consistency_boundaries as boundaries  # noqa: F401  (the CD discretization)
 from fastdiff.grids import consistency_grid
@@ -118,8 +119,9 @@ def snapshot_path(run, updates: int):
 def run_consistency(ctx) -> None:
     """Consistency distillation of ctx's teacher (Song et al. 2023, Alg. 2) through runs.fit, resumable from
     state.pt (with the target network theta- and the weights EMA). The saved and evaluated student is the EMA of
-    the weights (decay cd_ema_decay), separate from theta- (decay target_ema). Every cd_eval_every updates and at
-    the end: students/cd_u{updates}.pt and cd.csv rows (FID of 1/2/4-step consistency sampling beside the teacher's
+    the weights (decay cd_ema_decay), separate from theta- (decay target_ema). At every update of
+    `config.cd_snapshots` (each PD student's cumulative updates, every cd_eval_every, the last):
+    students/cd_u{updates}.pt and cd.csv rows (FID of 1/2/4-step consistency sampling beside the teacher's
     DDIM at the same NFE, with the cost so far); the last one is also students/cd.pt."""
     import copy
     import time
@@ -132,9 +134,10 @@ def run_consistency(ctx) -> None:
     from fastdiff.runs import RoundLog
 
     cfg, device, schedule = ctx.cfg, ctx.device, ctx.schedule
+    total, snapshots = cd_total(cfg), set(cd_snapshots(cfg))
     final = ctx.run / "students" / "cd.pt"
     log = RoundLog(ctx.run / "cd.csv", CD_FIELDS, key=("updates", "nfe"))
-    if final.exists() and all(log.done((cfg.cd_updates, nfe)) for nfe in EVAL_NFE):
+    if final.exists() and all(log.done((total, nfe)) for nfe in EVAL_NFE):
         return
     student = build_model(network_from_dict(ctx.student_network)).to(device)
     student.load_state_dict(ctx.teacher0.net.state_dict())  # the teacher's EMA weights
@@ -177,7 +180,7 @@ def run_consistency(ctx) -> None:
                    "data_shape": list(ctx.teacher0.data_shape), "model": ema.state_dict(), "updates": update,
                    "teacher": str(ctx.teacher0.path), "cost": cost, "cd": meta}
         save_checkpoint(snapshot_path(ctx.run, update), payload)
-        if update == cfg.cd_updates:
+        if update == total:
             save_checkpoint(final, payload)
         recent = timing["loss"][-50:]
         evaluate_cd(ctx, ema, log, update, sum(recent) / max(len(recent), 1), cost)
@@ -189,11 +192,11 @@ def run_consistency(ctx) -> None:
                 pt.lerp_(p, 1 - cfg.target_ema)
                 pe.lerp_(p, 1 - cfg.cd_ema_decay)
         timing["loss"] = timing["loss"][-49:] + [loss]
-        if dist.is_main() and (update == cfg.cd_updates or (cfg.cd_eval_every and update % cfg.cd_eval_every == 0)):
+        if dist.is_main() and update in snapshots:
             snapshot(update)
 
     student.train().requires_grad_(True)
-    runs.fit(student, opt, total=cfg.cd_updates, loss_fn=loss_fn, gen=gen, salt=salt, device=device,
+    runs.fit(student, opt, total=total, loss_fn=loss_fn, gen=gen, salt=salt, device=device,
              lr_at=lambda update: cfg.lr, state_path=ctx.state_path, ckpt_every=cfg.ckpt_every,
              label="consistency distillation", resume=resume, after_update=after_update,
              extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "stage": "cd",
@@ -203,7 +206,7 @@ def run_consistency(ctx) -> None:
              on_step=None if ctx.on_step is None else lambda update: ctx.on_step(0, update),
              progress=ctx.progress)
     if dist.is_main() and not final.exists():  # a run stopped after its last update, before the snapshot
-        snapshot(cfg.cd_updates)
+        snapshot(total)
     dist.barrier()
 
 
