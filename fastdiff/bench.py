@@ -5,8 +5,11 @@ Sweeps (sampler, step count) pairs over one model family and appends one long-fo
 
 - ``ddpm``: ancestral sampling on the teacher's full grid k/T (one row, steps = T);
 - ``ddpm-strided``, ``ddim`` (eta 0), ``ddim-eta1``: on strided integer grids, one line per `spacings` entry;
-- ``dpm++2m`` (DPM-Solver++(2M), uniform-logSNR grid), ``heun`` (Karras et al. 2022 Alg. 1, Karras grid,
-  steps = (nfe + 1) // 2 so that its NFE = 2 steps - 1 tracks the step counts; the true NFE is recorded);
+- ``dpm++2m`` and ``dpm++3m`` (DPM-Solver++(2M) and (3M), Lu et al. 2022) and ``unipc2-bh1``, ``unipc3-bh1``,
+  ``unipc2-bh2``, ``unipc3-bh2`` (UniPC of order 2 or 3 with B(h) bh1 or bh2, Zhao et al. 2023): the training-free
+  multistep solvers as diffusers runs them, on the uniform-logSNR grid, NFE = steps;
+- ``heun`` (Karras et al. 2022 Alg. 1, Karras grid, steps = (nfe + 1) // 2 so that its NFE = 2 steps - 1 tracks
+  the step counts; the true NFE is recorded);
 - ``distilled``: every student `<distill_dir>/students/student_N{N}.pt`, DDIM eta 0 on its own grid i/N.
 - ``consistency``: the consistency-distilled student `<distill_dir>/students/cd.pt` (distill --method cd),
   multistep consistency sampling on grid cd{N} (fastdiff.grids.consistency_grid) at every step count <= N.
@@ -68,11 +71,14 @@ from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, gen
 
 log = logging.getLogger(__name__)
 
-SamplerName = Literal["ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "heun", "distilled", "consistency"]
+SamplerName = Literal["ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "dpm++3m", "unipc2-bh1", "unipc3-bh1",
+                      "unipc2-bh2", "unipc3-bh2", "heun", "distilled", "consistency"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
-# Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's uniform logSNR, EDM's
-# Karras grid, a student's own i/N.
-FIXED_GRID = {"ddpm": "full", "dpm++2m": "logsnr", "heun": "karras", "distilled": "student"}
+# the multistep ODE solvers: one row per step count on the uniform-logSNR grid, NFE = steps
+MULTISTEP = ("dpm++2m", "dpm++3m", "unipc2-bh1", "unipc3-bh1", "unipc2-bh2", "unipc3-bh2")
+# Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's and UniPC's uniform
+# logSNR, EDM's Karras grid, a student's own i/N.
+FIXED_GRID = {"ddpm": "full", **{name: "logsnr" for name in MULTISTEP}, "heun": "karras", "distilled": "student"}
 CONFIG_NAME, SAMPLES_DIR, PARTIAL_DIR = "bench_config.json", "samples", "partial"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 N_SAVED_IMAGES, N_SAVED_POINTS = 16, 500
@@ -118,8 +124,9 @@ class BenchConfig:
 
 PRESETS = {
     # The CPU defaults, one spacing each (add --spacings quadratic,linspace for the DDIM paper's comparison); the
-    # digits sweep is ~1500 forwards, 1000 of them the full-grid DDPM row. KID (100 subsets) is left out for its
-    # cost per row: ask for it with --metrics fid,kid,prc (timings in the README).
+    # digits sweep is ~2300 forwards, 1000 of them the full-grid DDPM row and 127 (1 + 2 + ... + 64) each multistep
+    # solver's, students aside. KID (100 subsets) is left out for its cost per row: ask for it with
+    # --metrics fid,kid,prc (timings in the README).
     "digits": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=500, batch_size=500),
     "toy2d": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=2000, batch_size=2000,
                          clip=False, metrics=("fid", "prc", "swd"), n_ref=5000),
@@ -160,9 +167,10 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid:
             specs += [Spec(name, cd_grid, s, 0.0) for s in sorted(set(cfg.steps)) if s <= n]
         elif name in ("ddim", "ddim-eta1"):
             specs += [Spec(name, sp, s, 0.0 if name == "ddim" else 1.0) for sp in cfg.spacings for s in strided]
+        elif name in MULTISTEP:
+            specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in sorted(set(cfg.steps))]
         else:
-            counts = {"dpm++2m": sorted(set(cfg.steps)), "heun": sorted({(n + 1) // 2 for n in cfg.steps}),
-                      "distilled": sorted(student_steps)}[name]
+            counts = {"heun": sorted({(n + 1) // 2 for n in cfg.steps}), "distilled": sorted(student_steps)}[name]
             specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in counts]
     if cfg.guidance:
         specs = [dataclasses.replace(spec, guidance=float(w)) for spec in specs for w in cfg.guidance]

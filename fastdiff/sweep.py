@@ -20,7 +20,8 @@ import torch
 
 from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff.samplers import Sample, consistency, ddim, ddpm, dpm_solver_pp_2m, heun, initial_noise
+from fastdiff.samplers import (Sample, consistency, ddim, ddpm, dpm_solver_pp_2m, dpm_solver_pp_3m, heun,
+                               initial_noise, unipc)
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
@@ -81,6 +82,11 @@ def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, 
         return ddpm(net, x, ts, variance=spec.variance, **kw)
     if spec.sampler == "dpm++2m":
         return dpm_solver_pp_2m(net, x, ts, **kw)
+    if spec.sampler == "dpm++3m":
+        return dpm_solver_pp_3m(net, x, ts, **kw)
+    if spec.sampler.startswith("unipc"):  # unipc{order}-{variant}, e.g. unipc3-bh2
+        order, variant = spec.sampler.removeprefix("unipc").split("-")
+        return unipc(net, x, ts, order=int(order), variant=variant, **kw)
     if spec.sampler == "heun":
         return heun(net, x, ts, **kw)
     if spec.sampler == "consistency":

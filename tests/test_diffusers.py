@@ -24,7 +24,7 @@ import fastdiff
 from fastdiff.errors import FastdiffError
 from fastdiff.interop import schedule_from_scheduler
 from fastdiff.models.diffusers_unet import timesteps
-from fastdiff.samplers import ddim, ddpm, distilled, dpm_solver_pp_2m, initial_noise
+from fastdiff.samplers import ddim, ddpm, distilled, dpm_solver_pp_2m, dpm_solver_pp_3m, initial_noise, unipc
 from test_metrics import one_thread, shared_cache  # noqa: F401  (fixtures: one classifier cache, one CPU thread)
 
 T = 1000
@@ -214,6 +214,70 @@ def test_dpm_solver_pp_2m_parity(teacher, x_T, taus):
     with torch.no_grad():
         ours = dpm_solver_pp_2m(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps").x
     assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T)) < 1e-6
+
+
+@pytest.mark.parametrize("taus", [[999, 599, 299, 99, 19], list(range(999, 0, -100)), list(range(999, 0, -66))])
+def test_dpm_solver_pp_3m_parity(teacher, x_T, taus):
+    """Orders 1, 2, 3, ..., 3, then the step to sigma = 0, which diffusers takes at first order whatever the grid
+    (final_sigmas_type="zero": sigma_t/sigma_s x + alpha_t (1 - e^{-inf}) x0 = x0_hat, fastdiff returns x0_hat);
+    below 15 steps (5 and 10 here) lower_order_final also makes the step before it second order, from 15 on (16
+    here) it stays third order. float32 on both sides, as diffusers computes the update in float32 whatever the
+    input dtype: both are ~1e-7 from exact (x0_hat = (x - sigma eps)/alpha, 1/alpha ~ 156 at t = 1)."""
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="dpmsolver++",
+                                                  solver_order=3, final_sigmas_type="zero")
+    sched.set_timesteps(timesteps=taus)
+    ts = torch.tensor([(t + 1) / T for t in taus] + [0.0], dtype=torch.float64)
+    with torch.no_grad():
+        ours = dpm_solver_pp_3m(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps").x
+    assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T)) < 1e-6
+
+
+def unipc_scheduler(order: int, variant: str, spacing: str, steps: int):
+    """diffusers' UniPC in data prediction on the grid of `spacing`: its set_timesteps takes no custom timesteps (as
+    of 0.42), so the grid is read back from it, tau -> t = (tau + 1)/T, then 0."""
+    sched = diffusers.UniPCMultistepScheduler(num_train_timesteps=T, solver_order=order, solver_type=variant,
+                                              predict_x0=True, final_sigmas_type="zero", lower_order_final=True,
+                                              timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    ts = torch.tensor([(t + 1) / T for t in sched.timesteps.tolist()] + [0.0], dtype=torch.float64)
+    return sched, ts
+
+
+@pytest.mark.parametrize("spacing, steps", [("trailing", 5), ("linspace", 10)])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_parity(teacher, x_T, order, variant, spacing, steps):
+    """diffusers runs the corrector at the start of each step() after the first, on the model output at the state
+    the previous predictor reached, and never after the last step: fastdiff's trajectory holds the corrected states,
+    the corrected state at the last positive grid point is diffusers' `last_sample` after its last step().
+
+    The step to sigma = 0: diffusers evaluates its order-1 (lower_order_final) UniP formula at sigma_t = 0, i.e.
+    h = inf: sigma_t/sigma_s x vanishes and alpha_t (1 - e^{-h}) m0 = m0, the x0_hat of its last model output
+    (`model_outputs[-1]`), which is what fastdiff returns. With bh1, B(h) = -h = -inf multiplies the zero residual
+    of an order-1 step, and diffusers (0.42.1) returns NaN; fastdiff returns that same x0_hat for both variants.
+
+    float64 first (the scheduler's sigmas recomputed in float64 from the float64 alpha_bar, as in `in_float64`; its
+    set_timesteps rounds them to float32): the same formulas to ~3e-15. Then float32 as a user runs it: < 1e-6.
+    """
+    def compare(sched, unet, net, x, tol):
+        ref = run_diffusers(sched, unet, x)
+        with torch.no_grad():
+            ours = unipc(net, x, ts, schedule=teacher.schedule, param="eps", order=order, variant=variant,
+                         return_trajectory=True)
+        assert ours.nfe == steps and len(ours.trajectory) == steps + 1
+        assert rel(ours.trajectory[-2], sched.last_sample) < tol
+        assert rel(ours.x, sched.model_outputs[-1]) < tol
+        if torch.isfinite(ref).all():
+            assert rel(ours.x, ref) < tol
+        else:
+            assert variant == "bh1"
+
+    sched, ts = unipc_scheduler(order, variant, spacing, steps)
+    s64, unet64 = in_float64(sched, teacher.net.unet)
+    s64.sigmas = torch.cat([((1 - s64.alphas_cumprod) / s64.alphas_cumprod).sqrt()[s64.timesteps],
+                            torch.zeros(1, dtype=torch.float64)])
+    compare(s64, unet64, copy.deepcopy(teacher.net).double(), x_T.double(), 1e-12)
+    compare(sched, teacher.net.unet, teacher.net, x_T, 1e-6)
 
 
 # --- distillation and export, end to end --------------------------------------------------------------------------

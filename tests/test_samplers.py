@@ -1,6 +1,8 @@
 """Samplers and editing against closed forms: Gaussian data N(MU, STD^2 I) has an exact denoiser, so exact outputs."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ from fastdiff.analytic import GaussianDenoiser, exact_ddim_step, exact_ode_solut
 from fastdiff.editing import ddim_invert, img2img, inpaint
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
-from fastdiff.samplers import (ddim, ddpm, distilled, dpm_solver_pp_2m, heun, randn_like_per_sample,
-                               sample_generators)
+from fastdiff.samplers import (ddim, ddpm, distilled, dpm_solver_pp_2m, dpm_solver_pp_3m, heun, randn_like_per_sample,
+                               sample_generators, unipc)
 from fastdiff.schedules import Schedule
 
 MU, STD, DIM, T = 0.5, 0.3, 8, 1000
@@ -152,9 +154,64 @@ def test_heun_converges_at_second_order(kind):
     assert err[200] < err[50] / 8 and err[200] < 5e-3
 
 
+def _orders(sampler, t_end: float, steps: tuple[int, ...], **kw) -> tuple[list[float], list[float]]:
+    """(errors, observed orders) of `sampler` on uniform-logSNR grids from t = 1 down to t_end > 0 (cosine, "v"
+    model): the error of the state at t_end against the exact ODE solution there (no x0_hat step to 0 on top),
+    and log2 of the error ratio of each doubling of `steps`."""
+    schedule = Schedule("cosine", T)
+    model = GaussianDenoiser(MU, STD, schedule, "v")
+    x = _noise(8)
+    ref = exact_ode_solution(model, x, 1.0, t_end)
+    errs = []
+    for n in steps:
+        ts = schedule.t_of_logsnr(torch.linspace(float(schedule.logsnr(1.0)), float(schedule.logsnr(t_end)), n + 1,
+                                                 dtype=F64))
+        ts[0], ts[-1] = 1.0, t_end
+        out = sampler(model, x, ts, schedule=schedule, param="v", **kw)
+        assert out.nfe == n
+        errs.append(_err(out.x, ref))
+    return errs, [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+
+
+def test_dpm_solver_pp_3m_is_second_order_with_a_smaller_constant_than_2m():
+    """DPM-Solver++(3M) as the official code and diffusers write it (and as `dpm_solver_pp_3m` must, for parity) is
+    globally second order, not third: D2 = (D1_0 - D1_1)/(r0 + r1) estimates h^2 x0''/2, but its coefficient
+    alpha (1/2 - (h - phi1)/h^2) ~ alpha h/6 is the one of h^2 x0'', so the step keeps half of the h^3 x0''/6 term
+    of the exact integral: local error -h^3 x0''/12, global O(h^2). (With the D2 term doubled the same measurement
+    gives 3.06, 3.04, 3.02 at t_end = 0.1.) Asserted: observed order 2 +- 0.3 where the measurement has settled
+    (measured 2.02, 2.00 at t_end = 0.3, N = 128..512) and an error >= 4x below DPM-Solver++(2M)'s at every N
+    (measured 6.6x, 6.7x, 6.7x). The first-order warm-up step is not what limits it: it starts at logSNR = -20,
+    where x0_hat barely moves, and the doubled-D2 variant above reaches order 3 after the same warm-up."""
+    steps = (128, 256, 512)
+    err3, orders3 = _orders(dpm_solver_pp_3m, 0.3, steps)
+    err2, orders2 = _orders(dpm_solver_pp_2m, 0.3, steps)
+    assert all(1.7 <= p <= 2.3 for p in orders3 + orders2), (orders3, orders2)
+    assert all(e3 < e2 / 4 for e3, e2 in zip(err3, err2)), (err3, err2)
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_p_with_its_corrector_converges_at_order_p_plus_1(order, variant):
+    """UniPC-p: the corrector UniC-p lifts the order-p predictor to order p + 1 (Zhao et al. 2023, Sec. 3).
+
+    Measured at t_end = 0.1 (logSNR 3.55) with lower_order_final=False, N = 128, 256, 512: p = 2: bh1 2.99, 3.00,
+    bh2 2.92, 2.97 (2.78 at N = 64 -> 128); p = 3: 4.78, 4.61 for both variants (B(h) cancels out of every step
+    whose rho solve the full system; only the warm-up steps' fixed rho = 1/2 keep it, and they run where x0_hat
+    barely moves). Asserted: order >= p + 0.7. With diffusers' default lower_order_final=True the last step is
+    UniP-1 (DDIM) and nothing corrects it (no model evaluation follows it), so the state at t_end > 0 is second
+    order whatever p (measured 2.00, 2.02, 2.01, 2.01): asserted in [1.7, 2.5). On a grid ending at 0 the output is
+    the x0_hat of the state before that step instead.
+    """
+    steps = (128, 256, 512)
+    _, orders = _orders(unipc, 0.1, steps, order=order, variant=variant, lower_order_final=False)
+    assert min(orders) >= order + 0.7, orders
+    _, default = _orders(unipc, 0.1, steps[1:], order=order, variant=variant)
+    assert 1.7 <= default[0] < 2.5, default
+
+
 @pytest.mark.parametrize("param", ["x0", "v"])
 @pytest.mark.parametrize("sampler,grid", [(ddim, "linspace"), (ddpm, "linspace"), (dpm_solver_pp_2m, "linspace"),
-                                          (heun, "karras")])
+                                          (dpm_solver_pp_3m, "logsnr"), (unipc, "logsnr"), (heun, "karras")])
 def test_cosine_first_step_at_t1_is_stable(param, sampler, grid):
     # alpha(1) ~ 4.5e-5 for cosine: float32 must agree with float64, nothing may scale by 1/alpha
     schedule = Schedule("cosine", T)
@@ -170,10 +227,34 @@ def test_cosine_first_step_at_t1_is_stable(param, sampler, grid):
         assert _err(first, exact_ode_solution(model, _noise(8), float(ts[0]), float(ts[1]))) < 1e-2
 
 
+def test_every_multistep_bench_name_runs_its_solver():
+    """The benchmark's names dispatch (fastdiff.sweep.run_sampler) to the solver, order and B(h) they name."""
+    from fastdiff.bench import FIXED_GRID, MULTISTEP, SAMPLERS
+    from fastdiff.sweep import Spec, run_sampler
+
+    expected = {"dpm++2m": (dpm_solver_pp_2m, {}), "dpm++3m": (dpm_solver_pp_3m, {}),
+                **{f"unipc{p}-{v}": (unipc, {"order": p, "variant": v}) for p in (2, 3) for v in ("bh1", "bh2")}}
+    assert set(MULTISTEP) == set(expected) and set(MULTISTEP) <= set(SAMPLERS)
+    schedule = Schedule("linear", T)
+    model = GaussianDenoiser(MU, STD, schedule, "eps")
+    outs = []
+    for name in MULTISTEP:
+        assert FIXED_GRID[name] == "logsnr"
+        out = run_sampler(Spec(name, FIXED_GRID[name], 6, 0.0), model, _noise(4), schedule, "eps", False,
+                          sample_generators(0, range(4)))
+        fn, kw = expected[name]
+        assert out.nfe == 6
+        assert torch.equal(out.x, fn(model, _noise(4), logsnr_grid(schedule, 6), schedule=schedule, param="eps",
+                                     **kw).x), name
+        outs.append(out.x)
+    assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
+
+
 # ---------------------------------------------------------------- options shared by every sampler
 
 
 ALL = [(ddpm, {}), (ddpm, {"variance": "small"}), (ddim, {}), (ddim, {"eta": 0.5}), (dpm_solver_pp_2m, {}),
+       (dpm_solver_pp_3m, {}), (unipc, {"order": 3, "variant": "bh1"}), (unipc, {"order": 2, "variant": "bh2"}),
        (heun, {})]
 
 
@@ -234,6 +315,9 @@ def test_bad_options_are_user_errors():
     for call in (lambda: ddim(model, _noise(2), full_grid(10), schedule=schedule, param="eps", eta=1.5),
                  lambda: ddpm(model, _noise(2), full_grid(10), schedule=schedule, param="eps", variance="huge"),
                  lambda: ddim(model, _noise(2), full_grid(10).flip(0), schedule=schedule, param="eps"),
+                 lambda: unipc(model, _noise(2), full_grid(10), schedule=schedule, param="eps", order=4),
+                 lambda: unipc(model, _noise(2), full_grid(10), schedule=schedule, param="eps", variant="bh3"),
+                 lambda: dpm_solver_pp_3m(model, _noise(2), full_grid(10).flip(0), schedule=schedule, param="eps"),
                  lambda: img2img(model, _noise(2), full_grid(10), 0.0, schedule=schedule, param="eps")):
         with pytest.raises(FastdiffError):
             call()
