@@ -227,13 +227,18 @@ def run_rounds(ctx: DistillRun) -> None:
 
 
 FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts, beside the teacher's 1000-step DDPM row
+# Only in the --full sweep: the samplers that add least to "which few-step method": the full-grid DDPM row (T NFE,
+# 1000 on digits: more than every other row together), the stochastic strided samplers (far behind DDIM at few
+# steps), and the UniPC variants beside diffusers' default (order 2, bh2) and its authors' pick below 10 steps for
+# unconditional models (order 3, bh1).
+FULL_ONLY_SAMPLERS = ("ddpm", "ddpm-strided", "ddim-eta1", "unipc2-bh1", "unipc3-bh2")
 
 
 def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
     (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
-    `bench_samples` where set. Without --full (and --bench-samplers) the sweep leaves out the teacher's full-grid
-    DDPM row (T NFE: 1000 on digits, more than every other row together); --full adds it and 10 and 20 steps.
+    `bench_samples` where set. Without --full (and --bench-samplers) the sweep leaves out FULL_ONLY_SAMPLERS;
+    --full runs them and adds 10 and 20 steps.
     -> report.md."""
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
@@ -243,8 +248,8 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:
         steps["samplers"] = tuple(dcfg.bench_samplers)
-    elif not dcfg.full and not dcfg.guided:  # the 1000-step DDPM row costs more than the rest of a digits sweep
-        steps["samplers"] = tuple(s for s in base.samplers if s != "ddpm")
+    elif not dcfg.full and not dcfg.guided:
+        steps["samplers"] = tuple(s for s in base.samplers if s not in FULL_ONLY_SAMPLERS)
     if dcfg.full:
         steps["steps"] = tuple(sorted(set(steps.get("steps", base.steps)) | set(FULL_EXTRA_STEPS)))
     if dcfg.bench_samples:
