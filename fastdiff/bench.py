@@ -59,7 +59,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.errors import FastdiffError, run_cli
-from fastdiff.features import ExtractorName, resolve_extractor, slug, to_extractor_input
+from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import Spacing, make_grid
 from fastdiff.io import atomic_path, write_text
 from fastdiff.metrics import Metric, class_accuracy, compute_metrics
@@ -68,6 +68,7 @@ from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
 from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, generate, load_family, scores_classes,
                             warm_up)
+from fastdiff.uncertainty import PairedBootstrap
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class BenchConfig:
     ref_split: Literal["train", "test"] = "train"  # the reference split
     n_ref: int = 0  # reference examples (0: the whole split)
     inception_weights: str = ""  # local Inception-v3 weights file (offline)
+    ci_resamples: int = 1000  # paired-bootstrap resamples of every FID row's 95 % interval (0: no intervals)
+    ci_anchor: str = ""  # the row FID differences/ratios are taken to, SAMPLER:STEPS (empty: ddim at the most steps)
     # outputs
     out_dir: str = "runs/results"  # results folder: <out_dir>/<name>/fid_vs_steps.csv and the report
     name: str = ""  # the sweep's folder under out_dir (empty: the data set's name)
@@ -125,9 +128,10 @@ class BenchConfig:
 PRESETS = {
     # The CPU defaults, one spacing each (add --spacings quadratic,linspace for the DDIM paper's comparison); the
     # digits sweep is ~2300 forwards, 1000 of them the full-grid DDPM row and 127 (1 + 2 + ... + 64) each multistep
-    # solver's, students aside. KID (100 subsets) is left out for its cost per row: ask for it with
-    # --metrics fid,kid,prc (timings in the README).
-    "digits": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=500, batch_size=500),
+    # solver's, students aside. KID (unbiased; 100 subsets of min(1000, n) samples) costs ~1 s per digits row on
+    # this CPU, FID 0.03 s and its 1000 paired-bootstrap resamples ~0.6 s.
+    "digits": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=500, batch_size=500,
+                          metrics=("fid", "kid", "prc")),
     "toy2d": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=2000, batch_size=2000,
                          clip=False, metrics=("fid", "prc", "swd"), n_ref=5000),
     # The papers' protocol; see the module docstring for the published numbers.
@@ -146,6 +150,7 @@ def validate(cfg: BenchConfig) -> None:
     cfgs.check_range(cfg, "n_samples", cfg.n_samples >= 4, ">= 4 (precision/recall use 3 neighbours)")
     cfgs.check_range(cfg, "batch_size", cfg.batch_size >= 1, ">= 1")
     cfgs.check_range(cfg, "n_ref", cfg.n_ref >= 0, ">= 0 (0: the whole split)")
+    cfgs.check_range(cfg, "ci_resamples", cfg.ci_resamples >= 0, ">= 0 (0: no intervals)")
     if not cfg.model and not cfg.distill_dir:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
@@ -224,6 +229,9 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.data_shape}; check --dataset")
     specs = build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid)
+    if cfg.ci_anchor and anchor_spec(cfg, specs) is None:
+        raise FastdiffError(f"--ci-anchor {cfg.ci_anchor!r} is not a row of this sweep; give SAMPLER:STEPS of one, "
+                            f"e.g. {specs[0].sampler}:{specs[0].steps}")
     csv_path = results_csv_path(cfg.out_dir, cfg.name or family.dataset)
     out = csv_path.parent
     with contextlib.ExitStack() as held:
@@ -256,6 +264,16 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
                                                   "extractor": dataclasses.asdict(extractor),
                                                   "students": sorted(family.students), **provenance},
                                                  indent=2, sort_keys=True) + "\n")
+    anchor = anchor_spec(cfg, specs)
+    want_ci = bool(cfg.ci_resamples and "fid" in cfg.metrics and anchor is not None and todo)
+    ci = (PairedBootstrap(extract_features(family.reference.x, extractor, device).numpy(), cfg.n_samples,
+                          cfg.ci_resamples, cfg.seed) if want_ci and dist.is_main() else None)
+    if want_ci and anchor in todo:  # scored first: every later row's difference and ratio are taken to it
+        todo.insert(0, todo.pop(todo.index(anchor)))
+    elif want_ci:  # scored in an earlier run: the same per-index noise gives its samples again
+        x, _, _ = generate(anchor, _network(family, anchor), family.data_shape, cfg, device)
+        if ci is not None:
+            ci.set_anchor(anchor.label, extract_features(x, extractor, device).numpy())
     warmed: set[str] = set()
     for i, spec in enumerate(tqdm(todo, desc=f"bench {family.dataset}", unit="row",
                                   disable=not (progress and dist.is_main()))):
@@ -277,7 +295,13 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
             values["class_accuracy"] = class_accuracy(x, labels, family.dataset)
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        rows = _rows(spec, network, cfg, provenance, measured, values)
+        interval = {}
+        if ci is not None:
+            features = extract_features(x, extractor, device).numpy()
+            if spec == anchor:
+                ci.set_anchor(anchor.label, features)
+            interval = ci.columns(features)
+        rows = _rows(spec, network, cfg, provenance, measured, values, interval)
         save_samples(out / rows[0]["samples_file"], x, spec, nfe)
         results.add([r for r in rows if not results.has(r)])
         partial.clear()
@@ -311,9 +335,23 @@ def _metric_names(metrics: Sequence[str]) -> list[str]:
     return [name for m in metrics for name in expand.get(m, [m])]
 
 
+def anchor_spec(cfg: BenchConfig, specs: Sequence[Spec]) -> Spec | None:
+    """The row that FID differences and ratios are taken to, fixed before any row is scored: --ci-anchor
+    SAMPLER:STEPS, else the teacher's DDIM at its largest step count (the first spacing and guidance weight);
+    None when the sweep has no such row."""
+    if cfg.ci_anchor:
+        sampler, _, steps = cfg.ci_anchor.partition(":")
+        found = [s for s in specs if s.sampler == sampler and str(s.steps) == steps.strip()]
+    else:
+        ddim = [s for s in specs if s.sampler == "ddim"]
+        found = [s for s in ddim if s.steps == max(d.steps for d in ddim)]
+    return found[0] if found else None
+
+
 def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, measured: dict,
-          values: dict | None = None) -> list[dict]:
-    """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only."""
+          values: dict | None = None, interval: dict | None = None) -> list[dict]:
+    """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only;
+    `interval` (the CI columns) goes into the FID row."""
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "grid": spec.grid,
             "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
             "steps": spec.steps, "guidance": spec.guidance,
@@ -321,7 +359,8 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
             **{f"train_{k}": v for k, v in (network.cost or {}).items()
                if k in ("updates", "teacher_evals", "student_passes", "wall_clock_s", "device")}}
     names = _metric_names(cfg.metrics) + (["class_accuracy"] if scores_classes(spec, network, base["dataset"]) else [])
-    return [{c: to_csv_value({**base, "metric": m, "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
+    return [{c: to_csv_value({**base, **((interval or {}) if m == "fid" else {}), "metric": m,
+                              "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
             for m in names]
 
 

@@ -19,11 +19,17 @@ COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "grid", "grid_has
            "reference", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device",
            "threads", "torch_version", "torch_fidelity_version", "fastdiff_version", "fastdiff_commit",
            "samples_file", "timestamp", "train_updates", "train_teacher_evals", "train_student_passes",
-           "train_wall_clock_s", "train_device"]
+           "train_wall_clock_s", "train_device", "ci_low", "ci_high", "diff_low", "diff_high", "ratio_low",
+           "ratio_high", "ci_reference", "ci_method", "ci_resamples"]
 # What a student row's model cost to make, cumulative from its teacher (the student checkpoint's `cost`; empty for
 # the teacher's rows): optimiser updates, teacher network evaluations and student forward+backward passes (per
 # example), wall-clock and device. Added in fastdiff 0.3: a CSV without them is read with them empty.
-COST_COLUMNS = COLUMNS[-5:]
+COST_COLUMNS = COLUMNS[-14:-9]
+# The sampling uncertainty of an FID row (fastdiff.uncertainty, a paired bootstrap over sample indices): the basic
+# 95 % interval of the FID, of its difference to the sweep's anchor row `ci_reference` and of its ratio to it, the
+# method and the number of resamples. Added in fastdiff 0.4: empty in older CSVs and in other metrics' rows.
+CI_COLUMNS = COLUMNS[-9:]
+OPTIONAL = COST_COLUMNS + CI_COLUMNS
 # What defines a row (a re-run skips rows whose key is present): every option that changes the samples or their
 # score; `grid_hash` (sha256 of the float64 time grid) makes a changed grid definition a new row. Everything else
 # is measured or provenance.
@@ -67,11 +73,12 @@ class ResultsCSV:
         if path.exists():
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
-                if reader.fieldnames not in (COLUMNS, [c for c in COLUMNS if c not in COST_COLUMNS]):
+                if reader.fieldnames not in (COLUMNS, [c for c in COLUMNS if c not in CI_COLUMNS],
+                                             [c for c in COLUMNS if c not in OPTIONAL]):
                     raise FastdiffError(f"{path} has other columns than this fastdiff version writes (an earlier "
                                         "version's rows cannot be matched to this one's); move it away or choose "
                                         "another --out-dir")
-                self.rows = [{**dict.fromkeys(COST_COLUMNS, ""), **row} for row in reader]
+                self.rows = [{**dict.fromkeys(OPTIONAL, ""), **row} for row in reader]
         self.keys = {tuple(r[k] for k in KEY) for r in self.rows}
 
     def has(self, row: dict) -> bool:

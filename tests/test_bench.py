@@ -121,12 +121,49 @@ def test_interrupted_sweep_resumes_with_only_the_missing_rows(tmp_path):
         run_sweep(cfg, family=gaussian_family(Interrupt(GaussianDenoiser(MU, STD, Schedule("linear", 1000)))),
                   progress=False)
     path = tmp_path / "gauss" / "fid_vs_steps.csv"
-    assert [(r["sampler"], r["steps"]) for r in read_rows(path)] == [("ddim", "1"), ("ddim", "2"), ("ddim", "4")]
+    # the anchor of the FID intervals (ddim at the most steps) is scored first
+    assert [(r["sampler"], r["steps"]) for r in read_rows(path)] == [("ddim", "4"), ("ddim", "1"), ("ddim", "2")]
     spy = Spy(GaussianDenoiser(MU, STD, Schedule("linear", 1000)))
     run_sweep(dataclasses.replace(cfg, steps=(1, 2, 4, 8)), family=gaussian_family(spy), progress=False)
     rows = read_rows(path)
     assert len(spy.first_inputs) == 5  # ddim 8 and dpm++2m 1, 2, 4, 8: nothing done twice
     assert len(rows) == len({(r["sampler"], r["steps"]) for r in rows}) == 8
+
+
+def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
+    """Every FID row gets the basic 95 % interval of its FID, of its difference and of its ratio to the anchor row
+    (ddim at the most steps); a sweep extended later regenerates the anchor's samples (same per-index noise) and
+    gives the new rows the intervals a single run gives them; the report marks what is not significant."""
+    from fastdiff.errors import FastdiffError
+
+    family = gaussian_family(n_ref=2000)
+    one = gaussian_cfg(tmp_path / "one", steps=(1, 2, 4), n_samples=200, batch_size=100, ci_resamples=200)
+    rows = {(r["sampler"], int(r["steps"])): r for r in read_rows(run_sweep(one, family=family, progress=False))}
+    assert {r["ci_reference"] for r in rows.values()} == {"ddim/quadratic/4"}
+    assert {r["ci_method"] for r in rows.values()} == {"basic paired bootstrap 95%"}
+    assert {r["ci_resamples"] for r in rows.values()} == {"200"}
+    anchor = rows["ddim", 4]
+    assert float(anchor["diff_low"]) == float(anchor["diff_high"]) == 0.0
+    assert float(anchor["ratio_low"]) == float(anchor["ratio_high"]) == 1.0
+    assert float(rows["ddim", 1]["ratio_low"]) > 1 and float(rows["ddim", 1]["diff_low"]) > 0  # 1 step: worse
+    assert all(float(r["ci_low"]) < float(r["ci_high"]) for r in rows.values())
+    two = gaussian_cfg(tmp_path / "two", samplers=("ddim",), steps=(1, 2, 4), n_samples=200, batch_size=100,
+                       ci_resamples=200)
+    run_sweep(two, family=family, progress=False)
+    later = {(r["sampler"], int(r["steps"])): r for r in read_rows(
+        run_sweep(dataclasses.replace(two, samplers=("ddim", "dpm++2m")), family=family, progress=False))}
+    for key in [k for k in rows if k[0] == "dpm++2m"]:
+        for col in ("ci_low", "ci_high", "diff_low", "diff_high", "ratio_low", "ratio_high"):
+            assert float(later[key][col]) == pytest.approx(float(rows[key][col]), rel=1e-9, abs=1e-12), (key, col)
+    report = write_report(tmp_path / "one").read_text()
+    assert "basic paired bootstrap 95% over sample indices, 200 resamples" in report and "(anchor)" in report
+    assert "Every FID with its 95 % interval" in report
+    none = read_rows(run_sweep(gaussian_cfg(tmp_path / "none", steps=(1,), n_samples=50, ci_resamples=0),
+                               family=family, progress=False))
+    assert {r["ci_low"] for r in none} == {""}
+    with pytest.raises(FastdiffError, match="--ci-anchor 'heun:3' is not a row of this sweep"):
+        run_sweep(gaussian_cfg(tmp_path / "bad", ci_anchor="heun:3"), family=family, progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 TORCHRUN_SCRIPT = """

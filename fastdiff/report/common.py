@@ -13,6 +13,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.io import atomic_path
 
 NUMERIC = ("steps", "nfe", "n_samples", "seed", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total")
+CI_NUMERIC = ("ci_low", "ci_high", "diff_low", "diff_high", "ratio_low", "ratio_high")
 # What makes rows comparable: one sweep = one model family scored the same way.
 SWEEP = ["teacher_hash", "extractor", "reference", "n_samples", "seed", "clip"]
 LINE = ["sampler", "grid", "eta", "variance"]
@@ -28,8 +29,10 @@ def read_results(path: Path) -> pd.DataFrame:
     missing = [c for c in (*NUMERIC, *SWEEP, *LINE, "metric", "dataset") if c not in df.columns]
     if missing:
         raise FastdiffError(f"{path} lacks columns {missing}; it was not written by python -m fastdiff.bench")
-    for col in NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in NUMERIC + CI_NUMERIC:  # the interval columns are absent from CSVs before fastdiff 0.4
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else float("nan")
+    for col in ("ci_reference", "ci_method", "ci_resamples"):
+        df[col] = df[col] if col in df else ""
     df["line"] = [line_label(*r) for r in df[LINE].itertuples(index=False)]
     return df
 

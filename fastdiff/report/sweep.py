@@ -21,6 +21,10 @@ def _metric_plot(df: pd.DataFrame, metric: str, x: str, ax, styles, logy: bool) 
     for line, g in df[df.metric == metric].groupby("line"):
         g = g.sort_values("nfe")  # a curve is parametrised by NFE, also when drawn against wall-clock
         ax.plot(g[x], g["value"], label=line, markersize=4, **styles[line])
+        bars = g.dropna(subset=["ci_low", "ci_high"])
+        if metric == "fid" and len(bars):  # the 95 % interval (basic: need not be centred on the estimate)
+            ax.vlines(bars[x], bars.ci_low.clip(lower=1e-6), bars.ci_high, color=styles[line]["color"], alpha=0.6,
+                      linewidth=1.5)
     ax.set_xscale("log")
     values = df.loc[df.metric == metric, "value"]
     if logy and len(values) and values.min() > 0:
@@ -126,8 +130,21 @@ def best_table(fid: pd.DataFrame) -> str:
     return md_table(("NFE budget", "best sampler (grid)", "its NFE", "its steps", "FID"), rows)
 
 
+def _is_anchor(r) -> bool:
+    return bool(r.ci_reference) and r.ci_reference == f"{r.sampler}/{r.grid}/{int(r.steps)}"
+
+
+def _cell(r) -> str:
+    """A FID cell: `≈` marks a row whose difference to the anchor row is not significant (its 95 % interval holds
+    0), `(anchor)` the anchor itself."""
+    if _is_anchor(r):
+        return f"{r.value:.4g} (anchor)"
+    return ("≈" if r.diff_low <= 0 <= r.diff_high else "") + f"{r.value:.4g}"
+
+
 def pivot_table(fid: pd.DataFrame) -> str:
-    pivot = fid.pivot_table(index="line", columns="nfe", values="value", aggfunc="first")
+    fid = fid.assign(cell=[_cell(r) for r in fid.itertuples()])
+    pivot = fid.pivot_table(index="line", columns="nfe", values="cell", aggfunc="first").fillna("")
     return md_table(["sampler (grid) \\ NFE"] + [str(int(c)) for c in pivot.columns],
                     [[line] + list(vals) for line, vals in zip(pivot.index, pivot.to_numpy())])
 
@@ -144,6 +161,37 @@ def cost_table(fid: pd.DataFrame) -> str | None:
                      "training wall-clock (s)", "trained on"),
                     [(r.line, int(r.nfe), r.value, r.train_updates, r.train_teacher_evals, r.train_student_passes,
                       r.train_wall_clock_s, r.train_device) for r in rows.itertuples()])
+
+
+def interval_table(fid: pd.DataFrame) -> str | None:
+    """Every FID row with its 95 % interval and its ratio to the anchor row (with the ratio's interval), or None
+    when no row has an interval (CSVs before fastdiff 0.4, --ci-resamples 0)."""
+    rows = fid.dropna(subset=["ci_low"]).sort_values(["line", "nfe"])
+    anchors = {r.ci_reference: r.value for r in rows.itertuples() if _is_anchor(r)}
+    if rows.empty:
+        return None
+    rows = rows.assign(anchor=[anchors.get(ref, float("nan")) for ref in rows.ci_reference])
+    return md_table(("sampler (grid)", "NFE", "FID", "95 % interval", "FID / anchor", "95 % interval",
+                     "differs from the anchor"),
+                    [(r.line, int(r.nfe), r.value, f"[{r.ci_low:.4g}, {r.ci_high:.4g}]", r.value / r.anchor,
+                      f"[{r.ratio_low:.4g}, {r.ratio_high:.4g}]",
+                      "anchor" if _is_anchor(r) else ("no" if r.diff_low <= 0 <= r.diff_high else "yes"))
+                     for r in rows.itertuples()])
+
+
+def interval_note(fid: pd.DataFrame) -> str:
+    """What the intervals are, from the rows' ci_* columns."""
+    with_ci = fid.dropna(subset=["ci_low"])
+    if with_ci.empty:
+        return "No FID row of this sweep has an interval (a CSV before fastdiff 0.4, or --ci-resamples 0)."
+    first = with_ci.iloc[0]
+    return (f"Intervals: {first.ci_method} over sample indices, {int(float(first.ci_resamples))} resamples, the same "
+            "resampled indices in every row (the noise of sample k is the same in every row). They cover the "
+            "sampling variance of the generated samples only — not the reference set (held fixed) and not the "
+            "teacher's training (see the teacher-seed spread). Differences and ratios are to the anchor row "
+            f"`{first.ci_reference}`, fixed before the sweep; `≈` marks a FID whose difference to it is not "
+            "significant (its interval holds 0). Basic intervals subtract the bootstrap's upward shift of FID "
+            "instead of reporting it, so they need not be centred on (or contain) the estimate.")
 
 
 def provenance_table(df: pd.DataFrame) -> str:
@@ -183,7 +231,11 @@ def sweep_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -
                "Wall-clock is the sampling time of all batches divided by the number of samples (noise drawing and "
                "scoring excluded), measured in the same run on the device listed below.", "",
                "**Best FID within an NFE budget**", "", best_table(fid), "", "**FID by sampler and NFE**", "",
-               pivot_table(fid), ""]
+               pivot_table(fid), "", interval_note(fid), ""]
+        intervals = interval_table(fid)
+        if intervals:
+            md += ["<details><summary>Every FID with its 95 % interval and its ratio to the anchor</summary>", "",
+                   intervals, "", "</details>", ""]
         costs = cost_table(fid)
         if costs:
             md += ["**What each student cost to make** (cumulative from the teacher, whose own training is not "
