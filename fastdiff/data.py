@@ -57,6 +57,14 @@ def static_info(name: str, image_size: int = 32) -> tuple[tuple[int, ...], int]:
                         f"(toy2d:{'|'.join(TOY2D_KINDS)})")
 
 
+def data_seed(cfg) -> int:
+    """The seed of the train/test split of a TrainConfig (or its dict, as a checkpoint stores it): split_seed, or
+    (-1, and checkpoints before fastdiff 0.4) seed."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    split = get("split_seed", -1)
+    return int(get("seed", 0)) if split is None or int(split) < 0 else int(split)
+
+
 def get_data(name: str, split: str = "train", root: str = "", seed: int = 0, image_size: int = 32) -> DataBundle:
     """Load data set `name` ('toy2d[:kind]', 'digits', 'cifar10', 'folder') and `split` ('train'/'test')."""
     if split not in ("train", "test"):

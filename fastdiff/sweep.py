@@ -25,6 +25,7 @@ from fastdiff.samplers import (Sample, consistency, ddim, ddpm, dpm_solver_pp_2m
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
+from fastdiff.data import data_seed
 from fastdiff.metrics import Reference, load_reference
 from fastdiff.schedules import Schedule
 
@@ -244,7 +245,7 @@ def load_family(cfg, device: torch.device) -> Family:
         cd_student = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st), cost=st.cost)
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
-                               seed=int(teacher.config.get("seed", 0)))
+                               seed=data_seed(teacher.config or {}))
     network = Network(teacher.net, teacher.schedule, teacher.param, teacher.hash, _num_classes(teacher))
     if cfg.guidance and not network.num_classes:
         raise FastdiffError(f"--guidance needs a class-conditional teacher (trained with --cond class); "

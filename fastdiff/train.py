@@ -25,7 +25,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, load_resumable
-from fastdiff.data import get_data, static_info
+from fastdiff.data import data_seed, get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
 from fastdiff.losses import Weighting, diffusion_loss
@@ -68,6 +68,7 @@ class TrainConfig(UNetFields, MLPFields):
     grad_clip: float = 1.0  # gradient norm clip
     ema_decay: float = 0.999  # weight EMA the teacher samples with
     seed: int = 0  # data split, batches, noise and initial weights
+    split_seed: int = -1  # the train/test split's seed (-1: seed); fixed apart from seed by a teacher-seed spread
     # run
     ckpt_every: int = 250  # updates between checkpoints
     sample_every: int = 1000  # updates between sample pictures
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     with contextlib.ExitStack() as held:
         # A run dir refused or locked on rank 0, data missing on one node: an error on every rank.
         with dist.same_outcome():
-            data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
+            data = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
             run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()),
                                         TrainConfig.RENAMED)
                    if dist.is_main() else Path(cfg.out_dir))
@@ -250,7 +251,7 @@ def dry_run(cfg: TrainConfig) -> int:
     """Check `cfg` and its run dir and say what `train` would do; loads the data and the checkpoint, writes nothing."""
     validate(cfg)
     runs.resolve_device(cfg.device)
-    data = get_data(cfg.dataset, "train", cfg.data_root, cfg.seed, cfg.image_size)
+    data = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
     run = Path(cfg.out_dir)
     runs.check_run_dir(run, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()), TrainConfig.RENAMED)
     ckpt = load_resumable(run / CKPT_NAME, set_aside=False) if run.is_dir() else None

@@ -26,7 +26,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
-from fastdiff.data import get_data, static_info
+from fastdiff.data import data_seed, get_data, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
 from fastdiff.distill.config import (CD_FIELDS_OF_CONFIG, NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig,
@@ -57,7 +57,12 @@ def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
 
 
 def teacher_config(cfg: DistillConfig) -> TrainConfig:
+    """The TrainConfig of the teacher trained here: the preset's, with --teacher-updates and --teacher-seed (another
+    seed trains into its own run dir, `<out_dir>-seed<S>`, on the preset's data split)."""
     tcfg = TRAIN_PRESETS[cfg.teacher_preset]
+    if cfg.teacher_seed >= 0 and cfg.teacher_seed != tcfg.seed:
+        tcfg = dataclasses.replace(tcfg, seed=cfg.teacher_seed, split_seed=data_seed(tcfg),
+                                   out_dir=f"{tcfg.out_dir}-seed{cfg.teacher_seed}")
     return dataclasses.replace(tcfg, device=cfg.device, deterministic=cfg.deterministic,
                                **({"updates": cfg.teacher_updates} if cfg.teacher_updates else {}))
 
@@ -170,8 +175,9 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
             run = Path(cfg.out_dir)
             held.enter_context(runs.run_lock(run))
             tcfg = cfgs.from_dict(TrainConfig, teacher0.config)
-            data = get_data(tcfg.dataset, "train", tcfg.data_root, tcfg.seed, tcfg.image_size)
-            scorer = (round_scorer(tcfg.dataset, tuple(teacher0.data_shape), data_root=tcfg.data_root, seed=tcfg.seed,
+            data = get_data(tcfg.dataset, "train", tcfg.data_root, data_seed(tcfg), tcfg.image_size)
+            scorer = (round_scorer(tcfg.dataset, tuple(teacher0.data_shape), data_root=tcfg.data_root,
+                                   seed=data_seed(tcfg),
                                    device=device, inception_weights=cfg.inception_weights) if dist.is_main() else None)
         if dist.is_main():
             write_text(run / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")

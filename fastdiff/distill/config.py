@@ -26,6 +26,7 @@ class DistillConfig:
     teacher: str = ""  # a teacher run dir, checkpoint, diffusers folder or hub id (empty: train/reuse the preset's)
     teacher_preset: str = "digits"  # the TrainConfig preset of the teacher (its data set and schedule)
     teacher_updates: int = 0  # updates of a teacher trained here (0: the preset's)
+    teacher_seed: int = -1  # seed of a teacher trained here (-1: the preset's); its data split stays the preset's
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
     data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
     method: Literal["pd", "cd", "pd+cd"] = "pd"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023)
@@ -173,10 +174,17 @@ def dataset_of(cfg: DistillConfig) -> str:
 
 def sweep_name(cfg: DistillConfig) -> str:
     """The results folder of the run's sweep: the data set's name, `-guided` for a guided family, `-diffusers` for a
-    teacher of the diffusers UNet2DModel architecture (a preset's, or a diffusers --teacher)."""
+    teacher of the diffusers UNet2DModel architecture (a preset's, or a diffusers --teacher), `-tseed<S>` for a
+    teacher trained here with --teacher-seed S other than the preset's."""
+    dataset = dataset_of(cfg)
+    preset_seed = TRAIN_PRESETS[cfg.teacher_preset].seed
+    tag = f"-tseed{cfg.teacher_seed}" if not cfg.teacher and cfg.teacher_seed not in (-1, preset_seed) else ""
+    return _sweep_base(cfg, dataset) + tag
+
+
+def _sweep_base(cfg: DistillConfig, dataset: str) -> str:
     from fastdiff.interop import is_diffusers_source
 
-    dataset = dataset_of(cfg)
     if cfg.guided:
         return f"{dataset}-guided"
     diffusers_arch = (is_diffusers_source(cfg.teacher) if cfg.teacher

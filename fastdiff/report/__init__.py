@@ -98,8 +98,17 @@ def _remove_stale_figures(md: list[str], results_dir: Path, folders: list[Path])
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("python -m fastdiff.report", __doc__.splitlines()[0])
     parser.add_argument("results_dir", help="the --out-dir of python -m fastdiff.bench (default there: runs/results)")
+    parser.add_argument("--readme", metavar="PATH", help="also rewrite the `<!-- results: NAME -->` blocks of this "
+                                                         "file from RESULTS_DIR/NAME (fastdiff.report.readme)")
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
         raise FastdiffError(f"{args.results_dir!r} is not a folder; pass the --out-dir of python -m fastdiff.bench")
+    if args.readme and not Path(args.readme).is_file():
+        raise FastdiffError(f"--readme {args.readme!r} is not a file")
     print(f"report: {write_report(args.results_dir)}")
+    if args.readme:
+        from fastdiff.report.readme import update_readme
+
+        names = update_readme(Path(args.readme), Path(args.results_dir))
+        print(f"{args.readme}: rewrote the results blocks {', '.join(names) or '(none found)'}")
     return 0

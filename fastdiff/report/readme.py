@@ -1,0 +1,97 @@
+"""The README's result paragraphs, written from the results CSVs only: `python -m fastdiff.report RESULTS --readme
+README.md` rewrites every block between `<!-- results: NAME -->` and `<!-- /results -->` with the summary of
+RESULTS/NAME/fid_vs_steps.csv (its latest sweep). No number in those blocks is typed by hand, and
+tests/test_readme_results.py fails when the README and the committed CSVs disagree."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from fastdiff.errors import FastdiffError
+from fastdiff.io import write_text
+from fastdiff.report.common import SWEEP, md_table, read_results
+from fastdiff.results import CSV_NAME
+
+BLOCK = re.compile(r"(<!-- results: ([\w.-]+) -->\n).*?(<!-- /results -->)", re.S)
+# The lines of the summary table, in this order, where the sweep has them (--full adds the others to the report).
+SUMMARY_SAMPLERS = ("distilled", "consistency", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2", "unipc3-bh1", "heun")
+STUDENTS = {"distilled": "progressive (PD) student", "consistency": "consistency (CD) student"}
+
+
+def latest_sweep(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the most recent sweep in a results CSV (one teacher, extractor, reference, n, seed, clip)."""
+    sweeps = sorted(df.groupby(SWEEP, sort=False), key=lambda kv: kv[1]["timestamp"].max())
+    return sweeps[-1][1]
+
+
+def _cell(r) -> str:
+    mark = "≈" if r.diff_low <= 0 <= r.diff_high and not r.is_anchor else ""
+    return mark + f"{r.value:.3g}" + (" (anchor)" if r.is_anchor else "")
+
+
+def summary(csv_path: Path, name: str) -> str:
+    """The Markdown summary of one results folder's latest sweep: FID by NFE for the main samplers (with the
+    significance marks of the paired bootstrap), the teacher's best, and each student's ratios with intervals."""
+    df = latest_sweep(read_results(csv_path))
+    fid = df[(df.metric == "fid") & df.sampler.isin(SUMMARY_SAMPLERS)].dropna(subset=["value", "nfe"])
+    if fid.empty:
+        raise FastdiffError(f"{csv_path} has no FID rows of {', '.join(SUMMARY_SAMPLERS)}")
+    fid = fid.assign(is_anchor=[bool(r.ci_reference) and r.ci_reference == f"{r.sampler}/{r.grid}/{int(r.steps)}"
+                                for r in fid.itertuples()])
+    order = {s: i for i, s in enumerate(SUMMARY_SAMPLERS)}
+    lines = sorted(fid.line.unique(), key=lambda ln: order[fid[fid.line == ln].sampler.iloc[0]])
+    nfes = sorted(fid.nfe.astype(int).unique())
+    cells = {(r.line, int(r.nfe)): _cell(r) for r in fid.itertuples()}
+    table = md_table(["NFE"] + lines, [[n] + [cells.get((ln, n), "—") for ln in lines] for n in nfes])
+    teacher = df[(df.metric == "fid") & ~df.sampler.isin(list(STUDENTS))].dropna(subset=["value"])
+    best = teacher.loc[teacher.value.idxmin()]
+    first = fid.iloc[0]
+    commits = ", ".join(sorted({c[:7] + ("+dirty" if c.endswith("+dirty") else "") for c in df.fastdiff_commit}))
+    text = [f"From `results/{name}/{CSV_NAME}` (latest sweep: {int(first.n_samples)} samples per row, "
+            f"{first.extractor} features vs {first.reference}, seed {int(first.seed)}, device "
+            f"{', '.join(sorted(df.device.unique()))}, commit {commits}); written by `python -m fastdiff.report "
+            "results --readme README.md`.", "", table, ""]
+    anchor = fid[fid.is_anchor]
+    if len(anchor):
+        text += [f"≈: not significantly different from the anchor row `{anchor.iloc[0].ci_reference}` (FID "
+                 f"{anchor.iloc[0].value:.3g}; {first.ci_method}, {first.ci_resamples} resamples, sampling "
+                 "variance only). The teacher's best FID at any step count: "
+                 f"{best.value:.3g} ({best.line}, {int(best.nfe)} NFE).", ""]
+    for sampler, label in STUDENTS.items():
+        rows = fid[(fid.sampler == sampler) & fid.nfe.isin([1, 2, 4])].sort_values("nfe")
+        parts = []
+        for r in rows.itertuples():
+            interval = ("" if pd.isna(r.ci_low) else
+                        f" [{r.ci_low:.3g}, {r.ci_high:.3g}], {r.value / anchor.iloc[0].value:.3g}× the anchor "
+                        f"[{r.ratio_low:.3g}, {r.ratio_high:.3g}]" if len(anchor) else "")
+            parts.append(f"{int(r.nfe)} NFE: FID {r.value:.3g}{interval}, {r.value / best.value:.3g}× the "
+                         "teacher's best")
+        if parts:
+            cost = rows.iloc[-1]
+            spent = ("" if not str(cost.get("train_updates", "")) else
+                     f" (the {int(cost.nfe)}-NFE one cost {cost.train_updates} updates from the teacher)")
+            text += [f"The {label}: " + "; ".join(parts) + spent + ".", ""]
+    return "\n".join(text).rstrip() + "\n"
+
+
+def update_readme(readme: Path, results_dir: Path) -> list[str]:
+    """Rewrite every results block of `readme` from `results_dir`; -> the names rewritten. FastdiffError for a
+    block naming a folder without a results CSV."""
+    text = Path(readme).read_text()
+
+    def fill(m: re.Match) -> str:
+        csv_path = Path(results_dir) / m.group(2) / CSV_NAME
+        if not csv_path.exists():
+            raise FastdiffError(f"{readme} has a results block for {m.group(2)!r} but {csv_path} does not exist")
+        return m.group(1) + summary(csv_path, m.group(2)) + m.group(3)
+
+    names = [m.group(2) for m in BLOCK.finditer(text)]
+    write_text(Path(readme), BLOCK.sub(fill, text))
+    return names
+
+
+def readme_blocks(readme: Path) -> dict[str, str]:
+    """{name: the block's text as the README holds it}."""
+    return {m.group(2): m.group(0)[len(m.group(1)):-len(m.group(3))] for m in BLOCK.finditer(Path(readme).read_text())}
