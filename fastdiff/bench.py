@@ -62,13 +62,14 @@ from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import Spacing, make_grid
 from fastdiff.io import atomic_path, write_text
-from fastdiff.metrics import Metric, class_accuracy, compute_metrics
+from fastdiff.metrics import Metric, Reference, class_accuracy, compute_metrics
 from fastdiff.results import CSV_NAME, COLUMNS, NOISE, ResultsCSV, git_commit, teacher_hashes, to_csv_value
 from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
 from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, generate, load_family, scores_classes,
                             warm_up)
-from fastdiff.uncertainty import PairedBootstrap
+from fastdiff.uncertainty import PairedBootstrap, load_ref_stats
+from fastdiff.uncertainty import fid as fid_of
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class BenchConfig:
     metrics: tuple[Metric, ...] = ("fid", "prc")  # prc: precision and recall
     ref_split: Literal["train", "test"] = "train"  # the reference split
     n_ref: int = 0  # reference examples (0: the whole split)
+    ref_stats: str = ""  # precomputed reference statistics .npz (mu, sigma: pytorch-fid, clean-fid, EDM) for FID
     inception_weights: str = ""  # local Inception-v3 weights file (offline)
     ci_resamples: int = 1000  # paired-bootstrap resamples of every FID row's 95 % interval (0: no intervals)
     ci_anchor: str = ""  # the row FID differences/ratios are taken to, SAMPLER:STEPS (empty: ddim at the most steps)
@@ -151,6 +153,11 @@ def validate(cfg: BenchConfig) -> None:
     cfgs.check_range(cfg, "batch_size", cfg.batch_size >= 1, ">= 1")
     cfgs.check_range(cfg, "n_ref", cfg.n_ref >= 0, ">= 0 (0: the whole split)")
     cfgs.check_range(cfg, "ci_resamples", cfg.ci_resamples >= 0, ">= 0 (0: no intervals)")
+    if cfg.ref_stats:
+        load_ref_stats(cfg.ref_stats)  # readable, mu (d,) and sigma (d, d)
+        if tuple(cfg.metrics) != ("fid",):
+            raise FastdiffError("--ref-stats gives FID only (KID, precision and recall need the reference samples): "
+                                "pass --metrics fid")
     if not cfg.model and not cfg.distill_dir:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
@@ -225,6 +232,11 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     family = family or load_family(cfg, device)
     extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained once
                           inception_weights=cfg.inception_weights, data_root=cfg.data_root)
+    stats = load_ref_stats(cfg.ref_stats) if cfg.ref_stats else None
+    if stats is not None:  # FID against the published statistics: their checksum is the row's reference
+        family = dataclasses.replace(family, stats=stats[0],
+                                     reference=Reference(family.reference.x, f"stats-{slug(Path(cfg.ref_stats).stem)}"
+                                                                             f"-{stats[1]}"))
     if tuple(family.reference.x.shape[1:]) != family.data_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.data_shape}; check --dataset")
@@ -266,8 +278,11 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
                                                  indent=2, sort_keys=True) + "\n")
     anchor = anchor_spec(cfg, specs)
     want_ci = bool(cfg.ci_resamples and "fid" in cfg.metrics and anchor is not None and todo)
-    ci = (PairedBootstrap(extract_features(family.reference.x, extractor, device).numpy(), cfg.n_samples,
-                          cfg.ci_resamples, cfg.seed) if want_ci and dist.is_main() else None)
+    ref = family.stats  # published reference statistics (--ref-stats), else None: the reference set's features
+    ci = None
+    if want_ci and dist.is_main():
+        fit = ref if ref is not None else extract_features(family.reference.x, extractor, device).numpy()
+        ci = PairedBootstrap(fit, cfg.n_samples, cfg.ci_resamples, cfg.seed)
     if want_ci and anchor in todo:  # scored first: every later row's difference and ratio are taken to it
         todo.insert(0, todo.pop(todo.index(anchor)))
     elif want_ci:  # scored in an earlier run: the same per-index noise gives its samples again
@@ -289,7 +304,9 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         x, nfe, times = generate(spec, network, family.data_shape, cfg, device, partial)
         if not dist.is_main():
             continue
-        values = compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed)
+        features = extract_features(x, extractor, device).numpy() if ci is not None or ref is not None else None
+        values = ({"fid": fid_of(features, ref)} if ref is not None else
+                  compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed))
         if scores_classes(spec, network, family.dataset):
             labels = class_labels(range(cfg.n_samples), network.num_classes, "cpu")
             values["class_accuracy"] = class_accuracy(x, labels, family.dataset)
@@ -297,7 +314,6 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         interval = {}
         if ci is not None:
-            features = extract_features(x, extractor, device).numpy()
             if spec == anchor:
                 ci.set_anchor(anchor.label, features)
             interval = ci.columns(features)

@@ -56,6 +56,7 @@ class Family:
     reference: Reference
     consistency: Network | None = None  # the consistency-distilled student (students/cd.pt), if swept
     cd_grid: str = ""  # its grid name, cd{N} (fastdiff.grids.consistency_grid)
+    stats: object = None  # precomputed reference statistics (fastdiff.uncertainty.RefStats) FID uses instead
 
 
 @dataclass(frozen=True)

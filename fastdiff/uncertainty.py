@@ -39,9 +39,35 @@ class RefStats:
     @classmethod
     def of(cls, features: np.ndarray) -> "RefStats":
         f = np.asarray(features, dtype=np.float64)
-        sigma = np.cov(f, rowvar=False)
-        w, v = np.linalg.eigh(sigma)
-        return cls(f.mean(0), sigma, (v * np.sqrt(np.clip(w, 0, None))) @ v.T)
+        return cls.from_moments(f.mean(0), np.cov(f, rowvar=False))
+
+    @classmethod
+    def from_moments(cls, mu: np.ndarray, sigma: np.ndarray) -> "RefStats":
+        mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+        w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+        return cls(mu, sigma, (v * np.sqrt(np.clip(w, 0, None))) @ v.T)
+
+
+def load_ref_stats(path) -> tuple[RefStats, str]:
+    """A precomputed reference-statistics file -> (RefStats, sha256 prefix of the file). The .npz with arrays `mu`
+    (d,) and `sigma` (d, d) that pytorch-fid (`--save-stats`), clean-fid and EDM (`fid.py ref`) write and publish,
+    e.g. EDM's cifar10-32x32.npz. FastdiffError for a missing or malformed file."""
+    import hashlib
+    from pathlib import Path
+
+    from fastdiff.errors import FastdiffError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        with np.load(path) as npz:
+            mu, sigma = npz["mu"], npz["sigma"]
+    except (OSError, ValueError, KeyError) as err:
+        raise FastdiffError(f"--ref-stats {str(path)!r}: cannot read mu and sigma from it ({err}); give the .npz of "
+                            "pytorch-fid, clean-fid or EDM (arrays mu (d,), sigma (d, d))") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FastdiffError(f"--ref-stats {str(path)!r}: mu {mu.shape} and sigma {sigma.shape} are not (d,), (d, d)")
+    return RefStats.from_moments(mu, sigma), hashlib.sha256(data).hexdigest()[:12]
 
 
 def fid_from_moments(mu: np.ndarray, sigma: np.ndarray, ref: RefStats) -> float:
@@ -115,8 +141,9 @@ class PairedBootstrap:
     """The intervals of one sweep: `resamples` index resamples of n samples drawn once from `seed`, the reference
     set's fit, and the anchor row (fixed in advance) that differences and ratios are taken to."""
 
-    def __init__(self, ref_features: np.ndarray, n: int, resamples: int, seed: int, level: float = 0.95):
-        self.ref = RefStats.of(ref_features)
+    def __init__(self, ref: np.ndarray | RefStats, n: int, resamples: int, seed: int, level: float = 0.95):
+        """`ref`: the reference set's (N, d) features, or its precomputed statistics."""
+        self.ref = ref if isinstance(ref, RefStats) else RefStats.of(ref)
         self.counts = resample_counts(n, resamples, seed)
         self.level = level
         self.anchor: tuple[str, float, np.ndarray] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -164,6 +165,32 @@ def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
     with pytest.raises(FastdiffError, match="--ci-anchor 'heun:3' is not a row of this sweep"):
         run_sweep(gaussian_cfg(tmp_path / "bad", ci_anchor="heun:3"), family=family, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_fid_against_published_reference_statistics(tmp_path):
+    """--ref-stats takes the mu/sigma .npz that pytorch-fid, clean-fid and EDM publish: FID against it equals FID
+    against the reference set those statistics came from, and the file's checksum is the rows' reference (key)."""
+    from fastdiff.errors import FastdiffError
+
+    family = gaussian_family(n_ref=2000)
+    feats = family.reference.x.double().numpy()
+    stats = tmp_path / "gauss-ref.npz"
+    np.savez(stats, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    plain = read_rows(run_sweep(gaussian_cfg(tmp_path / "a", steps=(1, 4), n_samples=200), family=family,
+                                progress=False))
+    pub = read_rows(run_sweep(gaussian_cfg(tmp_path / "b", steps=(1, 4), n_samples=200, ref_stats=str(stats)),
+                              family=family, progress=False))
+    assert fid_by(pub) == pytest.approx(fid_by(plain), rel=1e-7)
+    assert {r["reference"] for r in pub} == {f"stats-gauss-ref-{hashlib.sha256(stats.read_bytes()).hexdigest()[:12]}"}
+    assert {r["ci_reference"] for r in pub} == {"ddim/quadratic/4"}
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mean=feats.mean(0))
+    with pytest.raises(FastdiffError, match="cannot read mu and sigma"):
+        run_sweep(gaussian_cfg(tmp_path / "c", ref_stats=str(bad)), family=family, progress=False)
+    with pytest.raises(FastdiffError, match="pass --metrics fid"):
+        run_sweep(gaussian_cfg(tmp_path / "c", ref_stats=str(stats), metrics=("fid", "kid")), family=family,
+                  progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 TORCHRUN_SCRIPT = """
