@@ -158,7 +158,8 @@ def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
             assert float(later[key][col]) == pytest.approx(float(rows[key][col]), rel=1e-9, abs=1e-12), (key, col)
     report = write_report(tmp_path / "one").read_text()
     assert "basic paired bootstrap 95% over sample indices, 200 resamples" in report and "(anchor)" in report
-    assert "Every FID with its 95 % interval" in report
+    assert "Every FID with its 95 % interval" in report and "How many NFE to reach a quality" in report
+    assert (tmp_path / "one" / "gauss" / "nfe_to_quality.png").is_file()
     none = read_rows(run_sweep(gaussian_cfg(tmp_path / "none", steps=(1,), n_samples=50, ci_resamples=0),
                                family=family, progress=False))
     assert {r["ci_low"] for r in none} == {""}

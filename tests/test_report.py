@@ -142,3 +142,22 @@ def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_pat
         with open(path, newline="") as f:
             reader = _csv.DictReader(f)
             assert reader.fieldnames == COLUMNS and len(list(reader)) == 2
+
+
+def test_time_to_quality_uses_the_upper_bound_and_gives_a_conservative_speedup():
+    import pandas as pd
+
+    from fastdiff.report.answer import reached, speedup
+
+    rows = []
+    for line, sampler, pts in [("dpm", "dpm++2m", [(4, 3.0, 2.5, 3.5), (8, 1.2, 1.05, 1.25), (16, 1.0, 0.97, 1.04)]),
+                               ("pd", "distilled", [(1, 1.5, 1.2, 1.8), (2, 1.1, 1.02, 1.2), (4, 1.0, 0.98, 1.03)])]:
+        for nfe, ratio, lo, hi in pts:
+            rows.append({"line": line, "sampler": sampler, "nfe": nfe, "ratio_low": lo, "ratio_high": hi,
+                         "wall_clock_s_total": nfe * 0.1, "n_samples": 100, "value": ratio})
+    table = reached(pd.DataFrame(rows), 1.3).set_index("line")
+    assert table.loc["dpm", "nfe"] == 8 and table.loc["pd", "nfe"] == 2  # upper bounds 1.25 and 1.2 <= 1.3
+    assert table.loc["pd", "nfe_optimistic"] == 1 and table.loc["dpm", "ms"] == pytest.approx(8.0)
+    up, low, high, student, solver = speedup(table.reset_index())
+    assert (up, low, high, student, solver) == (4.0, 4.0, 8.0, "pd", "dpm")
+    assert speedup(reached(pd.DataFrame(rows), 1.01)) is None  # no solver's upper bound gets there

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from fastdiff.report.answer import answer_section
 from fastdiff.report.common import _fmt, _save, _styles, md_table
 from fastdiff.viz import draw_samples
 
@@ -232,6 +233,7 @@ def sweep_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -
                "scoring excluded), measured in the same run on the device listed below.", "",
                "**Best FID within an NFE budget**", "", best_table(fid), "", "**FID by sampler and NFE**", "",
                pivot_table(fid), "", interval_note(fid), ""]
+        md += answer_section(fid, folder, results_dir, tag)
         intervals = interval_table(fid)
         if intervals:
             md += ["<details><summary>Every FID with its 95 % interval and its ratio to the anchor</summary>", "",
