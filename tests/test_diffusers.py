@@ -205,30 +205,23 @@ def test_strided_ddpm_ending_above_0_adds_noise_in_diffusers(teacher, x_T):
     torch.testing.assert_close(ref - ours, var.sqrt() * z_last, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("taus", [[999, 599, 299, 99, 19], list(range(999, 0, -100))])
-def test_dpm_solver_pp_2m_parity(teacher, x_T, taus):
+@pytest.mark.parametrize("order, taus", [(2, [999, 599, 299, 99, 19]), (2, list(range(999, 0, -100))),
+                                         (3, [999, 599, 299, 99, 19]), (3, list(range(999, 0, -100))),
+                                         (3, list(range(999, 0, -66)))])
+def test_dpm_solver_pp_multistep_parity(teacher, x_T, order, taus):
+    """DPM-Solver++(2M) and (3M) against DPMSolverMultistepScheduler(solver_order=2|3). 3M: orders 1, 2, 3, ..., 3,
+    then the step to sigma = 0, which diffusers takes at first order whatever the grid (final_sigmas_type="zero":
+    sigma_t/sigma_s x + alpha_t (1 - e^{-inf}) x0 = x0_hat, fastdiff returns x0_hat); below 15 steps (5 and 10
+    here) lower_order_final also makes the step before it second order, from 15 on (16 here) it stays third order.
+    float32 on both sides, as diffusers computes the update in float32 whatever the input dtype: both are ~1e-7
+    from exact (x0_hat = (x - sigma eps)/alpha, 1/alpha ~ 156 at t = 1)."""
     sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="dpmsolver++",
-                                                  solver_order=2, final_sigmas_type="zero")
+                                                  solver_order=order, final_sigmas_type="zero")
     sched.set_timesteps(timesteps=taus)
     ts = torch.tensor([(t + 1) / T for t in taus] + [0.0], dtype=torch.float64)
+    solver = dpm_solver_pp_2m if order == 2 else dpm_solver_pp_3m
     with torch.no_grad():
-        ours = dpm_solver_pp_2m(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps").x
-    assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T)) < 1e-6
-
-
-@pytest.mark.parametrize("taus", [[999, 599, 299, 99, 19], list(range(999, 0, -100)), list(range(999, 0, -66))])
-def test_dpm_solver_pp_3m_parity(teacher, x_T, taus):
-    """Orders 1, 2, 3, ..., 3, then the step to sigma = 0, which diffusers takes at first order whatever the grid
-    (final_sigmas_type="zero": sigma_t/sigma_s x + alpha_t (1 - e^{-inf}) x0 = x0_hat, fastdiff returns x0_hat);
-    below 15 steps (5 and 10 here) lower_order_final also makes the step before it second order, from 15 on (16
-    here) it stays third order. float32 on both sides, as diffusers computes the update in float32 whatever the
-    input dtype: both are ~1e-7 from exact (x0_hat = (x - sigma eps)/alpha, 1/alpha ~ 156 at t = 1)."""
-    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="dpmsolver++",
-                                                  solver_order=3, final_sigmas_type="zero")
-    sched.set_timesteps(timesteps=taus)
-    ts = torch.tensor([(t + 1) / T for t in taus] + [0.0], dtype=torch.float64)
-    with torch.no_grad():
-        ours = dpm_solver_pp_3m(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps").x
+        ours = solver(teacher.net, x_T, ts, schedule=teacher.schedule, param="eps").x
     assert rel(ours, run_diffusers(sched, teacher.net.unet, x_T)) < 1e-6
 
 
