@@ -120,6 +120,8 @@ class BenchConfig:
     inception_weights: str = ""  # local Inception-v3 weights file (offline)
     ci_resamples: int = 1000  # paired-bootstrap resamples of every FID row's 95 % interval (0: no intervals)
     ci_anchor: str = ""  # the row FID differences/ratios are taken to, SAMPLER:STEPS (empty: ddim at the most steps)
+    timing_repeats: int = 0  # a separate wall-clock pass after the sweep: rounds over every row (0: none; >= 5)
+    timing_batch: int = 0  # samples per timed batch of that pass (0: batch_size)
     # outputs
     out_dir: str = "runs/results"  # results folder: <out_dir>/<name>/fid_vs_steps.csv and the report
     name: str = ""  # the sweep's folder under out_dir (empty: the data set's name)
@@ -153,6 +155,9 @@ def validate(cfg: BenchConfig) -> None:
     cfgs.check_range(cfg, "batch_size", cfg.batch_size >= 1, ">= 1")
     cfgs.check_range(cfg, "n_ref", cfg.n_ref >= 0, ">= 0 (0: the whole split)")
     cfgs.check_range(cfg, "ci_resamples", cfg.ci_resamples >= 0, ">= 0 (0: no intervals)")
+    cfgs.check_range(cfg, "timing_repeats", cfg.timing_repeats == 0 or cfg.timing_repeats >= 5,
+                     "0 (no timing pass) or >= 5 (a median of at least 5)")
+    cfgs.check_range(cfg, "timing_batch", cfg.timing_batch >= 0, ">= 0 (0: --batch-size)")
     if cfg.ref_stats:
         load_ref_stats(cfg.ref_stats)  # readable, mu (d,) and sigma (d, d)
         if tuple(cfg.metrics) != ("fid",):
@@ -253,6 +258,13 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
                 check_not_mixed(csv_path, family.teacher.hash, cfg.append)
             results = ResultsCSV(csv_path) if dist.is_main() else None
         _sweep(cfg, family, specs, extractor, results, out, device, progress)
+        if cfg.timing_repeats and dist.world_size() == 1:
+            from fastdiff.timing import timing_pass
+
+            log.info("timing pass: %s", timing_pass(specs, lambda s: _network(family, s), family.data_shape, cfg,
+                                                    device, device_name(device), out, progress))
+        elif cfg.timing_repeats:
+            log.warning("the timing pass runs in one process only; run it without torchrun")
     return csv_path
 
 

@@ -126,7 +126,7 @@ class PartialRow:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -> dict:
+def sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -> dict:
     """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
     idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
     x, gens = initial_noise(idx, shape, cfg.seed, device)
@@ -160,7 +160,7 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
     for k in range(0, len(todo), world):
         group = todo[k:k + world]
         mine = group[dist.rank()] if dist.rank() < len(group) else None
-        batch = None if mine is None else (mine, _sample_batch(spec, network, shape, cfg, device, mine))
+        batch = None if mine is None else (mine, sample_batch(spec, network, shape, cfg, device, mine))
         for part in dist.gather_objects(batch):
             if part is not None and dist.is_main():
                 done[part[0]] = part[1]

@@ -168,6 +168,26 @@ def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_separate_interleaved_timing_pass_feeds_the_time_to_quality_table(tmp_path):
+    from fastdiff.errors import FastdiffError
+
+    family = gaussian_family(n_ref=1000)
+    cfg = gaussian_cfg(tmp_path, steps=(1, 4), n_samples=100, batch_size=50, timing_repeats=5, timing_batch=20,
+                       ci_resamples=100)
+    run_sweep(cfg, family=family, progress=False)
+    rows = read_rows(tmp_path / "gauss" / "timing.csv")
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", "1", "1"), ("ddim", "4", "4"),
+                                                                    ("dpm++2m", "1", "1"), ("dpm++2m", "4", "4")]
+    assert {(r["repeats"], r["batch"]) for r in rows} == {("5", "20")}
+    assert all(float(r["min_s"]) <= float(r["median_s"]) <= float(r["max_s"]) for r in rows)
+    assert all(float(r["ms_per_sample"]) == pytest.approx(1000 * float(r["median_s"]) / 20) for r in rows)
+    assert rows[0]["cpu_model"] and rows[0]["load_before"]
+    assert "from the separate timing pass (timing.csv: median of 5 interleaved repeats" in write_report(
+        tmp_path).read_text()
+    with pytest.raises(FastdiffError, match="--timing-repeats must be 0 .no timing pass. or >= 5"):
+        run_sweep(dataclasses.replace(cfg, timing_repeats=3), family=family, progress=False)
+
+
 def test_fid_against_published_reference_statistics(tmp_path):
     """--ref-stats takes the mu/sigma .npz that pytorch-fid, clean-fid and EDM publish: FID against it equals FID
     against the reference set those statistics came from, and the file's checksum is the rows' reference (key)."""

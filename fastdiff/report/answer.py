@@ -20,9 +20,26 @@ LEVELS = (1.1, 1.3, 2.0)
 STUDENT_SAMPLERS = ("distilled", "consistency")
 
 
+def with_timing(fid: pd.DataFrame, folder: Path) -> tuple[pd.DataFrame, str]:
+    """The FID rows with `ms` per sample — from the folder's timing.csv (the separate timing pass) where it has the
+    row, else from the FID run — and a sentence saying which."""
+    fid = fid.assign(ms=1000 * fid.wall_clock_s_total / fid.n_samples)
+    path = folder / "timing.csv"
+    if not path.exists():
+        return fid, "sampling wall-clock per sample from the FID run itself (no separate timing pass)"
+    t = pd.read_csv(path, dtype=str, keep_default_na=False)
+    ms = {(r.model_hash, r.sampler, r.grid, int(r.steps)): float(r.ms_per_sample) for r in t.itertuples()}
+    timed = [ms.get((r.model_hash, r.sampler, r.grid, int(r.steps))) for r in fid.itertuples()]
+    fid = fid.assign(ms=[m if m is not None else f for m, f in zip(timed, fid.ms)])
+    first = t.iloc[0]
+    return fid, (f"sampling wall-clock per sample from the separate timing pass (timing.csv: median of "
+                 f"{first.repeats} interleaved repeats, batch {first.batch}, {first.threads} threads, "
+                 f"{first.cpu_model}, load {first.load_before} → {first.load_after}, {first.device})")
+
+
 def reached(fid: pd.DataFrame, level: float) -> pd.DataFrame:
     """Per line: the pessimistic and optimistic NFE at which FID/anchor reaches `level`, and the ms per sample of
-    the pessimistic row (NaN where never)."""
+    the pessimistic row (column `ms`, else from the FID run; NaN where never)."""
     rows = []
     for line, g in fid.groupby("line"):
         g = g.sort_values("nfe")
@@ -31,7 +48,8 @@ def reached(fid: pd.DataFrame, level: float) -> pd.DataFrame:
         rows.append({"line": line, "student": g.sampler.iloc[0] in STUDENT_SAMPLERS,
                      "nfe": float(first.nfe) if first is not None else float("nan"),
                      "nfe_optimistic": float(lo.nfe.iloc[0]) if len(lo) else float("nan"),
-                     "ms": (1000 * first.wall_clock_s_total / first.n_samples) if first is not None else float("nan")})
+                     "ms": (first.ms if "ms" in g else 1000 * first.wall_clock_s_total / first.n_samples)
+                     if first is not None else float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -52,6 +70,7 @@ def answer_section(fid: pd.DataFrame, folder: Path, results_dir: Path, tag: str)
     if fid.empty:
         return []
     anchor = fid.ci_reference.iloc[0]
+    fid, timing_note = with_timing(fid, folder)
     per_level = {level: reached(fid, level) for level in LEVELS}
     lines = sorted(fid.line.unique())
     cells = []
@@ -78,8 +97,7 @@ def answer_section(fid: pd.DataFrame, folder: Path, results_dir: Path, tag: str)
     ax.grid(alpha=0.3)
     _save(fig, png)
     return [f"**How many NFE to reach a quality** (relative to the anchor `{anchor}`; a level counts as reached "
-            "where the upper 95 % bound of FID/FID_anchor is at most it; in brackets the sampling wall-clock per "
-            "sample of that row, from the FID run itself, not a separate timing pass)", "",
+            f"where the upper 95 % bound of FID/FID_anchor is at most it; in brackets the {timing_note})", "",
             md_table(["sampler (grid)"] + [f"≤ {level:g}× anchor" for level in LEVELS], cells), "",
             "**Speed-up of the best student over the best training-free solver** (NFE ratio, with its conservative "
             "interval from the optimistic and pessimistic NFE of each side)", "",
