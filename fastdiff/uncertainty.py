@@ -4,12 +4,17 @@ Why paired: every row of a sweep draws sample k from the same per-index noise, s
 every row keeps the rows' errors correlated as they are, and the interval of a *difference* or *ratio* to a
 reference row is much narrower than the two rows' own intervals would suggest.
 
-Why basic intervals: FID is biased upward (≈ tr(Σ)/n-order terms), and a bootstrap resample holds only ~63 % distinct
-samples, so the resampled FIDs sit above the full-sample estimate; percentile intervals inherit that shift and can
-lie entirely above the estimate. The basic interval [2θ̂ − q_{1−α/2}, 2θ̂ − q_{α/2}] uses the spread of θ* − θ̂ as
-that of θ̂ − θ, so a shift of the bootstrap distribution is subtracted instead of reported (Davison & Hinkley
-1997, eq. 5.6). It covers the sampling variance of the generated samples only: not the reference set (held fixed)
-and not the teacher's training (rerun over teacher seeds for that).
+Why differences, with basic intervals: FID is biased upward (≈ tr(Σ)/n-order terms), and a bootstrap resample
+holds only ~63 % distinct samples, so the resampled FIDs sit above the full-sample estimate; percentile intervals
+inherit that shift and can lie entirely above the estimate. The basic interval [2θ̂ − q_{1−α/2}, 2θ̂ − q_{α/2}] uses
+the spread of θ* − θ̂ as that of θ̂ − θ, so a shift is subtracted instead of reported (Davison & Hinkley 1997,
+eq. 5.6); that suffices where the shift is small (the Gaussian test: d = 8, n = 300), but on 64-d features with
+n = 500 the shift (+0.9 on the digits teacher) exceeds a good model's FID (0.63), the bootstrap over-states the
+bias, and intervals of a FID on its own come out below it. The shift is common to all rows, so the paired
+*difference* to the anchor is resampled (its replicates centre on its estimate: measured), and the row's FID and
+its ratio are reported on the anchor's scale (`paired_intervals`). Everything covers the sampling variance of the
+generated samples only: not the reference set (held fixed), not the anchor's own sampling variance, and not the
+teacher's training (rerun over teacher seeds for that).
 
 FID (Heusel et al. 2017) from moments against a fixed reference: ||μ − μ_r||² + tr Σ + tr Σ_r − 2 tr (Σ_r^½ Σ Σ_r^½)^½,
 which equals torch-fidelity's tr (Σ Σ_r)^½ (same eigenvalues) but needs one symmetric eigendecomposition
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHOD = "basic paired bootstrap"
+METHOD = "basic paired bootstrap of the difference to the anchor"
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def basic_interval(estimate: float, boot: np.ndarray, level: float = 0.95) -> tu
 
 @dataclass(frozen=True)
 class Interval:
-    """One row's FID with its interval, and its difference and ratio to the reference row with theirs."""
+    """One row's intervals against the anchor row: its FID on the anchor's scale, the difference, the ratio."""
 
     fid: tuple[float, float]
     diff: tuple[float, float]
@@ -132,9 +137,18 @@ class Interval:
 
 def paired_intervals(est: float, boot: np.ndarray, ref_est: float, ref_boot: np.ndarray,
                      level: float = 0.95) -> Interval:
-    """Basic intervals of a row's FID, of FID − FID_ref and of FID / FID_ref from replicates on the same resamples."""
-    return Interval(basic_interval(est, boot, level), basic_interval(est - ref_est, boot - ref_boot, level),
-                    basic_interval(est / ref_est, boot / ref_boot, level))
+    """A row's intervals against the anchor from replicates on the same resamples: the basic interval of
+    FID − FID_anchor, and on the anchor's scale (its estimate held fixed) the row's FID, FID_anchor + [lo, hi], and
+    the ratio, 1 + [lo, hi] / FID_anchor.
+
+    Why not intervals of the FID itself or bootstrap ratios: a resample holds ~63 % distinct samples, which shifts
+    its FID up by about as much as (or more than) a good model's FID — measured on the digits teacher (64-d
+    features, n = 500): resampled FIDs average 1.53 against the estimate 0.630 (sd 0.52), so a basic interval of the
+    FID itself is [−1.65, 0.47] and ratios of resampled FIDs are meaningless. The shift is common to every row and
+    cancels in the paired difference (mean of the resampled differences 0.041 against the estimate 0.042, DDIM 32
+    vs 64 steps), which is what is resampled here. The anchor's own sampling variance is not in these intervals."""
+    lo, hi = basic_interval(est - ref_est, boot - ref_boot, level)
+    return Interval((ref_est + lo, ref_est + hi), (lo, hi), (1 + lo / ref_est, 1 + hi / ref_est))
 
 
 class PairedBootstrap:

@@ -141,13 +141,17 @@ def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
     one = gaussian_cfg(tmp_path / "one", steps=(1, 2, 4), n_samples=200, batch_size=100, ci_resamples=200)
     rows = {(r["sampler"], int(r["steps"])): r for r in read_rows(run_sweep(one, family=family, progress=False))}
     assert {r["ci_reference"] for r in rows.values()} == {"ddim/quadratic/4"}
-    assert {r["ci_method"] for r in rows.values()} == {"basic paired bootstrap 95%"}
+    assert {r["ci_method"] for r in rows.values()} == {"basic paired bootstrap of the difference to the anchor 95%"}
     assert {r["ci_resamples"] for r in rows.values()} == {"200"}
     anchor = rows["ddim", 4]
     assert float(anchor["diff_low"]) == float(anchor["diff_high"]) == 0.0
     assert float(anchor["ratio_low"]) == float(anchor["ratio_high"]) == 1.0
     assert float(rows["ddim", 1]["ratio_low"]) > 1 and float(rows["ddim", 1]["diff_low"]) > 0  # 1 step: worse
-    assert all(float(r["ci_low"]) < float(r["ci_high"]) for r in rows.values())
+    assert all(float(r["ci_low"]) < float(r["ci_high"]) for k, r in rows.items() if k != ("ddim", 4))
+    for r in rows.values():  # the FID and the ratio on the anchor's scale: FID_anchor + diff, 1 + diff / FID_anchor
+        a = float(anchor["value"])
+        assert float(r["ci_low"]) == pytest.approx(a + float(r["diff_low"]))
+        assert float(r["ratio_high"]) == pytest.approx(1 + float(r["diff_high"]) / a)
     two = gaussian_cfg(tmp_path / "two", samplers=("ddim",), steps=(1, 2, 4), n_samples=200, batch_size=100,
                        ci_resamples=200)
     run_sweep(two, family=family, progress=False)
@@ -157,7 +161,8 @@ def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
         for col in ("ci_low", "ci_high", "diff_low", "diff_high", "ratio_low", "ratio_high"):
             assert float(later[key][col]) == pytest.approx(float(rows[key][col]), rel=1e-9, abs=1e-12), (key, col)
     report = write_report(tmp_path / "one").read_text()
-    assert "basic paired bootstrap 95% over sample indices, 200 resamples" in report and "(anchor)" in report
+    assert "basic paired bootstrap of the difference to the anchor 95% over sample indices, 200 resamples" in report
+    assert "(anchor)" in report
     assert "Every FID with its 95 % interval" in report and "How many NFE to reach a quality" in report
     assert (tmp_path / "one" / "gauss" / "nfe_to_quality.png").is_file()
     none = read_rows(run_sweep(gaussian_cfg(tmp_path / "none", steps=(1,), n_samples=50, ci_resamples=0),

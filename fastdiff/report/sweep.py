@@ -191,8 +191,10 @@ def interval_note(fid: pd.DataFrame) -> str:
             "sampling variance of the generated samples only — not the reference set (held fixed) and not the "
             "teacher's training (see the teacher-seed spread). Differences and ratios are to the anchor row "
             f"`{first.ci_reference}`, fixed before the sweep; `≈` marks a FID whose difference to it is not "
-            "significant (its interval holds 0). Basic intervals subtract the bootstrap's upward shift of FID "
-            "instead of reporting it, so they need not be centred on (or contain) the estimate.")
+            "significant (its interval holds 0). What is resampled is the difference to the anchor; a row's FID "
+            "interval and its ratio are on the anchor's scale (its estimate held fixed, its own sampling variance "
+            "not included): a resample's FID is shifted up by about a good model's whole FID, so intervals of one "
+            "FID alone would mislead (fastdiff/uncertainty.py).")
 
 
 def provenance_table(df: pd.DataFrame) -> str:
