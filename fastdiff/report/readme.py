@@ -73,7 +73,34 @@ def summary(csv_path: Path, name: str) -> str:
             spent = ("" if not str(cost.get("train_updates", "")) else
                      f" (the {int(cost.nfe)}-NFE one cost {cost.train_updates} updates from the teacher)")
             text += [f"The {label}: " + "; ".join(parts) + spent + ".", ""]
+    text += equal_cost(Path(csv_path).parent)
     return "\n".join(text).rstrip() + "\n"
+
+
+def equal_cost(folder: Path) -> list[str]:
+    """PD vs CD at equal optimiser updates, from the run's training logs copied beside the sweep (training_pd.csv,
+    training_cd.csv; the round metric on the round's samples); [] without both."""
+    from fastdiff.report.training import TRAINING_CD, TRAINING_PD
+
+    if not ((folder / TRAINING_PD).exists() and (folder / TRAINING_CD).exists()):
+        return []
+    pd_rows = pd.read_csv(folder / TRAINING_PD).assign(cumulative=lambda d: d.updates.cumsum())
+    cd_rows = pd.read_csv(folder / TRAINING_CD)
+    parts = []
+    for nfe in (1, 2, 4):
+        p = pd_rows[pd_rows.student_steps == nfe]
+        c = cd_rows[(cd_rows.nfe == nfe) & cd_rows.updates.isin(p.cumulative)]
+        if len(p) and len(c):
+            parts.append(f"{nfe} NFE at {int(p.cumulative.iloc[0])} updates: PD {p.student_value.iloc[0]:.3g}, CD "
+                         f"{c.student_value.iloc[0]:.3g}")
+    if not parts:
+        return []
+    last = cd_rows[cd_rows.updates == cd_rows.updates.max()]
+    best = cd_rows.loc[cd_rows.groupby("nfe").student_value.idxmin()]
+    return ["At equal cost (optimiser updates of the same batch, cumulative from the teacher; the run's own "
+            f"evaluation, {pd_rows.metric.iloc[0]}): " + "; ".join(parts) + f". CD's best over its run: "
+            + ", ".join(f"{r.student_value:.3g} at {int(r.nfe)} NFE ({int(r.updates)} updates)"
+                        for r in best.itertuples()) + f"; it ran {int(last.updates.iloc[0])} updates.", ""]
 
 
 def update_readme(readme: Path, results_dir: Path) -> list[str]:

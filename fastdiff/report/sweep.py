@@ -30,6 +30,7 @@ def _metric_plot(df: pd.DataFrame, metric: str, x: str, ax, styles, logy: bool) 
     values = df.loc[df.metric == metric, "value"]
     if logy and len(values) and values.min() > 0:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5 * values.min())  # an interval reaching 0 runs off the axis, not to 1e-6
     ax.grid(True, which="both", alpha=0.3)
 
 
