@@ -14,7 +14,7 @@ from fastdiff.io import write_text
 from fastdiff.report.common import SWEEP, md_table, read_results
 from fastdiff.results import CSV_NAME
 
-BLOCK = re.compile(r"(<!-- results: ([\w.-]+) -->\n).*?(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: ([\w./-]+) -->\n).*?(<!-- /results -->)", re.S)  # NAME: a folder under RESULTS
 # The lines of the summary table, in this order, where the sweep has them (--full adds the others to the report).
 SUMMARY_SAMPLERS = ("distilled", "consistency", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2", "unipc3-bh1", "heun")
 STUDENTS = {"distilled": "progressive (PD) student", "consistency": "consistency (CD) student"}
