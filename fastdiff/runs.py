@@ -154,7 +154,8 @@ def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, 
                      default_preset: str = "digits"):
     """Parse `--preset NAME`, `--dry-run` and field overrides into a frozen config; -> (config, parsed args)."""
     parser = cfgs.make_parser(prog, description)
-    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(presets)}")
+    parser.add_argument("--preset", default=default_preset,
+                        help=f"one of {', '.join(presets)} (default: {default_preset})")
     parser.add_argument("--dry-run", action="store_true", help="check the inputs, say what would run; write nothing")
     cfgs.add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)

@@ -84,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastdiff.report.readme import latest_sweep
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--teacher-seeds=") else [a])]
+    if "-h" in argv or "--help" in argv:
+        print("usage: python -m fastdiff.seeds --teacher-seeds S1,S2,... [--dry-run] [any python -m fastdiff.distill "
+              "option]\n\n" + __doc__.strip() + "\n\nThe distill options (python -m fastdiff.distill --help) apply to "
+              "every seed's run.")
+        return 0
     if "--teacher-seeds" not in argv or argv.index("--teacher-seeds") + 1 >= len(argv):
         raise FastdiffError("pass --teacher-seeds S1,S2,... (at least two), then any python -m fastdiff.distill option")
     i = argv.index("--teacher-seeds")
@@ -94,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(seeds)) < 2 or min(seeds) < 0:
         raise FastdiffError(f"--teacher-seeds needs at least two distinct seeds >= 0, got {argv[i + 1]!r}")
     dist.configure_cpu_threads()
-    cfg, _ = runs.config_from_argv(argv[:i] + argv[i + 2:], DistillConfig, PRESETS, "python -m fastdiff.seeds",
-                                   "The pipeline over several teacher seeds, and the spread of its FIDs.")
+    cfg, args = runs.config_from_argv(argv[:i] + argv[i + 2:], DistillConfig, PRESETS, "python -m fastdiff.seeds",
+                                      "The pipeline over several teacher seeds, and the spread of its FIDs.")
     if cfg.teacher:
         raise FastdiffError("--teacher names one trained teacher; python -m fastdiff.seeds trains one per seed")
     if not cfg.bench:
@@ -103,6 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = {s: seed_config(cfg, s) for s in seeds}
     for c in configs.values():
         validate(c)
+    if args.dry_run:  # each seed's plan (distill's own dry run: checks, writes nothing), then what would be written
+        from fastdiff.distill.cli import dry_run
+
+        for s, c in configs.items():
+            print(f"teacher seed {s}:")
+            dry_run(c)
+        name = sweep_name(configs[seeds[0]])
+        print(f"spread: {Path(cfg.results_dir) / f'{name}-seeds.csv'} and .md")
+        return 0
     with dist.init_from_env(cfg.device), runs.graceful_stop():
         for s, c in configs.items():
             print(f"teacher seed {s}: {c.out_dir} -> {Path(c.results_dir) / sweep_name(c)}")

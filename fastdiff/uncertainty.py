@@ -66,10 +66,13 @@ def load_ref_stats(path) -> tuple[RefStats, str]:
     path = Path(path)
     try:
         data = path.read_bytes()
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
             mu, sigma = npz["mu"], npz["sigma"]
     except (OSError, ValueError, KeyError) as err:
-        raise FastdiffError(f"--ref-stats {str(path)!r}: cannot read mu and sigma from it ({err}); give the .npz of "
+        why = (f"it holds {', '.join(keys) or 'no arrays'}" if isinstance(err, KeyError)
+               else "not a readable .npz" if isinstance(err, ValueError) else err.strerror or str(err))
+        raise FastdiffError(f"--ref-stats {str(path)!r}: cannot read mu and sigma from it ({why}); give the .npz of "
                             "pytorch-fid, clean-fid or EDM (arrays mu (d,), sigma (d, d))") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise FastdiffError(f"--ref-stats {str(path)!r}: mu {mu.shape} and sigma {sigma.shape} are not (d,), (d, d)")

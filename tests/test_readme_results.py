@@ -32,3 +32,18 @@ def test_update_readme_rewrites_only_the_blocks(tmp_path):
     readme.write_text("<!-- results: nowhere -->\n<!-- /results -->\n")
     with pytest.raises(FastdiffError, match="'nowhere'"):
         update_readme(readme, tmp_path / "res")
+
+
+def test_report_refuses_a_readme_block_without_its_results_before_writing(tmp_path, capsys):
+    import shutil
+
+    from fastdiff.errors import run_cli
+    from fastdiff.report import main
+
+    shutil.copytree(ROOT / "results" / "digits", tmp_path / "res" / "digits")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results: digits -->\n<!-- /results -->\n<!-- results: toy2d -->\n<!-- /results -->\n")
+    before = sorted(p.name for p in (tmp_path / "res").rglob("*"))
+    assert run_cli(main, [str(tmp_path / "res"), "--readme", str(readme)]) == 2
+    assert "results blocks for toy2d" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "res").rglob("*")) == before and "From" not in readme.read_text()

@@ -44,3 +44,13 @@ def test_bad_seeds_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch):
         assert run_cli(main, argv) == 2
         assert msg in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_dry_run_write_nothing(tmp_path, capsys, monkeypatch):
+    """Found by a new user's trial: --dry-run was ignored and training started; --help was an error."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(main, ["--help"]) == 0 and "--teacher-seeds S1,S2" in capsys.readouterr().out
+    assert run_cli(main, ["--teacher-seeds=0,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher seed 1:" in out and "runs/distill-digits-tseed1" in out and "digits-seeds.csv" in out
+    assert list(tmp_path.iterdir()) == []

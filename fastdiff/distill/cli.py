@@ -240,12 +240,17 @@ FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts, beside the 
 FULL_ONLY_SAMPLERS = ("ddpm", "ddpm-strided", "ddim-eta1", "unipc2-bh1", "unipc3-bh2")
 
 
-def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
-    """The sweep and report that end `python -m fastdiff.distill`: the bench preset of the teacher preset's data set
-    (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`, `bench_samplers`,
-    `bench_samples` where set. Without --full (and --bench-samplers) the sweep leaves out FULL_ONLY_SAMPLERS;
-    --full runs them and adds 10 and 20 steps.
-    -> report.md."""
+def sweep_plan(dcfg: DistillConfig) -> str:
+    """What the sweep at the end runs: its samplers and step counts (as sweep_and_report chooses them)."""
+    cfg = sweep_config(dcfg, dcfg.out_dir)
+    return f"samplers {', '.join(cfg.samplers)}; steps {', '.join(map(str, cfg.steps))}"
+
+
+def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
+    """The BenchConfig of the sweep that ends `python -m fastdiff.distill`: the bench preset of the teacher preset's
+    data set (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`,
+    `bench_samplers`, `bench_samples` where set. Without --full (and --bench-samplers) the sweep leaves out
+    FULL_ONLY_SAMPLERS; --full runs them and adds 10 and 20 steps."""
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
@@ -260,11 +265,15 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
         steps["steps"] = tuple(sorted(set(steps.get("steps", base.steps)) | set(FULL_EXTRA_STEPS)))
     if dcfg.bench_samples:
         steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
-    cfg = dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
-                              name=sweep_name(dcfg),
-                              out_dir=dcfg.results_dir, append=dcfg.append_results,
-                              inception_weights=dcfg.inception_weights, dataset=dcfg.dataset,
-                              data_root=dcfg.data_root, **steps)
+    return dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
+                               name=sweep_name(dcfg), out_dir=dcfg.results_dir, append=dcfg.append_results,
+                               inception_weights=dcfg.inception_weights, dataset=dcfg.dataset,
+                               data_root=dcfg.data_root, **steps)
+
+
+def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
+    """The sweep (`sweep_config`) and report that end `python -m fastdiff.distill`. -> report.md."""
+    cfg = sweep_config(dcfg, run_dir)
     csv_path = run_sweep(cfg)
     if not dist.is_main():
         return Path(cfg.out_dir) / "report.md"
@@ -294,14 +303,14 @@ def dry_run(cfg: DistillConfig) -> int:
     plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
     print("stages: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
-    print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}'}")
+    print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}: {sweep_plan(cfg)}'}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     dist.configure_cpu_threads()
     cfg, args = runs.config_from_argv(argv, DistillConfig, PRESETS, "python -m fastdiff.distill",
-                                      "Progressively distill a teacher into few-step students, then benchmark and "
+                                      "Distil a teacher into few-step students (progressive and/or consistency distillation), then benchmark and "
                                       "report.")
     if args.dry_run:
         return dry_run(cfg)

@@ -29,7 +29,7 @@ class DistillConfig:
     teacher_seed: int = -1  # seed of a teacher trained here (-1: the preset's); its data split stays the preset's
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
     data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
-    method: Literal["pd", "cd", "pd+cd"] = "pd"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023)
+    method: Literal["pd", "cd", "pd+cd"] = "pd"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023), both
     # progressive rounds (Salimans & Ho 2022, Alg. 2)
     start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
     rounds: int = 0  # rounds to run (0: down to 1 step)
@@ -54,7 +54,7 @@ class DistillConfig:
     cd_metric: Literal["pseudo-huber", "l2"] = "pseudo-huber"  # the distance d (LPIPS needs weights not here)
     cd_solver: Literal["ddim", "heun"] = "ddim"  # the teacher's one ODE step per update
     # guided distillation (Meng et al. 2023)
-    guided: bool = False  # first distil the CFG teacher into a w-conditioned student, then progressively
+    guided: bool = False  # first distil the CFG teacher into a w-conditioned student, then run the PD rounds
     w_min: float = 0.0  # guidance weights drawn from U[w_min, w_max] in training
     w_max: float = 4.0  # see w_min
     guided_base_updates: int = 1000  # updates of the w-conditioned first stage
@@ -64,7 +64,7 @@ class DistillConfig:
     bench_steps: tuple[int, ...] = ()  # sampling steps of the sweep (empty: the bench preset's)
     bench_samples: int = 0  # samples per row (0: the bench preset's)
     bench_samplers: tuple[str, ...] = ()  # samplers of the sweep (empty: the bench preset's)
-    full: bool = False  # the full sweep: also the teacher's 1000-step DDPM row and DDIM's 10 and 20 steps
+    full: bool = False  # the full sweep: adds DDPM (1000 steps), strided DDPM, DDIM eta=1, 2 UniPC variants, 10/20
     results_dir: str = "runs/results"  # where the sweep's CSV, plots and report go
     append_results: bool = False  # add this teacher's rows to a CSV that holds another teacher's sweep
     inception_weights: str = ""  # local Inception-v3 weights for RGB data (rounds' FID and the sweep)

@@ -105,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FastdiffError(f"{args.results_dir!r} is not a folder; pass the --out-dir of python -m fastdiff.bench")
     if args.readme and not Path(args.readme).is_file():
         raise FastdiffError(f"--readme {args.readme!r} is not a file")
+    if args.readme:  # every block's results folder exists: checked before anything is written
+        from fastdiff.report.readme import readme_blocks
+
+        missing = [n for n in readme_blocks(Path(args.readme)) if not (Path(args.results_dir) / n / CSV_NAME).exists()]
+        if missing:
+            raise FastdiffError(f"{args.readme} has results blocks for {', '.join(missing)} but {args.results_dir} "
+                                f"has no {CSV_NAME} there; pass the results folder those blocks name")
     print(f"report: {write_report(args.results_dir)}")
     if args.readme:
         from fastdiff.report.readme import update_readme
