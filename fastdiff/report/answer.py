@@ -14,10 +14,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from fastdiff.report.common import _save, md_table
+from fastdiff.report.common import STUDENT_SAMPLERS, _save, md_table
 
 LEVELS = (1.1, 1.3, 2.0)
-STUDENT_SAMPLERS = ("distilled", "consistency")
 
 
 def with_timing(fid: pd.DataFrame, folder: Path) -> tuple[pd.DataFrame, str]:

@@ -13,6 +13,8 @@ from fastdiff.errors import FastdiffError
 from fastdiff.io import atomic_path
 
 NUMERIC = ("steps", "nfe", "n_samples", "seed", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total")
+# the samplers of distilled students (the rest of a sweep samples the teacher)
+STUDENT_SAMPLERS = ("distilled", "consistency")
 CI_NUMERIC = ("ci_low", "ci_high", "diff_low", "diff_high", "ratio_low", "ratio_high")
 # What makes rows comparable: one sweep = one model family scored the same way.
 SWEEP = ["teacher_hash", "extractor", "reference", "n_samples", "seed", "clip"]
@@ -71,3 +73,8 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def is_anchor(r) -> bool:
+    """Whether row `r` (a namedtuple of a results frame) is the anchor its intervals are taken to."""
+    return bool(r.ci_reference) and r.ci_reference == f"{r.sampler}/{r.grid}/{int(r.steps)}"

@@ -11,13 +11,13 @@ import pandas as pd
 
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
-from fastdiff.report.common import SWEEP, md_table, read_results
+from fastdiff.report.common import STUDENT_SAMPLERS, SWEEP, is_anchor, md_table, read_results
 from fastdiff.results import CSV_NAME
 
 BLOCK = re.compile(r"(<!-- results: ([\w./-]+) -->\n).*?(<!-- /results -->)", re.S)  # NAME: a folder under RESULTS
 # The lines of the summary table, in this order, where the sweep has them (--full adds the others to the report).
 SUMMARY_SAMPLERS = ("distilled", "consistency", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2", "unipc3-bh1", "heun")
-STUDENTS = {"distilled": "progressive (PD) student", "consistency": "consistency (CD) student"}
+STUDENTS = dict(zip(STUDENT_SAMPLERS, ("progressive (PD) student", "consistency (CD) student")))
 
 
 def latest_sweep(df: pd.DataFrame) -> pd.DataFrame:
@@ -38,8 +38,7 @@ def summary(csv_path: Path, name: str) -> str:
     fid = df[(df.metric == "fid") & df.sampler.isin(SUMMARY_SAMPLERS)].dropna(subset=["value", "nfe"])
     if fid.empty:
         raise FastdiffError(f"{csv_path} has no FID rows of {', '.join(SUMMARY_SAMPLERS)}")
-    fid = fid.assign(is_anchor=[bool(r.ci_reference) and r.ci_reference == f"{r.sampler}/{r.grid}/{int(r.steps)}"
-                                for r in fid.itertuples()])
+    fid = fid.assign(is_anchor=[is_anchor(r) for r in fid.itertuples()])
     order = {s: i for i, s in enumerate(SUMMARY_SAMPLERS)}
     lines = sorted(fid.line.unique(), key=lambda ln: order[fid[fid.line == ln].sampler.iloc[0]])
     nfes = sorted(fid.nfe.astype(int).unique())

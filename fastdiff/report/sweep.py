@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from fastdiff.report.answer import answer_section
-from fastdiff.report.common import _fmt, _save, _styles, md_table
+from fastdiff.report.common import _fmt, _save, _styles, is_anchor, md_table
 from fastdiff.viz import draw_samples
 
 OTHER_METRICS = ("kid", "precision", "recall", "swd")
@@ -132,14 +132,10 @@ def best_table(fid: pd.DataFrame) -> str:
     return md_table(("NFE budget", "best sampler (grid)", "its NFE", "its steps", "FID"), rows)
 
 
-def _is_anchor(r) -> bool:
-    return bool(r.ci_reference) and r.ci_reference == f"{r.sampler}/{r.grid}/{int(r.steps)}"
-
-
 def _cell(r) -> str:
     """A FID cell: `≈` marks a row whose difference to the anchor row is not significant (its 95 % interval holds
     0), `(anchor)` the anchor itself."""
-    if _is_anchor(r):
+    if is_anchor(r):
         return f"{r.value:.4g} (anchor)"
     return ("≈" if r.diff_low <= 0 <= r.diff_high else "") + f"{r.value:.4g}"
 
@@ -169,7 +165,7 @@ def interval_table(fid: pd.DataFrame) -> str | None:
     """Every FID row with its 95 % interval and its ratio to the anchor row (with the ratio's interval), or None
     when no row has an interval (CSVs before fastdiff 0.4, --ci-resamples 0)."""
     rows = fid.dropna(subset=["ci_low"]).sort_values(["line", "nfe"])
-    anchors = {r.ci_reference: r.value for r in rows.itertuples() if _is_anchor(r)}
+    anchors = {r.ci_reference: r.value for r in rows.itertuples() if is_anchor(r)}
     if rows.empty:
         return None
     rows = rows.assign(anchor=[anchors.get(ref, float("nan")) for ref in rows.ci_reference])
@@ -177,7 +173,7 @@ def interval_table(fid: pd.DataFrame) -> str | None:
                      "differs from the anchor"),
                     [(r.line, int(r.nfe), r.value, f"[{r.ci_low:.4g}, {r.ci_high:.4g}]", r.value / r.anchor,
                       f"[{r.ratio_low:.4g}, {r.ratio_high:.4g}]",
-                      "anchor" if _is_anchor(r) else ("no" if r.diff_low <= 0 <= r.diff_high else "yes"))
+                      "anchor" if is_anchor(r) else ("no" if r.diff_low <= 0 <= r.diff_high else "yes"))
                      for r in rows.itertuples()])
 
 
