@@ -58,6 +58,7 @@ import fastdiff
 from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
+from fastdiff.conditioning import requested_classes
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import Spacing, make_grid
@@ -66,7 +67,7 @@ from fastdiff.metrics import Metric, Reference, class_accuracy, compute_metrics
 from fastdiff.results import CSV_NAME, COLUMNS, NOISE, ResultsCSV, git_commit, teacher_hashes, to_csv_value
 from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
-from fastdiff.sweep import (Family, Network, PartialRow, Spec, class_labels, generate, load_family, scores_classes,
+from fastdiff.sweep import (Family, Network, PartialRow, Spec, accuracy_metric, generate, load_family,
                             warm_up)
 from fastdiff.uncertainty import PairedBootstrap, load_ref_stats
 from fastdiff.uncertainty import fid as fid_of
@@ -319,9 +320,10 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         features = extract_features(x, extractor, device).numpy() if ci is not None or ref is not None else None
         values = ({"fid": fid_of(features, ref)} if ref is not None else
                   compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed))
-        if scores_classes(spec, network, family.dataset):
-            labels = class_labels(range(cfg.n_samples), network.num_classes, "cpu")
-            values["class_accuracy"] = class_accuracy(x, labels, family.dataset)
+        accuracy = accuracy_metric(spec, network, family.dataset)
+        if accuracy:
+            values[accuracy] = class_accuracy(x, requested_classes(range(cfg.n_samples), network.num_classes, "cpu"),
+                                              family.dataset)
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         interval = {}
@@ -386,7 +388,8 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
             "samples_file": samples_file(spec, network, cfg),
             **{f"train_{k}": v for k, v in (network.cost or {}).items()
                if k in ("updates", "teacher_evals", "student_passes", "wall_clock_s", "device")}}
-    names = _metric_names(cfg.metrics) + (["class_accuracy"] if scores_classes(spec, network, base["dataset"]) else [])
+    accuracy = accuracy_metric(spec, network, base["dataset"])
+    names = _metric_names(cfg.metrics) + ([accuracy] if accuracy else [])
     return [{c: to_csv_value({**base, **((interval or {}) if m == "fid" else {}), "metric": m,
                               "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
             for m in names]

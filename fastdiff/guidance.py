@@ -1,34 +1,69 @@
-"""Class-conditional networks as sampler models, with classifier-free guidance (Ho & Salimans 2022).
+"""Conditional networks (class labels or text) as sampler models, with classifier-free guidance (Ho & Salimans 2022).
 
-Convention (the seed's): out = out_uncond + w (out_cond - out_uncond), so w = 0 is the unconditional model,
-w = 1 the conditional one and w > 1 guides. The unconditional output is the network's at the null class
-(index `num_classes`, the label dropped to during training with probability `label_dropout`).
+Convention (the seed's, fastdiff's everywhere): out = out_uncond + w (out_cond - out_uncond), so w = 0 is the
+unconditional model, w = 1 the conditional one and w > 1 guides. The unconditional output is the network's at the
+null condition (fastdiff.conditioning.null_condition: the null class, or the learned null text sequence), the
+condition dropped to during training with probability `label_dropout`. Weights in the other conventions in use
+are converted by `to_fastdiff_w` / `from_fastdiff_w`, the one place that knows them (`CONVENTIONS`).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from fastdiff.conditioning import null_condition
+from fastdiff.errors import FastdiffError
 from fastdiff.param import denoiser
 from fastdiff.schedules import Schedule
 
+Convention = Literal["fastdiff", "meng", "diffusers"]
+CONVENTIONS = {
+    "fastdiff": "u + w (c - u): w = 0 unconditional, w = 1 conditional",
+    # Ho & Salimans 2022 eq. 6 and Meng et al. 2023 write the guided model as (1 + w) c - w u
+    "meng": "(1 + w) c - w u (Ho & Salimans 2022, Meng et al. 2023): w = 0 conditional; fastdiff w = 1 + w",
+    # diffusers' pipelines: noise_uncond + guidance_scale (noise_text - noise_uncond), and guidance off (the
+    # conditional model alone) when guidance_scale <= 1
+    "diffusers": "guidance_scale s: u + s (c - u) for s > 1, the conditional model for s <= 1; fastdiff w = s "
+                 "(s <= 1: w = 1)",
+}
 
-def null_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.full_like(y, num_classes)
+
+def to_fastdiff_w(value: float, convention: str) -> float:
+    """fastdiff's w for a guidance weight `value` written in `convention` (see CONVENTIONS); FastdiffError for an
+    unknown convention."""
+    if convention == "fastdiff":
+        return float(value)
+    if convention == "meng":
+        return 1.0 + float(value)
+    if convention == "diffusers":
+        return float(value) if value > 1 else 1.0  # diffusers samples the conditional model alone at s <= 1
+    raise FastdiffError(f"unknown guidance convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+
+
+def from_fastdiff_w(w: float, convention: str) -> float:
+    """The weight that gives fastdiff's w in `convention`; FastdiffError where that convention cannot express it
+    (diffusers' guidance_scale never gives 0 <= w < 1, nor w = 1 other than as s = 1)."""
+    if convention == "diffusers" and w < 1:
+        raise FastdiffError(f"w = {w:g} (below the conditional model) has no diffusers guidance_scale: diffusers "
+                            "samples the conditional model alone for guidance_scale <= 1")
+    return float(w) - 1.0 if convention == "meng" else to_fastdiff_w(w, convention)
 
 
 def conditional(net, y: torch.Tensor, w: torch.Tensor | None = None):
-    """`model(x, t) -> out`: net at class labels y (B,) (and guidance input w (B,) for a guided student)."""
+    """`model(x, t) -> out`: net at condition y ((B,) class labels or (B, L) token ids) (and guidance input w (B,)
+    for a guided student)."""
     return lambda x, t: net(x, t, y, w) if w is not None else net(x, t, y)
 
 
 def guided(net, y: torch.Tensor, num_classes: int):
-    """`model(x, t) -> (out_cond, out_uncond)` from ONE batched forward over [x; x] with labels [y; null].
+    """`model(x, t) -> (out_cond, out_uncond)` from ONE batched forward over [x; x] with conditions [y; null].
 
     Pass it to any sampler with `guidance=w`; the sampler (or the fused sampler-step kernel) combines the pair.
     """
     def model(x, t):
         b = x.shape[0]
-        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null_labels(y, num_classes)]))
+        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null_condition(y, num_classes)]))
         return out[:b], out[b:]
 
     return model

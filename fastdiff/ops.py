@@ -56,17 +56,25 @@ def _use_triton(x: torch.Tensor, supported: bool) -> bool:
     return True
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, heads, N, d) q, k, v -> (B, heads, N, d) softmax(q k^T / sqrt(d)) v, no mask, in q's dtype.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, heads, N, d) q, (B, heads, M, d) k and v -> (B, heads, N, d) softmax(q k^T / sqrt(d)) v, in q's dtype.
 
-    Triton flash attention (differentiable) or torch's scaled_dot_product_attention.
+    Self-attention (M = N, no mask): Triton flash attention (differentiable) or torch's
+    scaled_dot_product_attention. Cross-attention (M != N) or a (B, M) key-padding `mask` (True: attend) always
+    goes to SDPA: the Triton kernel has one sequence length and no mask (text sequences are short, L <= 77).
     """
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"attention needs q, k, v of one shape (B, heads, N, d); got {tuple(q.shape)}, "
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention needs q (B, heads, N, d) and k, v (B, heads, M, d); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device) or not q.is_floating_point():
         raise ValueError(f"attention needs q, k, v of one floating dtype on one device; got "
                          f"{q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
+    if mask is not None or q.shape != k.shape:
+        if mask is not None and tuple(mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"attention's key-padding mask must be (B, M) = {(k.shape[0], k.shape[2])}; got "
+                             f"{tuple(mask.shape)}")
+        attn_mask = None if mask is None else mask[:, None, None, :].to(q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     if _use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM):
         from fastdiff.kernels.attention import attention as flash_attention
 

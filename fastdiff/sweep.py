@@ -42,6 +42,7 @@ class Network:
     hash: str
     num_classes: int = 0
     takes_w: bool = False
+    cond: str = "none"  # what it is conditioned on: none, class or text (fastdiff.conditioning)
     cost: dict | None = None  # a student's training cost (its checkpoint's `cost`), recorded with its rows
 
 
@@ -178,18 +179,15 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
     return x, nfe, [done[s]["seconds"] for s in starts]
 
 
-def class_labels(indices, num_classes: int, device) -> torch.Tensor:
-    """The class sample k asks for in a guided sweep: k % num_classes (the same in every row)."""
-    return torch.as_tensor(list(indices), device=device) % num_classes
-
-
 def _conditioned(network: Network, spec: Spec, idx, device):
-    """-> (sampler model, sampler guidance): the plain net, the CFG pair of a teacher, or a w-conditioned student."""
+    """-> (sampler model, sampler guidance): the plain net, the CFG pair of a teacher, or a w-conditioned student;
+    sample k asks for class k % num_classes, or (text) the held-out paraphrase fastdiff.text.eval_prompt(k)."""
     if spec.guidance is None:
         return network.net, None
+    from fastdiff.conditioning import eval_condition
     from fastdiff.guidance import conditional, guided
 
-    y = class_labels(idx, network.num_classes, device)
+    y = eval_condition(network.cond, network.net, idx, network.num_classes, device)
     if network.takes_w:
         return conditional(network.net, y, torch.full((len(y),), spec.guidance, device=device)), None
     return guided(network.net, y, network.num_classes), spec.guidance
@@ -231,8 +229,7 @@ def load_family(cfg, device: torch.device) -> Family:
                 raise FastdiffError(f"{path} is not a student checkpoint (kind {st.kind!r}, steps {st.steps})")
             if st.schedule != teacher.schedule:
                 raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
-            students[int(st.steps)] = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st),
-                                              bool(st.config.get("scalar_cond")), st.cost)
+            students[int(st.steps)] = _as_network(st)
         if not students:
             log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
     elif "distilled" in cfg.samplers:
@@ -243,25 +240,32 @@ def load_family(cfg, device: torch.device) -> Family:
 
         st = load_model(students_dir / "cd.pt", device)
         cd_grid = f"cd{int(load_checkpoint(students_dir / 'cd.pt')['cd']['steps'])}"
-        cd_student = Network(st.net, st.schedule, st.param, st.hash, _num_classes(st), cost=st.cost)
+        cd_student = _as_network(st)
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
                                seed=data_seed(teacher.config or {}))
-    network = Network(teacher.net, teacher.schedule, teacher.param, teacher.hash, _num_classes(teacher))
+    network = _as_network(teacher)
     if cfg.guidance and not network.num_classes:
-        raise FastdiffError(f"--guidance needs a class-conditional teacher (trained with --cond class); "
+        raise FastdiffError(f"--guidance needs a conditional teacher (trained with --cond class or text); "
                             f"{teacher.path} is unconditional")
     return Family(dataset, tuple(teacher.data_shape), network, students, reference, cd_student, cd_grid)
 
 
-def scores_classes(spec: Spec, network: Network, dataset: str) -> bool:
-    """Guided rows of a labelled image data set also get the class accuracy by the project's classifier."""
+def accuracy_metric(spec: Spec, network: Network, dataset: str) -> str | None:
+    """Guided rows of a labelled image data set also get the accuracy of the project's classifier on the digit (class)
+    each sample asks for: `class_accuracy`, or `prompt_accuracy` when it was asked for in words; else None."""
     from fastdiff.data import static_info
 
-    return spec.guidance is not None and network.num_classes > 0 and len(static_info(dataset)[0]) == 3
+    if spec.guidance is None or network.num_classes == 0 or len(static_info(dataset)[0]) != 3:
+        return None
+    return "prompt_accuracy" if network.cond == "text" else "class_accuracy"
 
 
-def _num_classes(model) -> int:
+def _as_network(model) -> Network:
+    """A loaded teacher or student (fastdiff.checkpoint.LoadedModel) as a sweep's Network."""
     from fastdiff.data import static_info
 
-    return static_info(model.dataset)[1] if model.config.get("cond") == "class" else 0
+    cond = model.config.get("cond", "none") or "none"
+    return Network(model.net, model.schedule, model.param, model.hash,
+                   static_info(model.dataset)[1] if cond != "none" else 0, bool(model.config.get("scalar_cond")),
+                   cond, model.cost)

@@ -25,6 +25,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, load_resumable
+from fastdiff.conditioning import Conditioner
 from fastdiff.data import data_seed, get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
@@ -49,8 +50,8 @@ class TrainConfig(UNetFields, MLPFields):
     dataset: str = "digits"  # toy2d[:8gaussians|moons|swissroll], digits, cifar10 or folder
     data_root: str = ""  # folder holding the data set's files (cifar10: cifar-10-batches-py; folder: images)
     image_size: int = 32  # side of the images of a `folder` data set
-    cond: Literal["none", "class"] = "none"  # class: a class-conditional teacher (for guidance)
-    label_dropout: float = 0.1  # probability of the null label in training (classifier-free guidance)
+    cond: Literal["none", "class", "text"] = "none"  # class labels, or text (captions of the labels; digits only)
+    label_dropout: float = 0.1  # probability of the null label/caption in training (classifier-free guidance)
     flip: bool = False  # random horizontal flips
     # diffusion
     schedule: ScheduleName = "cosine"  # Ho et al. 2020 / Nichol & Dhariwal 2021
@@ -86,6 +87,8 @@ PRESETS = {
                          warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=2000, out_dir="runs/teacher-toy2d"),
     "digits": TrainConfig(),
     "digits-cond": TrainConfig(cond="class", out_dir="runs/teacher-digits-cond"),
+    # text-conditioned digits: captions with paraphrases, a word-level encoder trained with the U-Net
+    "digits-text": TrainConfig(cond="text", out_dir="runs/teacher-digits-text"),
     # the digits teacher as a diffusers UNet2DModel (exports to diffusers); T = 1024 so that every power-of-two
     # student N divides T, which a stock DDIMScheduler needs to reproduce the grid i/N
     "digits-diffusers": TrainConfig(arch="diffusers-unet2d", T=1024, out_dir="runs/teacher-digits-diffusers"),
@@ -114,6 +117,8 @@ def validate(cfg: TrainConfig) -> None:
                             "images)")
     if cfg.cond == "class" and num_classes == 0:
         raise FastdiffError(f"--cond class needs a labelled data set; {cfg.dataset!r} has no labels")
+    if cfg.cond == "text" and cfg.dataset != "digits":
+        raise FastdiffError(f"--cond text needs captions, which only the digits data set has; got {cfg.dataset!r}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise FastdiffError(f"--device {cfg.device!r}: use auto, cpu or cuda[:N]")
 
@@ -121,7 +126,7 @@ def validate(cfg: TrainConfig) -> None:
 def network_config(cfg: TrainConfig):
     """The network a TrainConfig describes (data shape and classes come from the data set's name)."""
     shape, num_classes = static_info(cfg.dataset, cfg.image_size)
-    return model_config(cfg.arch, shape, num_classes if cfg.cond == "class" else 0, dataclasses.asdict(cfg))
+    return model_config(cfg.arch, shape, num_classes if cfg.cond != "none" else 0, dataclasses.asdict(cfg))
 
 
 def build_network(cfg: TrainConfig) -> torch.nn.Module:
@@ -188,7 +193,8 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
         return
     metrics = runs.MetricsLog(run / "metrics.csv", ["update", "loss", "lr", "grad_norm", "wall_s"], start)
     x_all = data.x.to(device)
-    y_all = data.y.to(device) if (cfg.cond == "class" and data.y is not None) else None
+    y_all = data.y.to(device) if (cfg.cond != "none" and data.y is not None) else None
+    conditioner = Conditioner(cfg.cond, data.num_classes, net, device) if y_all is not None else None
     schedule = Schedule(cfg.schedule, cfg.T)
     local_batch = dist.local_batch_size(cfg.batch_size)
     t_here = time.perf_counter()
@@ -201,10 +207,7 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
         if cfg.flip:
             flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        y = None
-        if y_all is not None:
-            drop = (torch.rand(local_batch, generator=gen) < cfg.label_dropout).to(device)
-            y = torch.where(drop, torch.full_like(y_all[idx], data.num_classes), y_all[idx])
+        y = None if conditioner is None else conditioner(y_all[idx], gen, cfg.label_dropout)
         return diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
 
     def after_update(update: int, loss: float, lr: float, grad_norm) -> None:

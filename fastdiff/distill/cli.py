@@ -26,6 +26,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
+from fastdiff.conditioning import Conditioner
 from fastdiff.data import data_seed, get_data, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
@@ -106,9 +107,9 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
             "pass --teacher-preset matching the teacher or another --teacher")
     if teacher.kind != "teacher":
         raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --teacher needs a teacher")
-    if cfg.guided and tcfg.get("cond") != "class":
-        raise FastdiffError(f"--guided needs a class-conditional teacher (trained with --cond class); {teacher.path} "
-                            "is unconditional: use --teacher-preset digits-cond or another --teacher")
+    if cfg.guided and tcfg.get("cond") not in ("class", "text"):
+        raise FastdiffError(f"--guided needs a conditional teacher (trained with --cond class or text); {teacher.path} "
+                            "is unconditional: use --teacher-preset digits-cond or digits-text, or another --teacher")
 
 
 def check_results_folder(cfg: DistillConfig) -> None:
@@ -187,7 +188,9 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
         student_network = {**teacher0.network, "scalar_cond": cfg.guided}
         ctx = DistillRun(cfg=cfg, run=run, device=device, schedule=teacher0.schedule, tcfg=tcfg, teacher0=teacher0,
                          x_all=data.x.to(device), y_all=data.y.to(device) if data.y is not None else None,
-                         num_classes=data.num_classes, student_cfg=cfgs.to_dict(student_tcfg),
+                         num_classes=data.num_classes,
+                         conditioner=Conditioner(tcfg.cond, data.num_classes, teacher0.net, device),
+                         student_cfg=cfgs.to_dict(student_tcfg),
                          student_network=student_network, progress=progress,
                          on_step=on_step, scorer=scorer)
         if "pd" in cfg.method:
@@ -254,8 +257,9 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
-        base = dataclasses.replace(base, samplers=("ddim", "distilled"), spacings=("linspace",),
-                                   guidance=GUIDANCE_SWEEP, name=f"{dataset}-guided")
+        base = dataclasses.replace(base, samplers=("ddim", "distilled") + (("consistency",) if "cd" in dcfg.method
+                                                                           else ()),
+                                   spacings=("linspace",), guidance=GUIDANCE_SWEEP)
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:
         steps["samplers"] = tuple(dcfg.bench_samplers)

@@ -100,14 +100,16 @@ def cd_loss(student_f: Callable, target_f: Callable, teacher_step: Callable, x0:
 
 EVAL_NFE = (1, 2, 4)
 CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim_value", "loss", "teacher_evals",
-             "student_passes", "wall_clock_s"]
+             "student_passes", "wall_clock_s", "student_accuracy", "teacher_accuracy"]
 
 
 def cd_cost(cfg, updates: int, wall: float, device) -> dict:
     """What a consistency student cost after `updates` updates, per example: 1 teacher ODE step (2 evaluations for
-    Heun), 1 target-network forward, 1 student forward + backward; the teacher's own training is not included."""
+    Heun, twice that for a guided teacher's conditional and unconditional halves), 1 target-network forward, 1
+    student forward + backward; the teacher's own training is not included."""
     batch = cfg.batch_size
-    return {"updates": updates, "teacher_evals": batch * updates * (2 if cfg.cd_solver == "heun" else 1),
+    per_step = (2 if cfg.cd_solver == "heun" else 1) * (2 if cfg.guided else 1)
+    return {"updates": updates, "teacher_evals": batch * updates * per_step,
             "target_evals": batch * updates, "student_passes": batch * updates, "wall_clock_s": round(wall, 1),
             "device": str(device), "threads": torch.get_num_threads()}
 
@@ -122,13 +124,20 @@ def run_consistency(ctx) -> None:
     the weights (decay cd_ema_decay), separate from theta- (decay target_ema). At every update of
     `config.cd_snapshots` (each PD student's cumulative updates, every cd_eval_every, the last):
     students/cd_u{updates}.pt and cd.csv rows (FID of 1/2/4-step consistency sampling beside the teacher's
-    DDIM at the same NFE, with the cost so far); the last one is also students/cd.pt."""
+    DDIM at the same NFE, with the cost so far); the last one is also students/cd.pt.
+
+    Guided (LCM-style, Luo et al. 2023): the student takes w as an input (`w_student`), and each update draws a
+    condition and a w ~ U[w_min, w_max] per example; the teacher's ODE step is the classifier-free-guided teacher's
+    at that w, and the student and target networks are evaluated at the same condition and w."""
     import copy
     import time
 
     from fastdiff import distributed as dist
     from fastdiff import runs
     from fastdiff.checkpoint import load_resumable, save_checkpoint
+    from fastdiff.distill.guided import w_student
+    from fastdiff.distill.stages import batch_cond
+    from fastdiff.guidance import conditional, guided_x0_eps
     from fastdiff.models import build_model, network_from_dict
     from fastdiff.param import denoiser
     from fastdiff.runs import RoundLog
@@ -139,15 +148,24 @@ def run_consistency(ctx) -> None:
     log = RoundLog(ctx.run / "cd.csv", CD_FIELDS, key=("updates", "nfe"))
     if final.exists() and all(log.done((total, nfe)) for nfe in EVAL_NFE):
         return
-    student = build_model(network_from_dict(ctx.student_network)).to(device)
-    student.load_state_dict(ctx.teacher0.net.state_dict())  # the teacher's EMA weights
+    if cfg.guided:
+        student = w_student(ctx)
+    else:
+        student = build_model(network_from_dict(ctx.student_network)).to(device)
+        student.load_state_dict(ctx.teacher0.net.state_dict())  # the teacher's EMA weights
     target = copy.deepcopy(student).eval().requires_grad_(False)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     teacher = ctx.teacher0.net.eval().requires_grad_(False)
-    teacher_fn = denoiser(teacher, schedule, ctx.teacher0.param)
-    if ctx.teacher0.param == "eps" and ctx.x_all.ndim > 2:
-        teacher_fn = clipped(teacher_fn, schedule)
-    step_fn = (heun_step if cfg.cd_solver == "heun" else ddim_step)(teacher_fn, schedule)
+
+    def teacher_step(cond: dict) -> Callable:
+        """The teacher's ODE step, guided at the batch's condition and w when `cond` has them."""
+        fn = (guided_x0_eps(teacher, ctx.teacher0.param, schedule, cond["y"], cond["w"], ctx.num_classes) if cond
+              else denoiser(teacher, schedule, ctx.teacher0.param))
+        if ctx.teacher0.param == "eps" and ctx.x_all.ndim > 2:
+            fn = clipped(fn, schedule)
+        return (heun_step if cfg.cd_solver == "heun" else ddim_step)(fn, schedule)
+
+    plain_step = teacher_step({})
     ts = boundaries(schedule, cfg.cd_steps).to(device)
     salt = cfg.seed * 7919 + 31337
     gen = torch.Generator().manual_seed(salt + dist.rank())
@@ -167,8 +185,11 @@ def run_consistency(ctx) -> None:
 
     def loss_fn(model) -> torch.Tensor:
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
-        f = consistency_fn(model, schedule, cfg.param)
-        f_target = consistency_fn(target, schedule, cfg.param)
+        cond = batch_cond(ctx, idx, gen)
+        on = (lambda net: conditional(net, cond["y"], cond["w"])) if cond else (lambda net: net)  # noqa: E731
+        f = consistency_fn(on(model), schedule, cfg.param)
+        f_target = consistency_fn(on(target), schedule, cfg.param)
+        step_fn = teacher_step(cond) if cond else plain_step
         return cd_loss(f, f_target, step_fn, ctx.x_all[idx], schedule, ts.cpu(), gen, cfg.cd_metric).mean()
 
     def snapshot(update: int) -> None:
@@ -178,7 +199,7 @@ def run_consistency(ctx) -> None:
         payload = {"kind": "student", "method": "cd", "config": ctx.student_cfg, "network": ctx.student_network,
                    "param": cfg.param, "steps": 1, "schedule": schedule.to_dict(),
                    "data_shape": list(ctx.teacher0.data_shape), "model": ema.state_dict(), "updates": update,
-                   "teacher": str(ctx.teacher0.path), "cost": cost, "cd": meta}
+                   "teacher": str(ctx.teacher0.path), "guided": cfg.guided, "cost": cost, "cd": meta}
         save_checkpoint(snapshot_path(ctx.run, update), payload)
         if update == total:
             save_checkpoint(final, payload)
@@ -212,21 +233,26 @@ def run_consistency(ctx) -> None:
 
 def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> None:
     """cd.csv rows at `updates`: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the
-    same NFE, on the same per-index noise, scored with the round metric, with the cost so far."""
-    from fastdiff.distill.stages import sample_model
+    same NFE, on the same per-index noise, scored with the round metric, with the cost so far. Guided: both at
+    w = eval_guidance on the evaluation conditions, with the accuracy on the asked-for digit."""
+    from fastdiff.distill.stages import accuracy_columns, guided_pair, sample_model
     from fastdiff.samplers import consistency, initial_noise
 
-    cfg, shape = ctx.cfg, tuple(ctx.teacher0.data_shape)
+    cfg, shape, n = ctx.cfg, tuple(ctx.teacher0.data_shape), ctx.cfg.eval_samples
     name, score = ctx.scorer
+    student_model, teacher_model, guidance = student, ctx.teacher0, None
+    if cfg.guided:
+        student_model, teacher_model, guidance = guided_pair(ctx, student, n)
     for nfe in EVAL_NFE:
         ts = consistency_grid(ctx.schedule, cfg.cd_steps, nfe)
-        x, gens = initial_noise(range(cfg.eval_samples), shape, cfg.seed, ctx.device)
+        x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device)
         with torch.no_grad():
-            xs = consistency(student, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
+            xs = consistency(student_model, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
                              clip=len(shape) > 1, generator=gens).x
-        xt = sample_model(ctx.teacher0, nfe, cfg.eval_samples, shape, ctx.schedule, ctx.teacher0.param, cfg.seed,
-                          ctx.device)
+        xt = sample_model(teacher_model, nfe, n, shape, ctx.schedule, ctx.teacher0.param, cfg.seed, ctx.device,
+                          guidance=guidance)
         log.add({"updates": updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
                  "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",
                  "loss": f"{loss:.6g}", "teacher_evals": cost["teacher_evals"],
-                 "student_passes": cost["student_passes"], "wall_clock_s": f"{cost['wall_clock_s']:.1f}"})
+                 "student_passes": cost["student_passes"], "wall_clock_s": f"{cost['wall_clock_s']:.1f}",
+                 **(accuracy_columns(ctx, xs, xt) if cfg.guided else {})})

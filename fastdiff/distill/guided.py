@@ -1,6 +1,6 @@
-"""Guided distillation's first stage (Meng et al. 2023): one network s(z, t, y, w) that matches the class-conditional
-teacher under classifier-free guidance at every weight w ~ U[w_min, w_max]; the progressive rounds then start from
-it, the students taking w as an input."""
+"""Guided distillation's first stage (Meng et al. 2023): one network s(z, t, y, w) that matches the conditional (class
+or text) teacher under classifier-free guidance at every weight w ~ U[w_min, w_max]; the progressive rounds then
+start from it, the students taking w as an input. `w_student` is also the start of guided consistency distillation."""
 from __future__ import annotations
 
 import torch
@@ -13,20 +13,26 @@ from fastdiff.runs import RoundLog
 from fastdiff.models import build_model, network_from_dict
 
 
+def w_student(ctx: DistillRun) -> torch.nn.Module:
+    """The teacher's network with a guidance-weight input w, initialised from the teacher's weights with the
+    w-embedding's output layer zeroed: it starts as the conditional teacher (w = 1 behaviour) at every w."""
+    student = build_model(network_from_dict(ctx.student_network)).to(ctx.device)
+    missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("embed.scalar") for k in missing):
+        raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "
+                            f"unexpected {unexpected}); pass a teacher trained by python -m fastdiff.train")
+    torch.nn.init.zeros_(student.embed.scalar[-1].weight)
+    torch.nn.init.zeros_(student.embed.scalar[-1].bias)
+    return student
+
+
 def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
     """Stage one of guided distillation: one network s(z, t, y, w) matching the CFG teacher at every w."""
     path = ctx.run / "students" / "guided_base.pt"
     done = finished_student(ctx, rounds, -1, path)
     if done is not None:
         return done
-    student = build_model(network_from_dict(ctx.student_network)).to(ctx.device)
-    missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
-    if unexpected or not all(k.startswith("embed.scalar") for k in missing):
-        raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "
-                            f"unexpected {unexpected}); pass a teacher trained by python -m fastdiff.train")
-    # Zero the w-embedding's output layer: the student starts as the conditional teacher (w = 1 behaviour).
-    torch.nn.init.zeros_(student.embed.scalar[-1].weight)
-    torch.nn.init.zeros_(student.embed.scalar[-1].bias)
+    student = w_student(ctx)
     loss, wall = train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
                               ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
     save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates,

@@ -44,6 +44,7 @@ class DistillRun:
     x_all: torch.Tensor
     y_all: torch.Tensor | None
     num_classes: int
+    conditioner: object  # fastdiff.conditioning.Conditioner: a batch's condition from its labels (class or text)
     student_cfg: dict  # the students' TrainConfig, as a dict
     student_network: dict  # the students' network, as checkpoints describe it
     progress: bool
@@ -56,11 +57,12 @@ class DistillRun:
 
 
 def batch_cond(ctx: DistillRun, idx, gen) -> dict:
-    """Extra network inputs of a guided run: the examples' labels and a guidance weight w ~ U[w_min, w_max]."""
+    """Extra network inputs of a guided run: the examples' condition (labels, or a random caption of each label) and
+    a guidance weight w ~ U[w_min, w_max]."""
     if not ctx.cfg.guided:
         return {}
     w = ctx.cfg.w_min + (ctx.cfg.w_max - ctx.cfg.w_min) * torch.rand(len(idx), generator=gen)
-    return {"y": ctx.y_all[idx], "w": w.to(ctx.x_all)}
+    return {"y": ctx.conditioner(ctx.y_all[idx], gen), "w": w.to(ctx.x_all)}
 
 
 def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: str, n_student: int | None, total: int,
@@ -144,28 +146,41 @@ def finished_student(ctx: DistillRun, rounds: RoundLog, r: int, path: Path):
 def evaluate_round(student, ctx: DistillRun, n_student: int) -> dict:
     """Score the N-step student and the teacher's N-step DDIM on the same per-index noise.
 
-    Guided runs sample class k % num_classes for index k at w = eval_guidance (the teacher through CFG,
-    the student through its w input) and also report the classifier's accuracy on the asked-for class.
+    Guided runs sample class k % num_classes for index k (a text teacher: the held-out paraphrase
+    `fastdiff.text.eval_prompt(k)` asking for that digit) at w = eval_guidance (the teacher through CFG, the
+    student through its w input) and also report the classifier's accuracy on the asked-for digit.
     """
-    from fastdiff.guidance import conditional, guided
-    from fastdiff.metrics import class_accuracy
-
     cfg, teacher = ctx.cfg, ctx.teacher0
     shape, n = tuple(teacher.data_shape), cfg.eval_samples
     kw = dict(n_steps=n_student, n=n, shape=shape, schedule=ctx.schedule, seed=cfg.seed, device=ctx.device)
-    row = {}
+    student_model, teacher_model, guidance = student, teacher, None
     if cfg.guided:
-        y = torch.arange(n, device=ctx.device) % ctx.num_classes
-        w = torch.full((n,), cfg.eval_guidance, device=ctx.device)
-        x_student = sample_model(conditional(student, y, w), param=cfg.param, **kw)
-        x_teacher = sample_model(guided(teacher.net, y, ctx.num_classes), param=teacher.param,
-                                 guidance=cfg.eval_guidance, **kw)
-        if len(shape) == 3:  # the project's classifier exists for labelled image data sets
-            row = {"student_accuracy": f"{class_accuracy(x_student, y, ctx.tcfg.dataset):.4f}",
-                   "teacher_accuracy": f"{class_accuracy(x_teacher, y, ctx.tcfg.dataset):.4f}"}
-    else:
-        x_student = sample_model(student, param=cfg.param, **kw)
-        x_teacher = sample_model(teacher, param=teacher.param, **kw)
+        student_model, teacher_model, guidance = guided_pair(ctx, student, n)
+    x_student = sample_model(student_model, param=cfg.param, **kw)
+    x_teacher = sample_model(teacher_model, param=teacher.param, guidance=guidance, **kw)
     name, score = ctx.scorer
     return {"metric": name, "student_value": f"{score(x_student):.6g}", "teacher_ddim_value": f"{score(x_teacher):.6g}",
-            **row}
+            **(accuracy_columns(ctx, x_student, x_teacher) if cfg.guided else {})}
+
+
+def guided_pair(ctx: DistillRun, student, n: int):
+    """-> (student model, teacher model, teacher's CFG weight) of a guided evaluation of samples 0..n-1: the
+    w-conditioned student at w = eval_guidance, the teacher guided through the sampler at that w."""
+    from fastdiff.conditioning import eval_condition
+    from fastdiff.guidance import conditional, guided
+
+    y = eval_condition(ctx.tcfg.cond, ctx.teacher0.net, range(n), ctx.num_classes, ctx.device)
+    w = torch.full((n,), ctx.cfg.eval_guidance, device=ctx.device)
+    return conditional(student, y, w), guided(ctx.teacher0.net, y, ctx.num_classes), ctx.cfg.eval_guidance
+
+
+def accuracy_columns(ctx: DistillRun, x_student, x_teacher) -> dict:
+    """The classifier's accuracy on the digit samples 0..n-1 asked for (labelled image data sets only)."""
+    from fastdiff.conditioning import requested_classes
+    from fastdiff.metrics import class_accuracy
+
+    if len(ctx.teacher0.data_shape) != 3:
+        return {}
+    y = requested_classes(range(len(x_student)), ctx.num_classes, "cpu")
+    return {"student_accuracy": f"{class_accuracy(x_student, y, ctx.tcfg.dataset):.4f}",
+            "teacher_accuracy": f"{class_accuracy(x_teacher, y, ctx.tcfg.dataset):.4f}"}

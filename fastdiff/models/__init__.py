@@ -33,7 +33,12 @@ def model_config(arch: str, data_shape: Sequence[int], num_classes: int,
                  fields: dict[str, Any]) -> UNetConfig | MLPConfig | DiffusersUNetConfig:
     """The config of an `arch` network for examples of `data_shape` ((C, H, W) or (D,)) and `num_classes` labels
     (0: unconditional), taking the other fields (channels, hidden, dropout, ...) from `fields`; keys that are not
-    fields of the network's config are ignored."""
+    fields of the network's config are ignored. `fields["cond"] == "text"` makes a text-conditioned U-Net."""
+    text = fields.get("cond") == "text"
+    if text and arch != "unet":
+        from fastdiff.errors import FastdiffError
+
+        raise FastdiffError(f"--cond text needs --arch unet (cross-attention); got --arch {arch}")
     if arch == "diffusers-unet2d":  # the U-Net fields mapped onto a UNet2DModel config; T: the time convention
         if num_classes or fields.get("scalar_cond"):
             from fastdiff.errors import FastdiffError
@@ -48,7 +53,8 @@ def model_config(arch: str, data_shape: Sequence[int], num_classes: int,
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in names}
     shape = {"dim": data_shape[0]} if arch == "mlp" else {"image_size": data_shape[1], "in_channels": data_shape[0]}
-    return cls(**{**given, **shape, "num_classes": num_classes})
+    cond = {"cond_text": True} if text else {}
+    return cls(**{**given, **shape, "num_classes": 0 if text else num_classes, **cond})
 
 
 def network_to_dict(cfg: UNetConfig | MLPConfig) -> dict[str, Any]:

@@ -18,6 +18,10 @@ class UNetFields(NetworkFields):
     attn_resolutions: tuple[int, ...] = (4,)  # feature-map sides with self-attention
     head_dim: int = 32  # attention head width
     dropout: float = 0.0  # dropout in the residual blocks
+    # text conditioning (--cond text): cross-attention to a text encoder's tokens at the self-attention resolutions
+    text_encoder: str = "word"  # word: a word-level transformer trained with the teacher; or a local CLIP folder
+    text_dim: int = 64  # width of the word encoder's tokens
+    text_layers: int = 2  # transformer layers of the word encoder
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 Residual blocks with GroupNorm and a timestep (+ class) embedding, self-attention at chosen
 resolutions through the one dispatch function `fastdiff.ops.attention` (Triton on CUDA, SDPA elsewhere).
+A text-conditioned U-Net (`cond_text`) also has a cross-attention block after each self-attention block (Rombach
+et al. 2022, sec. 3.3): queries from the feature map, keys and values from the text encoder's tokens, padding masked.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class UNetConfig(UNetFields):
     image_size: int = 32  # side of the (square) images
     in_channels: int = 3  # image channels
     num_classes: int = 0  # class labels (0: unconditional); label num_classes is the null label of CFG
+    cond_text: bool = False  # text-conditioned: y is (B, L) token ids, read through cross-attention
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -69,14 +72,46 @@ class AttnBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class CrossAttnBlock(nn.Module):
+    """Multi-head cross-attention of the H·W tokens to a (B, L, ctx_dim) sequence with a (B, L) key-padding mask
+    (True: attend). Through `fastdiff.ops.attention`, which routes masked attention to SDPA."""
+
+    def __init__(self, ch: int, ctx_dim: int, head_dim: int):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm, self.q, self.proj = _norm(ch), nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
+        self.kv = nn.Linear(ctx_dim, 2 * ch)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, ctx, mask):
+        from fastdiff.ops import attention
+
+        b, c, h, w = x.shape
+        q = self.q(self.norm(x)).reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        k, v = self.kv(ctx.to(x.dtype)).reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(q.contiguous(), k.contiguous(), v.contiguous(), mask=mask)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
-    """(B, C, H, W) noisy images, (B,) t -> (B, C, H, W) output in the trained parameterization."""
+    """(B, C, H, W) noisy images, (B,) t -> (B, C, H, W) output in the trained parameterization; y: (B,) class
+    labels or, text-conditioned, (B, L) token ids (fastdiff.text); w: (B,) guidance weight of a guided student."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         ch, emb_dim = cfg.channels, 4 * cfg.channels
         self.embed = CondEmbedding(ch, emb_dim, cfg.num_classes, cfg.scalar_cond)
+        self.text = None
+        if cfg.cond_text:
+            from fastdiff.text import TextConditioning, build_encoder
+
+            self.text = TextConditioning(build_encoder(cfg.text_encoder, cfg.text_dim, cfg.text_layers, 0))
+
+        def attn(cur):  # self-attention, then cross-attention to the text for a text-conditioned U-Net
+            blocks = [AttnBlock(cur, cfg.head_dim)]
+            return blocks + ([CrossAttnBlock(cur, self.text.dim, cfg.head_dim)] if self.text is not None else [])
         self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down, skips, res = nn.ModuleList(), [ch], cfg.image_size
         cur = ch
@@ -85,14 +120,14 @@ class UNet(nn.Module):
                 blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout)]
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cur, cfg.head_dim))
+                    blocks += attn(cur)
                 self.down.append(nn.ModuleList(blocks))
                 skips.append(cur)
             if level != len(cfg.channel_mult) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
                 skips.append(cur)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), AttnBlock(cur, cfg.head_dim),
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), *attn(cur),
                                   ResBlock(cur, cur, emb_dim, cfg.dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -100,7 +135,7 @@ class UNet(nn.Module):
                 blocks = [ResBlock(cur + skips.pop(), ch * mult, emb_dim, cfg.dropout)]
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cur, cfg.head_dim))
+                    blocks += attn(cur)
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
@@ -111,18 +146,32 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t, y=None, w=None):
-        emb = self.embed(t, y, w)
+        if self.text is not None:
+            if y is None:  # the null condition
+                from fastdiff.text import NULL_TOKEN
+
+                y = torch.full((x.shape[0], self.text.max_len), NULL_TOKEN, dtype=torch.long, device=x.device)
+            ctx = self.text(y)
+            emb = self.embed(t, None, w)
+        else:
+            ctx, emb = None, self.embed(t, y, w)
+
+        def apply(blk, h):
+            if isinstance(blk, CrossAttnBlock):
+                return blk(h, *ctx)
+            return blk(h, emb) if isinstance(blk, (ResBlock, AttnBlock)) else blk(h)
+
         h = self.stem(x)
         hs = [h]
         for blocks in self.down:
             for blk in blocks:
-                h = blk(h, emb) if isinstance(blk, (ResBlock, AttnBlock)) else blk(h)
+                h = apply(blk, h)
             hs.append(h)
         for blk in self.mid:
-            h = blk(h, emb)
+            h = apply(blk, h)
         for blocks in self.up:
             if isinstance(blocks[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             for blk in blocks:
-                h = blk(h, emb) if isinstance(blk, (ResBlock, AttnBlock)) else blk(h)
+                h = apply(blk, h)
         return self.out(h)

@@ -259,33 +259,40 @@ GUIDANCE_STEPS = (1, 2, 4, 8, 32)  # step counts drawn in the guidance trade-off
 
 
 def guidance_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -> list[str]:
-    """A classifier-free-guidance sweep: FID and class accuracy against w per (sampler, steps), and a table."""
+    """A classifier-free-guidance sweep: FID and the accuracy on the asked-for class (or, text-conditioned, the digit
+    the prompt names) against w per (sampler, steps), and a table."""
     g = df.assign(w=pd.to_numeric(df.guidance))
     png = folder / f"guidance_tradeoff{tag}.png"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = [("fid", "FID (lower is better)"), ("class_accuracy", "class accuracy of the samples (higher is better)")]
+    text = (g.metric == "prompt_accuracy").any()
+    acc, acc_label = (("prompt_accuracy", "prompt accuracy") if text else ("class_accuracy", "class accuracy"))
+    panels = [("fid", "FID (lower is better)"), (acc, f"{acc_label} of the samples (higher is better)")]
     for ax, (metric, ylabel) in zip(axes, panels):
         sub = g[(g.metric == metric) & g.steps.isin(GUIDANCE_STEPS)]
         for (line, steps), grp in sub.groupby(["line", "steps"], sort=True):
             grp = grp.sort_values("w")
-            ax.plot(grp.w, grp.value, marker="o" if line.startswith("distilled") else "x",
-                    linestyle="-" if line.startswith("distilled") else "--", label=f"{line}: {int(steps)} steps")
+            student = line.startswith(("distilled", "consistency"))
+            ax.plot(grp.w, grp.value, marker="o" if student else "x", linestyle="-" if student else "--",
+                    label=f"{line}: {int(steps)} steps")
         ax.set_xlabel("guidance weight w (0 = unconditional, 1 = conditional, > 1 guided)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("FID (log scale, lower is better)")
     axes[0].legend(fontsize=7, loc="best")
+    asks = ("sample k's prompt, a held-out paraphrase, names digit k mod 10" if text
+            else "sample k asks for class k mod 10")
     fig.suptitle(f"{df.iloc[0].dataset}: classifier-free guidance trade-off, {int(df.iloc[0].n_samples)} samples, "
-                 "sample k asks for class k mod 10")
+                 f"{asks}")
     fig.tight_layout()
     _save(fig, png)
-    wide = g[g.metric.isin(["fid", "class_accuracy"])].pivot_table(index=["line", "steps", "w"], columns="metric",
-                                                                    values="value", aggfunc="first").reset_index()
-    rows = [[r.line, int(r.steps), f"{r.w:g}", _fmt(r.fid), _fmt(getattr(r, "class_accuracy", float("nan")))]
+    wide = g[g.metric.isin(["fid", acc])].pivot_table(index=["line", "steps", "w"], columns="metric",
+                                                      values="value", aggfunc="first").reset_index()
+    rows = [[r.line, int(r.steps), f"{r.w:g}", _fmt(r.fid), _fmt(getattr(r, acc, float("nan")))]
             for r in wide.sort_values(["line", "steps", "w"]).itertuples()]
     return [f"![Guidance trade-off]({png.relative_to(results_dir).as_posix()})", "",
             "The teacher is guided through the sampler (one batched forward for the conditional and unconditional "
-            "outputs); the distilled students take w as an input (Meng et al. 2023).", "",
-            md_table(["sampler", "steps", "w", "FID", "class accuracy"], rows), "",
+            "outputs); the distilled students take w as an input (Meng et al. 2023; the consistency student as in "
+            "LCM, Luo et al. 2023).", "",
+            md_table(["sampler", "steps", "w", "FID", acc_label], rows), "",
             "**Provenance**", "", provenance_table(df), ""]
