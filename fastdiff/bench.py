@@ -59,6 +59,7 @@ from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.conditioning import requested_classes
+from fastdiff.guidance import to_fastdiff_w
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import Spacing, make_grid
@@ -92,9 +93,12 @@ class BenchConfig:
     """One FID-vs-steps sweep. `model` is a teacher checkpoint or run dir (or empty to take the teacher of
     `distill_dir`); `dataset` empty means the model's; `n_ref` 0 means the whole `ref_split`.
 
-    `guidance` (w values) sweeps a class-conditional family under classifier-free guidance: sample k asks for
-    class k % num_classes, the teacher is guided through the sampler, a guided student takes w as its input,
-    and each row also gets the class accuracy of the samples. `name` is the results folder (default: dataset).
+    `guidance` (w values) sweeps a class- or text-conditional family under classifier-free guidance: sample k asks
+    for class k % num_classes (a text family: in the held-out paraphrase fastdiff.text.eval_prompt(k)), the teacher
+    is guided through the sampler, a guided student takes w as its input, and each row also gets the accuracy on the
+    asked-for class (`class_accuracy`, `prompt_accuracy`). Weights are fastdiff's w (u + w (c - u)); written in
+    another convention with `guidance_convention` (fastdiff.guidance.CONVENTIONS), they are converted once, here,
+    and the rows record w. `name` is the results folder (default: dataset).
     """
 
     # the model family and its data
@@ -108,7 +112,8 @@ class BenchConfig:
     steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sampling steps (Heun: NFE ~ these)
     variance: Variance = "large"  # DDPM's beta or beta-tilde
     clip: bool = True  # clip x0_hat to [-1, 1]
-    guidance: tuple[float, ...] = ()  # classifier-free guidance weights to sweep (class-conditional families)
+    guidance: tuple[float, ...] = ()  # classifier-free guidance weights to sweep (class- or text-conditional families)
+    guidance_convention: Literal["fastdiff", "meng", "diffusers"] = "fastdiff"  # how --guidance is written; rows: w
     n_samples: int = 1000  # samples per row, the same per-index noise in every row
     batch_size: int = 500  # samples per forward (per process under torchrun)
     seed: int = 0  # the per-index noise
@@ -191,7 +196,8 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid:
             counts = {"heun": sorted({(n + 1) // 2 for n in cfg.steps}), "distilled": sorted(student_steps)}[name]
             specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in counts]
     if cfg.guidance:
-        specs = [dataclasses.replace(spec, guidance=float(w)) for spec in specs for w in cfg.guidance]
+        specs = [dataclasses.replace(spec, guidance=to_fastdiff_w(w, cfg.guidance_convention)) for spec in specs
+                 for w in cfg.guidance]
     return specs
 
 

@@ -226,6 +226,9 @@ def download(url: str, path: Path) -> None:
     torch.hub.download_url_to_file(url, str(path), progress=False)
 
 
+_ANNOUNCED: set[Path] = set()
+
+
 def classifier_weights(dataset: str, data_root: str = "") -> tuple[Path, float]:
     """(weights file, test accuracy) of the project's classifier for `dataset`, trained if the cache holds
     no copy with a matching sha256 (data split seed 0, the classifier is independent of any teacher)."""
@@ -233,7 +236,9 @@ def classifier_weights(dataset: str, data_root: str = "") -> tuple[Path, float]:
     checksum = path.with_name(path.name + ".sha256")
     if path.is_file() and checksum.is_file() and checksum.read_text().strip() == sha256_file(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        log.info("feature classifier for %s: %s (test accuracy %.4f)", dataset, path, ckpt["test_accuracy"])
+        if path not in _ANNOUNCED:  # once per process, not once per scored row
+            _ANNOUNCED.add(path)
+            log.info("feature classifier for %s: %s (test accuracy %.4f)", dataset, path, ckpt["test_accuracy"])
         return path, float(ckpt["test_accuracy"])
     if path.is_file():
         log.warning("feature classifier %s fails its sha256 check: retraining", path)

@@ -16,7 +16,6 @@ all equal to `NULL_TOKEN` selects the U-Net's learned null sequence (`TextCondit
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -212,9 +211,3 @@ class CaptionBank:
         t, w, a = (torch.randint(k, (n,), generator=gen).to(digits.device) for k in
                    (self.tokens.shape[0], 2, self.tokens.shape[3]))
         return self.tokens[t, digits, w, a]
-
-
-def vocabulary_json() -> str:
-    """The word encoder's vocabulary as JSON (written beside text-conditioned results)."""
-    return json.dumps({"vocab": list(VOCAB), "train_templates": list(TRAIN_TEMPLATES),
-                       "heldout_templates": list(HELDOUT_TEMPLATES), "max_words": MAX_WORDS}, indent=2)

@@ -35,6 +35,8 @@ def summary(csv_path: Path, name: str) -> str:
     """The Markdown summary of one results folder's latest sweep: FID by NFE for the main samplers (with the
     significance marks of the paired bootstrap), the teacher's best, and each student's ratios with intervals."""
     df = latest_sweep(read_results(csv_path))
+    if df.guidance.notna().any():
+        return guided_summary(df, csv_path, name)
     fid = df[(df.metric == "fid") & df.sampler.isin(SUMMARY_SAMPLERS)].dropna(subset=["value", "nfe"])
     if fid.empty:
         raise FastdiffError(f"{csv_path} has no FID rows of {', '.join(SUMMARY_SAMPLERS)}")
@@ -46,12 +48,7 @@ def summary(csv_path: Path, name: str) -> str:
     table = md_table(["NFE"] + lines, [[n] + [cells.get((ln, n), "—") for ln in lines] for n in nfes])
     teacher = df[(df.metric == "fid") & ~df.sampler.isin(list(STUDENTS))].dropna(subset=["value"])
     best = teacher.loc[teacher.value.idxmin()]
-    first = fid.iloc[0]
-    commits = ", ".join(sorted({c[:7] + ("+dirty" if c.endswith("+dirty") else "") for c in df.fastdiff_commit}))
-    text = [f"From `results/{name}/{CSV_NAME}` (latest sweep: {int(first.n_samples)} samples per row, "
-            f"{first.extractor} features vs {first.reference}, seed {int(first.seed)}, device "
-            f"{', '.join(sorted(df.device.unique()))}, commit {commits}); written by `python -m fastdiff.report "
-            "results --readme README.md`.", "", table, ""]
+    text = [_source(df, name), "", table, ""]
     anchor = fid[fid.is_anchor]
     if len(anchor):
         text += [f"≈: not significantly different from the anchor row `{anchor.iloc[0].ci_reference}` (FID "
@@ -72,6 +69,38 @@ def summary(csv_path: Path, name: str) -> str:
             spent = ("" if not str(cost.get("train_updates", "")) else
                      f" (the {int(cost.nfe)}-NFE one cost {cost.train_updates} updates from the teacher)")
             text += [f"The {label}: " + "; ".join(parts) + spent + ".", ""]
+    text += equal_cost(Path(csv_path).parent)
+    return "\n".join(text).rstrip() + "\n"
+
+
+def _source(df: pd.DataFrame, name: str) -> str:
+    first = df.iloc[0]
+    commits = ", ".join(sorted({c[:7] + ("+dirty" if c.endswith("+dirty") else "") for c in df.fastdiff_commit}))
+    return (f"From `results/{name}/{CSV_NAME}` (latest sweep: {int(first.n_samples)} samples per row, "
+            f"{first.extractor} features vs {first.reference}, seed {int(first.seed)}, device "
+            f"{', '.join(sorted(df.device.unique()))}, commit {commits}); written by `python -m fastdiff.report "
+            "results --readme README.md`.")
+
+
+def guided_summary(df: pd.DataFrame, csv_path: Path, name: str) -> str:
+    """A guidance sweep's summary: per sampler line and NFE, FID and the accuracy on the asked-for digit at each w."""
+    acc = "prompt_accuracy" if (df.metric == "prompt_accuracy").any() else "class_accuracy"
+    g = df[df.metric.isin(["fid", acc])].dropna(subset=["value", "nfe"]).assign(w=lambda d: d.guidance.astype(float))
+    wide = g.pivot_table(index=["line", "sampler", "nfe", "w"], columns="metric", values="value",
+                         aggfunc="first").reset_index()
+    ws = sorted(wide.w.unique())
+    order = {s: i for i, s in enumerate(SUMMARY_SAMPLERS)}
+    keys = sorted({(r.line, r.sampler, int(r.nfe)) for r in wide.itertuples()}, key=lambda k: (order.get(k[1], 99),
+                                                                                                k[0], k[2]))
+    cells = {(r.line, int(r.nfe), r.w): f"{getattr(r, 'fid', float('nan')):.3g} / {getattr(r, acc, float('nan')):.2f}"
+             for r in wide.itertuples()}
+    table = md_table(["sampler", "NFE"] + [f"w = {w:g}" for w in ws],
+                     [[line, nfe] + [cells.get((line, nfe, w), "—") for w in ws] for line, _, nfe in keys])
+    what = ("the digit the prompt (a held-out paraphrase) names" if acc == "prompt_accuracy"
+            else "the class each sample asks for")
+    text = [_source(df, name), "", table, "",
+            f"Cells: FID / accuracy of the project's digit classifier on {what} (chance 0.1); w: fastdiff's "
+            "guidance weight (0 unconditional, 1 conditional).", ""]
     text += equal_cost(Path(csv_path).parent)
     return "\n".join(text).rstrip() + "\n"
 

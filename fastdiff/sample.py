@@ -1,0 +1,125 @@
+"""Samples from a teacher or a student as a picture grid: `python -m fastdiff.sample --model M --prompt TEXT`.
+
+The sampler follows the model: a progressive student on its own N-step grid, a consistency student by multistep
+consistency sampling (`--steps` of them, <= its discretization), a teacher by DDIM (eta = 0) with `--steps` steps.
+A text-conditioned model takes `--prompt`, a class-conditional one `--label`; classifier-free guidance at
+`--guidance` (fastdiff's w, or as written in `--guidance-convention`): a teacher guided through the sampler, a guided
+(w-conditioned) student through its w input. Sample k starts from the per-index noise of (`--seed`, k).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from fastdiff import runs
+from fastdiff.errors import FastdiffError, run_cli
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    model: str = ""  # a teacher or student checkpoint or run dir
+    prompt: str = ""  # a text-conditioned model's prompt
+    label: int = -1  # a class-conditional model's class (-1: none)
+    guidance: float = 2.0  # classifier-free guidance weight (with --prompt or --label)
+    guidance_convention: Literal["fastdiff", "meng", "diffusers"] = "fastdiff"  # how --guidance is written
+    steps: int = 0  # sampling steps (0: a student's own grid, 4 consistency steps, 32 DDIM steps for a teacher)
+    n: int = 16  # samples
+    seed: int = 0  # per-index noise
+    out: str = "samples.png"  # the picture grid (PNG)
+    device: str = "auto"  # auto, cpu or cuda[:N]
+
+
+def plan(cfg: SampleConfig, model):
+    """-> (Spec of the sampler run, model(x, t) to sample, CFG weight for the sampler); FastdiffError for inputs the
+    model cannot take."""
+    from fastdiff.checkpoint import load_checkpoint
+    from fastdiff.guidance import conditional, guided, to_fastdiff_w
+    from fastdiff.sweep import Spec
+
+    cond = model.config.get("cond", "none") or "none"
+    if cfg.prompt and cond != "text":
+        raise FastdiffError(f"--prompt needs a text-conditioned model; {model.path} is conditioned on {cond}")
+    if cfg.label >= 0 and cond != "class":
+        raise FastdiffError(f"--label needs a class-conditional model; {model.path} is conditioned on {cond}")
+    cd = load_checkpoint(model.path).get("cd") if model.kind == "student" else None
+    if cd:
+        steps = cfg.steps or min(4, int(cd["steps"]))
+        if steps > int(cd["steps"]):
+            raise FastdiffError(f"--steps {steps}: the consistency student was trained on {cd['steps']} steps")
+        spec = Spec("consistency", f"cd{int(cd['steps'])}", steps, 0.0)
+    elif model.kind == "student":
+        if cfg.steps not in (0, model.steps):
+            raise FastdiffError(f"--steps {cfg.steps}: a progressive student samples on its own {model.steps}-step "
+                                "grid; leave --steps out")
+        spec = Spec("distilled", "student", int(model.steps), 0.0)
+    else:
+        spec = Spec("ddim", "linspace", cfg.steps or 32, 0.0)
+    y = None
+    if cfg.prompt:
+        y = model.net.text.tokenize([cfg.prompt] * cfg.n)
+    elif cfg.label >= 0:
+        y = torch.full((cfg.n,), cfg.label, dtype=torch.long)
+    if y is None:
+        return spec, model.net, None
+    w = to_fastdiff_w(cfg.guidance, cfg.guidance_convention)
+    y = y.to(next(model.net.parameters()).device)
+    if model.config.get("scalar_cond"):
+        return spec, conditional(model.net, y, torch.full((cfg.n,), w, device=y.device)), None
+    from fastdiff.data import static_info
+
+    return spec, guided(model.net, y, static_info(model.dataset)[1]), w
+
+
+def _load(cfg: SampleConfig):
+    """-> (loaded model, device) after checking cfg."""
+    from fastdiff.checkpoint import load_model
+
+    if not cfg.model:
+        raise FastdiffError("pass --model (a teacher or student checkpoint or run dir)")
+    if cfg.n < 1:
+        raise FastdiffError(f"--n must be >= 1, got {cfg.n}")
+    if not cfg.out.endswith(".png"):
+        raise FastdiffError(f"--out {cfg.out!r}: the picture grid is a PNG; give a path ending in .png")
+    device = runs.resolve_device(cfg.device)
+    return load_model(cfg.model, device), device
+
+
+def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
+    """-> ((n, ...) samples in [-1, 1], NFE) of `cfg`."""
+    from fastdiff.samplers import initial_noise
+    from fastdiff.sweep import run_sampler
+
+    model, device = _load(cfg)
+    spec, net, w = plan(cfg, model)
+    shape = tuple(model.data_shape)
+    x, gens = initial_noise(range(cfg.n), shape, cfg.seed, device)
+    with torch.no_grad():
+        out = run_sampler(spec, net, x, model.schedule, model.param, len(shape) > 1, gens, w)
+    return out.x.cpu(), out.nfe
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastdiff import distributed as dist
+    from fastdiff.data import to_uint8
+    from fastdiff.viz import save_samples
+
+    dist.configure_cpu_threads()
+    cfg, args = runs.config_from_argv(argv, SampleConfig, {"default": SampleConfig()}, "python -m fastdiff.sample",
+                                      "Sample a teacher or student into a picture grid.", default_preset="default")
+    if args.dry_run:
+        spec, _, w = plan(cfg, _load(cfg)[0])
+        print(f"{cfg.n} samples by {spec.label}" + ("" if w is None else f", CFG w = {w:g}") + f" -> {cfg.out}")
+        return 0
+    x, nfe = generate(cfg)
+    what = f"{cfg.prompt!r}, " if cfg.prompt else f"class {cfg.label}, " if cfg.label >= 0 else ""
+    save_samples(to_uint8(x).numpy() if x.ndim == 4 else x.numpy(), Path(cfg.out), title=f"{what}NFE {nfe}")
+    print(f"wrote {cfg.out}: {cfg.n} samples, NFE {nfe}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
