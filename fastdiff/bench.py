@@ -84,6 +84,7 @@ MULTISTEP = ("dpm++2m", "dpm++3m", "unipc2-bh1", "unipc3-bh1", "unipc2-bh2", "un
 # logSNR, EDM's Karras grid, a student's own i/N.
 FIXED_GRID = {"ddpm": "full", **{name: "logsnr" for name in MULTISTEP}, "heun": "karras", "distilled": "student"}
 CONFIG_NAME, SAMPLES_DIR, PARTIAL_DIR = "bench_config.json", "samples", "partial"
+PROMPTS_NAME = "prompts.csv"  # a text family's prompt per sample index
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 N_SAVED_IMAGES, N_SAVED_POINTS = 16, 500
 
@@ -171,6 +172,15 @@ def validate(cfg: BenchConfig) -> None:
                                 "pass --metrics fid")
     if not cfg.model and not cfg.distill_dir:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
+
+
+def prompts_csv(n: int, num_classes: int) -> str:
+    """The prompt of every sample index of a text family's guided sweep (fastdiff.text.eval_prompt), as CSV."""
+    from fastdiff.text import eval_prompt
+
+    lines = ["index,digit,prompt"] + [f'{k},{eval_prompt(k, num_classes)[1]},"{eval_prompt(k, num_classes)[0]}"'
+                                      for k in range(n)]
+    return "\n".join(lines) + "\n"
 
 
 def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid: str = "") -> list[Spec]:
@@ -264,6 +274,8 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
                 held.enter_context(runs.run_lock(out))
                 check_not_mixed(csv_path, family.teacher.hash, cfg.append)
             results = ResultsCSV(csv_path) if dist.is_main() else None
+        if cfg.guidance and family.teacher.cond == "text" and dist.is_main():
+            write_text(out / PROMPTS_NAME, prompts_csv(cfg.n_samples, family.teacher.num_classes))
         _sweep(cfg, family, specs, extractor, results, out, device, progress)
         if cfg.timing_repeats and dist.world_size() == 1:
             from fastdiff.timing import timing_pass

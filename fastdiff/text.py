@@ -180,7 +180,7 @@ class TextConditioning(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"text conditioning needs (B, L) token ids; got shape {tuple(tokens.shape)}")
         is_null = (tokens == NULL_TOKEN).all(1)
-        feats = self.null.to(self.null.dtype).expand(len(tokens), -1, -1)
+        feats = self.null.expand(len(tokens), -1, -1)
         mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         if not is_null.all():
             h, m = self.encoder(tokens[~is_null].clamp(min=0))
