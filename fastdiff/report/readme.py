@@ -35,7 +35,7 @@ def summary(csv_path: Path, name: str) -> str:
     """The Markdown summary of one results folder's latest sweep: FID by NFE for the main samplers (with the
     significance marks of the paired bootstrap), the teacher's best, and each student's ratios with intervals."""
     df = latest_sweep(read_results(csv_path))
-    if df.guidance.notna().any():
+    if (df.guidance != "").any():
         return guided_summary(df, csv_path, name)
     fid = df[(df.metric == "fid") & df.sampler.isin(SUMMARY_SAMPLERS)].dropna(subset=["value", "nfe"])
     if fid.empty:
@@ -52,7 +52,7 @@ def summary(csv_path: Path, name: str) -> str:
     anchor = fid[fid.is_anchor]
     if len(anchor):
         text += [f"≈: not significantly different from the anchor row `{anchor.iloc[0].ci_reference}` (FID "
-                 f"{anchor.iloc[0].value:.3g}; {first.ci_method}, {first.ci_resamples} resamples, sampling "
+                 f"{anchor.iloc[0].value:.3g}; {fid.iloc[0].ci_method}, {fid.iloc[0].ci_resamples} resamples, sampling "
                  "variance only). The teacher's best FID at any step count: "
                  f"{best.value:.3g} ({best.line}, {int(best.nfe)} NFE).", ""]
     for sampler, label in STUDENTS.items():
@@ -85,7 +85,8 @@ def _source(df: pd.DataFrame, name: str) -> str:
 def guided_summary(df: pd.DataFrame, csv_path: Path, name: str) -> str:
     """A guidance sweep's summary: per sampler line and NFE, FID and the accuracy on the asked-for digit at each w."""
     acc = "prompt_accuracy" if (df.metric == "prompt_accuracy").any() else "class_accuracy"
-    g = df[df.metric.isin(["fid", acc])].dropna(subset=["value", "nfe"]).assign(w=lambda d: d.guidance.astype(float))
+    g = df[df.metric.isin(["fid", acc]) & (df.guidance != "")].dropna(subset=["value", "nfe"])
+    g = g.assign(w=g.guidance.astype(float))
     wide = g.pivot_table(index=["line", "sampler", "nfe", "w"], columns="metric", values="value",
                          aggfunc="first").reset_index()
     ws = sorted(wide.w.unique())
