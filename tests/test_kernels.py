@@ -327,7 +327,9 @@ def test_sampler_step_validates_inputs(bad, match, monkeypatch):
 
 def test_attention_validates_inputs():
     q = torch.zeros(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match=r"k, v \(B, heads, M, d\)"):
         ops.attention(q, q, q[..., :2])
+    with pytest.raises(ValueError, match=r"k, v \(B, heads, M, d\)"):  # keys and values of other lengths
+        ops.attention(q, q, q[:, :, :2])
     with pytest.raises(ValueError, match="one floating dtype"):
         ops.attention(q, q, q.half())
