@@ -60,6 +60,7 @@ from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.conditioning import requested_classes
 from fastdiff.guidance import to_fastdiff_w
+from fastdiff.text import eval_prompts_csv
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
 from fastdiff.grids import Spacing, make_grid
@@ -174,15 +175,6 @@ def validate(cfg: BenchConfig) -> None:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
 
-def prompts_csv(n: int, num_classes: int) -> str:
-    """The prompt of every sample index of a text family's guided sweep (fastdiff.text.eval_prompt), as CSV."""
-    from fastdiff.text import eval_prompt
-
-    lines = ["index,digit,prompt"] + [f'{k},{eval_prompt(k, num_classes)[1]},"{eval_prompt(k, num_classes)[0]}"'
-                                      for k in range(n)]
-    return "\n".join(lines) + "\n"
-
-
 def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid: str = "") -> list[Spec]:
     """Every sampling run of the sweep, in the order of cfg.samplers; strided grids stop at T. `cd_grid` (cd{N}) is
     the grid of the run's consistency student, sampled at every step count <= N (none without one)."""
@@ -275,7 +267,7 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
                 check_not_mixed(csv_path, family.teacher.hash, cfg.append)
             results = ResultsCSV(csv_path) if dist.is_main() else None
         if cfg.guidance and family.teacher.cond == "text" and dist.is_main():
-            write_text(out / PROMPTS_NAME, prompts_csv(cfg.n_samples, family.teacher.num_classes))
+            write_text(out / PROMPTS_NAME, eval_prompts_csv(cfg.n_samples, family.teacher.num_classes))
         _sweep(cfg, family, specs, extractor, results, out, device, progress)
         if cfg.timing_repeats and dist.world_size() == 1:
             from fastdiff.timing import timing_pass

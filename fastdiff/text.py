@@ -71,6 +71,12 @@ def eval_prompt(k: int, num_classes: int = 10) -> tuple[str, int]:
                    (j // (2 * len(HELDOUT_TEMPLATES))) % len(ADJECTIVES), "heldout"), digit
 
 
+def eval_prompts_csv(n: int, num_classes: int = 10) -> str:
+    """CSV of the prompt of every evaluation sample 0..n-1 (`eval_prompt`): index, digit, prompt."""
+    rows = [(k, *reversed(eval_prompt(k, num_classes))) for k in range(n)]
+    return "index,digit,prompt\n" + "".join(f'{k},{d},"{p}"\n' for k, d, p in rows)
+
+
 class WordTokenizer:
     """Prompts -> (B, MAX_WORDS) long ids over `VOCAB`, padded with PAD. Words are split on spaces (a comma is
     its own word: "drawn thin, bold" reads as "drawn thin , bold"). FastdiffError for a word outside the

@@ -44,6 +44,16 @@ def test_heldout_paraphrases_are_new_sentences_of_known_words():
         assert not any(w in NUMERALS + NUMBER_WORDS for w in words if w not in (NUMERALS[digit], NUMBER_WORDS[digit]))
 
 
+def test_committed_text_results_used_todays_evaluation_prompts():
+    """results/digits-text was scored on the prompts eval_prompt gives now: change the rule, regenerate the results."""
+    from pathlib import Path
+
+    from fastdiff.text import eval_prompts_csv
+
+    committed = Path(__file__).parents[1] / "results" / "digits-text" / "prompts.csv"
+    assert committed.read_text() == eval_prompts_csv(500)
+
+
 def test_tokenizer_round_trip_and_errors():
     tok = WordTokenizer()
     ids = tok(["the digit 7, drawn thin", "seven"])

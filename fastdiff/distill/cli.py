@@ -301,7 +301,8 @@ def dry_run(cfg: DistillConfig) -> int:
     check_distill_dir(cfg)
     plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
             for r in range(num_rounds(cfg))]
-    cd_plan = [f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd_steps} karras steps "
+    cd_plan = [(f"guided (LCM-style, w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]) " if cfg.guided else "")
+               + f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd_steps} karras steps "
                f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema}; students and 1/2/4-NFE "
                f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
     plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
