@@ -59,6 +59,9 @@ def conditional(net, y: torch.Tensor, w: torch.Tensor | None = None):
 def guided(net, y: torch.Tensor, num_classes: int):
     """`model(x, t) -> (out_cond, out_uncond)` from ONE batched forward over [x; x] with conditions [y; null].
 
+    y: (B,) class labels, the null being label `num_classes`; or (B, L) token ids of a text model, whose null is a
+    row of NULL_TOKEN (`num_classes` is then unused).
+
     Pass it to any sampler with `guidance=w`; the sampler (or the fused sampler-step kernel) combines the pair.
     """
     def model(x, t):

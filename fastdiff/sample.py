@@ -1,10 +1,12 @@
 """Samples from a teacher or a student as a picture grid: `python -m fastdiff.sample --model M --prompt TEXT`.
 
 The sampler follows the model: a progressive student on its own N-step grid, a consistency student by multistep
-consistency sampling (`--steps` of them, <= its discretization), a teacher by DDIM (eta = 0) with `--steps` steps.
-A text-conditioned model takes `--prompt`, a class-conditional one `--label`; classifier-free guidance at
-`--guidance` (fastdiff's w, or as written in `--guidance-convention`): a teacher guided through the sampler, a guided
-(w-conditioned) student through its w input. Sample k starts from the per-index noise of (`--seed`, k).
+consistency sampling (`--steps` of them, <= its discretization), a teacher (or guided distillation's first-stage
+network) by DDIM (eta = 0) with `--steps` steps. A text-conditioned model takes `--prompt`, a class-conditional one
+`--label`; classifier-free guidance at `--guidance` (fastdiff's w, or as written in `--guidance-convention`): a
+teacher guided through the sampler, a guided (w-conditioned) student through its w input. Without --prompt/--label a
+conditional model samples unconditionally (its null condition) and --guidance has no effect; the output says so.
+Sample k starts from the per-index noise of (`--seed`, k).
 """
 from __future__ import annotations
 
@@ -41,22 +43,25 @@ def plan(cfg: SampleConfig, model):
     from fastdiff.sweep import Spec
 
     cond = model.config.get("cond", "none") or "none"
+    kind = "unconditional" if cond == "none" else f"conditioned on {cond}"
+    if cfg.prompt and cfg.label >= 0:
+        raise FastdiffError("give --prompt (a text model) or --label (a class model), not both")
     if cfg.prompt and cond != "text":
-        raise FastdiffError(f"--prompt needs a text-conditioned model; {model.path} is conditioned on {cond}")
+        raise FastdiffError(f"--prompt needs a text-conditioned model; {model.path} is {kind}")
     if cfg.label >= 0 and cond != "class":
-        raise FastdiffError(f"--label needs a class-conditional model; {model.path} is conditioned on {cond}")
+        raise FastdiffError(f"--label needs a class-conditional model; {model.path} is {kind}")
     cd = load_checkpoint(model.path).get("cd") if model.kind == "student" else None
     if cd:
         steps = cfg.steps or min(4, int(cd["steps"]))
         if steps > int(cd["steps"]):
             raise FastdiffError(f"--steps {steps}: the consistency student was trained on {cd['steps']} steps")
         spec = Spec("consistency", f"cd{int(cd['steps'])}", steps, 0.0)
-    elif model.kind == "student":
+    elif model.kind == "student" and model.steps:
         if cfg.steps not in (0, model.steps):
             raise FastdiffError(f"--steps {cfg.steps}: a progressive student samples on its own {model.steps}-step "
                                 "grid; leave --steps out")
         spec = Spec("distilled", "student", int(model.steps), 0.0)
-    else:
+    else:  # a teacher, or guided distillation's w-conditioned first stage (no grid of its own)
         spec = Spec("ddim", "linspace", cfg.steps or 32, 0.0)
     y = None
     if cfg.prompt:
@@ -105,19 +110,23 @@ def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastdiff import distributed as dist
     from fastdiff.data import to_uint8
+    from fastdiff.guidance import to_fastdiff_w
     from fastdiff.viz import save_samples
 
     dist.configure_cpu_threads()
     cfg, args = runs.config_from_argv(argv, SampleConfig, {"default": SampleConfig()}, "python -m fastdiff.sample",
                                       "Sample a teacher or student into a picture grid.", default_preset="default")
+    conditioned = bool(cfg.prompt) or cfg.label >= 0
+    how = (f"guidance w = {to_fastdiff_w(cfg.guidance, cfg.guidance_convention):g}" if conditioned
+           else "unconditional (no --prompt/--label: --guidance has no effect)")
     if args.dry_run:
-        spec, _, w = plan(cfg, _load(cfg)[0])
-        print(f"{cfg.n} samples by {spec.label}" + ("" if w is None else f", CFG w = {w:g}") + f" -> {cfg.out}")
+        spec, _, _ = plan(cfg, _load(cfg)[0])
+        print(f"{cfg.n} samples by {spec.label}, {how} -> {cfg.out}")
         return 0
     x, nfe = generate(cfg)
     what = f"{cfg.prompt!r}, " if cfg.prompt else f"class {cfg.label}, " if cfg.label >= 0 else ""
     save_samples(to_uint8(x).numpy() if x.ndim == 4 else x.numpy(), Path(cfg.out), title=f"{what}NFE {nfe}")
-    print(f"wrote {cfg.out}: {cfg.n} samples, NFE {nfe}")
+    print(f"wrote {cfg.out}: {cfg.n} samples, NFE {nfe}, {how}")
     return 0
 
 

@@ -93,7 +93,8 @@ class WordTokenizer:
             unknown = sorted({w for w in words if w not in self.ids})
             if unknown:
                 raise FastdiffError(f"prompt {prompt!r}: {', '.join(map(repr, unknown))} not in the text encoder's "
-                                    f"vocabulary; use words of: {' '.join(self.vocab[1:])}")
+                                    "vocabulary (words are lower-cased and split on spaces and commas; other "
+                                    f"punctuation is not a word); use words of: {' '.join(self.vocab[1:])}")
             if len(words) > self.max_len:
                 raise FastdiffError(f"prompt {prompt!r} has {len(words)} words; the text encoder reads at most "
                                     f"{self.max_len}")

@@ -223,7 +223,7 @@ def test_clip_text_encoder_from_a_local_folder(tmp_path):
 # --- text teachers through training and guided distillation ------------------------------------------------------
 
 @pytest.mark.slow
-def test_text_teacher_trains_and_distils_with_guided_pd_and_cd(tmp_path):
+def test_text_teacher_trains_and_distils_with_guided_pd_and_cd(tmp_path, capsys):
     from fastdiff.checkpoint import load_model
     from fastdiff.distill import PRESETS, distill
     from fastdiff.train import PRESETS as TRAIN
@@ -255,7 +255,7 @@ def test_text_teacher_trains_and_distils_with_guided_pd_and_cd(tmp_path):
     from fastdiff.sample import SampleConfig, generate, main
 
     for model, steps, nfe in ((tmp_path / "teacher", 3, 3), (run / "students" / "student_N2.pt", 0, 2),
-                              (run / "students" / "cd.pt", 2, 2)):
+                              (run / "students" / "cd.pt", 2, 2), (run / "students" / "guided_base.pt", 3, 3)):
         x, got = generate(SampleConfig(model=str(model), prompt="a handwritten seven", n=3, steps=steps))
         assert x.shape == (3, 1, 8, 8) and got == nfe and x.abs().max() <= 1
     # sample k is the same whatever n (per-index noise)
@@ -264,11 +264,24 @@ def test_text_teacher_trains_and_distils_with_guided_pd_and_cd(tmp_path):
     torch.testing.assert_close(a[:1], b)
     assert main(["--model", str(run / "students" / "cd.pt"), "--prompt", "the digit 7", "--n", "4",
                  "--out", str(tmp_path / "seven.png")]) == 0 and (tmp_path / "seven.png").stat().st_size > 0
+    assert main(["--model", str(tmp_path / "teacher"), "--dry-run", "--guidance", "5"]) == 0
+    assert "unconditional (no --prompt/--label: --guidance has no effect)" in capsys.readouterr().out
     for bad, message in ((["--label", "3"], "--label needs a class-conditional model"),
                          (["--prompt", "a zebra"], "'zebra' not in the text encoder's vocabulary"),
-                         (["--prompt", "seven", "--out", "x.jpg"], "ending in .png")):
+                         (["--prompt", "seven", "--out", "x.jpg"], "ending in .png"),
+                         (["--prompt", "seven", "--label", "3"], "not both")):
         with pytest.raises(FastdiffError, match=message):
             main(["--model", str(tmp_path / "teacher")] + bad)
+
+
+def test_guided_cd_only_plans_no_progressive_stage(capsys, tmp_path):
+    from fastdiff.distill.cli import main
+
+    assert main(["--preset", "digits-guided", "--method", "cd", "--dry-run", "--out-dir", str(tmp_path / "d"),
+                 "--results-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "guided first stage" not in out and "guided (LCM-style" in out
+    assert "samplers ddim, consistency;" in out
 
 
 @pytest.mark.slow

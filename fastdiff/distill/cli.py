@@ -257,9 +257,8 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
-        base = dataclasses.replace(base, samplers=("ddim", "distilled") + (("consistency",) if "cd" in dcfg.method
-                                                                           else ()),
-                                   spacings=("linspace",), guidance=GUIDANCE_SWEEP)
+        students = (("distilled",) if "pd" in dcfg.method else ()) + (("consistency",) if "cd" in dcfg.method else ())
+        base = dataclasses.replace(base, samplers=("ddim",) + students, spacings=("linspace",), guidance=GUIDANCE_SWEEP)
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:
         steps["samplers"] = tuple(dcfg.bench_samplers)
@@ -307,7 +306,8 @@ def dry_run(cfg: DistillConfig) -> int:
                f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
     plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
-    print("stages: " + ("guided first stage, " if cfg.guided else "") + "; ".join(plan) + f" in {cfg.out_dir}")
+    first = f"guided first stage: {cfg.guided_base_updates} updates; " if cfg.guided and "pd" in cfg.method else ""
+    print("stages: " + first + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}: {sweep_plan(cfg)}'}")
     return 0
 
