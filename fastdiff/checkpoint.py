@@ -159,6 +159,7 @@ class LoadedModel:
     network: dict | None = None  # the network it holds, as checkpoints describe it (network_to_dict)
     cost: dict | None = None  # a student's training cost, cumulative from its teacher (see distill.stages)
     source: dict | None = None  # a diffusers model: where it came from and its scheduler's inference-grid keys
+    cd: dict | None = None  # a consistency student's distillation settings (its discretization `steps`, ...)
 
 
 def network_of(ckpt: dict):
@@ -199,7 +200,7 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
                        dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=weights_hash(ckpt, state), config=cfg,
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network),
-                       cost=ckpt.get("cost"))
+                       cost=ckpt.get("cost"), cd=ckpt.get("cd"))
 
 
 def load_student(path, device="cpu") -> LoadedModel:

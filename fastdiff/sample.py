@@ -38,24 +38,23 @@ class SampleConfig:
 def plan(cfg: SampleConfig, model):
     """-> (Spec of the sampler run, model(x, t) to sample, CFG weight for the sampler); FastdiffError for inputs the
     model cannot take."""
-    from fastdiff.checkpoint import load_checkpoint
-    from fastdiff.guidance import conditional, guided, to_fastdiff_w
-    from fastdiff.sweep import Spec
+    from fastdiff.guidance import to_fastdiff_w
+    from fastdiff.sweep import Spec, as_network, conditioned
 
-    cond = model.config.get("cond", "none") or "none"
-    kind = "unconditional" if cond == "none" else f"conditioned on {cond}"
+    network = as_network(model)
+    kind = "unconditional" if network.cond == "none" else f"conditioned on {network.cond}"
     if cfg.prompt and cfg.label >= 0:
         raise FastdiffError("give --prompt (a text model) or --label (a class model), not both")
-    if cfg.prompt and cond != "text":
+    if cfg.prompt and network.cond != "text":
         raise FastdiffError(f"--prompt needs a text-conditioned model; {model.path} is {kind}")
-    if cfg.label >= 0 and cond != "class":
+    if cfg.label >= 0 and network.cond != "class":
         raise FastdiffError(f"--label needs a class-conditional model; {model.path} is {kind}")
-    cd = load_checkpoint(model.path).get("cd") if model.kind == "student" else None
-    if cd:
-        steps = cfg.steps or min(4, int(cd["steps"]))
-        if steps > int(cd["steps"]):
-            raise FastdiffError(f"--steps {steps}: the consistency student was trained on {cd['steps']} steps")
-        spec = Spec("consistency", f"cd{int(cd['steps'])}", steps, 0.0)
+    if model.cd:
+        n = int(model.cd["steps"])
+        steps = cfg.steps or min(4, n)
+        if steps > n:
+            raise FastdiffError(f"--steps {steps}: the consistency student was trained on {n} steps")
+        spec = Spec("consistency", f"cd{n}", steps, 0.0)
     elif model.kind == "student" and model.steps:
         if cfg.steps not in (0, model.steps):
             raise FastdiffError(f"--steps {cfg.steps}: a progressive student samples on its own {model.steps}-step "
@@ -63,20 +62,13 @@ def plan(cfg: SampleConfig, model):
         spec = Spec("distilled", "student", int(model.steps), 0.0)
     else:  # a teacher, or guided distillation's w-conditioned first stage (no grid of its own)
         spec = Spec("ddim", "linspace", cfg.steps or 32, 0.0)
-    y = None
-    if cfg.prompt:
-        y = model.net.text.tokenize([cfg.prompt] * cfg.n)
-    elif cfg.label >= 0:
-        y = torch.full((cfg.n,), cfg.label, dtype=torch.long)
-    if y is None:
+    if not (cfg.prompt or cfg.label >= 0):
         return spec, model.net, None
-    w = to_fastdiff_w(cfg.guidance, cfg.guidance_convention)
-    y = y.to(next(model.net.parameters()).device)
-    if model.config.get("scalar_cond"):
-        return spec, conditional(model.net, y, torch.full((cfg.n,), w, device=y.device)), None
-    from fastdiff.data import static_info
-
-    return spec, guided(model.net, y, static_info(model.dataset)[1]), w
+    y = (model.net.text.tokenize([cfg.prompt] * cfg.n) if cfg.prompt
+         else torch.full((cfg.n,), cfg.label, dtype=torch.long))
+    model_fn, w = conditioned(network, y.to(next(model.net.parameters()).device),
+                              to_fastdiff_w(cfg.guidance, cfg.guidance_convention))
+    return spec, model_fn, w
 
 
 def _load(cfg: SampleConfig):

@@ -185,12 +185,19 @@ def _conditioned(network: Network, spec: Spec, idx, device):
     if spec.guidance is None:
         return network.net, None
     from fastdiff.conditioning import eval_condition
+
+    return conditioned(network, eval_condition(network.cond, network.net, idx, network.num_classes, device),
+                       spec.guidance)
+
+
+def conditioned(network: Network, y: torch.Tensor, w: float):
+    """-> (sampler model, sampler guidance) of `network` at condition y under guidance weight w: a guided
+    (w-conditioned) student takes w as its input; any other network is guided through the sampler."""
     from fastdiff.guidance import conditional, guided
 
-    y = eval_condition(network.cond, network.net, idx, network.num_classes, device)
     if network.takes_w:
-        return conditional(network.net, y, torch.full((len(y),), spec.guidance, device=device)), None
-    return guided(network.net, y, network.num_classes), spec.guidance
+        return conditional(network.net, y, torch.full((len(y),), w, device=y.device)), None
+    return guided(network.net, y, network.num_classes), w
 
 
 def warm_up(network: Network, shape: tuple[int, ...], batch: int, device: torch.device) -> None:
@@ -229,22 +236,19 @@ def load_family(cfg, device: torch.device) -> Family:
                 raise FastdiffError(f"{path} is not a student checkpoint (kind {st.kind!r}, steps {st.steps})")
             if st.schedule != teacher.schedule:
                 raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
-            students[int(st.steps)] = _as_network(st)
+            students[int(st.steps)] = as_network(st)
         if not students:
             log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
     elif "distilled" in cfg.samplers:
         log.info("no --distill-dir: the sweep has no distilled students")
     cd_student, cd_grid = None, ""
     if cfg.distill_dir and "consistency" in cfg.samplers and (students_dir / "cd.pt").is_file():
-        from fastdiff.checkpoint import load_checkpoint
-
         st = load_model(students_dir / "cd.pt", device)
-        cd_grid = f"cd{int(load_checkpoint(students_dir / 'cd.pt')['cd']['steps'])}"
-        cd_student = _as_network(st)
+        cd_grid, cd_student = f"cd{int(st.cd['steps'])}", as_network(st)
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
                                seed=data_seed(teacher.config or {}))
-    network = _as_network(teacher)
+    network = as_network(teacher)
     if cfg.guidance and not network.num_classes:
         raise FastdiffError(f"--guidance needs a conditional teacher (trained with --cond class or text); "
                             f"{teacher.path} is unconditional")
@@ -261,7 +265,7 @@ def accuracy_metric(spec: Spec, network: Network, dataset: str) -> str | None:
     return "prompt_accuracy" if network.cond == "text" else "class_accuracy"
 
 
-def _as_network(model) -> Network:
+def as_network(model) -> Network:
     """A loaded teacher or student (fastdiff.checkpoint.LoadedModel) as a sweep's Network."""
     from fastdiff.data import static_info
 
