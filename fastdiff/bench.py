@@ -113,7 +113,7 @@ class BenchConfig:
     spacings: tuple[Spacing, ...] = ("quadratic", "linspace")  # strided grids of ddpm-strided and ddim
     steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sampling steps (Heun: NFE ~ these)
     variance: Variance = "large"  # DDPM's beta or beta-tilde
-    clip: bool = True  # clip x0_hat to [-1, 1]
+    clip: bool = True  # clip x0_hat to [-1, 1] (pixel models; never in latent space)
     guidance: tuple[float, ...] = ()  # classifier-free guidance weights to sweep (class- or text-conditional families)
     guidance_convention: Literal["fastdiff", "meng", "diffusers"] = "fastdiff"  # how --guidance is written; rows: w
     n_samples: int = 1000  # samples per row, the same per-index noise in every row
@@ -212,7 +212,7 @@ def samples_file(spec: Spec, network: Network, cfg: BenchConfig) -> str:
     eta = "" if spec.eta is None else f"_eta{spec.eta:g}"
     eta += "" if spec.guidance is None else f"_w{spec.guidance:g}"
     name = f"{spec.sampler}_{spec.grid}_s{spec.steps}{eta}{'_' + spec.variance if spec.variance else ''}" \
-           f"_clip{int(cfg.clip)}_{network.hash}_seed{cfg.seed}.npz"
+           f"_clip{int(network.clip(cfg.clip))}_{network.hash}_seed{cfg.seed}.npz"
     return f"{SAMPLES_DIR}/{slug(name)}"
 
 
@@ -244,16 +244,16 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     validate(cfg)
     device = runs.resolve_device(cfg.device)
     family = family or load_family(cfg, device)
-    extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.data_shape,  # trained once
+    extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.scored_shape,  # trained once
                           inception_weights=cfg.inception_weights, data_root=cfg.data_root)
     stats = load_ref_stats(cfg.ref_stats) if cfg.ref_stats else None
     if stats is not None:  # FID against the published statistics: their checksum is the row's reference
         family = dataclasses.replace(family, stats=stats[0],
                                      reference=Reference(family.reference.x, f"stats-{slug(Path(cfg.ref_stats).stem)}"
                                                                              f"-{stats[1]}"))
-    if tuple(family.reference.x.shape[1:]) != family.data_shape:
+    if tuple(family.reference.x.shape[1:]) != family.scored_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
-                            f"samples {family.data_shape}; check --dataset")
+                            f"samples {family.scored_shape}; check --dataset")
     specs = build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid)
     if cfg.ci_anchor and anchor_spec(cfg, specs) is None:
         raise FastdiffError(f"--ci-anchor {cfg.ci_anchor!r} is not a row of this sweep; give SAMPLER:STEPS of one, "
@@ -394,7 +394,8 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
     `interval` (the CI columns) goes into the FID row."""
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "grid": spec.grid,
             "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
-            "steps": spec.steps, "guidance": spec.guidance,
+            "steps": spec.steps, "guidance": spec.guidance, "autoencoder": network.autoencoder,
+            "clip": network.clip(cfg.clip),
             "samples_file": samples_file(spec, network, cfg),
             **{f"train_{k}": v for k, v in (network.cost or {}).items()
                if k in ("updates", "teacher_evals", "student_passes", "wall_clock_s", "device")}}

@@ -160,6 +160,19 @@ class LoadedModel:
     cost: dict | None = None  # a student's training cost, cumulative from its teacher (see distill.stages)
     source: dict | None = None  # a diffusers model: where it came from and its scheduler's inference-grid keys
     cd: dict | None = None  # a consistency student's distillation settings (its discretization `steps`, ...)
+    codec: object = None  # a latent model's autoencoder (fastdiff.latent.Codec): it samples latents, decoded to images
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one sample as scored: data_shape, or the decoded image's for a latent model."""
+        return tuple(self.codec.image_shape(self.data_shape)) if self.codec is not None else tuple(self.data_shape)
+
+    @property
+    def clip(self) -> bool:
+        """Whether its samplers clip x0^ to [-1, 1] (pixel images; not points, not latents)."""
+        from fastdiff.latent import clips_x0
+
+        return clips_x0(self.data_shape, self.codec)
 
 
 def network_of(ckpt: dict):
@@ -200,7 +213,16 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
                        dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=weights_hash(ckpt, state), config=cfg,
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network),
-                       cost=ckpt.get("cost"), cd=ckpt.get("cd"))
+                       cost=ckpt.get("cost"), cd=ckpt.get("cd"), codec=_codec(ckpt, device))
+
+
+def _codec(ckpt: dict, device):
+    """The autoencoder a latent checkpoint carries (fastdiff.latent.Codec on `device`), else None."""
+    if not ckpt.get("autoencoder"):
+        return None
+    from fastdiff.latent import Codec
+
+    return Codec.from_payload(ckpt["autoencoder"]).to(device)
 
 
 def load_student(path, device="cpu") -> LoadedModel:

@@ -106,3 +106,24 @@ def sha256_file(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike):
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an older folder there is removed
+    first), on any error it is removed: a reader never sees half a folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(path, err, None) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -44,6 +44,17 @@ class Network:
     takes_w: bool = False
     cond: str = "none"  # what it is conditioned on: none, class or text (fastdiff.conditioning)
     cost: dict | None = None  # a student's training cost (its checkpoint's `cost`), recorded with its rows
+    codec: object = None  # a latent model's autoencoder (fastdiff.latent.Codec): samples are decoded before scoring
+
+    @property
+    def autoencoder(self) -> str:
+        """The id of the autoencoder its samples are decoded by ("" in pixel space), recorded with its rows."""
+        return self.codec.hash if self.codec is not None else ""
+
+    def clip(self, asked: bool) -> bool:
+        """Whether its samplers clip x0^ to [-1, 1] when the sweep `asked` to (BenchConfig.clip): never in latent
+        space, whose range is the autoencoder's."""
+        return asked and self.codec is None
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,11 @@ class Family:
     consistency: Network | None = None  # the consistency-distilled student (students/cd.pt), if swept
     cd_grid: str = ""  # its grid name, cd{N} (fastdiff.grids.consistency_grid)
     stats: object = None  # precomputed reference statistics (fastdiff.uncertainty.RefStats) FID uses instead
+    image_shape: tuple[int, ...] = ()  # one scored sample's shape: data_shape, or a latent family's decoded image's
+
+    @property
+    def scored_shape(self) -> tuple[int, ...]:
+        return tuple(self.image_shape) or tuple(self.data_shape)
 
 
 @dataclass(frozen=True)
@@ -135,15 +151,18 @@ def sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -
     t0 = time.perf_counter()
     net, guidance = _conditioned(network, spec, idx, device)
     with torch.no_grad():
-        sample = run_sampler(spec, net, x, network.schedule, network.param, cfg.clip, gens, guidance)
+        sample = run_sampler(spec, net, x, network.schedule, network.param, network.clip(cfg.clip), gens,
+                             guidance)
+        out = network.codec.decode(sample.x) if network.codec is not None else sample.x  # timed: part of sampling
     _sync(device)
-    return {"x": sample.x.float().cpu(), "seconds": time.perf_counter() - t0, "nfe": sample.nfe}
+    return {"x": out.float().cpu(), "seconds": time.perf_counter() - t0, "nfe": sample.nfe}
 
 
 def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: torch.device,
              partial: PartialRow | None = None):
-    """-> ((n_samples, *shape) samples on CPU, nfe, per-batch seconds); (None, nfe, times) off rank 0. `cfg` is the
-    sweep's BenchConfig (n_samples, batch_size, seed, clip).
+    """-> ((n_samples, ...) samples on CPU, nfe, per-batch seconds); (None, nfe, times) off rank 0. `shape` is what the
+    sampler draws; a latent network's samples come back decoded (its image shape). `cfg` is the sweep's BenchConfig
+    (n_samples, batch_size, seed, clip).
 
     Sample k starts from `sample_generators(cfg.seed, [k])`'s noise, and its per-step noise comes from the same
     generator, so it does not depend on the batch size or the rank that draws it. With `partial`, finished
@@ -173,7 +192,7 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
     nfe = max((b["nfe"] for b in done.values()), default=0) if dist.is_main() else 0
     if not dist.is_main():
         return None, nfe, []
-    x = torch.empty(cfg.n_samples, *shape)
+    x = torch.empty(cfg.n_samples, *next(iter(done.values()))["x"].shape[1:])
     for start, b in done.items():
         x[start:start + len(b["x"])] = b["x"]
     return x, nfe, [done[s]["seconds"] for s in starts]
@@ -252,7 +271,8 @@ def load_family(cfg, device: torch.device) -> Family:
     if cfg.guidance and not network.num_classes:
         raise FastdiffError(f"--guidance needs a conditional teacher (trained with --cond class or text); "
                             f"{teacher.path} is unconditional")
-    return Family(dataset, tuple(teacher.data_shape), network, students, reference, cd_student, cd_grid)
+    return Family(dataset, tuple(teacher.data_shape), network, students, reference, cd_student, cd_grid,
+                  image_shape=teacher.image_shape)
 
 
 def accuracy_metric(spec: Spec, network: Network, dataset: str) -> str | None:
@@ -272,4 +292,4 @@ def as_network(model) -> Network:
     cond = model.config.get("cond", "none") or "none"
     return Network(model.net, model.schedule, model.param, model.hash,
                    static_info(model.dataset)[1] if cond != "none" else 0, bool(model.config.get("scalar_cond")),
-                   cond, model.cost)
+                   cond, model.cost, getattr(model, "codec", None))

@@ -53,6 +53,7 @@ class TrainConfig(UNetFields, MLPFields):
     cond: Literal["none", "class", "text"] = "none"  # class labels, or text (captions of the labels; digits only)
     label_dropout: float = 0.1  # probability of the null label/caption in training (classifier-free guidance)
     flip: bool = False  # random horizontal flips
+    autoencoder: str = ""  # latent diffusion: an AutoencoderKL folder (python -m fastdiff.autoencoder's run dir, a vae/)
     # diffusion
     schedule: ScheduleName = "cosine"  # Ho et al. 2020 / Nichol & Dhariwal 2021
     T: int = 1000  # discrete steps of the schedule (the linear betas; the DDPM sampler's full grid)
@@ -89,6 +90,8 @@ PRESETS = {
     "digits-cond": TrainConfig(cond="class", out_dir="runs/teacher-digits-cond"),
     # text-conditioned digits: captions with paraphrases, a word-level encoder trained with the U-Net
     "digits-text": TrainConfig(cond="text", out_dir="runs/teacher-digits-text"),
+    # the same in the 4x4x4 latent space of the digits autoencoder (python -m fastdiff.autoencoder --preset digits)
+    "digits-latent": TrainConfig(cond="text", autoencoder="runs/autoencoder-digits", out_dir="runs/teacher-digits-latent"),
     # the digits teacher as a diffusers UNet2DModel (exports to diffusers); T = 1024 so that every power-of-two
     # student N divides T, which a stock DDIMScheduler needs to reproduce the grid i/N
     "digits-diffusers": TrainConfig(arch="diffusers-unet2d", T=1024, out_dir="runs/teacher-digits-diffusers"),
@@ -121,12 +124,39 @@ def validate(cfg: TrainConfig) -> None:
         raise FastdiffError(f"--cond text needs captions, which only the digits data set has; got {cfg.dataset!r}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise FastdiffError(f"--device {cfg.device!r}: use auto, cpu or cuda[:N]")
+    if cfg.autoencoder and len(shape) != 3:
+        raise FastdiffError(f"--autoencoder needs an image data set; {cfg.dataset!r} has points")
+
+
+def codec_of(cfg: TrainConfig):
+    """The autoencoder of a latent run (fastdiff.latent.Codec), else None."""
+    from fastdiff.latent import codec_from_folder
+
+    return codec_from_folder(cfg.autoencoder) if cfg.autoencoder else None
+
+
+def data_shape(cfg: TrainConfig) -> tuple[int, ...]:
+    """The shape of one example the network sees: the data set's, or its latent's under --autoencoder."""
+    shape, _ = static_info(cfg.dataset, cfg.image_size)
+    return codec_of(cfg).latent_shape(shape) if cfg.autoencoder else tuple(shape)
+
+
+def training_data(cfg: TrainConfig, codec, cache_dir):
+    """The training split of `cfg`'s data set; under an autoencoder `codec`, its scaled latents (encoded once and
+    cached in `cache_dir`, fastdiff.latent.cached_latents)."""
+    from fastdiff.latent import cached_latents
+
+    data = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
+    if codec is None:
+        return data
+    z = cached_latents(codec, data.x, cache_dir, f"{cfg.dataset}-train-split{data_seed(cfg)}")
+    return dataclasses.replace(data, x=z)
 
 
 def network_config(cfg: TrainConfig):
     """The network a TrainConfig describes (data shape and classes come from the data set's name)."""
-    shape, num_classes = static_info(cfg.dataset, cfg.image_size)
-    return model_config(cfg.arch, shape, num_classes if cfg.cond != "none" else 0, dataclasses.asdict(cfg))
+    _, num_classes = static_info(cfg.dataset, cfg.image_size)
+    return model_config(cfg.arch, data_shape(cfg), num_classes if cfg.cond != "none" else 0, dataclasses.asdict(cfg))
 
 
 def build_network(cfg: TrainConfig) -> torch.nn.Module:
@@ -134,16 +164,18 @@ def build_network(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def save_sample_picture(net, cfg: TrainConfig, device, path: Path, n: int = 64) -> None:
-    """DDIM(eta=0, 32 steps) samples from `net` to a PNG, with fixed per-index noise."""
+    """DDIM(eta=0, 32 steps) samples from `net` to a PNG, with fixed per-index noise (decoded, for a latent model)."""
     from fastdiff.data import to_uint8
+    from fastdiff.latent import clips_x0
     from fastdiff.samplers import make_grid, sample
     from fastdiff.viz import save_samples
 
     schedule = Schedule(cfg.schedule, cfg.T)
-    shape, _ = static_info(cfg.dataset, cfg.image_size)
+    shape, codec = data_shape(cfg), codec_of(cfg)
     n = n if len(shape) > 1 else 2000
     out = sample(net, n, shape, make_grid("student", 32, schedule), schedule=schedule, param=cfg.param,
-                 seed=cfg.seed, device=device, clip=len(shape) > 1)
+                 seed=cfg.seed, device=device, clip=clips_x0(shape, codec))
+    out = codec.to(device).decode(out) if codec is not None else out
     arr = to_uint8(out).cpu().numpy() if len(shape) > 1 else out.cpu().numpy()
     save_samples(arr, path, title=path.stem)
 
@@ -161,20 +193,25 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     with contextlib.ExitStack() as held:
         # A run dir refused or locked on rank 0, data missing on one node: an error on every rank.
         with dist.same_outcome():
-            data = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
+            codec = codec_of(cfg)
             run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()),
                                         TrainConfig.RENAMED)
                    if dist.is_main() else Path(cfg.out_dir))
+            data = training_data(cfg, codec, run)
             held.enter_context(runs.run_lock(run))
             # Read the checkpoint before writing anything: unreadable ones must leave the run dir as it was.
             ckpt = load_resumable(run / CKPT_NAME, map_location=device)
+            if ckpt is not None and codec is not None and ckpt.get("autoencoder", {}).get("hash") != codec.hash:
+                raise FastdiffError(f"{run} was trained on the latents of another autoencoder than {cfg.autoencoder} "
+                                    f"(id {codec.hash}); train the autoencoder it had, or choose another --out-dir")
         if dist.is_main():
             write_text(run / "config.json", cfgs.dumps(cfg))
-        _fit_teacher(cfg, run, data, ckpt, device, progress, on_step)
+        _fit_teacher(cfg, run, data, ckpt, device, progress, on_step, codec)
     return run
 
 
-def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, progress: bool, on_step) -> None:
+def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, progress: bool, on_step,
+                 codec=None) -> None:
     """The teacher's updates (Ho et al. 2020, Alg. 1 with the configured param and weighting) through runs.fit, with
     the weight EMA, metrics.csv and sample pictures as its per-update bookkeeping."""
     ckpt_path = run / CKPT_NAME
@@ -225,10 +262,11 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     network = network_to_dict(network_config(cfg))
     extra_state = lambda: {"kind": "teacher", "config": cfgs.to_dict(cfg), "param": cfg.param,  # noqa: E731
                            "network": network, "data_shape": list(data.shape), "ema": ema.state_dict(),
-                           "loss_acc": tuple(acc)}
+                           "loss_acc": tuple(acc),
+                           **({"autoencoder": codec.to_payload()} if codec is not None else {})}
     runs.fit(net, opt, total=cfg.updates, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
              lr_at=lambda update: cfg.lr * min(1.0, (update + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
-             state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {cfg.dataset}", resume=ckpt,
+             state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {run.name}", resume=ckpt,
              extra_state=extra_state, after_update=after_update, on_step=on_step, grad_clip=cfg.grad_clip,
              autocast=True, progress=progress)
     dist.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)
@@ -255,6 +293,7 @@ def dry_run(cfg: TrainConfig) -> int:
     validate(cfg)
     runs.resolve_device(cfg.device)
     data = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
+    codec_of(cfg)  # a missing autoencoder is an error here too
     run = Path(cfg.out_dir)
     runs.check_run_dir(run, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()), TrainConfig.RENAMED)
     ckpt = load_resumable(run / CKPT_NAME, set_aside=False) if run.is_dir() else None

@@ -27,7 +27,7 @@ from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
 from fastdiff.conditioning import Conditioner
-from fastdiff.data import data_seed, get_data, static_info
+from fastdiff.data import data_seed, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
 from fastdiff.distill.config import (CD_FIELDS_OF_CONFIG, NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig,
@@ -45,7 +45,9 @@ from fastdiff.models import build_model, network_from_dict
 from fastdiff.report import write_report
 from fastdiff.runs import RoundLog
 from fastdiff.train import PRESETS as TRAIN_PRESETS
-from fastdiff.train import TrainConfig, train
+from fastdiff.train import TrainConfig, train, training_data
+
+AE_INFO = "autoencoder.json"  # fastdiff.autoencoder.INFO_NAME (imported lazily there: it needs diffusers)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,22 @@ log = logging.getLogger(__name__)
 def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
     """The teacher checkpoint: --teacher if given, else train (or reuse) the preset's teacher."""
     if not cfg.teacher:
-        train(teacher_config(cfg), progress=progress)
+        tcfg = teacher_config(cfg)
+        if tcfg.autoencoder:
+            ensure_autoencoder(tcfg.autoencoder, cfg.device, progress)
+        train(tcfg, progress=progress)
     return resolve_path_only(cfg)
+
+
+def ensure_autoencoder(folder: str, device: str, progress: bool) -> None:
+    """A latent teacher preset's autoencoder: trained here (its preset of fastdiff.autoencoder, the one whose run dir
+    is `folder`) unless `folder` already holds one; FastdiffError for a missing folder no preset makes."""
+    from fastdiff.autoencoder import INFO_NAME, PRESETS as AE_PRESETS, train_autoencoder
+
+    made_by = [p for p in AE_PRESETS.values() if Path(p.out_dir) == Path(folder)]
+    if (Path(folder) / INFO_NAME).is_file() or not made_by:
+        return  # a finished run, or the user's own folder (fastdiff.latent says what is wrong with it if anything)
+    train_autoencoder(dataclasses.replace(made_by[0], device=device), progress=progress)
 
 
 def teacher_config(cfg: DistillConfig) -> TrainConfig:
@@ -99,11 +115,13 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
     expected = TRAIN_PRESETS[cfg.teacher_preset]
     shape, _ = static_info(expected.dataset, expected.image_size)
     tcfg = teacher.config
-    if tcfg["schedule"] != expected.schedule or tuple(teacher.data_shape) != tuple(shape):
+    space = lambda latent: "latent" if latent else "pixel"  # noqa: E731
+    if (tcfg["schedule"] != expected.schedule or tuple(teacher.image_shape) != tuple(shape)
+            or (teacher.codec is not None) != bool(expected.autoencoder)):
         raise FastdiffError(
-            f"teacher {teacher.path} (schedule {tcfg['schedule']}, data shape {tuple(teacher.data_shape)}) does not "
-            "match "
-            f"preset {cfg.teacher_preset!r} (schedule {expected.schedule}, data shape {shape}); "
+            f"teacher {teacher.path} (schedule {tcfg['schedule']}, data shape {tuple(teacher.image_shape)}, "
+            f"{space(teacher.codec is not None)} space) does not match preset {cfg.teacher_preset!r} (schedule "
+            f"{expected.schedule}, data shape {shape}, {space(expected.autoencoder)} space); "
             "pass --teacher-preset matching the teacher or another --teacher")
     if teacher.kind != "teacher":
         raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --teacher needs a teacher")
@@ -176,8 +194,8 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
             run = Path(cfg.out_dir)
             held.enter_context(runs.run_lock(run))
             tcfg = cfgs.from_dict(TrainConfig, teacher0.config)
-            data = get_data(tcfg.dataset, "train", tcfg.data_root, data_seed(tcfg), tcfg.image_size)
-            scorer = (round_scorer(tcfg.dataset, tuple(teacher0.data_shape), data_root=tcfg.data_root,
+            data = training_data(tcfg, teacher0.codec, run)  # a latent teacher's: the latents of its autoencoder
+            scorer = (round_scorer(tcfg.dataset, teacher0.image_shape, data_root=tcfg.data_root,
                                    seed=data_seed(tcfg),
                                    device=device, inception_weights=cfg.inception_weights) if dist.is_main() else None)
         if dist.is_main():
@@ -286,6 +304,9 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     for method, name, copy in (("pd", "rounds.csv", TRAINING_PD), ("cd", "cd.csv", TRAINING_CD)):
         if method in dcfg.method and (Path(run_dir) / name).exists():
             write_text(csv_path.parent / copy, (Path(run_dir) / name).read_text())
+    autoencoder = Path(TRAIN_PRESETS[dcfg.teacher_preset].autoencoder or "-") / AE_INFO
+    if not dcfg.teacher and autoencoder.is_file():  # a latent family: its autoencoder's reconstruction floor beside it
+        write_text(csv_path.parent / AE_INFO, autoencoder.read_text())
     return write_report(cfg.out_dir)
 
 

@@ -102,6 +102,11 @@ PRESETS = {
                                  updates_per_round=300, last_rounds_factor=1, guided_base_updates=800,
                                  cd_eval_every=400, out_dir="runs/distill-digits-text",
                                  bench_steps=(1, 2, 4, 8, 16, 32)),
+    # digits-text's protocol in the 4x4x4 latent space of the digits autoencoder (trained first if missing)
+    "digits-latent": DistillConfig(teacher_preset="digits-latent", guided=True, method="pd+cd", start_steps=16,
+                                   rounds=2, updates_per_round=300, last_rounds_factor=1, guided_base_updates=800,
+                                   cd_eval_every=400, out_dir="runs/distill-digits-latent",
+                                   bench_steps=(1, 2, 4, 8, 16, 32)),
     # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
     # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
     "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, updates_per_round=50_000, lr=5e-5,
@@ -194,7 +199,8 @@ def _sweep_base(cfg: DistillConfig, dataset: str) -> str:
     from fastdiff.interop import is_diffusers_source
 
     if cfg.guided:  # a text teacher's family is <dataset>-text, a class teacher's <dataset>-guided
-        return f"{dataset}-{'text' if TRAIN_PRESETS[cfg.teacher_preset].cond == 'text' else 'guided'}"
+        preset = TRAIN_PRESETS[cfg.teacher_preset]
+        return f"{dataset}-{'latent' if preset.autoencoder else 'text' if preset.cond == 'text' else 'guided'}"
     diffusers_arch = (is_diffusers_source(cfg.teacher) if cfg.teacher
                       else TRAIN_PRESETS[cfg.teacher_preset].arch == "diffusers-unet2d")
     return f"{dataset}-diffusers" if diffusers_arch else dataset

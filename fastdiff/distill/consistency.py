@@ -161,7 +161,7 @@ def run_consistency(ctx) -> None:
         """The teacher's ODE step, guided at the batch's condition and w when `cond` has them."""
         fn = (guided_x0_eps(teacher, ctx.teacher0.param, schedule, cond["y"], cond["w"], ctx.num_classes) if cond
               else denoiser(teacher, schedule, ctx.teacher0.param))
-        if ctx.teacher0.param == "eps" and ctx.x_all.ndim > 2:
+        if ctx.teacher0.param == "eps" and ctx.clip:
             fn = clipped(fn, schedule)
         return (heun_step if cfg.cd_solver == "heun" else ddim_step)(fn, schedule)
 
@@ -199,7 +199,8 @@ def run_consistency(ctx) -> None:
         payload = {"kind": "student", "method": "cd", "config": ctx.student_cfg, "network": ctx.student_network,
                    "param": cfg.param, "steps": 1, "schedule": schedule.to_dict(),
                    "data_shape": list(ctx.teacher0.data_shape), "model": ema.state_dict(), "updates": update,
-                   "teacher": str(ctx.teacher0.path), "guided": cfg.guided, "cost": cost, "cd": meta}
+                   "teacher": str(ctx.teacher0.path), "guided": cfg.guided, "cost": cost, "cd": meta,
+                   **ctx.latent_payload}
         save_checkpoint(snapshot_path(ctx.run, update), payload)
         if update == total:
             save_checkpoint(final, payload)
@@ -248,9 +249,10 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> Non
         x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device)
         with torch.no_grad():
             xs = consistency(student_model, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
-                             clip=len(shape) > 1, generator=gens).x
+                             clip=ctx.clip, generator=gens).x
         xt = sample_model(teacher_model, nfe, n, shape, ctx.schedule, ctx.teacher0.param, cfg.seed, ctx.device,
-                          guidance=guidance)
+                          guidance=guidance, clip=ctx.clip)
+        xs, xt = ctx.decode(xs), ctx.decode(xt)
         log.add({"updates": updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
                  "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",
                  "loss": f"{loss:.6g}", "teacher_evals": cost["teacher_evals"],

@@ -24,11 +24,13 @@ from fastdiff.train import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student", guidance=None):
-    """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps (CFG weight `guidance`)."""
+def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student", guidance=None, *,
+                 clip: bool):
+    """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps (CFG weight `guidance`; x0^ clipped
+    to [-1, 1] with `clip`)."""
     net = model.net if isinstance(model, LoadedModel) else model
     return sample(net, n, shape, make_grid(grid, n_steps, schedule), schedule=schedule, param=param, seed=seed,
-                  device=device, clip=len(shape) > 1, guidance=guidance)
+                  device=device, clip=clip, guidance=guidance)
 
 
 @dataclass
@@ -54,6 +56,21 @@ class DistillRun:
     @property
     def state_path(self) -> Path:
         return self.run / "state.pt"
+
+    @property
+    def clip(self) -> bool:
+        """Whether x0^ is clipped to [-1, 1] (pixel images; not points, not latents)."""
+        return self.teacher0.clip
+
+    @property
+    def latent_payload(self) -> dict:
+        """What every student checkpoint of a latent teacher carries: its autoencoder (fastdiff.latent)."""
+        codec = self.teacher0.codec
+        return {"autoencoder": codec.to_payload()} if codec is not None else {}
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as scored: a latent teacher's decoded by its autoencoder, others as they are."""
+        return self.teacher0.codec.decode(x) if self.teacher0.codec is not None else x
 
 
 def batch_cond(ctx: DistillRun, idx, gen) -> dict:
@@ -81,7 +98,7 @@ def train_stage(ctx: DistillRun, r: int, student, teacher_net, teacher_param: st
     state = load_resumable(ctx.state_path, map_location=ctx.device)
     local_batch = dist.local_batch_size(cfg.batch_size)
     # an eps teacher's x0_hat is clipped in the target on pixel data, as its sampler clips it (distill_target)
-    clip_target = teacher_param == "eps" and ctx.x_all.ndim > 2
+    clip_target = teacher_param == "eps" and ctx.clip
 
     def loss_fn(model) -> torch.Tensor:
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(ctx.device)
@@ -128,7 +145,7 @@ def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r:
                                "param": ctx.cfg.param, "steps": n_student, "schedule": ctx.schedule.to_dict(),
                                "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
                                "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided,
-                               "cost": cost})
+                               "cost": cost, **ctx.latent_payload})
 
 
 def finished_student(ctx: DistillRun, rounds: RoundLog, r: int, path: Path):
@@ -152,12 +169,14 @@ def evaluate_round(student, ctx: DistillRun, n_student: int) -> dict:
     """
     cfg, teacher = ctx.cfg, ctx.teacher0
     shape, n = tuple(teacher.data_shape), cfg.eval_samples
-    kw = dict(n_steps=n_student, n=n, shape=shape, schedule=ctx.schedule, seed=cfg.seed, device=ctx.device)
+    kw = dict(n_steps=n_student, n=n, shape=shape, schedule=ctx.schedule, seed=cfg.seed, device=ctx.device,
+              clip=ctx.clip)
     student_model, teacher_model, guidance = student, teacher, None
     if cfg.guided:
         student_model, teacher_model, guidance = guided_pair(ctx, student, n)
     x_student = sample_model(student_model, param=cfg.param, **kw)
     x_teacher = sample_model(teacher_model, param=teacher.param, guidance=guidance, **kw)
+    x_student, x_teacher = ctx.decode(x_student), ctx.decode(x_teacher)
     name, score = ctx.scorer
     return {"metric": name, "student_value": f"{score(x_student):.6g}", "teacher_ddim_value": f"{score(x_teacher):.6g}",
             **(accuracy_columns(ctx, x_student, x_teacher) if cfg.guided else {})}
