@@ -113,6 +113,8 @@ def weights_hash(ckpt: dict, state: dict) -> str:
         from fastdiff.models.diffusers_unet import full_config
 
         network = {**network, "unet_config": full_config(network["unet_config"])}
+    if network["arch"] == "diffusers-cond":  # where its text encoder was read from is not what it computes
+        network = {k: v for k, v in network.items() if k != "text_encoder"}
     described = [network, cfg["schedule"], cfg["T"], ckpt.get("param", cfg["param"]),
                  ckpt.get("kind"), ckpt.get("steps")]
     schedule = schedule_of(ckpt).to_dict()
@@ -200,7 +202,7 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
         return LoadedModel(net=got["net"], schedule=got["schedule"], param=got["param"], dataset=got["dataset"],
                            kind=got["kind"], steps=got["steps"], hash=weights_hash(ckpt, got["net"].state_dict()),
                            config=got["config"], data_shape=got["data_shape"], path=Path(str(path_or_run_dir)),
-                           network=got["network"], source=got["recorded"])
+                           network=got["network"], source=got["recorded"], codec=got.get("codec"))
     path = resolve_path(path_or_run_dir)
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]

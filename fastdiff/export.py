@@ -1,11 +1,14 @@
-"""`python -m fastdiff.export RUN_OR_CKPT --out DIR`: a fastdiff model as a diffusers DDIMPipeline folder.
+"""`python -m fastdiff.export RUN_OR_CKPT --out DIR`: a fastdiff model as a diffusers pipeline folder.
 
 RUN_OR_CKPT is a student checkpoint (`students/student_N4.pt`), a distillation run dir (its fewest-step student,
-or `--steps N`), or a teacher run dir / checkpoint. Only the `diffusers-unet2d` architecture exports (the mapping
-is the identity: the network *is* a UNet2DModel); a student exports when its N divides T, so that a stock
-DDIMScheduler with trailing spacing reproduces its grid t_i = i/N. The folder holds model_index.json,
-unet/ (safetensors), scheduler/scheduler_config.json (with the `_fastdiff` block: exact schedule, param, N) and a
-model card README.md. See fastdiff.interop for the conventions.
+or `--steps N`), or a teacher run dir / checkpoint. Only the diffusers architectures export (the mapping is the
+identity: the network *is* a UNet2DModel, or a UNet2DConditionModel with its CLIP text encoder): the
+`diffusers-unet2d` ones as a DDIMPipeline folder (model_index.json, unet/, scheduler/), the students of a latent
+text-to-image pipeline teacher (`diffusers-cond`) in the StableDiffusionPipeline layout they came from (unet/ with
+the w input as time_cond_proj_dim, vae/, text_encoder/, tokenizer/, scheduler/). A student exports when its N divides
+T, so that a stock DDIMScheduler with trailing spacing reproduces its grid t_i = i/N. scheduler_config.json carries
+the `_fastdiff` block (exact schedule, param, N) and README.md is a model card. See fastdiff.interop for the
+conventions.
 """
 from __future__ import annotations
 
@@ -81,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check < 0:
         raise FastdiffError("--check must be >= 0 (0: no check)")
     out, checked = export(model, args.out, extra, check=args.check)
-    print(f"exported {model.kind} {path} -> {out} (diffusers DDIMPipeline"
+    layout = "StableDiffusionPipeline" if model.codec is not None else "DDIMPipeline"
+    print(f"exported {model.kind} {path} -> {out} (diffusers {layout}"
           + (f", {model.steps} step{'s' if model.steps != 1 else ''}" if model.steps else "") + ")")
     if checked:
         print(f"checked: {json.dumps(checked)}")

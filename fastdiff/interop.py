@@ -1,5 +1,8 @@
 """diffusers folders in and out: a `UNet2DModel` (pipeline folder, bare model folder, or hub id) as a fastdiff
-teacher, and a fastdiff student of the `diffusers-unet2d` architecture as a diffusers `DDIMPipeline` folder.
+teacher, and a fastdiff student of the `diffusers-unet2d` architecture as a diffusers `DDIMPipeline` folder; a latent
+text-to-image pipeline folder (StableDiffusionPipeline layout: UNet2DConditionModel, AutoencoderKL, CLIP text encoder
+and tokenizer) as a text-conditioned latent teacher (fastdiff.models.diffusers_cond, fastdiff.latent), and its
+students back in the same layout (a guided student's w through the UNet's time_cond_proj_dim, as LCM).
 
 The time convention (tau = t·T - 1) lives in fastdiff.models.diffusers_unet; the schedule conversion is
 `schedule_from_scheduler`, the one place that reads a diffusers scheduler config. Scheduler keys, each honoured or
@@ -42,7 +45,9 @@ PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 PARAM_TO_PREDICTION = {v: k for k, v in PREDICTION.items()}
 VARIANCES_OK = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SUPPORTED = "UNet2DModel (alone, or in a pipeline folder such as DDPMPipeline/DDIMPipeline)"
+SUPPORTED = ("UNet2DModel (alone, or in a pipeline folder such as DDPMPipeline/DDIMPipeline), or a latent "
+             "text-to-image pipeline folder (UNet2DConditionModel, AutoencoderKL vae/, CLIP text_encoder/ and "
+             "tokenizer/, as StableDiffusionPipeline)")
 
 
 def is_diffusers_source(source) -> bool:
@@ -111,9 +116,11 @@ def find_parts(folder: Path) -> tuple[Path, Path]:
                         "scheduler_config.json beside config.json (it holds the betas the model was trained with)")
 
 
-def schedule_from_scheduler(sc: dict, where: str = "scheduler config") -> tuple[Schedule, str, dict]:
+def schedule_from_scheduler(sc: dict, where: str = "scheduler config",
+                            latent: bool = False) -> tuple[Schedule, str, dict]:
     """A diffusers scheduler config -> (Schedule, param, the inference-grid keys recorded as they are). See the
-    module docstring for every key; FastdiffError for one that is refused."""
+    module docstring for every key; FastdiffError for one that is refused. `latent`: the model samples latents, which
+    are never clipped, so clip_sample is ignored (Stable Diffusion's schedulers set it false)."""
     def refuse(why: str):
         raise FastdiffError(f"{where}: {why}")
 
@@ -126,7 +133,7 @@ def schedule_from_scheduler(sc: dict, where: str = "scheduler config") -> tuple[
                "and eps are undefined from x at t = 1 for eps/x0 models; use the model without it")
     if sc.get("thresholding"):
         refuse("thresholding=true (dynamic thresholding) is not supported; set it false")
-    if not sc.get("clip_sample", True) or float(sc.get("clip_sample_range", 1.0)) != 1.0:
+    if not latent and (not sc.get("clip_sample", True) or float(sc.get("clip_sample_range", 1.0)) != 1.0):
         refuse("clip_sample false or clip_sample_range != 1 is not supported: fastdiff clips x0 to [-1, 1] on pixel "
                "data")
     variance = sc.get("variance_type", "fixed_small")
@@ -162,6 +169,8 @@ def read_diffusers(source: str, device="cpu", dataset: str = "", data_root: str 
     unet_dir, sched_path = find_parts(folder)
     unet_cfg = _read_json(unet_dir / "config.json", "the UNet's config.json")
     cls = unet_cfg.get("_class_name")
+    if cls == "UNet2DConditionModel":
+        return _read_conditional(str(source), folder, unet_dir, sched_path, device, dataset, data_root)
     if cls != "UNet2DModel":
         raise FastdiffError(f"{unet_dir}: model class {cls!r} is not supported; fastdiff loads {SUPPORTED}")
     check_unet_config(unet_cfg, str(unet_dir))
@@ -193,13 +202,59 @@ def read_diffusers(source: str, device="cpu", dataset: str = "", data_root: str 
             "network": network_to_dict(netcfg), "recorded": {"source": str(source), **recorded}}
 
 
-def scheduler_config(schedule: Schedule, param: str, block: dict) -> dict:
+def _read_conditional(source: str, folder: Path, unet_dir: Path, sched_path: Path, device, dataset: str,
+                      data_root: str) -> dict:
+    """read_diffusers for a latent text-to-image pipeline: the UNet2DConditionModel with the pipeline's CLIP text
+    encoder (fastdiff.models.diffusers_cond) sampling the latents of its AutoencoderKL (fastdiff.latent.Codec)."""
+    from fastdiff.data import static_info
+    from fastdiff.latent import Codec
+    from fastdiff.models import network_to_dict
+    from fastdiff.models.diffusers_cond import DiffusersCondConfig, DiffusersCondUNet
+
+    diffusers = require_diffusers()
+    missing = [part for part in ("vae", "text_encoder", "tokenizer") if not (folder / part).is_dir()]
+    if not (folder / "model_index.json").is_file() or missing:
+        raise FastdiffError(f"{folder}: a UNet2DConditionModel is loaded from its pipeline folder, with "
+                            f"{', '.join(missing) or 'model_index.json'} beside it (vae/, text_encoder/, tokenizer/)")
+    sc = _read_json(sched_path, "the scheduler config with the betas the model was trained with")
+    schedule, param, recorded = schedule_from_scheduler(sc, str(sched_path), latent=True)
+    block = sc.get("_fastdiff") or {}
+    dataset = dataset or block.get("dataset", "")
+    if not dataset:
+        raise FastdiffError(f"{source}: name the data set the pipeline's images are compared with by --dataset "
+                            "(e.g. digits; folder with --data-root)")
+    codec = Codec.from_folder(folder / "vae")
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+    except Exception as err:  # missing/corrupt weights: diffusers raises OSError, ValueError, safetensors errors
+        raise FastdiffError(f"cannot load the UNet2DConditionModel weights in {unet_dir} ({type(err).__name__})") \
+            from None
+    size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
+    latent = (channels, size, size)
+    image = codec.image_shape(latent)
+    shape, _ = static_info(dataset, image[1])
+    if tuple(shape) != tuple(image):
+        raise FastdiffError(f"{source} decodes to {'x'.join(map(str, image))} images but data set {dataset!r} has "
+                            f"shape {'x'.join(map(str, shape))}; pass the --dataset it was trained on")
+    netcfg = DiffusersCondConfig(unet_config=config_json(dict(unet.config)), text_encoder=str(folder), T=schedule.T,
+                                 discrete=bool(block.get("discrete", True)),
+                                 scalar_cond=bool(unet.config.time_cond_proj_dim))
+    net = DiffusersCondUNet(netcfg, unet).to(device).eval().requires_grad_(False)
+    config = {"dataset": dataset, "data_root": data_root or block.get("data_root", ""), "image_size": image[1],
+              "schedule": schedule.kind, "T": schedule.T, "param": param, "arch": "diffusers-cond", "cond": "text",
+              "scalar_cond": netcfg.scalar_cond, "autoencoder": str(folder / "vae")}
+    return {"net": net, "schedule": schedule, "param": param, "kind": block.get("kind", "teacher"),
+            "steps": block.get("steps"), "dataset": dataset, "config": config, "data_shape": latent,
+            "network": network_to_dict(netcfg), "recorded": {"source": source, **recorded}, "codec": codec.to(device)}
+
+
+def scheduler_config(schedule: Schedule, param: str, block: dict, latent: bool = False) -> dict:
     """The DDIMScheduler config of an exported model: stock keys diffusers reads (the beta list in diffusers'
     terms: `beta_schedule` when diffusers has the kind, else `trained_betas` = 1 - alpha_bar(k/T)/alpha_bar((k-1)/T)
     from fastdiff's schedule), trailing spacing (grid t_i = i/N when N divides T), alpha_bar(0) = 1, x0 clipped to
-    [-1, 1], and the `_fastdiff` block that fastdiff prefers on import."""
+    [-1, 1] (not for a `latent` model), and the `_fastdiff` block that fastdiff prefers on import."""
     cfg = {"num_train_timesteps": schedule.T, "prediction_type": PARAM_TO_PREDICTION[param],
-           "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": True,
+           "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": not latent,
            "clip_sample_range": 1.0, "thresholding": False, "rescale_betas_zero_snr": False}
     if schedule.kind in ("linear", "scaled_linear"):
         cfg.update(beta_schedule=schedule.kind, beta_start=schedule.beta_start, beta_end=schedule.beta_end)
@@ -210,6 +265,15 @@ def scheduler_config(schedule: Schedule, param: str, block: dict) -> dict:
         cfg.update(beta_schedule="linear", trained_betas=(1 - ab[1:] / ab[:-1]).tolist())
     cfg["_fastdiff"] = block
     return cfg
+
+
+def _guidance_text(net) -> str:
+    if not _is_conditional(net):
+        return "none (unconditional)"
+    if net.cfg.scalar_cond:
+        return ("a guidance-weight input (time_cond_proj_dim, as LCM): the pipeline's guidance_scale is fastdiff's w, "
+                "one network evaluation per step")
+    return "classifier-free: u + s (c - u), s = guidance_scale = fastdiff's w, u = the empty prompt's output"
 
 
 def model_card(model, block: dict, extra: dict) -> str:
@@ -224,10 +288,18 @@ def model_card(model, block: dict, extra: dict) -> str:
             "schedule": (f"the teacher scheduler's own betas, T = {model.schedule.T}"
                          if model.schedule.kind == "trained" else f"{model.schedule.kind}, T = {model.schedule.T}"),
             "teacher id": extra.get("teacher", "-"),
-            "guidance": "none (unconditional)", "data set": model.dataset,
+            "guidance": _guidance_text(model.net), "data set": model.dataset,
             "quality": extra.get("quality", "-"),
             "checked at export": extra.get("checked", "not checked (--check 0)")}
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
+    if _is_conditional(model.net):
+        lines += ["", "Sample it with diffusers (a latent text-to-image pipeline; x0 is not clipped in latent space):",
+                  "", "```python", "from diffusers import StableDiffusionPipeline",
+                  "pipe = StableDiffusionPipeline.from_pretrained(FOLDER, safety_checker=None)",
+                  f'images = pipe("a handwritten seven", num_inference_steps={n or 50}, guidance_scale=2.0, '
+                  'eta=0.0).images', "```", "",
+                  "or as a fastdiff model: `fastdiff.load_model(FOLDER, dataset=...)`.", ""]
+        return "\n".join(lines)
     lines += ["", "Sample it with diffusers:", "", "```python", "from diffusers import DDIMPipeline",
               "pipe = DDIMPipeline.from_pretrained(FOLDER)",
               f"images = pipe(batch_size=16, num_inference_steps={n or 50}, eta=0.0,",
@@ -242,15 +314,20 @@ def model_card(model, block: dict, extra: dict) -> str:
 
 def verify(model, folder: Path, n: int) -> dict:
     """Sample `n` images three ways on fastdiff's per-index noise (seed 0) and compare: `model` itself, the folder
-    reloaded by fastdiff (must be bit-identical) and the folder run by diffusers (DDIMScheduler.step with
-    use_clipped_model_output=True) -> {"steps", "fastdiff_max_abs", "diffusers_rel"} (max |a - b| / max |a|).
-    A student runs its own N steps; a teacher 8 (or the largest of 4, 2, 1 dividing T: a trailing grid)."""
+    reloaded by fastdiff (must be bit-identical) and the folder run by diffusers -> {"steps", "fastdiff_max_abs",
+    "diffusers_rel"} (max |a - b| / max |a|). An unconditional model: DDIMScheduler.step with
+    use_clipped_model_output=True. A text-conditioned latent one: StableDiffusionPipeline on fastdiff's evaluation
+    prompts at guidance_scale = w = VERIFY_W (CFG for a teacher, the w input for a guided student), compared in latent
+    space (output_type="latent"). A student runs its own N steps; a teacher 8 (or the largest of 4, 2, 1 dividing T:
+    a trailing grid)."""
     from fastdiff.samplers import ddim, initial_noise, student_grid
 
     diffusers = require_diffusers()
     steps = model.steps or next(k for k in (8, 4, 2, 1) if model.schedule.T % k == 0)
     x, _ = initial_noise(range(n), model.data_shape, 0, "cpu")
-    back = read_diffusers(str(folder))
+    back = read_diffusers(str(folder), dataset=model.dataset)
+    if _is_conditional(model.net):
+        return _verify_conditional(model, back, folder, x, steps)
     pipe = diffusers.DDIMPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
     pipe.scheduler.set_timesteps(steps)
     with torch.no_grad():
@@ -264,6 +341,41 @@ def verify(model, folder: Path, n: int) -> dict:
             "diffusers_rel": float((y - ours).abs().max() / ours.abs().max())}
 
 
+VERIFY_W = 2.0  # the guidance weight an exported text-to-image model is checked at
+
+
+def _is_conditional(net) -> bool:
+    from fastdiff.models.diffusers_cond import DiffusersCondUNet
+
+    return isinstance(net, DiffusersCondUNet)
+
+
+def _verify_conditional(model, back: dict, folder: Path, x: torch.Tensor, steps: int) -> dict:
+    from fastdiff.guidance import conditional, guided
+    from fastdiff.samplers import ddim, student_grid
+    from fastdiff.text import eval_prompt
+
+    diffusers = require_diffusers()
+    prompts = [eval_prompt(k)[0] for k in range(len(x))]
+
+    def sample(net, schedule, param):
+        y = net.text.tokenize(prompts)
+        w = torch.full((len(x),), VERIFY_W)
+        pair = (conditional(net, y, w), None) if net.cfg.scalar_cond else (guided(net, y, 0), VERIFY_W)
+        return ddim(pair[0], x, student_grid(steps), schedule=schedule, param=param, clip=False, guidance=pair[1]).x
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, low_cpu_mem_usage=False, safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours = sample(model.net.cpu(), model.schedule, model.param)
+        again = sample(back["net"], back["schedule"], back["param"])
+        y = pipe(prompt=prompts, latents=x.clone(), num_inference_steps=steps, guidance_scale=VERIFY_W, eta=0.0,
+                 output_type="latent").images
+    return {"steps": steps, "samples": len(x), "fastdiff_max_abs": float((ours - again).abs().max()),
+            "diffusers_rel": float((y - ours).abs().max() / ours.abs().max()), "guidance": VERIFY_W}
+
+
 def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[Path, dict | None]:
     """Write `model` (a LoadedModel of the diffusers-unet2d architecture) as a DDIMPipeline folder at `out_dir`:
     model_index.json, unet/ (safetensors), scheduler/scheduler_config.json, README.md. Written to a temporary folder
@@ -275,7 +387,8 @@ def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[
     extra = extra or {}
     diffusers = require_diffusers()
     out = Path(out_dir)
-    if not isinstance(model.net, DiffusersUNet):
+    conditional = _is_conditional(model.net)
+    if not isinstance(model.net, DiffusersUNet) and not conditional:
         raise FastdiffError(f"{model.path}: the {model.config.get('arch', 'unet')} architecture has no exact "
                             "diffusers counterpart (fastdiff's U-Net differs from UNet2DModel in GroupNorm groups, "
                             "fused qkv and time embedding): train the teacher with `python -m fastdiff.train --arch "
@@ -290,8 +403,14 @@ def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[
     block = {"schedule": model.schedule.to_dict(), "param": model.param, "kind": model.kind, "steps": n,
              "dataset": model.dataset, "discrete": model.net.cfg.discrete, "id": model.hash,
              "time": "diffusers timestep tau = t*T - 1"}
-    sched = diffusers.DDIMScheduler.from_config(scheduler_config(model.schedule, model.param, block))
-    pipe = diffusers.DDIMPipeline(unet=model.net.unet, scheduler=sched)
+    sched = diffusers.DDIMScheduler.from_config(scheduler_config(model.schedule, model.param, block, conditional))
+    if conditional:  # the Stable Diffusion layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/
+        text = model.net.text.encoder
+        pipe = diffusers.StableDiffusionPipeline(vae=model.codec.vae, text_encoder=text.model, tokenizer=text.tokenizer,
+                                                 unet=model.net.unet, scheduler=sched, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = diffusers.DDIMPipeline(unet=model.net.unet, scheduler=sched)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -306,7 +425,8 @@ def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[
         if checked:
             extra = {**extra, "checked": f"{checked['samples']} samples, {checked['steps']} steps on fastdiff's "
                      f"per-index noise (seed 0): fastdiff reload max abs diff {checked['fastdiff_max_abs']:.3g}, "
-                     f"diffusers DDIMPipeline max rel diff {checked['diffusers_rel']:.3g} (float32, CPU)"}
+                     f"diffusers {type(pipe).__name__} max rel diff {checked['diffusers_rel']:.3g} (float32, CPU"
+                     + (f"; guidance_scale {checked['guidance']:g}, latents)" if conditional else ")")}
         (tmp / "README.md").write_text(model_card(model, block, extra))
         os.replace(tmp, out)
     except OSError as err:

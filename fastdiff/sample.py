@@ -86,7 +86,7 @@ def _load(cfg: SampleConfig):
 
 
 def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
-    """-> ((n, ...) samples in [-1, 1], NFE) of `cfg`."""
+    """-> ((n, ...) samples in [-1, 1], NFE) of `cfg` (a latent model's decoded by its autoencoder)."""
     from fastdiff.samplers import initial_noise
     from fastdiff.sweep import run_sampler
 
@@ -95,8 +95,9 @@ def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
     shape = tuple(model.data_shape)
     x, gens = initial_noise(range(cfg.n), shape, cfg.seed, device)
     with torch.no_grad():
-        out = run_sampler(spec, net, x, model.schedule, model.param, len(shape) > 1, gens, w)
-    return out.x.cpu(), out.nfe
+        out = run_sampler(spec, net, x, model.schedule, model.param, model.clip, gens, w)
+        images = model.codec.decode(out.x) if model.codec is not None else out.x
+    return images.cpu(), out.nfe
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -102,9 +102,9 @@ def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
             raise FastdiffError(f"--start-steps {cfg.start_steps} is too fine for {teacher.path}, a discrete teacher "
                                 f"with T = {T}: its half-step 0.5/N0 must be >= 1/T, so N0 <= {T // 2} (the largest "
                                 f"power of two: {2 ** (T // 2).bit_length() // 2})")
-        if cfg.guided:
-            raise FastdiffError("--guided needs a class-conditional teacher; diffusers UNet2DModel teachers are "
-                                "loaded unconditional")
+        if cfg.guided and teacher.config.get("cond") != "text":
+            raise FastdiffError("--guided needs a conditional teacher; diffusers UNet2DModel teachers are loaded "
+                                "unconditional (a text-to-image pipeline folder loads text-conditioned)")
         if teacher.kind != "teacher":
             raise FastdiffError(f"{teacher.path} is an exported {teacher.kind}; --teacher needs a teacher")
         return

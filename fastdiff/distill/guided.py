@@ -14,15 +14,15 @@ from fastdiff.models import build_model, network_from_dict
 
 
 def w_student(ctx: DistillRun) -> torch.nn.Module:
-    """The teacher's network with a guidance-weight input w, initialised from the teacher's weights with the
-    w-embedding's output layer zeroed: it starts as the conditional teacher (w = 1 behaviour) at every w."""
+    """The teacher's network with a guidance-weight input w (fastdiff's U-Net: the w embedding; a diffusers
+    UNet2DConditionModel: time_cond_proj_dim, as LCM), initialised from the teacher's weights with the w input's
+    output layer zeroed (`zero_w_input`): it starts as the conditional teacher (w = 1 behaviour) at every w."""
     student = build_model(network_from_dict(ctx.student_network)).to(ctx.device)
     missing, unexpected = student.load_state_dict(ctx.teacher0.net.state_dict(), strict=False)
-    if unexpected or not all(k.startswith("embed.scalar") for k in missing):
+    if unexpected or not all(k.startswith(student.W_INPUT) for k in missing):
         raise FastdiffError(f"teacher {ctx.teacher0.path} does not fit a w-conditioned student (missing {missing}, "
                             f"unexpected {unexpected}); pass a teacher trained by python -m fastdiff.train")
-    torch.nn.init.zeros_(student.embed.scalar[-1].weight)
-    torch.nn.init.zeros_(student.embed.scalar[-1].bias)
+    student.zero_w_input()
     return student
 
 

@@ -1,5 +1,6 @@
-"""Denoising networks: a DDPM-style U-Net for images, an MLP for 2-D data, and diffusers' UNet2DModel (the
-`diffusers-unet2d` architecture: diffusers teachers, and students that export to diffusers)."""
+"""Denoising networks: a DDPM-style U-Net for images, an MLP for 2-D data, diffusers' UNet2DModel (the
+`diffusers-unet2d` architecture: diffusers teachers, and students that export to diffusers) and UNet2DConditionModel
+with its CLIP text encoder (`diffusers-cond`: Stable-Diffusion-style pipeline teachers and their students)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +8,15 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from fastdiff.models.diffusers_cond import DiffusersCondConfig
 from fastdiff.models.diffusers_unet import DiffusersUNetConfig, config_json, unet2d_config
 from fastdiff.models.mlp import MLPConfig, MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
 
 __all__ = ["MLPConfig", "MLPDenoiser", "UNet", "UNetConfig", "build_model", "model_config", "network_to_dict",
            "network_from_dict"]
-ARCHS = {"unet": UNetConfig, "mlp": MLPConfig, "diffusers-unet2d": DiffusersUNetConfig}
+ARCHS = {"unet": UNetConfig, "mlp": MLPConfig, "diffusers-unet2d": DiffusersUNetConfig,
+         "diffusers-cond": DiffusersCondConfig}
 
 
 def build_model(cfg) -> nn.Module:
@@ -26,6 +29,10 @@ def build_model(cfg) -> nn.Module:
         from fastdiff.models.diffusers_unet import DiffusersUNet
 
         return DiffusersUNet(cfg)
+    if isinstance(cfg, DiffusersCondConfig):
+        from fastdiff.models.diffusers_cond import DiffusersCondUNet
+
+        return DiffusersCondUNet(cfg)
     raise TypeError(f"no model for config {type(cfg).__name__}")
 
 

@@ -4,6 +4,7 @@ RESULTS/NAME/fid_vs_steps.csv (its latest sweep). No number in those blocks is t
 tests/test_readme_results.py fails when the README and the committed CSVs disagree."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -103,7 +104,48 @@ def guided_summary(df: pd.DataFrame, csv_path: Path, name: str) -> str:
             f"Cells: FID / accuracy of the project's digit classifier on {what} (chance 0.1); w: fastdiff's "
             "guidance weight (0 unconditional, 1 conditional).", ""]
     text += equal_cost(Path(csv_path).parent)
+    text += autoencoder_floor(Path(csv_path).parent) + beside_pixel(wide, Path(csv_path).parent, acc)
     return "\n".join(text).rstrip() + "\n"
+
+
+LATENT_INFO = "autoencoder.json"  # fastdiff.autoencoder.INFO_NAME, copied beside a latent family's sweep
+
+
+def autoencoder_floor(folder: Path) -> list[str]:
+    """A latent family's autoencoder and its reconstruction floor (autoencoder.json beside the sweep); [] without."""
+    if not (folder / LATENT_INFO).exists():
+        return []
+    a = json.loads((folder / LATENT_INFO).read_text())
+    dims = lambda shape: "x".join(map(str, shape))  # noqa: E731
+    return [f"Latent space: every sample is decoded by the autoencoder `{a['id']}` before scoring (column "
+            f"`autoencoder`; `python -m fastdiff.autoencoder`, {a['parameters']:,} parameters, {dims(a['image_shape'])} "
+            f"images to {dims(a['latent_shape'])} latents, scaling factor {a['scaling_factor']:.4g} = 1/std of the "
+            f"training latents). Its reconstruction floor: FID {a['recon_fid']:.3g} for the reconstructions of "
+            f"{a['eval_images']} held-out images against {a['data_fid']:.3g} for the images themselves (same features "
+            "and reference).", ""]
+
+
+def beside_pixel(wide: pd.DataFrame, folder: Path, acc: str) -> list[str]:
+    """A latent family (`<data>-latent`) beside its pixel-space twin (`<data>-text`, same protocol): the teacher's
+    DDIM at its most steps and the students at 4 NFE, FID / accuracy per w; [] when the twin is not there."""
+    twin = folder.parent / folder.name.replace("-latent", "-text")
+    if not folder.name.endswith("-latent") or not (twin / CSV_NAME).exists():
+        return []
+    other = latest_sweep(read_results(twin / CSV_NAME))
+    other = other[other.metric.isin(["fid", acc]) & (other.guidance != "")].dropna(subset=["value", "nfe"])
+    other = other.assign(w=other.guidance.astype(float)).pivot_table(
+        index=["line", "sampler", "nfe", "w"], columns="metric", values="value", aggfunc="first").reset_index()
+    ws = sorted(wide.w.unique())
+    rows = []
+    for sampler, label in (("ddim", "teacher, DDIM"), ("distilled", "PD student"), ("consistency", "CD student")):
+        for space, table in (("latent", wide), ("pixel", other)):
+            t = table[table.sampler == sampler]
+            nfe = int(t.nfe.max()) if sampler == "ddim" else 4
+            t = t[t.nfe == nfe].set_index("w")
+            rows.append([f"{label} ({space})", nfe] + [f"{t.fid[w]:.3g} / {t[acc][w]:.2f}" if w in t.index else "—"
+                                                       for w in ws])
+    return [f"Beside the pixel-space model of `results/{twin.name}` (same data, prompts, protocol and sample count):",
+            "", md_table(["model", "NFE"] + [f"w = {w:g}" for w in ws], rows), ""]
 
 
 def equal_cost(folder: Path) -> list[str]:
