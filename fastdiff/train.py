@@ -141,16 +141,22 @@ def data_shape(cfg: TrainConfig) -> tuple[int, ...]:
     return codec_of(cfg).latent_shape(shape) if cfg.autoencoder else tuple(shape)
 
 
-def training_data(cfg: TrainConfig, codec, cache_dir):
-    """The training split of `cfg`'s data set; under an autoencoder `codec`, its scaled latents (encoded once and
-    cached in `cache_dir`, fastdiff.latent.cached_latents)."""
+def training_data(cfg: TrainConfig, codec, cache_dir, data=None):
+    """The training split of `cfg`'s data set (`data` if already loaded); under an autoencoder `codec`, its scaled
+    latents (encoded once and cached in `cache_dir`, fastdiff.latent.cached_latents)."""
     from fastdiff.latent import cached_latents
 
-    data = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
+    data = data if data is not None else get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size)
     if codec is None:
         return data
     z = cached_latents(codec, data.x, cache_dir, f"{cfg.dataset}-train-split{data_seed(cfg)}")
     return dataclasses.replace(data, x=z)
+
+
+def progress_label(cfg: TrainConfig) -> str:
+    """`train digits`, `train digits text-conditional latent`, ...: what the progress bar and a stop message name."""
+    cond = {"class": " class-conditional", "text": " text-conditional"}.get(cfg.cond, "")
+    return f"train {cfg.dataset}{cond}{' latent' if cfg.autoencoder else ''}"
 
 
 def network_config(cfg: TrainConfig):
@@ -193,11 +199,11 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int], None
     with contextlib.ExitStack() as held:
         # A run dir refused or locked on rank 0, data missing on one node: an error on every rank.
         with dist.same_outcome():
-            codec = codec_of(cfg)
+            data, codec = get_data(cfg.dataset, "train", cfg.data_root, data_seed(cfg), cfg.image_size), codec_of(cfg)
             run = (runs.prepare_run_dir(cfg.out_dir, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()),
                                         TrainConfig.RENAMED)
                    if dist.is_main() else Path(cfg.out_dir))
-            data = training_data(cfg, codec, run)
+            data = training_data(cfg, codec, run, data)
             held.enter_context(runs.run_lock(run))
             # Read the checkpoint before writing anything: unreadable ones must leave the run dir as it was.
             ckpt = load_resumable(run / CKPT_NAME, map_location=device)
@@ -266,7 +272,7 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
                            **({"autoencoder": codec.to_payload()} if codec is not None else {})}
     runs.fit(net, opt, total=cfg.updates, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
              lr_at=lambda update: cfg.lr * min(1.0, (update + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
-             state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=f"train {run.name}", resume=ckpt,
+             state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=progress_label(cfg), resume=ckpt,
              extra_state=extra_state, after_update=after_update, on_step=on_step, grad_clip=cfg.grad_clip,
              autocast=True, progress=progress)
     dist.barrier()  # the last checkpoint is on disk before any rank returns (distill loads it as its teacher)

@@ -413,9 +413,13 @@ def test_refused_prediction_type():
 def test_unsupported_model_class_names_the_supported_one(tmp_path):
     path = tmp_path / "cond"
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "sample_size": 8}))
+    (path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel", "sample_size": 8}))
     (path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
-    with pytest.raises(FastdiffError, match="UNet2DConditionModel.*not supported.*UNet2DModel"):
+    with pytest.raises(FastdiffError, match="UNet3DConditionModel.*not supported.*UNet2DModel.*UNet2DConditionModel"):
+        fastdiff.load_model(path, dataset="digits")
+    # a text-to-image UNet alone: it loads from its pipeline folder only (text encoder, tokenizer, autoencoder)
+    (path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "sample_size": 8}))
+    with pytest.raises(FastdiffError, match="UNet2DConditionModel is loaded from its pipeline folder"):
         fastdiff.load_model(path, dataset="digits")
 
 

@@ -121,14 +121,15 @@ def test_a_results_csv_of_an_earlier_version_still_reads(tmp_path):
 
 
 def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_path):
-    """CSVs of fastdiff 0.2 lack the train_* columns, those of 0.3 the ci_* ones: the sweep reads them (empty) and
-    writes them back extended."""
+    """CSVs of fastdiff 0.2 lack the train_* columns, those of 0.3 the ci_* ones, those of 0.4 `autoencoder`: the
+    sweep reads them (empty) and writes them back extended."""
     import csv as _csv
 
-    from fastdiff.results import CI_COLUMNS, COLUMNS, COST_COLUMNS, ResultsCSV
+    from fastdiff.results import CI_COLUMNS, COLUMNS, COST_COLUMNS, LATENT_COLUMNS, ResultsCSV
 
-    for i, old in enumerate(([c for c in COLUMNS if c not in COST_COLUMNS + CI_COLUMNS],
-                             [c for c in COLUMNS if c not in CI_COLUMNS])):
+    for i, old in enumerate(([c for c in COLUMNS if c not in COST_COLUMNS + CI_COLUMNS + LATENT_COLUMNS],
+                             [c for c in COLUMNS if c not in CI_COLUMNS + LATENT_COLUMNS],
+                             [c for c in COLUMNS if c not in LATENT_COLUMNS])):
         path = tmp_path / f"{i}" / "fid_vs_steps.csv"
         path.parent.mkdir()
         with open(path, "w", newline="") as f:
@@ -136,7 +137,8 @@ def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_pat
             w.writeheader()
             w.writerow({c: "x" for c in old})
         results = ResultsCSV(path)
-        assert results.rows[0]["ci_low"] == "" and results.has(results.rows[0])
+        assert results.rows[0]["ci_low"] == ("x" if i == 2 else "") and results.has(results.rows[0])
+        assert results.rows[0]["autoencoder"] == ""
         assert results.rows[0]["train_updates"] == ("" if i == 0 else "x")
         results.add([{c: "y" for c in COLUMNS}])
         with open(path, newline="") as f:

@@ -32,6 +32,11 @@ class CondEmbedding(nn.Module):
         self.scalar = (nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                        if scalar_cond else None)
 
+    def zero_scalar(self) -> None:
+        """Zero the w embedding's output layer (a guided student made from its teacher starts as the teacher)."""
+        nn.init.zeros_(self.scalar[-1].weight)
+        nn.init.zeros_(self.scalar[-1].bias)
+
     def forward(self, t, y=None, w=None) -> torch.Tensor:
         emb = self.time(sinusoidal(t, self.base_dim))
         if self.label is not None:

@@ -28,6 +28,11 @@ class MLPDenoiser(nn.Module):
                           nn.Linear(cfg.hidden, cfg.hidden)) for _ in range(cfg.layers))
         self.out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, cfg.dim))
 
+    W_INPUT = "embed.scalar"  # the parameters a guided student adds to its teacher
+
+    def zero_w_input(self) -> None:
+        self.embed.zero_scalar()
+
     def forward(self, x, t, y=None, w=None):
         emb = self.embed(t, y, w)
         h = self.inp(x)

@@ -148,9 +148,7 @@ class UNet(nn.Module):
     W_INPUT = "embed.scalar"  # the parameters a guided student adds to its teacher
 
     def zero_w_input(self) -> None:
-        """Zero the w embedding's output layer: a guided student made from its teacher starts as the teacher."""
-        nn.init.zeros_(self.embed.scalar[-1].weight)
-        nn.init.zeros_(self.embed.scalar[-1].bias)
+        self.embed.zero_scalar()
 
     def forward(self, x, t, y=None, w=None):
         if self.text is not None:
