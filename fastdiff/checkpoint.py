@@ -113,6 +113,8 @@ def weights_hash(ckpt: dict, state: dict) -> str:
         from fastdiff.models.diffusers_unet import full_config
 
         network = {**network, "unet_config": full_config(network["unet_config"])}
+    if not network.get("text_tokens", True):  # added in 0.5: networks without added words keep their ids
+        network = {k: v for k, v in network.items() if k != "text_tokens"}
     if network["arch"] == "diffusers-cond":  # where its text encoder was read from is not what it computes
         network = {k: v for k, v in network.items() if k != "text_encoder"}
     described = [network, cfg["schedule"], cfg["T"], ckpt.get("param", cfg["param"]),

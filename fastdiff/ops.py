@@ -106,7 +106,9 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
         _check_step(x_t, out, param, (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise), noise, seed, sample_index,
                     out_uncond, guidance)
     kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance, noise=noise)
-    if _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
+    # the fused kernel has no backward: under autograd (noise optimisation through a sampler) the torch path runs
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_t, out, out_uncond))
+    if not differentiable and _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
         from fastdiff.kernels.sampler_step import sampler_step as fused_step
 
         return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, seed=seed,

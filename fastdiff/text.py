@@ -106,11 +106,14 @@ class WordEncoder(nn.Module):
     """(B, L) word ids -> ((B, L, dim) features, (B, L) mask, True at words): token + position embeddings, a
     pre-norm transformer encoder (Vaswani et al. 2017) with the padding masked out, a final LayerNorm."""
 
-    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4, max_len: int = MAX_WORDS):
+    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4, max_len: int = MAX_WORDS,
+                 extra_tokens: Sequence[str] = ()):
         super().__init__()
         self.dim, self.max_len = dim, max_len
-        self.tokenize = WordTokenizer(max_len=max_len)
+        self.tokenize = WordTokenizer(VOCAB + tuple(extra_tokens), max_len=max_len)
         self.token = nn.Embedding(len(VOCAB), dim, padding_idx=PAD)
+        # words added after training (textual inversion, DreamBooth): ids len(VOCAB)..., one learned row each
+        self.extra = nn.Parameter(torch.zeros(len(extra_tokens), dim)) if extra_tokens else None
         self.position = nn.Embedding(max_len, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -118,7 +121,11 @@ class WordEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = tokens != PAD
-        h = self.token(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        h = self.token(tokens.clamp(max=len(VOCAB) - 1))
+        if self.extra is not None:  # the added words' own rows; the base vocabulary's are untouched
+            added = tokens >= len(VOCAB)
+            h = torch.where(added[..., None], self.extra[(tokens - len(VOCAB)).clamp(min=0)], h)
+        h = h + self.position(torch.arange(tokens.shape[1], device=tokens.device))
         return self.norm(self.encoder(h, src_key_padding_mask=~mask)), mask
 
 
@@ -160,10 +167,14 @@ class ClipTextEncoder(nn.Module):
         return self
 
 
-def build_encoder(name: str, dim: int, layers: int, max_len: int) -> nn.Module:
-    """`word`: a WordEncoder of width `dim` and depth `layers`; otherwise a local CLIP folder (ClipTextEncoder)."""
+def build_encoder(name: str, dim: int, layers: int, max_len: int, extra_tokens: Sequence[str] = ()) -> nn.Module:
+    """`word`: a WordEncoder of width `dim` and depth `layers` (with `extra_tokens` added to its vocabulary);
+    otherwise a local CLIP folder (ClipTextEncoder)."""
     if name == "word":
-        return WordEncoder(dim, layers, max_len=max_len or MAX_WORDS)
+        return WordEncoder(dim, layers, max_len=max_len or MAX_WORDS, extra_tokens=extra_tokens)
+    if extra_tokens:
+        raise FastdiffError("added words (textual inversion, DreamBooth) need the word encoder; a CLIP text encoder's "
+                            "vocabulary is not extended here")
     if not Path(name).is_dir():
         raise FastdiffError(f"--text-encoder {name!r}: use 'word' (trained with the teacher) or a local folder of "
                             "a transformers CLIP text model")

@@ -26,6 +26,7 @@ class UNetConfig(UNetFields):
     in_channels: int = 3  # image channels
     num_classes: int = 0  # class labels (0: unconditional); label num_classes is the null label of CFG
     cond_text: bool = False  # text-conditioned: y is (B, L) token ids, read through cross-attention
+    text_tokens: tuple[str, ...] = ()  # words added to the word encoder after training (fastdiff.personalize)
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -81,6 +82,7 @@ class CrossAttnBlock(nn.Module):
         self.heads = max(1, ch // head_dim)
         self.norm, self.q, self.proj = _norm(ch), nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
         self.kv = nn.Linear(ctx_dim, 2 * ch)
+        self.controller = None  # fastdiff.control: an attached controller edits the attention probabilities
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -90,7 +92,10 @@ class CrossAttnBlock(nn.Module):
         b, c, h, w = x.shape
         q = self.q(self.norm(x)).reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
         k, v = self.kv(ctx.to(x.dtype)).reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(q.contiguous(), k.contiguous(), v.contiguous(), mask=mask)
+        if self.controller is not None:  # cross-attention control needs the probabilities: the unfused path
+            out = self.controller(self, q, k, v, mask)
+        else:
+            out = attention(q.contiguous(), k.contiguous(), v.contiguous(), mask=mask)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -107,7 +112,8 @@ class UNet(nn.Module):
         if cfg.cond_text:
             from fastdiff.text import TextConditioning, build_encoder
 
-            self.text = TextConditioning(build_encoder(cfg.text_encoder, cfg.text_dim, cfg.text_layers, 0))
+            self.text = TextConditioning(build_encoder(cfg.text_encoder, cfg.text_dim, cfg.text_layers, 0,
+                                                       cfg.text_tokens))
 
         def attn(cur):  # self-attention, then cross-attention to the text for a text-conditioned U-Net
             blocks = [AttnBlock(cur, cfg.head_dim)]
