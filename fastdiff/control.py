@@ -103,7 +103,7 @@ def controlled(net, controller: Controller):
         attach(net, None)
 
 
-def token_position(net, prompt: str, word: str) -> int:
+def token_position(prompt: str, word: str) -> int:
     """The position of `word` in `prompt`'s token ids (the word tokenizer's: one id per word)."""
     words = prompt.lower().replace(",", " , ").split()
     if word not in words:

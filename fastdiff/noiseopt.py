@@ -47,7 +47,7 @@ def optimize_noise(sample_fn: Callable[[torch.Tensor], torch.Tensor], x_T: torch
     losses, t0 = [], time.perf_counter()
     for _ in range(iterations):
         loss = loss_fn(sample_fn(x))
-        losses.append(float(loss.mean()))
+        losses.append(float(loss.detach().mean()))
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
@@ -104,8 +104,9 @@ class ClipLoss(nn.Module):
             raise FastdiffError(f"--clip {folder}: no CLIPModel (config.json) there; save one with "
                                 "CLIPModel.save_pretrained and its tokenizer beside it")
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
-        tokens = CLIPTokenizer.from_pretrained(folder, local_files_only=True)([prompt], padding=True,
-                                                                             return_tensors="pt")
+        tokens = CLIPTokenizer.from_pretrained(folder, local_files_only=True)(
+            [prompt], padding=True, truncation=True, max_length=self.model.config.text_config.max_position_embeddings,
+            return_tensors="pt")
         with torch.no_grad():
             text = self.model.get_text_features(**tokens)
         self.register_buffer("text", nn.functional.normalize(_tensor(text), dim=-1))

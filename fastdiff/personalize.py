@@ -259,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with runs.graceful_stop():
         run = personalize(cfg)
-    print(f"personalised teacher: {run / CKPT_NAME} (prompt with {cfg.token!r}"
-          + (f" {cfg.class_word}" if cfg.method == "dreambooth" else "") + ")")
+    example = f"a {cfg.token} {cfg.class_word}" if cfg.method == "dreambooth" else f"a picture of a {cfg.token}"
+    print(f'personalised teacher: {run / CKPT_NAME} (prompt e.g. "{example}")')
     return 0
 
 
