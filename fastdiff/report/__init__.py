@@ -106,9 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.readme and not Path(args.readme).is_file():
         raise FastdiffError(f"--readme {args.readme!r} is not a file")
     if args.readme:  # every block's results folder exists: checked before anything is written
-        from fastdiff.report.readme import readme_blocks
+        from fastdiff.report.readme import DEMO_METRICS, readme_blocks
 
-        missing = [n for n in readme_blocks(Path(args.readme)) if not (Path(args.results_dir) / n / CSV_NAME).exists()]
+        missing = [n for n in readme_blocks(Path(args.readme))
+                   if not any((Path(args.results_dir) / n / f).exists() for f in (CSV_NAME, DEMO_METRICS))]
         if missing:
             raise FastdiffError(f"{args.readme} has results blocks for {', '.join(missing)} but {args.results_dir} "
                                 f"has no {CSV_NAME} there; pass the results folder those blocks name")

@@ -35,6 +35,8 @@ def _cell(r) -> str:
 def summary(csv_path: Path, name: str) -> str:
     """The Markdown summary of one results folder's latest sweep: FID by NFE for the main samplers (with the
     significance marks of the paired bootstrap), the teacher's best, and each student's ratios with intervals."""
+    if not Path(csv_path).exists() and (Path(csv_path).parent / DEMO_METRICS).exists():
+        return personalize_summary(Path(csv_path).parent, name)
     df = latest_sweep(read_results(csv_path))
     if (df.guidance != "").any():
         return guided_summary(df, csv_path, name)
@@ -148,6 +150,52 @@ def beside_pixel(wide: pd.DataFrame, folder: Path, acc: str) -> list[str]:
             "", md_table(["model", "NFE"] + [f"w = {w:g}" for w in ws], rows), ""]
 
 
+DEMO_METRICS = "metrics.json"  # python -m fastdiff.personalize_demo's results (a folder without a sweep CSV)
+
+
+def personalize_summary(folder: Path, name: str) -> str:
+    """The personalisation and control demonstration (`python -m fastdiff.personalize_demo`) from its metrics.json."""
+    m = json.loads((folder / DEMO_METRICS).read_text())
+    prov, pers = m["provenance"], m["personalisation"]
+    text = [f"From `results/{name}/{DEMO_METRICS}` (teacher `{prov['teacher_hash']}`, 4-step student "
+            f"`{prov['student_hash']}`, w = {prov['guidance_w']:g}, seed {prov['seed']}, device {prov['device']}, "
+            f"commit {prov['fastdiff_commit'][:7]}, {prov['wall_clock_s']:.0f} s); written by `python -m "
+            "fastdiff.report results --readme README.md`.", ""]
+    rows = [["base teacher", "a seven", pers["base_a_seven"]]]
+    rows += [[method, pers[method]["prompt"], pers[method]] for method in ("textual-inversion", "dreambooth")]
+    text += [f"Subject: {pers['subject']['n']} training sevens, mirrored (`{pers['subject']['images']}`, style "
+             f"{pers['subject']['style']}); 64 samples per prompt (DDIM 32 steps):", "",
+             md_table(["model", "prompt", "read as 7", "read as 7 once mirrored back", "feature distance to subject"],
+                      [[a, f"`{b}`", f"{c['accuracy_7']:.2f}", f"{c['unmirrored_accuracy_7']:.2f}",
+                        f"{c['feature_distance_to_subject']:.3f}"] for a, b, c in rows]), ""]
+    db = pers["dreambooth"]
+    text += [f"Prior preservation (DreamBooth, λ = 1): `a seven` read as 7 {db['a_seven_accuracy_7_before']:.2f} before, "
+             f"{db['a_seven_accuracy_7_after']:.2f} after ({db['a_seven_unmirrored_accuracy_7_after']:.2f} once "
+             f"mirrored); prompt accuracy on 200 held-out prompts of every digit {db['prompt_accuracy_before']:.2f} "
+             f"before, {db['prompt_accuracy_after']:.2f} after.", ""]
+    noise = m["noise_optimisation"]
+    text += ["Noise optimisation towards the digit 3 (loss −log p(3) of the project's classifier; 16 samples of "
+             "`the digit 8`, Adam on x_T through the whole sampler):", "",
+             md_table(["sampler", "NFE", "loss before → after", "read as 3 before → after",
+                       "s per iteration per image"],
+                      [[k, v["nfe"], f"{v['loss_before']:.2f} → {v['loss_after']:.2f}",
+                        f"{v['accuracy_3_before']:.2f} → {v['accuracy_3_after']:.2f}",
+                        f"{v['seconds_per_iteration_per_image']:.3g}"] for k, v in noise.items()]), "",
+             f"({next(iter(noise.values()))['iterations']} iterations each; the loss after every iteration is in "
+             "`loss_vs_iterations.csv`.)", ""]
+    ctl, rows = m["attention_control"], []
+    for k, v in ctl.items():
+        rows.append([k, "0 (target alone)", 0, f"{v['target_own_distance']:.3f}", f"{v['target_own_accuracy_1']:.2f}"])
+        rows += [[k, tau, e["inject_steps"], f"{e['distance_to_source']:.3f}", f"{e['accuracy_1']:.2f}"]
+                 for tau, e in v["tau"].items()]
+    text += ["Prompt-to-prompt word swap `a bold seven` → `a bold one` (32 samples; distance: mean |edit − source| "
+             "per pixel):", "", md_table(["model", "τ", "steps injected", "distance to source", "read as 1"], rows), "",
+             "Re-weighting `bold` (mean ink, 0 = black, 1 = white): " + "; ".join(
+                 f"{k}: " + ", ".join(f"×{s} {v:.3f}" for s, v in c["reweight_bold_mean_ink"].items())
+                 for k, c in ctl.items()) + ".", ""]
+    return "\n".join(text).rstrip() + "\n"
+
+
 def equal_cost(folder: Path) -> list[str]:
     """PD vs CD at equal optimiser updates, from the run's training logs copied beside the sweep (training_pd.csv,
     training_cd.csv; the round metric on the round's samples); [] without both."""
@@ -181,7 +229,7 @@ def update_readme(readme: Path, results_dir: Path) -> list[str]:
 
     def fill(m: re.Match) -> str:
         csv_path = Path(results_dir) / m.group(2) / CSV_NAME
-        if not csv_path.exists():
+        if not csv_path.exists() and not (csv_path.parent / DEMO_METRICS).exists():
             raise FastdiffError(f"{readme} has a results block for {m.group(2)!r} but {csv_path} does not exist")
         return m.group(1) + summary(csv_path, m.group(2)) + m.group(3)
 
