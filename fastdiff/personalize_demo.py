@@ -4,15 +4,17 @@ runs/teacher-digits-text --student runs/distill-digits-text/students/student_N4.
 Writes `<results-dir>/personalize/`: `metrics.json` (every number below, with provenance), `loss_vs_iterations.csv`
 (noise optimisation) and picture grids, one per demonstration:
 
-1. textual inversion and 2. DreamBooth on 20 mirrored training sevens (a style no prompt of the base model gives):
-   digit accuracy of the samples after undoing the style (mirrored back, the classifier must read 7) and the cosine
-   distance of their mean classifier feature to the subject images', against the base model's "a seven";
-   DreamBooth's prior preservation: prompt accuracy on the held-out evaluation prompts before and after.
+1. textual inversion and 2. DreamBooth on two subjects no prompt of the base model gives: 20 mirrored training sevens,
+   and the 20 training sevens with the most ink (the captions' adjectives are distractors, so "bold" does not ask
+   for it): digit accuracy of the samples after undoing the style (mirrored back: the classifier must read 7), their
+   mean ink, and the cosine distance of their mean classifier feature to the subject images', against the base
+   model's "a seven"; DreamBooth's prior preservation: "a seven" and the held-out prompts of every digit, before and
+   after.
 3. noise optimisation towards a digit (the classifier's −log p) through the teacher's DDIM at 32 and 8 steps and
    through the 4-step student: loss after each iteration and seconds per iteration per image.
 4. prompt-to-prompt word swap ("a bold seven" -> "a bold one") at τ = 0, 0.25, 0.5, 1 on the teacher (DDIM 16 steps)
    and the student (4 steps): how much of the source is kept (mean |edit − source| against the target's own image)
-   and the target digit's accuracy; attention re-weighting of "bold" (mean ink vs scale).
+   and the target digit's accuracy; attention re-weighting of "seven" and of "bold" (accuracy as 7, ink).
 """
 from __future__ import annotations
 
@@ -96,49 +98,64 @@ def _grid(path: Path, rows: list[tuple[str, torch.Tensor]], n: int = 8) -> None:
     plt.close(fig)
 
 
+def _ink(x: torch.Tensor) -> float:
+    """Mean pixel value in [0, 1] (0 black): how heavy the strokes are."""
+    return float(((x.clamp(-1, 1) + 1) / 2).mean())
+
+
 def personalisation(teacher_path: str, out: Path, work: Path, updates: int) -> dict:
-    """Demonstrations 1 and 2 (module docstring)."""
+    """Demonstrations 1 and 2 (module docstring), on two subjects: mirrored sevens and the heaviest sevens."""
     from fastdiff.checkpoint import load_model
+    from fastdiff.metrics import class_accuracy
     from fastdiff.personalize import PersonalizeConfig, personalize, subject_images
     from fastdiff.text import eval_prompt
 
-    subject = subject_images("digits:7:20", "mirror")
     teacher = load_model(teacher_path)
     base = _sample(teacher, 32, ["a seven"] * N)
-    results = {"subject": {"images": "digits:7:20", "style": "mirror", "n": len(subject)},
-               "base_a_seven": {"unmirrored_accuracy_7": _accuracy(base.flip(-1), 7),
-                                "accuracy_7": _accuracy(base, 7),
-                                "feature_distance_to_subject": _feature_distance(base, subject)}}
-    rows = [("subject: 20 mirrored training sevens", subject), ("base teacher: 'a seven'", base)]
     eval_prompts = [eval_prompt(k)[0] for k in range(200)]
     digits = torch.tensor([eval_prompt(k)[1] for k in range(200)])
 
     def prompt_accuracy(model) -> float:
-        from fastdiff.metrics import class_accuracy
-
         return class_accuracy(_sample(model, 32, eval_prompts), digits, "digits")
 
-    results["base_prompt_accuracy"] = prompt_accuracy(teacher)
-    for method, token, prompt in (("textual-inversion", "<s*>", "a picture of a <s*>"),
-                                  ("dreambooth", "<v>", "a <v> seven")):
+    def scores(x, subject, undo) -> dict:
+        return {"accuracy_7_style_undone": _accuracy(undo(x), 7), "accuracy_7": _accuracy(x, 7), "ink": _ink(x),
+                "feature_distance_to_subject": _feature_distance(x, subject)}
+
+    results = {"base_prompt_accuracy": prompt_accuracy(teacher)}
+    rows = [("base teacher: 'a seven'", base)]
+    runs = (("mirror", "textual-inversion", "<s*>", "a picture of a <s*>"), ("mirror", "dreambooth", "<v>", "a <v> seven"),
+            ("heavy", "textual-inversion", "<s*>", "a picture of a <s*>"), ("heavy", "dreambooth", "<v>", "a <v> seven"))
+    for style, method, token, prompt in runs:
+        subject = subject_images("digits:7:20", style)
+        undo = (lambda z: z.flip(-1)) if style == "mirror" else (lambda z: z)
+        entry = results.setdefault(style, {"subject": {"images": "digits:7:20", "n": len(subject),
+                                                       "ink": _ink(subject)},
+                                           "base_a_seven": scores(base, subject, undo)})
+        if method == "textual-inversion":
+            rows.append((f"subject ({style}): 20 training sevens", subject))
         t0 = time.perf_counter()
         run = personalize(PersonalizeConfig(model=teacher_path, method=method, token=token, updates=updates,
-                                            out_dir=str(work / method)), progress=False)
+                                            images="digits:7:20", style=style, out_dir=str(work / f"{method}-{style}")),
+                          progress=False)
         model = load_model(run)
         x = _sample(model, 32, [prompt] * N)
-        entry = {"prompt": prompt, "updates": updates, "seconds": round(time.perf_counter() - t0, 1),
-                 "unmirrored_accuracy_7": _accuracy(x.flip(-1), 7), "accuracy_7": _accuracy(x, 7),
-                 "feature_distance_to_subject": _feature_distance(x, subject), "model_hash": model.hash}
+        entry[method] = {"prompt": prompt, "updates": updates, "seconds": round(time.perf_counter() - t0, 1),
+                         "model_hash": model.hash, **scores(x, subject, undo)}
+        rows.append((f"{method} ({style}): '{prompt}'", x))
+        if method == "textual-inversion":
+            from fastdiff.features import classifier_weights, load_classifier
+
+            with torch.no_grad():
+                read = load_classifier(classifier_weights("digits")[0])(undo(x))[1].argmax(1)
+            entry[method]["digits_read"] = {str(d): int((read == d).sum()) for d in range(10) if (read == d).any()}
         if method == "dreambooth":  # prior preservation: the class prompt and every digit's prompts, before/after
             plain = _sample(model, 32, ["a seven"] * N)
-            entry.update(a_seven_accuracy_7_before=results["base_a_seven"]["accuracy_7"],
-                         a_seven_accuracy_7_after=_accuracy(plain, 7),
-                         a_seven_unmirrored_accuracy_7_after=_accuracy(plain.flip(-1), 7),
-                         prompt_accuracy_before=results["base_prompt_accuracy"],
-                         prompt_accuracy_after=prompt_accuracy(model))
-            rows.append(("dreambooth teacher: 'a seven' (prior preservation)", plain))
-        results[method] = entry
-        rows.append((f"{method}: '{prompt}'", x))
+            entry[method].update(a_seven_accuracy_7_before=_accuracy(base, 7), a_seven_accuracy_7_after=_accuracy(plain, 7),
+                                 a_seven_after=scores(plain, subject, undo),
+                                 prompt_accuracy_before=results["base_prompt_accuracy"],
+                                 prompt_accuracy_after=prompt_accuracy(model))
+            rows.append((f"dreambooth ({style}) teacher: 'a seven' (prior preservation)", plain))
     _grid(out / "personalisation.png", rows)
     return results
 
@@ -194,16 +211,20 @@ def attention_control(teacher_path: str, student_path: str, out: Path) -> dict:
             with controlled(model.net, ctl) as net, torch.no_grad():
                 swapped = _sampler(model, steps, [source] * n + [target] * n, net=net)(x2)[n:]
             entry["tau"][str(tau)] = {"inject_steps": round(tau * steps), "distance_to_source":
-                                      float((swapped - src).abs().mean()), "accuracy_1": _accuracy(swapped, 1)}
+                                      float((swapped - src).abs().mean()), "accuracy_1": _accuracy(swapped, 1),
+                                      "distance_to_target_alone": float((swapped - own).abs().mean())}
             grid.append((f"{label}: word swap, tau {tau} ({round(tau * steps)} of {steps} steps)", swapped))
-        ink = {}
-        for scale in (0.0, 1.0, 4.0):
-            ctl = Reweight(token_position(source, "bold"), scale, rows=n)  # the conditional rows (first n under CFG)
-            with controlled(model.net, ctl) as net, torch.no_grad():
-                xs = _sampler(model, steps, [source] * n, net=net)(x)
-            ink[str(scale)] = float(((xs.clamp(-1, 1) + 1) / 2).mean())
-            grid.append((f"{label}: 'bold' x{scale:g}", xs))
-        entry["reweight_bold_mean_ink"] = ink
+        reweight = {}
+        for word in ("seven", "bold"):
+            for scale in (0.0, 0.5, 1.0, 4.0):
+                ctl = Reweight(token_position(source, word), scale, rows=n)  # the conditional rows (first n, CFG)
+                with controlled(model.net, ctl) as net, torch.no_grad():
+                    xs = _sampler(model, steps, [source] * n, net=net)(x)
+                reweight[f"{word} x{scale:g}"] = {"accuracy_7": _accuracy(xs, 7), "ink": _ink(xs),
+                                                  "distance_to_source": float((xs - src).abs().mean())}
+                if scale != 1.0:
+                    grid.append((f"{label}: '{word}' x{scale:g}", xs))
+        entry["reweight"] = reweight
         results[label] = entry
     _grid(out / "attention_control.png", grid)
     return results
@@ -220,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student", default="runs/distill-digits-text/students/student_N4.pt")
     parser.add_argument("--results-dir", default="runs/results")
     parser.add_argument("--work-dir", default="runs/personalize-demo", help="where the personalised teachers go")
-    parser.add_argument("--updates", type=int, default=400, help="updates of textual inversion and DreamBooth")
+    parser.add_argument("--updates", type=int, default=600, help="updates of textual inversion and DreamBooth")
     parser.add_argument("--iterations", type=int, default=20, help="noise-optimisation iterations")
     args = parser.parse_args(argv)
     for p in (args.teacher, args.student):
