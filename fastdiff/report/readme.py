@@ -161,18 +161,29 @@ def personalize_summary(folder: Path, name: str) -> str:
             f"`{prov['student_hash']}`, w = {prov['guidance_w']:g}, seed {prov['seed']}, device {prov['device']}, "
             f"commit {prov['fastdiff_commit'][:7]}, {prov['wall_clock_s']:.0f} s); written by `python -m "
             "fastdiff.report results --readme README.md`.", ""]
-    rows = [["base teacher", "a seven", pers["base_a_seven"]]]
-    rows += [[method, pers[method]["prompt"], pers[method]] for method in ("textual-inversion", "dreambooth")]
-    text += [f"Subject: {pers['subject']['n']} training sevens, mirrored (`{pers['subject']['images']}`, style "
-             f"{pers['subject']['style']}); 64 samples per prompt (DDIM 32 steps):", "",
-             md_table(["model", "prompt", "read as 7", "read as 7 once mirrored back", "feature distance to subject"],
-                      [[a, f"`{b}`", f"{c['accuracy_7']:.2f}", f"{c['unmirrored_accuracy_7']:.2f}",
-                        f"{c['feature_distance_to_subject']:.3f}"] for a, b, c in rows]), ""]
-    db = pers["dreambooth"]
-    text += [f"Prior preservation (DreamBooth, λ = 1): `a seven` read as 7 {db['a_seven_accuracy_7_before']:.2f} before, "
-             f"{db['a_seven_accuracy_7_after']:.2f} after ({db['a_seven_unmirrored_accuracy_7_after']:.2f} once "
-             f"mirrored); prompt accuracy on 200 held-out prompts of every digit {db['prompt_accuracy_before']:.2f} "
-             f"before, {db['prompt_accuracy_after']:.2f} after.", ""]
+    rows = []
+    for style in ("mirror", "heavy"):
+        e = pers[style]
+        for label, key in (("base teacher", "base_a_seven"), ("textual inversion", "textual-inversion"),
+                           ("DreamBooth", "dreambooth")):
+            c = e[key]
+            prompt = c.get("prompt", "a seven")
+            rows.append([f"{style} ({e['subject']['n']} sevens, ink {e['subject']['ink']:.3f})", label, f"`{prompt}`",
+                         f"{c['accuracy_7']:.2f}", f"{c['accuracy_7_style_undone']:.2f}", f"{c['ink']:.3f}",
+                         f"{c['feature_distance_to_subject']:.3f}"])
+    text += ["Subjects: 20 training sevens mirrored, and the 20 with the most ink; 64 samples per prompt (DDIM 32 "
+             "steps). Read as 7 once undone: mirrored back (for the heavy subject, as they are):", "",
+             md_table(["subject", "model", "prompt", "read as 7", "read as 7 once undone", "ink",
+                       "feature distance to subject"], rows), ""]
+    for style in ("mirror", "heavy"):
+        ti, db = pers[style]["textual-inversion"], pers[style]["dreambooth"]
+        read = ", ".join(f"{d}: {k}" for d, k in sorted(ti["digits_read"].items(), key=lambda kv: -kv[1])[:3])
+        text += [f"{style}: textual inversion's samples read (style undone) as {read} (of 64). DreamBooth's prior "
+                 f"preservation: `a seven` read as 7 {db['a_seven_accuracy_7_before']:.2f} before, "
+                 f"{db['a_seven_accuracy_7_after']:.2f} after (read as 7 once undone: "
+                 f"{db['a_seven_after']['accuracy_7_style_undone']:.2f}, ink {db['a_seven_after']['ink']:.3f}); "
+                 f"accuracy on 200 held-out prompts of every digit {db['prompt_accuracy_before']:.2f} before, "
+                 f"{db['prompt_accuracy_after']:.2f} after.", ""]
     noise = m["noise_optimisation"]
     text += ["Noise optimisation towards the digit 3 (loss −log p(3) of the project's classifier; 16 samples of "
              "`the digit 8`, Adam on x_T through the whole sampler):", "",
@@ -183,16 +194,19 @@ def personalize_summary(folder: Path, name: str) -> str:
                         f"{v['seconds_per_iteration_per_image']:.3g}"] for k, v in noise.items()]), "",
              f"({next(iter(noise.values()))['iterations']} iterations each; the loss after every iteration is in "
              "`loss_vs_iterations.csv`.)", ""]
-    ctl, rows = m["attention_control"], []
+    ctl, rows, weights = m["attention_control"], [], []
     for k, v in ctl.items():
-        rows.append([k, "0 (target alone)", 0, f"{v['target_own_distance']:.3f}", f"{v['target_own_accuracy_1']:.2f}"])
-        rows += [[k, tau, e["inject_steps"], f"{e['distance_to_source']:.3f}", f"{e['accuracy_1']:.2f}"]
-                 for tau, e in v["tau"].items()]
-    text += ["Prompt-to-prompt word swap `a bold seven` → `a bold one` (32 samples; distance: mean |edit − source| "
-             "per pixel):", "", md_table(["model", "τ", "steps injected", "distance to source", "read as 1"], rows), "",
-             "Re-weighting `bold` (mean ink, 0 = black, 1 = white): " + "; ".join(
-                 f"{k}: " + ", ".join(f"×{s} {v:.3f}" for s, v in c["reweight_bold_mean_ink"].items())
-                 for k, c in ctl.items()) + ".", ""]
+        rows.append([k, "— (target alone)", 0, f"{v['target_own_distance']:.3f}", "0", f"{v['target_own_accuracy_1']:.2f}"])
+        rows += [[k, tau, e["inject_steps"], f"{e['distance_to_source']:.3f}", f"{e['distance_to_target_alone']:.3f}",
+                  f"{e['accuracy_1']:.2f}"] for tau, e in v["tau"].items()]
+        weights += [[k, w, f"{e['accuracy_7']:.2f}", f"{e['ink']:.3f}", f"{e['distance_to_source']:.3f}"]
+                    for w, e in v["reweight"].items()]
+    text += ["Prompt-to-prompt word swap `a bold seven` → `a bold one` (32 samples; distances: mean |a − b| per pixel, "
+             "images in [-1, 1]):", "",
+             md_table(["model", "τ", "steps injected", "distance to source", "distance to target alone", "read as 1"],
+                      rows), "",
+             "Re-weighting one word of `a bold seven` (its cross-attention maps times the scale):", "",
+             md_table(["model", "word × scale", "read as 7", "ink", "distance to unweighted"], weights), ""]
     return "\n".join(text).rstrip() + "\n"
 
 
