@@ -97,10 +97,9 @@ def subject_images(spec: str, style: str, image_size: int = 8) -> torch.Tensor:
     return {"none": x, "heavy": x, "mirror": x.flip(-1), "invert": -x}[style]
 
 
-def captions(token: str, n: int, gen: random.Random, class_word: str = "") -> list[str]:
-    """n training captions (fastdiff.text's templates) whose digit slot holds `token` (DreamBooth: `token class_word`),
-    with random adjectives."""
-    subject = f"{token} {class_word}".strip()
+def captions(token: str, n: int, gen: random.Random) -> list[str]:
+    """n training captions (fastdiff.text's templates) whose digit slot holds `token`, with random adjectives."""
+    subject = token
     out = []
     for _ in range(n):
         template = gen.choice(TRAIN_TEMPLATES)
