@@ -326,7 +326,11 @@ def dry_run(cfg: DistillConfig) -> int:
                f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema}; students and 1/2/4-NFE "
                f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
     plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
-    print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else f" (to train: preset {cfg.teacher_preset!r})"))
+    autoencoder = TRAIN_PRESETS[cfg.teacher_preset].autoencoder
+    first = (f", after its autoencoder {autoencoder} (python -m fastdiff.autoencoder)"
+             if autoencoder and not (Path(autoencoder) / AE_INFO).is_file() else "")
+    print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else
+                                   f" (to train: preset {cfg.teacher_preset!r}{first})"))
     first = f"guided first stage: {cfg.guided_base_updates} updates; " if cfg.guided and "pd" in cfg.method else ""
     print("stages: " + first + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}: {sweep_plan(cfg)}'}")
