@@ -39,11 +39,12 @@ from fastdiff.data import data_seed, get_data, static_info
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import staged_folder, write_text
 from fastdiff.latent import Codec
+from fastdiff.results import AUTOENCODER_INFO
 
 log = logging.getLogger(__name__)
 
 NON_RESULT_FIELDS = ("out_dir", "device", "log_every", "ckpt_every")
-VAE_DIR, INFO_NAME = "vae", "autoencoder.json"
+VAE_DIR, INFO_NAME = "vae", AUTOENCODER_INFO
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,29 @@ def schedule_from_scheduler(sc: dict, where: str = "scheduler config",
     return schedule, PREDICTION[pred], recorded
 
 
+def _scheduler_and_dataset(sched_path: Path, source, dataset: str, latent: bool = False):
+    """-> (schedule, param, recorded keys, the `_fastdiff` block, the data set): the scheduler config read as
+    `schedule_from_scheduler` does, and --dataset (else the data set an exported folder records; FastdiffError when
+    neither names one)."""
+    sc = _read_json(sched_path, "the scheduler config with the betas the model was trained with")
+    schedule, param, recorded = schedule_from_scheduler(sc, str(sched_path), latent=latent)
+    block = sc.get("_fastdiff") or {}
+    dataset = dataset or block.get("dataset", "")
+    if not dataset:
+        raise FastdiffError(f"{source}: name the data set the model was trained on with --dataset (e.g. cifar10, "
+                            "digits, folder with --data-root)")
+    return schedule, param, recorded, block, dataset
+
+
+def _pretrained(cls, unet_dir: Path):
+    """diffusers model class `cls` from `unet_dir`; FastdiffError (one line) for missing or corrupt weights."""
+    try:
+        return cls.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+    except Exception as err:  # missing/corrupt weights: diffusers raises OSError, ValueError, safetensors errors
+        raise FastdiffError(f"cannot load the {cls.__name__} weights in {unet_dir} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+
+
 def read_diffusers(source: str, device="cpu", dataset: str = "", data_root: str = "") -> dict:
     """A diffusers `UNet2DModel` with its scheduler, as the pieces of a fastdiff LoadedModel (which
     `fastdiff.load_model` assembles): a teacher, or a student when the folder was exported by fastdiff. `dataset`
@@ -174,23 +197,13 @@ def read_diffusers(source: str, device="cpu", dataset: str = "", data_root: str 
     if cls != "UNet2DModel":
         raise FastdiffError(f"{unet_dir}: model class {cls!r} is not supported; fastdiff loads {SUPPORTED}")
     check_unet_config(unet_cfg, str(unet_dir))
-    sc = _read_json(sched_path, "the scheduler config with the betas the model was trained with")
-    schedule, param, recorded = schedule_from_scheduler(sc, str(sched_path))
-    block = sc.get("_fastdiff") or {}
-    dataset = dataset or block.get("dataset", "")
-    if not dataset:
-        raise FastdiffError(f"{source}: name the data set the model was trained on with --dataset (e.g. cifar10, "
-                            "digits, folder with --data-root)")
+    schedule, param, recorded, block, dataset = _scheduler_and_dataset(sched_path, source, dataset)
     size, channels = int(unet_cfg["sample_size"]), int(unet_cfg.get("in_channels", 3))
     shape, _ = static_info(dataset, size)
     if tuple(shape) != (channels, size, size):
         raise FastdiffError(f"{source} makes {channels}x{size}x{size} images but data set {dataset!r} has shape "
                             f"{'x'.join(map(str, shape))}; pass the --dataset it was trained on")
-    try:
-        unet = diffusers.UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-    except Exception as err:  # missing/corrupt weights: diffusers raises OSError, ValueError, safetensors errors
-        raise FastdiffError(f"cannot load the UNet2DModel weights in {unet_dir} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    unet = _pretrained(diffusers.UNet2DModel, unet_dir)
     netcfg = DiffusersUNetConfig(unet_config=config_json(dict(unet.config)), T=schedule.T,
                                  discrete=bool(block.get("discrete", True)))
     net = DiffusersUNet(netcfg, unet).to(device).eval().requires_grad_(False)
@@ -216,19 +229,9 @@ def _read_conditional(source: str, folder: Path, unet_dir: Path, sched_path: Pat
     if not (folder / "model_index.json").is_file() or missing:
         raise FastdiffError(f"{folder}: a UNet2DConditionModel is loaded from its pipeline folder, with "
                             f"{', '.join(missing) or 'model_index.json'} beside it (vae/, text_encoder/, tokenizer/)")
-    sc = _read_json(sched_path, "the scheduler config with the betas the model was trained with")
-    schedule, param, recorded = schedule_from_scheduler(sc, str(sched_path), latent=True)
-    block = sc.get("_fastdiff") or {}
-    dataset = dataset or block.get("dataset", "")
-    if not dataset:
-        raise FastdiffError(f"{source}: name the data set the pipeline's images are compared with by --dataset "
-                            "(e.g. digits; folder with --data-root)")
+    schedule, param, recorded, block, dataset = _scheduler_and_dataset(sched_path, source, dataset, latent=True)
     codec = Codec.from_folder(folder / "vae")
-    try:
-        unet = diffusers.UNet2DConditionModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-    except Exception as err:  # missing/corrupt weights: diffusers raises OSError, ValueError, safetensors errors
-        raise FastdiffError(f"cannot load the UNet2DConditionModel weights in {unet_dir} ({type(err).__name__})") \
-            from None
+    unet = _pretrained(diffusers.UNet2DConditionModel, unet_dir)
     size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
     latent = (channels, size, size)
     image = codec.image_shape(latent)

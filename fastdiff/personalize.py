@@ -40,7 +40,7 @@ import torch
 
 from fastdiff import config as cfgs
 from fastdiff import runs
-from fastdiff.checkpoint import CKPT_NAME, load_checkpoint, load_model, load_resumable, save_checkpoint
+from fastdiff.checkpoint import CKPT_NAME, load_model, load_resumable, save_checkpoint
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
 from fastdiff.losses import diffusion_loss
@@ -99,12 +99,7 @@ def subject_images(spec: str, style: str, image_size: int = 8) -> torch.Tensor:
 
 def captions(token: str, n: int, gen: random.Random) -> list[str]:
     """n training captions (fastdiff.text's templates) whose digit slot holds `token`, with random adjectives."""
-    subject = token
-    out = []
-    for _ in range(n):
-        template = gen.choice(TRAIN_TEMPLATES)
-        out.append(template.format(n=subject, a=gen.choice(ADJECTIVES)))
-    return [c for c in out if len(c.split()) <= 12] or [subject] * n
+    return [gen.choice(TRAIN_TEMPLATES).format(n=token, a=gen.choice(ADJECTIVES)) for _ in range(n)]
 
 
 def with_token(net, model, token: str, init_word: str = "") -> tuple[torch.nn.Module, dict]:
@@ -241,14 +236,11 @@ def _fit(cfg: PersonalizeConfig, net, network: dict, teacher, subject, run: Path
     fitted = runs.fit(net, opt, total=cfg.updates, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000 + 5, device=device,
                       lr_at=lambda u: lr, state_path=run / STATE_NAME, ckpt_every=cfg.ckpt_every,
                       label=cfg.method, resume=state, grad_clip=1.0, progress=progress)
-    ckpt = load_checkpoint(teacher.path) if str(teacher.path).endswith(".pt") else {}
     payload = {"kind": "teacher", "config": {**teacher.config}, "param": teacher.param, "network": network,
                "data_shape": list(teacher.data_shape), "model": net.state_dict(), "schedule": teacher.schedule.to_dict(),
                "personalized": {"method": cfg.method, "token": cfg.token, "teacher": str(teacher.path),
                                 "teacher_hash": teacher.hash, "updates": cfg.updates, "final_loss": fitted.loss,
                                 "wall_clock_s": round(time.perf_counter() - t0, 1)}}
-    if ckpt.get("schedule") is None:
-        payload.pop("schedule")
     save_checkpoint(run / CKPT_NAME, payload)
     (run / "personalized.json").write_text(json.dumps(payload["personalized"], indent=2) + "\n")
 

@@ -14,6 +14,9 @@ from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 
 CSV_NAME = "fid_vs_steps.csv"
+# A latent family's autoencoder and its reconstruction floor (fastdiff.autoencoder writes it; distill copies it beside
+# the family's CSV; the report reads it there)
+AUTOENCODER_INFO = "autoencoder.json"
 COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "grid", "grid_hash", "eta", "variance", "clip",
            "guidance", "noise", "steps", "nfe", "n_samples", "seed", "metric", "extractor", "extractor_accuracy",
            "reference", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total", "device",

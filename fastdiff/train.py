@@ -266,10 +266,10 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
             save_sample_picture(ema, cfg, device, run / f"samples_{update:07d}.png")
 
     network = network_to_dict(network_config(cfg))
+    latent = {"autoencoder": codec.to_payload()} if codec is not None else {}  # the same in every checkpoint
     extra_state = lambda: {"kind": "teacher", "config": cfgs.to_dict(cfg), "param": cfg.param,  # noqa: E731
                            "network": network, "data_shape": list(data.shape), "ema": ema.state_dict(),
-                           "loss_acc": tuple(acc),
-                           **({"autoencoder": codec.to_payload()} if codec is not None else {})}
+                           "loss_acc": tuple(acc), **latent}
     runs.fit(net, opt, total=cfg.updates, loss_fn=loss_fn, gen=gen, salt=cfg.seed * 1000, device=device,
              lr_at=lambda update: cfg.lr * min(1.0, (update + 1) / max(cfg.warmup, 1)),  # --warmup 0: no warm-up
              state_path=ckpt_path, ckpt_every=cfg.ckpt_every, label=progress_label(cfg), resume=ckpt,

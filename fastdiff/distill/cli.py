@@ -44,10 +44,9 @@ from fastdiff.interop import is_diffusers_source
 from fastdiff.models import build_model, network_from_dict
 from fastdiff.report import write_report
 from fastdiff.runs import RoundLog
+from fastdiff.results import AUTOENCODER_INFO
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 from fastdiff.train import TrainConfig, train, training_data
-
-AE_INFO = "autoencoder.json"  # fastdiff.autoencoder.INFO_NAME (imported lazily there: it needs diffusers)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +64,10 @@ def resolve_teacher(cfg: DistillConfig, progress: bool) -> Path:
 def ensure_autoencoder(folder: str, device: str, progress: bool) -> None:
     """A latent teacher preset's autoencoder: trained here (its preset of fastdiff.autoencoder, the one whose run dir
     is `folder`) unless `folder` already holds one; FastdiffError for a missing folder no preset makes."""
-    from fastdiff.autoencoder import INFO_NAME, PRESETS as AE_PRESETS, train_autoencoder
+    from fastdiff.autoencoder import PRESETS as AE_PRESETS, train_autoencoder
 
     made_by = [p for p in AE_PRESETS.values() if Path(p.out_dir) == Path(folder)]
-    if (Path(folder) / INFO_NAME).is_file() or not made_by:
+    if (Path(folder) / AUTOENCODER_INFO).is_file() or not made_by:
         return  # a finished run, or the user's own folder (fastdiff.latent says what is wrong with it if anything)
     train_autoencoder(dataclasses.replace(made_by[0], device=device), progress=progress)
 
@@ -304,9 +303,9 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     for method, name, copy in (("pd", "rounds.csv", TRAINING_PD), ("cd", "cd.csv", TRAINING_CD)):
         if method in dcfg.method and (Path(run_dir) / name).exists():
             write_text(csv_path.parent / copy, (Path(run_dir) / name).read_text())
-    autoencoder = Path(TRAIN_PRESETS[dcfg.teacher_preset].autoencoder or "-") / AE_INFO
+    autoencoder = Path(TRAIN_PRESETS[dcfg.teacher_preset].autoencoder or "-") / AUTOENCODER_INFO
     if not dcfg.teacher and autoencoder.is_file():  # a latent family: its autoencoder's reconstruction floor beside it
-        write_text(csv_path.parent / AE_INFO, autoencoder.read_text())
+        write_text(csv_path.parent / AUTOENCODER_INFO, autoencoder.read_text())
     return write_report(cfg.out_dir)
 
 
@@ -328,7 +327,7 @@ def dry_run(cfg: DistillConfig) -> int:
     plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
     autoencoder = TRAIN_PRESETS[cfg.teacher_preset].autoencoder
     first = (f", after its autoencoder {autoencoder} (python -m fastdiff.autoencoder)"
-             if autoencoder and not (Path(autoencoder) / AE_INFO).is_file() else "")
+             if autoencoder and not (Path(autoencoder) / AUTOENCODER_INFO).is_file() else "")
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else
                                    f" (to train: preset {cfg.teacher_preset!r}{first})"))
     first = f"guided first stage: {cfg.guided_base_updates} updates; " if cfg.guided and "pd" in cfg.method else ""

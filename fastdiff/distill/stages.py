@@ -2,6 +2,7 @@
 student files, and the per-round evaluation (the student against the teacher's DDIM at the same step count)."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ class DistillRun:
         """Whether x0^ is clipped to [-1, 1] (pixel images; not points, not latents)."""
         return self.teacher0.clip
 
-    @property
+    @functools.cached_property
     def latent_payload(self) -> dict:
         """What every student checkpoint of a latent teacher carries: its autoencoder (fastdiff.latent)."""
         codec = self.teacher0.codec

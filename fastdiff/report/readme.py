@@ -13,7 +13,7 @@ import pandas as pd
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 from fastdiff.report.common import STUDENT_SAMPLERS, SWEEP, is_anchor, md_table, read_results
-from fastdiff.results import CSV_NAME
+from fastdiff.results import AUTOENCODER_INFO, CSV_NAME
 
 BLOCK = re.compile(r"(<!-- results: ([\w./-]+) -->\n).*?(<!-- /results -->)", re.S)  # NAME: a folder under RESULTS
 # The lines of the summary table, in this order, where the sweep has them (--full adds the others to the report).
@@ -110,14 +110,11 @@ def guided_summary(df: pd.DataFrame, csv_path: Path, name: str) -> str:
     return "\n".join(text).rstrip() + "\n"
 
 
-LATENT_INFO = "autoencoder.json"  # fastdiff.autoencoder.INFO_NAME, copied beside a latent family's sweep
-
-
 def autoencoder_floor(folder: Path) -> list[str]:
     """A latent family's autoencoder and its reconstruction floor (autoencoder.json beside the sweep); [] without."""
-    if not (folder / LATENT_INFO).exists():
+    if not (folder / AUTOENCODER_INFO).exists():
         return []
-    a = json.loads((folder / LATENT_INFO).read_text())
+    a = json.loads((folder / AUTOENCODER_INFO).read_text())
     dims = lambda shape: "x".join(map(str, shape))  # noqa: E731
     return [f"Latent space: every sample is decoded by the autoencoder `{a['id']}` before scoring (column "
             f"`autoencoder`; `python -m fastdiff.autoencoder`, {a['parameters']:,} parameters, {dims(a['image_shape'])} "
