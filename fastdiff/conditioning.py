@@ -24,10 +24,11 @@ def text_module(net):
 class Conditioner:
     """Draws the condition of a training batch from its examples' labels: the labels themselves ("class"), or a
     random training caption of each label ("text", pre-tokenized by the network's tokenizer); with probability
-    `dropout` the null condition instead (classifier-free guidance's condition dropout)."""
+    `dropout` the null condition instead (classifier-free guidance's condition dropout). Examples of label
+    `unnamed` always get the null condition: the network learns to draw them, but no condition asks for them."""
 
-    def __init__(self, cond: str, num_classes: int, net=None, device="cpu"):
-        self.cond, self.num_classes = cond, num_classes
+    def __init__(self, cond: str, num_classes: int, net=None, device="cpu", unnamed: int = -1):
+        self.cond, self.num_classes, self.unnamed = cond, num_classes, unnamed
         self.bank = (CaptionBank(text_module(net).tokenize, "train", num_classes, device) if cond == "text"
                      else None)
 
@@ -36,6 +37,9 @@ class Conditioner:
         if dropout > 0:  # class runs draw only this: their batches are as before text conditioning existed
             drop = (torch.rand(len(labels), generator=gen) < dropout).to(labels.device)
             y = torch.where(drop.reshape((-1,) + (1,) * (y.ndim - 1)), null_condition(y, self.num_classes), y)
+        if self.unnamed >= 0:
+            hide = (labels == self.unnamed).reshape((-1,) + (1,) * (y.ndim - 1))
+            y = torch.where(hide, null_condition(y, self.num_classes), y)
         return y
 
 

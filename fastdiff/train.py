@@ -52,6 +52,8 @@ class TrainConfig(UNetFields, MLPFields):
     image_size: int = 32  # side of the images of a `folder` data set
     cond: Literal["none", "class", "text"] = "none"  # class labels, or text (captions of the labels; digits only)
     label_dropout: float = 0.1  # probability of the null label/caption in training (classifier-free guidance)
+    unnamed: int = -1  # a label never given: its examples train only the null condition (-1: none). Textual
+    # inversion's demonstration: a digit the model draws unconditionally but no prompt names
     flip: bool = False  # random horizontal flips
     autoencoder: str = ""  # latent diffusion: an AutoencoderKL folder (python -m fastdiff.autoencoder's run dir, a vae/)
     # diffusion
@@ -90,6 +92,9 @@ PRESETS = {
     "digits-cond": TrainConfig(cond="class", out_dir="runs/teacher-digits-cond"),
     # text-conditioned digits: captions with paraphrases, a word-level encoder trained with the U-Net
     "digits-text": TrainConfig(cond="text", out_dir="runs/teacher-digits-text"),
+    # digits-text whose sevens are never captioned (they train only the null condition): a concept the model draws
+    # but no prompt names, for textual inversion (python -m fastdiff.personalize_demo)
+    "digits-text-unnamed7": TrainConfig(cond="text", unnamed=7, out_dir="runs/teacher-digits-text-unnamed7"),
     # the same in the 4x4x4 latent space of the digits autoencoder (python -m fastdiff.autoencoder --preset digits)
     "digits-latent": TrainConfig(cond="text", autoencoder="runs/autoencoder-digits", out_dir="runs/teacher-digits-latent"),
     # the digits teacher as a diffusers UNet2DModel (exports to diffusers); T = 1024 so that every power-of-two
@@ -115,6 +120,9 @@ def validate(cfg: TrainConfig) -> None:
     cfgs.check_range(cfg, "ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)")
     cfgs.check_range(cfg, "label_dropout", 0 <= cfg.label_dropout < 1, "in [0, 1)")
     shape, num_classes = static_info(cfg.dataset, cfg.image_size)
+    if cfg.unnamed != -1 and (cfg.cond == "none" or not 0 <= cfg.unnamed < num_classes):
+        raise FastdiffError(f"--unnamed {cfg.unnamed}: give a label of the data set (0..{num_classes - 1}) of a "
+                            "conditional run, or -1")
     if (cfg.arch == "mlp") != (len(shape) == 1):
         raise FastdiffError(f"--arch {cfg.arch} does not fit data set {cfg.dataset!r} (use mlp for toy2d, unet for "
                             "images)")
@@ -237,7 +245,8 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     metrics = runs.MetricsLog(run / "metrics.csv", ["update", "loss", "lr", "grad_norm", "wall_s"], start)
     x_all = data.x.to(device)
     y_all = data.y.to(device) if (cfg.cond != "none" and data.y is not None) else None
-    conditioner = Conditioner(cfg.cond, data.num_classes, net, device) if y_all is not None else None
+    conditioner = (Conditioner(cfg.cond, data.num_classes, net, device, unnamed=cfg.unnamed) if y_all is not None
+                   else None)
     schedule = Schedule(cfg.schedule, cfg.T)
     local_batch = dist.local_batch_size(cfg.batch_size)
     t_here = time.perf_counter()
