@@ -14,8 +14,9 @@ Sweeps (sampler, step count) pairs over one model family and appends one long-fo
 - ``consistency``: the consistency-distilled student `<distill_dir>/students/cd.pt` (distill --method cd),
   multistep consistency sampling on grid cd{N} (fastdiff.grids.consistency_grid) at every step count <= N.
 
-Every row uses the same `n_samples` and the same initial noise per sample index (`sample_generators(seed, k)`),
-so sample k is the same whatever the batch size, and the curves differ only by the sampler. A re-run computes
+Every row uses the same `n_samples` and the same noise per sample index (fastdiff.noise: Philox keyed by (seed,
+k, draw, element); `--noise torch-cpu` for fastdiff <= 0.5's CPU generators), so sample k is the same whatever
+the batch size, and the curves differ only by the sampler. A re-run computes
 only the rows missing from the CSV (key: every column that defines a row, not the measured ones). For each
 row the first samples are kept in `samples/*.npz` (16 uint8 images or up to 500 float points) for the report.
 Under torchrun whole batches are sharded over the ranks (batch j on rank j mod K); rank 0 scores and writes.
@@ -66,7 +67,8 @@ from fastdiff.features import ExtractorName, extract_features, resolve_extractor
 from fastdiff.grids import Spacing, make_grid
 from fastdiff.io import atomic_path, write_text
 from fastdiff.metrics import Metric, Reference, class_accuracy, compute_metrics
-from fastdiff.results import CSV_NAME, COLUMNS, NOISE, ResultsCSV, git_commit, teacher_hashes, to_csv_value
+from fastdiff.noise import ROW_NAMES, NoiseRNG
+from fastdiff.results import CSV_NAME, COLUMNS, ResultsCSV, git_commit, teacher_hashes, to_csv_value
 from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
 from fastdiff.sweep import (Family, Network, PartialRow, Spec, accuracy_metric, generate, load_family,
@@ -119,6 +121,7 @@ class BenchConfig:
     n_samples: int = 1000  # samples per row, the same per-index noise in every row
     batch_size: int = 500  # samples per forward (per process under torchrun)
     seed: int = 0  # the per-index noise
+    noise: NoiseRNG = "philox"  # its generator: philox (counter-based, drawn on the device) or torch-cpu (<= 0.5's)
     # the metric
     extractor: ExtractorName = "auto"  # features of FID, KID and precision/recall
     metrics: tuple[Metric, ...] = ("fid", "prc")  # prc: precision and recall
@@ -283,7 +286,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
            device: torch.device, progress: bool) -> None:
     """Sample, score and write every row of `specs` missing from `results` (rank 0 scores and writes)."""
     provenance = {"dataset": family.dataset, "teacher_hash": family.teacher.hash, "clip": cfg.clip, "guidance": None,
-                  "noise": NOISE, "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
+                  "noise": ROW_NAMES[cfg.noise], "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
                   "extractor_accuracy": extractor.accuracy, "reference": family.reference.name,
                   "batch_size": cfg.batch_size, "device": device_name(device), "threads": torch.get_num_threads(),
                   "torch_version": torch.__version__,

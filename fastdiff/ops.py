@@ -1,7 +1,8 @@
 """Dispatch for the hot paths: one function per kernel, Triton on CUDA and plain torch elsewhere.
 
 `FASTDIFF_KERNELS` picks the path: `auto` (default; Triton for CUDA tensors when Triton imports and supports
-the dtype, torch otherwise), `torch`, or `triton` (on a CPU tensor this runs Triton's interpreter, which
+the dtype, torch otherwise; self-attention takes the implementation fastdiff.dispatch measured fastest for its
+shape on the device), `torch`, or `triton` (on a CPU tensor this runs Triton's interpreter, which
 needs TRITON_INTERPRET=1 set before Triton is first imported). Importing this module does not import Triton.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fastdiff import dispatch
 from fastdiff.errors import FastdiffError
 from fastdiff.param import PARAMS, append_dims, to_x0_eps
 
@@ -60,8 +62,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """(B, heads, N, d) q, (B, heads, M, d) k and v -> (B, heads, N, d) softmax(q k^T / sqrt(d)) v, in q's dtype.
 
     Self-attention (M = N, no mask): Triton flash attention (differentiable) or torch's
-    scaled_dot_product_attention. Cross-attention (M != N) or a (B, M) key-padding `mask` (True: attend) always
-    goes to SDPA: the Triton kernel has one sequence length and no mask (text sequences are short, L <= 77).
+    scaled_dot_product_attention (SDPA); in mode auto, whichever of Triton and SDPA's backends
+    `fastdiff.dispatch` measured fastest for the shape on this CUDA device. Cross-attention (M != N) or a (B, M)
+    key-padding `mask` (True: attend) always goes to SDPA: the Triton kernel has one sequence length and no mask
+    (text sequences are short, L <= 77).
     """
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention needs q (B, heads, N, d) and k, v (B, heads, M, d); got {tuple(q.shape)}, "
@@ -75,7 +79,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                              f"{tuple(mask.shape)}")
         attn_mask = None if mask is None else mask[:, None, None, :].to(q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    if _use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM):
+    use_triton = _use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM)
+    if os.environ.get("FASTDIFF_KERNELS", "auto") == "auto":
+        return dispatch.run(dispatch.choose(q, k, v, triton=use_triton), q, k, v)
+    if use_triton:
         from fastdiff.kernels.attention import attention as flash_attention
 
         return flash_attention(q, k, v)
@@ -85,17 +92,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
                  coef_x0: torch.Tensor, coef_xt: torch.Tensor, coef_noise: torch.Tensor, clip: bool = False,
                  noise: torch.Tensor | None = None, seed: int | None = None, sample_index: torch.Tensor | None = None,
-                 out_uncond: torch.Tensor | None = None, guidance: float | None = None,
+                 out_uncond: torch.Tensor | None = None, guidance: float | None = None, draw: int = 0,
                  validate: bool = True) -> torch.Tensor:
     """(B, ...) x_t and network output -> (B, ...) x_s = coef_x0 x0_hat + coef_xt x_t + coef_noise z, in x_t's dtype.
 
     x0_hat comes from `out` in the parameterization `param` (eps, x0 or v) at (alpha_t, sigma_t), after the
     guidance combine out = u + w (c - u) when `out_uncond` (u) and `guidance` (w) are given, clamped to
     [-1, 1] when `clip`. The five coefficients are per-sample (B,) tensors. z is `noise` when given; else,
-    with `seed` and `sample_index` ((B,) global sample indices), noise that depends only on
-    (seed, sample index, element), so sample k gets the same noise in any batch; else there is no noise term
-    (coef_noise must then be 0). The two paths draw that seeded noise from different generators (Philox
-    in the Triton kernel, one torch CPU generator per sample here), so their seeded outputs differ.
+    with `seed` (an int, or a (1,) int64 tensor on x_t's device) and `sample_index` ((B,) global sample indices),
+    the Philox noise of draw `draw` (fastdiff.noise): a function of (seed, sample index, draw, element) only, so
+    sample k gets the same noise in any batch; else there is no noise term (coef_noise must then be 0). The
+    Triton kernel draws it in registers, the torch path through fastdiff.noise.philox_normals: the same uint32
+    streams, normals within a few float32 ulp (the log/sin/cos of the two differ).
     Math runs in fp32, or fp64 for fp64 inputs on the torch path.
 
     `validate=False` skips the argument checks (ValueError otherwise): the samplers pass it, since they build the
@@ -106,15 +114,20 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
         _check_step(x_t, out, param, (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise), noise, seed, sample_index,
                     out_uncond, guidance)
     kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance, noise=noise)
+    if seed is not None:
+        kwargs.update(seed=seed, sample_index=sample_index, draw=draw)
     # the fused kernel has no backward: under autograd (noise optimisation through a sampler) the torch path runs
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_t, out, out_uncond))
     if not differentiable and _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
         from fastdiff.kernels.sampler_step import sampler_step as fused_step
 
-        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, seed=seed,
-                          sample_index=sample_index, **kwargs)
+        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
     if seed is not None:
-        kwargs["noise"] = _seeded_noise(x_t, seed, sample_index)
+        from fastdiff.noise import philox_normals
+
+        kwargs["noise"] = philox_normals(seed, sample_index.to(x_t.device), kwargs.pop("draw"), x_t[0].numel()
+                                         ).reshape(x_t.shape)
+        del kwargs["seed"], kwargs["sample_index"]
     return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
 
 
@@ -138,7 +151,10 @@ def _check_step(x_t, out, param, coefs, noise, seed, sample_index, out_uncond, g
     if noise is not None and seed is not None:
         raise ValueError("give either noise or seed, not both")
     if seed is not None:
-        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        if isinstance(seed, torch.Tensor):
+            if seed.shape != (1,) or seed.dtype != torch.int64:
+                raise ValueError(f"a tensor seed must be (1,) int64; got {seed.dtype} of shape {tuple(seed.shape)}")
+        elif not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63); got {seed!r}")
         if sample_index is None or sample_index.shape != (batch,) or sample_index.is_floating_point():
             raise ValueError(f"seeded noise needs sample_index, an integer tensor of shape ({batch},)")
@@ -147,18 +163,9 @@ def _check_step(x_t, out, param, coefs, noise, seed, sample_index, out_uncond, g
 
 
 def sample_generators(seed: int, indices) -> list[torch.Generator]:
-    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64.
-
-    The one seeding of per-sample noise: the samplers' initial and step noise and the torch path's seeded noise.
-    """
+    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64: the
+    per-sample noise of fastdiff <= 0.5 (fastdiff.noise's rng "torch-cpu", kept to reproduce its results)."""
     return [torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in indices]
-
-
-def _seeded_noise(x_t: torch.Tensor, seed: int, sample_index: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B, ...) standard normals; sample i's from a CPU generator seeded by (seed, sample_index[i])."""
-    dtype = torch.promote_types(x_t.dtype, torch.float32)
-    gens = sample_generators(seed, sample_index.tolist())
-    return torch.stack([torch.randn(x_t.shape[1:], generator=g, dtype=dtype) for g in gens]).to(x_t.device)
 
 
 def _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, *, param, clip, out_uncond,

@@ -41,9 +41,6 @@ OPTIONAL = COST_COLUMNS + CI_COLUMNS + LATENT_COLUMNS
 # is measured or provenance.
 KEY = ("dataset", "model_hash", "sampler", "grid", "grid_hash", "eta", "variance", "clip", "guidance", "noise",
        "steps", "n_samples", "seed", "metric", "extractor", "reference", "autoencoder")
-# How the initial and per-step noise is drawn: torch CPU generators seeded by (seed, sample index), so sample k
-# is the same whatever the batch size, rank or device.
-NOISE = "torch-cpu-per-sample"
 
 
 def git_commit() -> str:

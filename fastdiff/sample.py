@@ -19,6 +19,7 @@ import torch
 
 from fastdiff import runs
 from fastdiff.errors import FastdiffError, run_cli
+from fastdiff.noise import NoiseRNG
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SampleConfig:
     steps: int = 0  # sampling steps (0: a student's own grid, 4 consistency steps, 32 DDIM steps for a teacher)
     n: int = 16  # samples
     seed: int = 0  # per-index noise
+    noise: NoiseRNG = "philox"  # its generator: philox (fastdiff.noise) or torch-cpu (fastdiff <= 0.5's)
     out: str = "samples.png"  # the picture grid (PNG)
     device: str = "auto"  # auto, cpu or cuda[:N]
 
@@ -93,7 +95,7 @@ def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
     model, device = _load(cfg)
     spec, net, w = plan(cfg, model)
     shape = tuple(model.data_shape)
-    x, gens = initial_noise(range(cfg.n), shape, cfg.seed, device)
+    x, gens = initial_noise(range(cfg.n), shape, cfg.seed, device, rng=cfg.noise)
     with torch.no_grad():
         out = run_sampler(spec, net, x, model.schedule, model.param, model.clip, gens, w)
         images = model.codec.decode(out.x) if model.codec is not None else out.x

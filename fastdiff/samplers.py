@@ -9,8 +9,10 @@ tensor of continuous times in x's dtype and `out` in the parameterization `param
   sampler uses out_uncond + w (out_cond - out_uncond) (Ho & Salimans 2022; w = 0 unconditional, w = 1
   conditional). A guided forward counts as 1 NFE.
 - clip: x0_hat is clamped to [-1, 1] and eps_hat recomputed from the clamped x0_hat.
-- generator: None (torch's global RNG), one torch.Generator, or a list of B generators, row i drawing only from
-  generator[i] (see `sample_generators`), so sample k gets the same noise in any batch.
+- generator: a `fastdiff.noise.SampleNoise` (per-sample counter-based noise: row i's normals are a function of
+  (seed, sample index, draw, element), drawn on x's device, inside the fused step on CUDA; `initial_noise` makes
+  one), None (torch's global RNG), one torch.Generator, or a list of B generators, row i drawing only from
+  generator[i] (fastdiff <= 0.5's per-sample CPU generators, `sample_generators`).
 - Sample.trajectory (return_trajectory=True) holds the B-batch state at every grid point, ts[0] first.
 """
 from __future__ import annotations
@@ -24,12 +26,13 @@ import torch
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
 from fastdiff.guidance import combine
+from fastdiff.noise import NOISE_RNGS, SampleNoise
 from fastdiff.ops import sample_generators, sampler_step
 from fastdiff.param import consistency_fn, denoiser, eps_from_x0
 from fastdiff.schedules import Schedule
 
 __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc", "heun",
-           "consistency", "sample_generators", "randn_like_per_sample", "VARIANCES", "UNIPC_VARIANTS",
+           "consistency", "sample_generators", "randn_like_per_sample", "SampleNoise", "NOISE_RNGS", "VARIANCES", "UNIPC_VARIANTS",
            # the grids, re-exported so that one import serves a sampling call
            "GRIDS", "SPACINGS", "make_grid", "full_grid", "strided_grid", "student_grid", "logsnr_grid", "karras_grid"]
 
@@ -38,7 +41,7 @@ VARIANCES: tuple[str, ...] = get_args(Variance)
 UniPCVariant = Literal["bh1", "bh2"]  # UniPC's B(h): bh1 = h, bh2 = e^h - 1 (Zhao et al. 2023, at h -> -h for x0)
 UNIPC_VARIANTS: tuple[str, ...] = get_args(UniPCVariant)
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
+Generators = SampleNoise | torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -57,11 +60,12 @@ def randn_like_per_sample(shape, generators: Sequence[torch.Generator], dtype, d
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators]).to(device)
 
 
-def initial_noise(indices, shape: Sequence[int], seed: int, device, dtype=torch.float32):
-    """-> ((len(indices), *shape) x_T, the per-index generators): sample k's starting noise and the stream its
-    later step noise comes from, whatever the batch, rank or device (EDM's seed per sample)."""
-    generators = sample_generators(seed, indices)
-    return randn_like_per_sample((len(generators), *shape), generators, dtype, device), generators
+def initial_noise(indices, shape: Sequence[int], seed: int, device, dtype=torch.float32, rng: str = "philox"):
+    """-> ((len(indices), *shape) x_T, its SampleNoise): sample k's starting noise (draw 0) and the stream its later
+    step noise comes from, whatever the batch, rank or device (EDM's seed per sample). `rng`: one of NOISE_RNGS
+    ("torch-cpu": fastdiff <= 0.5's noise, to reproduce its results)."""
+    noise = SampleNoise(seed, indices, device, rng)
+    return noise.next(torch.empty((len(noise), *shape), dtype=dtype, device=device)), noise
 
 
 def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: Schedule, param: str, seed: int,
@@ -74,7 +78,9 @@ def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: S
 
 
 def randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """(B, ...) standard normals like x from the global RNG, one generator, or one generator per row."""
+    """(B, ...) standard normals like x from a SampleNoise, the global RNG, one generator, or one per row."""
+    if isinstance(generator, SampleNoise):
+        return generator.next(x)
     if generator is None:
         return torch.randn_like(x)
     if isinstance(generator, torch.Generator):
@@ -130,11 +136,21 @@ def affine_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generator
         out, out_uncond = _evaluate(model, x, t_in[i].expand(b), guidance)
         a, s, c_x0, c_xt, c_noise = table[i, :, None].expand(5, b).contiguous().unbind()
         x = sampler_step(x, out, param=param, alpha_t=a, sigma_t=s, coef_x0=c_x0, coef_xt=c_xt, coef_noise=c_noise,
-                         clip=clip, noise=randn(x, generator) if noisy[i] else None, out_uncond=out_uncond,
-                         guidance=guidance, validate=False)  # the table above is built here: trusted
+                         clip=clip, out_uncond=out_uncond, guidance=guidance, validate=False,  # table built here
+                         **_step_noise(x, generator, noisy[i]))
         if trajectory is not None:
             trajectory.append(x)
     return Sample(x, len(t_net), trajectory)
+
+
+def _step_noise(x: torch.Tensor, generator: Generators, noisy: bool) -> dict:
+    """sampler_step's noise arguments for one step: none; Philox counters (the fused step draws the normals itself);
+    or a tensor of normals."""
+    if not noisy:
+        return {}
+    if isinstance(generator, SampleNoise) and generator.rng == "philox":
+        return dict(seed=generator.seed_tensor, sample_index=generator.index, draw=generator.take())
+    return dict(noise=randn(x, generator))
 
 
 def _pairs(ts: torch.Tensor, schedule: Schedule):

@@ -1,8 +1,8 @@
 """Sampling the rows of a sweep: the model family (teacher, students, reference data), one sampler run (`Spec`) on
 per-index noise, whole batches sharded over the ranks, and the finished batches of a row kept on disk.
 
-Sample k starts from `sample_generators(seed, [k])`'s noise and draws its per-step noise from the same generator, so
-it is the same whatever the batch size or the rank that draws it; under torchrun batch j goes to rank j mod K and the
+Sample k's initial and per-step noise is a function of (seed, k, draw, element) (fastdiff.noise, the sweep's
+`--noise` generator), so it is the same whatever the batch size or the rank that draws it; under torchrun batch j goes to rank j mod K and the
 gathered set is bit-identical to a single-process run.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ class PartialRow:
 def sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -> dict:
     """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
     idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
-    x, gens = initial_noise(idx, shape, cfg.seed, device)
+    x, gens = initial_noise(idx, shape, cfg.seed, device, rng=cfg.noise)
     _sync(device)
     t0 = time.perf_counter()
     net, guidance = _conditioned(network, spec, idx, device)
@@ -164,8 +164,8 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
     sampler draws; a latent network's samples come back decoded (its image shape). `cfg` is the sweep's BenchConfig
     (n_samples, batch_size, seed, clip).
 
-    Sample k starts from `sample_generators(cfg.seed, [k])`'s noise, and its per-step noise comes from the same
-    generator, so it does not depend on the batch size or the rank that draws it. With `partial`, finished
+    Sample k's initial and per-step noise is keyed by (cfg.seed, k) (fastdiff.noise, generator `cfg.noise`), so it
+    does not depend on the batch size or the rank that draws it. With `partial`, finished
     batches are kept on disk as they come and a stop request (see fastdiff.runs) ends the row after the current
     batch (Preempted); the batches already there are not sampled again.
     """

@@ -12,7 +12,8 @@ and the noise when it is given) and writes x_s; everything else happens in regis
 
 The coefficients are per-sample scalars, so DDPM ancestral, DDIM(eta) and the distilled students' updates
 are all this one kernel. z is a given tensor or Philox noise made in the kernel from
-(seed, sample index, element index), which is the same whatever the launch grid and BLOCK are.
+(seed, sample index, draw, element index), which is the same whatever the launch grid and BLOCK are, and which
+fastdiff.noise.philox_normals computes in plain torch (its twin: the same uint32 streams, normals within a few ulp).
 """
 import torch
 import triton
@@ -23,28 +24,30 @@ NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
 
 
 @triton.jit
-def _philox_normal_quads(seed, quad, sample_index):
+def _philox_normal_quads(seed, quad, sample_index, draw):
     """(Q,) element-quad indices -> (Q, 4) standard normals for elements 4 quad .. 4 quad + 3.
 
-    Counter = (quad, sample_index lo, sample_index hi, 0), key = seed: one Philox4x32-10 call gives four
+    Counter = (quad, sample_index lo, sample_index hi, draw), key = seed: one Philox4x32-10 call gives four
     uint32, and two Box-Muller transforms turn them into four normals, so no random bits are wasted.
     """
     c0 = quad.to(tl.uint32)
     zero = c0 * 0
     c1 = zero + (sample_index & 0xFFFFFFFF).to(tl.uint32)
     c2 = zero + (sample_index >> 32).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    c3 = zero + draw.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
     j = tl.arange(0, 4)[None, :]
     return tl.where(j == 0, n0[:, None], tl.where(j == 1, n1[:, None], tl.where(j == 2, n2[:, None], n3[:, None])))
 
 
-@triton.jit(do_not_specialize=["guidance", "seed"])
+@triton.jit(do_not_specialize=["guidance", "draw"])
 def _sampler_step_kernel(
     x_ptr, out_ptr, uncond_ptr, noise_ptr, y_ptr,  # (B, n) row-major
     alpha_ptr, sigma_ptr, c_x0_ptr, c_xt_ptr, c_noise_ptr, index_ptr,  # (B,)
-    n, guidance, seed,
+    seed_ptr,  # (1,) int64: read on the device, so a CUDA graph replays with whatever seed its buffer holds
+    n, guidance, draw,
     PARAM: tl.constexpr, CLIP: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr,
     BLOCK: tl.constexpr, WIDTH: tl.constexpr,
 ):
@@ -85,16 +88,18 @@ def _sampler_step_kernel(
         tl.static_assert(WIDTH == 4, "Philox noise needs 4-wide tile rows")
         c_noise = tl.load(c_noise_ptr + row)
         if c_noise != 0.0:
-            y += c_noise * _philox_normal_quads(seed, tile_row, tl.load(index_ptr + row))
+            y += c_noise * _philox_normal_quads(tl.load(seed_ptr), tile_row, tl.load(index_ptr + row), draw)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=False, out_uncond=None,
-                 guidance=None, noise=None, seed=None, sample_index=None, block=4096, num_warps=8):
+                 guidance=None, noise=None, seed=None, sample_index=None, draw=0, block=4096, num_warps=8):
     """(B, ...) x_t and network output, (B,) coefficients -> (B, ...) x_s in x_t's dtype.
 
-    `noise` given: z = noise. Else `seed` (int) and `sample_index` ((B,) int64) given: z is Philox noise.
-    Else no noise term. `block` must be a power of two >= 8; it changes the grid, never the result.
+    `noise` given: z = noise. Else `seed` (int, or a (1,) int64 tensor on x_t's device) and `sample_index` ((B,)
+    int64) given: z is Philox noise of draw `draw`. Else no noise term. `block` must be a power of two >= 8; it
+    changes the grid, never the result. Tensors already contiguous, fp32 and on x_t's device (the samplers'
+    coefficient table, fastdiff.noise.SampleNoise's buffers) are used as they are: no copy, no allocation.
     """
     x_t, out = x_t.contiguous(), out.contiguous()
     y = torch.empty_like(x_t)
@@ -109,14 +114,16 @@ def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=Fal
         mode, noise = NOISE_GIVEN, noise.contiguous()
     elif seed is not None:
         mode, sample_index = NOISE_PHILOX, sample_index.to(device=x_t.device, dtype=torch.int64).contiguous()
+        if not isinstance(seed, torch.Tensor):
+            seed = torch.tensor([int(seed)], dtype=torch.int64, device=x_t.device)
     else:
         mode = NOISE_NONE
     cfg = out_uncond is not None
     # unused pointers get x_t: the constexpr flags compile their loads away
     _sampler_step_kernel[(batch, triton.cdiv(n, block))](
         x_t, out, out_uncond.contiguous() if cfg else x_t, noise if noise is not None else x_t, y,
-        *coef, sample_index if mode == NOISE_PHILOX else coef[0],
-        n, float(guidance) if cfg else 1.0, int(seed) if mode == NOISE_PHILOX else 0,
+        *coef, sample_index if mode == NOISE_PHILOX else coef[0], seed if mode == NOISE_PHILOX else coef[0],
+        n, float(guidance) if cfg else 1.0, int(draw),
         PARAM=PARAMS.index(param), CLIP=bool(clip), CFG=cfg, NOISE=mode, BLOCK=block,
         WIDTH=4 if mode == NOISE_PHILOX else 8, num_warps=num_warps,
     )
@@ -138,3 +145,33 @@ def sampler_step_reference(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param
     if noise is not None:
         y = y + c_noise * noise.float()
     return y.to(x_t.dtype)
+
+
+@triton.jit
+def _philox_bits_kernel(out_ptr, seed_ptr, index_ptr, draw, quads):
+    # program b writes the (quads, 4) uint32 words of sample b's draw: the counters _philox_normal_quads uses
+    row = tl.program_id(0)
+    q = tl.arange(0, 1024)
+    for start in range(0, quads, 1024):
+        quad = start + q
+        c0 = quad.to(tl.uint32)
+        zero = c0 * 0
+        index = tl.load(index_ptr + row)
+        r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), c0, zero + (index & 0xFFFFFFFF).to(tl.uint32),
+                                   zero + (index >> 32).to(tl.uint32), zero + draw.to(tl.uint32))
+        base = out_ptr + row.to(tl.int64) * quads * 4 + quad * 4
+        mask = quad < quads
+        tl.store(base, r0.to(tl.int64), mask=mask)
+        tl.store(base + 1, r1.to(tl.int64), mask=mask)
+        tl.store(base + 2, r2.to(tl.int64), mask=mask)
+        tl.store(base + 3, r3.to(tl.int64), mask=mask)
+
+
+def philox_bits(seed: int, sample_index: torch.Tensor, draw: int, n: int) -> torch.Tensor:
+    """(B,) int64 sample indices -> (B, 4 ceil(n / 4)) int64 holding the uint32 Philox words the fused step's noise
+    of draw `draw` is made of (element e: word e): what fastdiff.noise.philox4x32 must reproduce bit for bit."""
+    quads = (n + 3) // 4
+    out = torch.empty((len(sample_index), 4 * quads), dtype=torch.int64, device=sample_index.device)
+    seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=sample_index.device)
+    _philox_bits_kernel[(len(sample_index),)](out, seed_t, sample_index.to(torch.int64).contiguous(), int(draw), quads)
+    return out

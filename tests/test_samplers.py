@@ -11,6 +11,7 @@ from fastdiff.analytic import GaussianDenoiser, exact_ddim_step, exact_ode_solut
 from fastdiff.editing import ddim_invert, img2img, inpaint
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
+from fastdiff.noise import SampleNoise
 from fastdiff.samplers import (ddim, ddpm, distilled, dpm_solver_pp_2m, dpm_solver_pp_3m, heun, randn_like_per_sample,
                                sample_generators, unipc)
 from fastdiff.schedules import Schedule
@@ -303,8 +304,13 @@ def test_noise_helpers_match_the_seeded_step_noise():
     x = torch.zeros(6, 3, 2, dtype=F64)
     ones, zeros = torch.ones(6, dtype=F64), torch.zeros(6, dtype=F64)
     z = ops.sampler_step(x, x, param="x0", alpha_t=ones, sigma_t=ones, coef_x0=zeros, coef_xt=zeros, coef_noise=ones,
-                         seed=11, sample_index=torch.arange(10, 16))
-    assert torch.equal(z, randn_like_per_sample(x.shape, sample_generators(11, range(10, 16)), F64, "cpu"))
+                         seed=11, sample_index=torch.arange(10, 16), draw=3)
+    noise = SampleNoise(11, range(10, 16), "cpu")
+    noise.draw = 3
+    assert torch.equal(z, noise.next(x))
+    assert not torch.equal(z, noise.next(x))  # draw 4
+    legacy = SampleNoise(11, range(10, 16), "cpu", rng="torch-cpu")
+    assert torch.equal(legacy.next(x), randn_like_per_sample(x.shape, sample_generators(11, range(10, 16)), F64, "cpu"))
     with pytest.raises(FastdiffError):
         randn_like_per_sample((3, 2), sample_generators(0, range(2)), F64, "cpu")
 
