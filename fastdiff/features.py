@@ -17,7 +17,6 @@ float. Our extractors return float64 so that torch-fidelity's statistics carry n
 from __future__ import annotations
 
 import logging
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from fastdiff.data import from_uint8, get_data, to_uint8
 from fastdiff.errors import FastdiffError
-from fastdiff.io import atomic_path, sha256_file, write_text
+from fastdiff.io import atomic_path, cache_dir, sha256_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,6 @@ EXTRACTORS: tuple[str, ...] = get_args(ExtractorName)
 IDENTITY, CLASSIFIER, INCEPTION = "fastdiff-identity", "fastdiff-classifier", "inception-v3-compat"
 INCEPTION_URL = torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3
 CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR, CLASSIFIER_WIDTH = 20, 128, 5e-3, 32
-
-
-def cache_dir() -> Path:
-    """Where fastdiff caches classifier weights and reference statistics: $FASTDIFF_CACHE or ~/.cache/fastdiff."""
-    return Path(os.environ.get("FASTDIFF_CACHE") or Path.home() / ".cache" / "fastdiff")
 
 
 def slug(text: str) -> str:

@@ -127,3 +127,9 @@ def staged_folder(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_dir() -> Path:
+    """Where fastdiff caches what it measures or trains once per machine (classifier weights, reference statistics,
+    the attention dispatch table): $FASTDIFF_CACHE or ~/.cache/fastdiff."""
+    return Path(os.environ.get("FASTDIFF_CACHE") or Path.home() / ".cache" / "fastdiff")

@@ -23,7 +23,8 @@ import torch
 import torch_fidelity
 
 from fastdiff.errors import FastdiffError
-from fastdiff.features import Extractor, cache_dir, resolve_extractor, slug, to_extractor_input
+from fastdiff.features import Extractor, resolve_extractor, slug, to_extractor_input
+from fastdiff.io import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ Triton's `tl.philox`, `uint_to_uniform_float` and `pair_uniform_to_normal`. `phi
 Draw 0 is the initial noise x_T; a sampler's stochastic steps take draws 1, 2, ... in order (`SampleNoise`).
 
 `rng="torch-cpu"` reproduces fastdiff <= 0.5's noise: one torch CPU generator per sample seeded with
-(seed * 0x9E3779B97F4A7C15 + index) mod 2^64 (`fastdiff.ops.sample_generators`), its normals drawn in sequence
+(seed * 0x9E3779B97F4A7C15 + index) mod 2^64 (`sample_generators`), its normals drawn in sequence
 and copied to the device — per-sample and batch-independent too, but drawn on the host (on a GPU, DDPM spent ~30 %
 of its time there) and never inside a CUDA graph. Results rows name the generator in their `noise` column.
 """
@@ -33,6 +33,7 @@ NOISE_RNGS: tuple[str, ...] = get_args(NoiseRNG)
 # the `noise` column of a results row, per generator (fastdiff.results.KEY holds it)
 ROW_NAMES = {"philox": "philox4x32-10-per-sample", "torch-cpu": "torch-cpu-per-sample"}
 
+_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, index) over the 64-bit seed space
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Philox4x32's Weyl key increments
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # and its round multipliers (Triton's, Random123's)
@@ -93,6 +94,12 @@ def philox_normals(seed: int | torch.Tensor, sample_index: torch.Tensor, draw: i
     return torch.stack([n0, n1, n2, n3], -1).reshape(len(idx), -1)[:, :n]
 
 
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64: the
+    per-sample noise of fastdiff <= 0.5 (rng "torch-cpu", kept to reproduce its results)."""
+    return [torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in indices]
+
+
 class SampleNoise:
     """The noise of a batch of samples with global indices `indices`: `next(x)` -> (B, ...) standard normals like
     x (in x's dtype, on x's device) for the next draw (draw 0 first: the initial noise).
@@ -112,8 +119,6 @@ class SampleNoise:
         self.index = torch.as_tensor(indices, dtype=torch.int64, device=device)
         self.seed_tensor = torch.tensor([seed], dtype=torch.int64, device=device)
         if rng == "torch-cpu":
-            from fastdiff.ops import sample_generators
-
             self.generators = sample_generators(seed, indices)
 
     def __len__(self) -> int:

@@ -21,7 +21,6 @@ from fastdiff.param import PARAMS, append_dims, to_x0_eps
 KERNEL_MODES = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
-_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, index) over the 64-bit seed space
 
 
 @functools.cache
@@ -160,12 +159,6 @@ def _check_step(x_t, out, param, coefs, noise, seed, sample_index, out_uncond, g
             raise ValueError(f"seeded noise needs sample_index, an integer tensor of shape ({batch},)")
     elif noise is None and bool((coefs["coef_noise"] != 0).any()):
         raise ValueError("coef_noise is nonzero but there is no noise: pass noise, or seed and sample_index")
-
-
-def sample_generators(seed: int, indices) -> list[torch.Generator]:
-    """One CPU generator per global sample index, seeded with (seed * 0x9E3779B97F4A7C15 + index) mod 2^64: the
-    per-sample noise of fastdiff <= 0.5 (fastdiff.noise's rng "torch-cpu", kept to reproduce its results)."""
-    return [torch.Generator().manual_seed((seed * _SEED_MIX + int(i)) % 2**64) for i in indices]
 
 
 def _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, *, param, clip, out_uncond,

@@ -26,13 +26,14 @@ import torch
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
 from fastdiff.guidance import combine
-from fastdiff.noise import NOISE_RNGS, SampleNoise
-from fastdiff.ops import sample_generators, sampler_step
+from fastdiff.noise import NOISE_RNGS, SampleNoise, sample_generators
+from fastdiff.ops import sampler_step
 from fastdiff.param import consistency_fn, denoiser, eps_from_x0
 from fastdiff.schedules import Schedule
 
 __all__ = ["Sample", "ddpm", "ddim", "distilled", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc", "heun",
-           "consistency", "sample_generators", "randn_like_per_sample", "SampleNoise", "NOISE_RNGS", "VARIANCES", "UNIPC_VARIANTS",
+           "consistency", "sample_generators", "randn_like_per_sample", "SampleNoise", "NOISE_RNGS", "VARIANCES",
+           "UNIPC_VARIANTS",
            # the grids, re-exported so that one import serves a sampling call
            "GRIDS", "SPACINGS", "make_grid", "full_grid", "strided_grid", "student_grid", "logsnr_grid", "karras_grid"]
 
