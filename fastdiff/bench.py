@@ -64,6 +64,7 @@ from fastdiff.guidance import to_fastdiff_w
 from fastdiff.text import eval_prompts_csv
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
+from fastdiff.graphs import CudaGraphs, use_graphs
 from fastdiff.grids import Spacing, make_grid
 from fastdiff.io import atomic_path, write_text
 from fastdiff.metrics import Metric, Reference, class_accuracy, compute_metrics
@@ -122,6 +123,7 @@ class BenchConfig:
     batch_size: int = 500  # samples per forward (per process under torchrun)
     seed: int = 0  # the per-index noise
     noise: NoiseRNG = "philox"  # its generator: philox (counter-based, drawn on the device) or torch-cpu (<= 0.5's)
+    cuda_graphs: CudaGraphs = "auto"  # time DDPM/DDIM/student rows as one CUDA graph per batch shape (auto: on CUDA)
     # the metric
     extractor: ExtractorName = "auto"  # features of FID, KID and precision/recall
     metrics: tuple[Metric, ...] = ("fid", "prc")  # prc: precision and recall
@@ -246,6 +248,9 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     folder is locked while the sweep runs, and a stop request ends it after the current batch (Preempted)."""
     validate(cfg)
     device = runs.resolve_device(cfg.device)
+    use_graphs(cfg.cuda_graphs, device, "ddim")  # --cuda-graphs on without CUDA: an error before anything runs
+    if cfg.cuda_graphs == "on" and cfg.noise != "philox":
+        raise FastdiffError("--cuda-graphs on needs --noise philox: CPU generators draw on the host")
     family = family or load_family(cfg, device)
     extractor = dist.on_main(resolve_extractor, cfg.extractor, family.dataset, family.scored_shape,  # trained once
                           inception_weights=cfg.inception_weights, data_root=cfg.data_root)
@@ -312,7 +317,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
     if want_ci and anchor in todo:  # scored first: every later row's difference and ratio are taken to it
         todo.insert(0, todo.pop(todo.index(anchor)))
     elif want_ci:  # scored in an earlier run: the same per-index noise gives its samples again
-        x, _, _ = generate(anchor, _network(family, anchor), family.data_shape, cfg, device)
+        x, *_ = generate(anchor, _network(family, anchor), family.data_shape, cfg, device)
         if ci is not None:
             ci.set_anchor(anchor.label, extract_features(x, extractor, device).numpy())
     warmed: set[str] = set()
@@ -327,7 +332,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
             warmed.add(network.hash)
         keys = _rows(spec, network, cfg, provenance, {})
         partial = PartialRow(out / PARTIAL_DIR / _partial_name(spec, keys[0], cfg))
-        x, nfe, times = generate(spec, network, family.data_shape, cfg, device, partial)
+        x, nfe, times, graphed = generate(spec, network, family.data_shape, cfg, device, partial)
         if not dist.is_main():
             continue
         features = extract_features(x, extractor, device).numpy() if ci is not None or ref is not None else None
@@ -338,6 +343,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
             values[accuracy] = class_accuracy(x, requested_classes(range(cfg.n_samples), network.num_classes, "cpu"),
                                               family.dataset)
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
+                    "cuda_graph": graphed,
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         interval = {}
         if ci is not None:

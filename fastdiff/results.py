@@ -23,19 +23,22 @@ COLUMNS = ["dataset", "model_hash", "teacher_hash", "sampler", "grid", "grid_has
            "threads", "torch_version", "torch_fidelity_version", "fastdiff_version", "fastdiff_commit",
            "samples_file", "timestamp", "train_updates", "train_teacher_evals", "train_student_passes",
            "train_wall_clock_s", "train_device", "ci_low", "ci_high", "diff_low", "diff_high", "ratio_low",
-           "ratio_high", "ci_reference", "ci_method", "ci_resamples", "autoencoder"]
+           "ratio_high", "ci_reference", "ci_method", "ci_resamples", "autoencoder", "cuda_graph"]
 # What a student row's model cost to make, cumulative from its teacher (the student checkpoint's `cost`; empty for
 # the teacher's rows): optimiser updates, teacher network evaluations and student forward+backward passes (per
 # example), wall-clock and device. Added in fastdiff 0.3: a CSV without them is read with them empty.
-COST_COLUMNS = COLUMNS[-15:-10]
+COST_COLUMNS = COLUMNS[-16:-11]
 # The sampling uncertainty of an FID row (fastdiff.uncertainty, a paired bootstrap over sample indices): the basic
 # 95 % interval of the FID, of its difference to the sweep's anchor row `ci_reference` and of its ratio to it, the
 # method and the number of resamples. Added in fastdiff 0.4: empty in older CSVs and in other metrics' rows.
-CI_COLUMNS = COLUMNS[-10:-1]
+CI_COLUMNS = COLUMNS[-11:-2]
 # The autoencoder a latent model's samples were decoded by before scoring (its id, fastdiff.latent.Codec.hash; empty
 # for pixel-space models). Added in fastdiff 0.5: empty in older CSVs.
-LATENT_COLUMNS = COLUMNS[-1:]
-OPTIONAL = COST_COLUMNS + CI_COLUMNS + LATENT_COLUMNS
+LATENT_COLUMNS = COLUMNS[-2:-1]
+# Whether the row's wall-clock was measured with its sampler loop replayed as a CUDA graph (fastdiff.graphs). Added
+# in fastdiff 0.6: empty in older CSVs.
+RUNTIME_COLUMNS = COLUMNS[-1:]
+OPTIONAL = COST_COLUMNS + CI_COLUMNS + LATENT_COLUMNS + RUNTIME_COLUMNS
 # What defines a row (a re-run skips rows whose key is present): every option that changes the samples or their
 # score; `grid_hash` (sha256 of the float64 time grid) makes a changed grid definition a new row. Everything else
 # is measured or provenance.
@@ -76,8 +79,9 @@ class ResultsCSV:
         if path.exists():
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
-                earlier = [len(COLUMNS) - len(group) for group in (LATENT_COLUMNS, CI_COLUMNS + LATENT_COLUMNS,
-                                                                   OPTIONAL)]
+                earlier = [len(COLUMNS) - len(group) for group in (
+                    RUNTIME_COLUMNS, LATENT_COLUMNS + RUNTIME_COLUMNS, CI_COLUMNS + LATENT_COLUMNS + RUNTIME_COLUMNS,
+                    OPTIONAL)]
                 names = reader.fieldnames or []
                 if names != COLUMNS[:len(names)] or len(names) not in (len(COLUMNS), *earlier):
                     raise FastdiffError(f"{path} has other columns than this fastdiff version writes (an earlier "

@@ -127,11 +127,7 @@ def affine_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generator
     """
     b = x.shape[0]
     noisy = (coefs[:, 2] != 0).tolist()
-    t_in = t_net.to(device=x.device, dtype=x.dtype)
-    # (steps, 5) table in the step's compute dtype on x's device: each step expands one row into contiguous (5, B)
-    # per-sample coefficients with a single copy, which fastdiff.ops then uses without casting or copying again
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    table = torch.cat([alpha[:, None], sigma[:, None], coefs], 1).to(x.device, dtype)
+    t_in, table = _device_tables(t_net, alpha, sigma, coefs, x)
     trajectory = [x] if return_trajectory else None
     for i in range(len(t_net)):
         out, out_uncond = _evaluate(model, x, t_in[i].expand(b), guidance)
@@ -142,6 +138,25 @@ def affine_steps(model, x, t_net, alpha, sigma, coefs, *, param, clip, generator
         if trajectory is not None:
             trajectory.append(x)
     return Sample(x, len(t_net), trajectory)
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # affine_steps' device tables, by grid and dtype
+
+
+def _device_tables(t_net, alpha, sigma, coefs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ((steps,) network times in x's dtype, (steps, 5) (alpha, sigma, coef_x0, coef_xt, coef_noise) in the step's
+    compute dtype), on x's device. Each step expands one row into contiguous (5, B) per-sample coefficients with a
+    single copy, which fastdiff.ops uses without casting or copying again. Kept per (grid, device, dtype): a
+    sampler called again on the same grid copies nothing from the host, so its loop can be captured in a CUDA
+    graph (fastdiff.graphs)."""
+    host = torch.cat([t_net[:, None], alpha[:, None], sigma[:, None], coefs], 1).to("cpu", torch.float64)
+    key = (host.numpy().tobytes(), len(host), str(x.device), x.dtype)
+    if key not in _TABLES:
+        if len(_TABLES) >= 256:
+            _TABLES.pop(next(iter(_TABLES)))
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        _TABLES[key] = (host[:, 0].to(x.device, x.dtype), host[:, 1:].to(x.device, dtype))
+    return _TABLES[key]
 
 
 def _step_noise(x: torch.Tensor, generator: Generators, noisy: bool) -> dict:

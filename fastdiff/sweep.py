@@ -22,7 +22,9 @@ from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.samplers import (Sample, consistency, ddim, ddpm, dpm_solver_pp_2m, dpm_solver_pp_3m, heun,
                                initial_noise, unipc)
+from fastdiff.conditioning import eval_condition
 from fastdiff.errors import FastdiffError
+from fastdiff.graphs import GraphedLoop, use_graphs
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
 from fastdiff.data import data_seed
@@ -143,26 +145,52 @@ class PartialRow:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int) -> dict:
-    """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise."""
+def sample_batch(spec: Spec, network: Network, shape, cfg, device, start: int, graphs: dict | None = None) -> dict:
+    """One batch of the row: samples start .. start + batch_size - 1 from their per-index noise. With `graphs` (a
+    dict kept for the row) and `cfg.cuda_graphs` allowing it on this device, the sampler loop runs as a CUDA graph
+    captured at the row's first batch of this size (fastdiff.graphs; the capture is not timed); a loop that cannot
+    be captured runs eagerly (logged once). The batch's `cuda_graph` says which ran."""
     idx = range(start, min(start + cfg.batch_size, cfg.n_samples))
-    x, gens = initial_noise(idx, shape, cfg.seed, device, rng=cfg.noise)
+    x, noise = initial_noise(idx, shape, cfg.seed, device, rng=cfg.noise)
+    y = None if spec.guidance is None else eval_condition(network.cond, network.net, idx, network.num_classes, device)
+    body = _body(spec, network, cfg)
+    loop = None
+    if graphs is not None and use_graphs(getattr(cfg, "cuda_graphs", "off"), device, spec.sampler):
+        if len(idx) not in graphs:
+            try:
+                graphs[len(idx)] = GraphedLoop(body, x, noise, y)
+            except FastdiffError as err:
+                if cfg.cuda_graphs == "on":
+                    raise
+                log.warning("%s runs eagerly: %s", spec.label, err)
+                graphs[len(idx)] = None
+        loop = graphs[len(idx)]
     _sync(device)
     t0 = time.perf_counter()
-    net, guidance = _conditioned(network, spec, idx, device)
     with torch.no_grad():
-        sample = run_sampler(spec, net, x, network.schedule, network.param, network.clip(cfg.clip), gens,
-                             guidance)
-        out = network.codec.decode(sample.x) if network.codec is not None else sample.x  # timed: part of sampling
+        if loop is not None:
+            x0, nfe = loop(x, noise, y), loop.nfe
+        else:
+            sample = body(x, noise, y)
+            x0, nfe = sample.x, sample.nfe
+        out = network.codec.decode(x0) if network.codec is not None else x0  # timed: part of sampling
     _sync(device)
-    return {"x": out.float().cpu(), "seconds": time.perf_counter() - t0, "nfe": sample.nfe}
+    return {"x": out.float().cpu(), "seconds": time.perf_counter() - t0, "nfe": nfe, "cuda_graph": loop is not None}
+
+
+def _body(spec: Spec, network: Network, cfg) -> Callable:
+    """`body(x_T, noise, y) -> Sample`: the row's sampler on `network` (under condition y and the row's guidance)."""
+    def body(x, noise, y):
+        net, guidance = (network.net, None) if y is None else conditioned(network, y, spec.guidance)
+        return run_sampler(spec, net, x, network.schedule, network.param, network.clip(cfg.clip), noise, guidance)
+    return body
 
 
 def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: torch.device,
              partial: PartialRow | None = None):
-    """-> ((n_samples, ...) samples on CPU, nfe, per-batch seconds); (None, nfe, times) off rank 0. `shape` is what the
-    sampler draws; a latent network's samples come back decoded (its image shape). `cfg` is the sweep's BenchConfig
-    (n_samples, batch_size, seed, clip).
+    """-> ((n_samples, ...) samples on CPU, nfe, per-batch seconds, whether every batch ran as a CUDA graph); (None,
+    nfe, [], False) off rank 0. `shape` is what the sampler draws; a latent network's samples come back decoded (its
+    image shape). `cfg` is the sweep's BenchConfig (n_samples, batch_size, seed, noise, clip, cuda_graphs).
 
     Sample k's initial and per-step noise is keyed by (cfg.seed, k) (fastdiff.noise, generator `cfg.noise`), so it
     does not depend on the batch size or the rank that draws it. With `partial`, finished
@@ -177,10 +205,11 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
     have = set(dist.on_main(lambda: sorted(done)) or ())
     todo = [s for s in starts if s not in have]
     world = dist.world_size()
+    graphs: dict = {}  # the row's captured loops, one per batch size (fastdiff.graphs), freed with the row
     for k in range(0, len(todo), world):
         group = todo[k:k + world]
         mine = group[dist.rank()] if dist.rank() < len(group) else None
-        batch = None if mine is None else (mine, sample_batch(spec, network, shape, cfg, device, mine))
+        batch = None if mine is None else (mine, sample_batch(spec, network, shape, cfg, device, mine, graphs))
         for part in dist.gather_objects(batch):
             if part is not None and dist.is_main():
                 done[part[0]] = part[1]
@@ -191,22 +220,11 @@ def generate(spec: Spec, network: Network, shape: tuple[int, ...], cfg, device: 
                                                          f"batches kept in {partial.folder}")
     nfe = max((b["nfe"] for b in done.values()), default=0) if dist.is_main() else 0
     if not dist.is_main():
-        return None, nfe, []
+        return None, nfe, [], False
     x = torch.empty(cfg.n_samples, *next(iter(done.values()))["x"].shape[1:])
     for start, b in done.items():
         x[start:start + len(b["x"])] = b["x"]
-    return x, nfe, [done[s]["seconds"] for s in starts]
-
-
-def _conditioned(network: Network, spec: Spec, idx, device):
-    """-> (sampler model, sampler guidance): the plain net, the CFG pair of a teacher, or a w-conditioned student;
-    sample k asks for class k % num_classes, or (text) the held-out paraphrase fastdiff.text.eval_prompt(k)."""
-    if spec.guidance is None:
-        return network.net, None
-    from fastdiff.conditioning import eval_condition
-
-    return conditioned(network, eval_condition(network.cond, network.net, idx, network.num_classes, device),
-                       spec.guidance)
+    return x, nfe, [done[s]["seconds"] for s in starts], all(b.get("cuda_graph", False) for b in done.values())
 
 
 def conditioned(network: Network, y: torch.Tensor, w: float):

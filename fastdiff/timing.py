@@ -30,7 +30,7 @@ from fastdiff.sweep import Network, Spec, sample_batch, warm_up
 TIMING_NAME = "timing.csv"
 FIELDS = ["model_hash", "sampler", "grid", "steps", "guidance", "nfe", "batch", "repeats", "median_s", "min_s",
           "max_s", "ms_per_sample", "threads", "cpu_model", "load_before", "load_after", "device", "torch_version",
-          "fastdiff_commit", "timestamp"]
+          "fastdiff_commit", "timestamp", "cuda_graph"]
 
 
 def cpu_model() -> str:
@@ -52,14 +52,16 @@ def timing_pass(specs: Sequence[Spec], network_of: Callable[[Spec], Network], sh
     for net in {id(network_of(s)): network_of(s) for s in specs}.values():
         warm_up(net, shape, batch, device)
     seconds: list[list[float]] = [[] for _ in specs]
+    graphs: list[dict] = [{} for _ in specs]  # each row's captured loop (fastdiff.graphs), reused over the repeats
     nfe = [0] * len(specs)
+    graphed = [False] * len(specs)
     load_before = os.getloadavg()[0]
     with tqdm(total=cfg.timing_repeats * len(specs), desc="timing pass", unit="batch", disable=not progress) as bar:
         for _ in range(cfg.timing_repeats):
             for i, spec in enumerate(specs):  # round-robin: a slow minute of the machine hits every row alike
-                r = sample_batch(spec, network_of(spec), shape, tcfg, device, 0)
+                r = sample_batch(spec, network_of(spec), shape, tcfg, device, 0, graphs[i])
                 seconds[i].append(r["seconds"])
-                nfe[i] = r["nfe"]
+                nfe[i], graphed[i] = r["nfe"], r["cuda_graph"]
                 bar.update()
     common = {"batch": batch, "repeats": cfg.timing_repeats, "threads": torch.get_num_threads(),
               "cpu_model": cpu_model(), "load_before": f"{load_before:.2f}", "load_after": f"{os.getloadavg()[0]:.2f}",
@@ -68,11 +70,11 @@ def timing_pass(specs: Sequence[Spec], network_of: Callable[[Spec], Network], sh
     buf = io.StringIO()
     writer = csv.DictWriter(buf, FIELDS)
     writer.writeheader()
-    for spec, times, n in zip(specs, seconds, nfe):
+    for spec, times, n, g in zip(specs, seconds, nfe, graphed):
         writer.writerow({**common, "model_hash": network_of(spec).hash, "sampler": spec.sampler, "grid": spec.grid,
                          "steps": spec.steps, "guidance": "" if spec.guidance is None else spec.guidance, "nfe": n,
                          "median_s": repr(median(times)), "min_s": repr(min(times)), "max_s": repr(max(times)),
-                         "ms_per_sample": repr(1000 * median(times) / batch)})
+                         "ms_per_sample": repr(1000 * median(times) / batch), "cuda_graph": str(g).lower()})
     path = out / TIMING_NAME
     write_text(path, buf.getvalue())
     return path

@@ -15,11 +15,14 @@ are all this one kernel. z is a given tensor or Philox noise made in the kernel 
 (seed, sample index, draw, element index), which is the same whatever the launch grid and BLOCK are, and which
 fastdiff.noise.philox_normals computes in plain torch (its twin: the same uint32 streams, normals within a few ulp).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 PARAMS = ("eps", "x0", "v")
+_PARAM_INDEX = {p: i for i, p in enumerate(PARAMS)}
 NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
 
 
@@ -103,31 +106,43 @@ def sampler_step(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=Fal
     """
     x_t, out = x_t.contiguous(), out.contiguous()
     y = torch.empty_like(x_t)
-    if y.numel() == 0:
+    numel = y.numel()
+    if numel == 0:
         return y
-    batch, n = x_t.shape[0], x_t[0].numel()
-    # small samples (toy 2-D data) get a block, and warps, to their size
-    block = min(block, max(8, triton.next_power_of_2(n)))
-    num_warps = max(1, min(num_warps, block // 512))
-    coef = [c.to(device=x_t.device, dtype=torch.float32).contiguous() for c in (alpha, sigma, c_x0, c_xt, c_noise)]
+    batch = x_t.shape[0]
+    n = numel // batch
+    block, num_warps = _launch_shape(n, block, num_warps)
+    device = x_t.device
+    coef = [c if c.dtype is torch.float32 and c.device == device and c.is_contiguous() else
+            c.to(device=device, dtype=torch.float32).contiguous() for c in (alpha, sigma, c_x0, c_xt, c_noise)]
     if noise is not None:
         mode, noise = NOISE_GIVEN, noise.contiguous()
     elif seed is not None:
-        mode, sample_index = NOISE_PHILOX, sample_index.to(device=x_t.device, dtype=torch.int64).contiguous()
+        mode = NOISE_PHILOX
+        if sample_index.dtype is not torch.int64 or sample_index.device != device or not sample_index.is_contiguous():
+            sample_index = sample_index.to(device=device, dtype=torch.int64).contiguous()
         if not isinstance(seed, torch.Tensor):
-            seed = torch.tensor([int(seed)], dtype=torch.int64, device=x_t.device)
+            seed = torch.tensor([int(seed)], dtype=torch.int64, device=device)
     else:
         mode = NOISE_NONE
     cfg = out_uncond is not None
     # unused pointers get x_t: the constexpr flags compile their loads away
-    _sampler_step_kernel[(batch, triton.cdiv(n, block))](
+    _sampler_step_kernel[(batch, -(-n // block))](
         x_t, out, out_uncond.contiguous() if cfg else x_t, noise if noise is not None else x_t, y,
-        *coef, sample_index if mode == NOISE_PHILOX else coef[0], seed if mode == NOISE_PHILOX else coef[0],
+        *coef, sample_index if mode == NOISE_PHILOX else x_t, seed if mode == NOISE_PHILOX else x_t,
         n, float(guidance) if cfg else 1.0, int(draw),
-        PARAM=PARAMS.index(param), CLIP=bool(clip), CFG=cfg, NOISE=mode, BLOCK=block,
+        PARAM=_PARAM_INDEX[param], CLIP=bool(clip), CFG=cfg, NOISE=mode, BLOCK=block,
         WIDTH=4 if mode == NOISE_PHILOX else 8, num_warps=num_warps,
     )
     return y
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_shape(n: int, block: int, num_warps: int) -> tuple[int, int]:
+    """(elements per sample, largest block, most warps) -> (block, warps): small samples (toy 2-D data) get a block,
+    and warps, to their size. Cached: the host path of a sampler loop computes it once per shape."""
+    block = min(block, max(8, triton.next_power_of_2(n)))
+    return block, max(1, min(num_warps, block // 512))
 
 
 def sampler_step_reference(x_t, out, alpha, sigma, c_x0, c_xt, c_noise, *, param, clip=False, out_uncond=None,

@@ -121,15 +121,16 @@ def test_a_results_csv_of_an_earlier_version_still_reads(tmp_path):
 
 
 def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_path):
-    """CSVs of fastdiff 0.2 lack the train_* columns, those of 0.3 the ci_* ones, those of 0.4 `autoencoder`: the
-    sweep reads them (empty) and writes them back extended."""
+    """CSVs of fastdiff 0.2 lack the train_* columns, those of 0.3 the ci_* ones, those of 0.4 `autoencoder`, those
+    of 0.5 `cuda_graph`: the sweep reads them (empty) and writes them back extended."""
     import csv as _csv
 
-    from fastdiff.results import CI_COLUMNS, COLUMNS, COST_COLUMNS, LATENT_COLUMNS, ResultsCSV
+    from fastdiff.results import CI_COLUMNS, COLUMNS, COST_COLUMNS, LATENT_COLUMNS, RUNTIME_COLUMNS, ResultsCSV
 
-    for i, old in enumerate(([c for c in COLUMNS if c not in COST_COLUMNS + CI_COLUMNS + LATENT_COLUMNS],
-                             [c for c in COLUMNS if c not in CI_COLUMNS + LATENT_COLUMNS],
-                             [c for c in COLUMNS if c not in LATENT_COLUMNS])):
+    later = [COST_COLUMNS + CI_COLUMNS + LATENT_COLUMNS + RUNTIME_COLUMNS, CI_COLUMNS + LATENT_COLUMNS + RUNTIME_COLUMNS,
+             LATENT_COLUMNS + RUNTIME_COLUMNS, RUNTIME_COLUMNS]
+    for i, missing in enumerate(later):
+        old = [c for c in COLUMNS if c not in missing]
         path = tmp_path / f"{i}" / "fid_vs_steps.csv"
         path.parent.mkdir()
         with open(path, "w", newline="") as f:
@@ -137,9 +138,10 @@ def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_pat
             w.writeheader()
             w.writerow({c: "x" for c in old})
         results = ResultsCSV(path)
-        assert results.rows[0]["ci_low"] == ("x" if i == 2 else "") and results.has(results.rows[0])
-        assert results.rows[0]["autoencoder"] == ""
+        assert results.rows[0]["ci_low"] == ("x" if i >= 2 else "") and results.has(results.rows[0])
+        assert results.rows[0]["autoencoder"] == ("x" if i == 3 else "")
         assert results.rows[0]["train_updates"] == ("" if i == 0 else "x")
+        assert results.rows[0]["cuda_graph"] == ""
         results.add([{c: "y" for c in COLUMNS}])
         with open(path, newline="") as f:
             reader = _csv.DictReader(f)
