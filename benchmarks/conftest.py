@@ -49,6 +49,22 @@ def cuda():
     return torch.device("cuda")
 
 
+def _log_line(info: dict) -> None:
+    """Append one figure to FASTDIFF_BENCH_LOG (a JSON line), when it is set."""
+    if os.environ.get("FASTDIFF_BENCH_LOG"):
+        with open(os.environ["FASTDIFF_BENCH_LOG"], "a") as f:
+            f.write(json.dumps(info, default=str) + "\n")
+
+
+@pytest.fixture
+def gpu_log():
+    """gpu_log(benchmark, **info): record figures timed by the benchmark itself in extra_info and the log."""
+    def log(benchmark, **info):
+        benchmark.extra_info.update(info)
+        _log_line(benchmark.extra_info)
+    return log
+
+
 @pytest.fixture
 def gpu_bench(benchmark, cuda):
     """gpu_bench(fn, bytes=..., flops=..., **info) -> median ms of fn on the GPU, recorded with GB/s or TFLOP/s."""
@@ -62,9 +78,7 @@ def gpu_bench(benchmark, cuda):
             benchmark.extra_info.update(bytes=bytes, gbps=bytes / ms / 1e6)
         if flops is not None:
             benchmark.extra_info.update(flops=flops, tflops=flops / ms / 1e9)
-        if os.environ.get("FASTDIFF_BENCH_LOG"):
-            with open(os.environ["FASTDIFF_BENCH_LOG"], "a") as f:
-                f.write(json.dumps(benchmark.extra_info) + "\n")
+        _log_line(benchmark.extra_info)
 
         def synced():
             fn()

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from fastdiff import ops
 
 STEP_SIZES = {"1M": 2**20, "4M": 2**22, "16M": 2**24, "64M": 2**26}
+GRAPH_STEPS = 10  # fused steps per captured graph in the triton_graph row
 COMPILE_SIZES = ("16M",)  # torch.compile costs a compile per shape and dtype: one size keeps gpu.sh short
 STEP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SAMPLE_SHAPE = (4, 64, 64)  # a latent-sized sample: 16384 elements, so 1M..64M is a batch of 64..4096
 ATTN_SHAPES = {  # (B, heads, N, d)
-    "cifar-d64": (256, 4, 256, 64), "cifar-d128": (256, 4, 256, 128), "cifar-d256": (256, 4, 256, 256),
+    "cifar-d64": (256, 4, 256, 64), "cifar-d160": (256, 1, 256, 160), "cifar-d128": (256, 4, 256, 128), "cifar-d256": (256, 4, 256, 256),
     "latent-d40": (16, 8, 4096, 40), "latent-d80": (16, 8, 4096, 80), "latent-d160": (16, 8, 4096, 160),
     "seq1024-d64": (512, 8, 1024, 64), "seq2048-d64": (128, 8, 2048, 64), "seq4096-d64": (32, 8, 4096, 64),
 }
@@ -46,9 +47,10 @@ def _compiled_reference():
 
 @pytest.mark.parametrize("size", STEP_SIZES)
 @pytest.mark.parametrize("dtype", STEP_DTYPES)
-@pytest.mark.parametrize("impl", ["copy", "triton", "eager", "triton_philox", "triton_ddim", "compile"])
+@pytest.mark.parametrize("impl", ["copy", "triton", "eager", "triton_philox", "triton_ddim", "compile", "triton_graph"])
 def test_sampler_step_gpu(gpu_bench, cuda, impl, size, dtype):
-    """eps-prediction step: triton, eager, compile read x_t, out, noise, write x_s; philox and ddim read no noise."""
+    """eps-prediction step: triton, eager, compile read x_t, out, noise, write x_s; philox and ddim read no noise.
+    triton_graph: GRAPH_STEPS Philox steps captured in one CUDA graph, timed per step (no host launch cost)."""
     from fastdiff.kernels import sampler_step as fused
 
     if impl == "compile" and size not in COMPILE_SIZES:
@@ -56,17 +58,28 @@ def test_sampler_step_gpu(gpu_bench, cuda, impl, size, dtype):
     numel, dt = STEP_SIZES[size], STEP_DTYPES[dtype]
     x, out, noise, coefs = _step_inputs(numel, dt, cuda)
     index = torch.arange(x.shape[0], device=cuda)
+    seed = torch.tensor([1], device=cuda)  # a device buffer, as the samplers pass it (fastdiff.noise.SampleNoise)
     fns = {
         "copy": (lambda: x.clone(), 2),
         "triton": (lambda: fused.sampler_step(x, out, *coefs, param="eps", noise=noise), 4),
         "eager": (lambda: fused.sampler_step_reference(x, out, *coefs, param="eps", noise=noise), 4),
         "compile": (lambda: _compiled_reference()(x, out, *coefs, param="eps", noise=noise), 4),
-        "triton_philox": (lambda: fused.sampler_step(x, out, *coefs, param="eps", seed=1, sample_index=index), 3),
+        "triton_philox": (lambda: fused.sampler_step(x, out, *coefs, param="eps", seed=seed, sample_index=index), 3),
         "triton_ddim": (lambda: fused.sampler_step(x, out, *coefs, param="eps"), 3),
     }
-    fn, tensors = fns[impl]
+    if impl == "triton_graph":
+        step = fns["triton_philox"][0]
+        step()  # compiled before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_STEPS):
+                step()
+        fn, tensors = graph.replay, 3 * GRAPH_STEPS
+    else:
+        fn, tensors = fns[impl]
     gpu_bench(fn, bytes=tensors * numel * x.element_size(), kind="sampler_step", impl=impl, size=size,
-              numel=numel, dtype=dtype)
+              numel=numel, dtype=dtype, steps_per_call=GRAPH_STEPS if impl == "triton_graph" else 1)
 
 
 def _sdpa(backend_name):
@@ -82,20 +95,23 @@ def _sdpa(backend_name):
 
 
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
-@pytest.mark.parametrize("impl", ("triton",) + SDPA_BACKENDS)
+@pytest.mark.parametrize("impl", ("triton",) + SDPA_BACKENDS + ("dispatch",))
 def test_attention_gpu(gpu_bench, cuda, impl, shape):
-    """Forward only, fp16; FLOPs = 4 B H N^2 d (the two matmuls)."""
+    """Forward only, fp16; FLOPs = 4 B H N^2 d (the two matmuls). `dispatch`: what fastdiff.ops.attention runs
+    (fastdiff.dispatch's measured choice)."""
+    from fastdiff import dispatch
     from fastdiff.kernels import attention as flash
 
     b, h, n, d = ATTN_SHAPES[shape]
     q, k, v = (torch.randn(b, h, n, d, device=cuda, dtype=torch.float16) for _ in range(3))
     try:
-        attn = flash.attention if impl == "triton" else _sdpa(impl)
+        attn = flash.attention if impl == "triton" else ops.attention if impl == "dispatch" else _sdpa(impl)
         attn(q, k, v)
     except (AttributeError, RuntimeError) as err:  # a backend this torch lacks, or that rejects the shape or GPU
         pytest.skip(f"{impl} unavailable for {shape}: {str(err).splitlines()[0]}")
+    extra = {"chosen": dispatch.choose(q, k, v)} if impl == "dispatch" else {}
     gpu_bench(lambda: attn(q, k, v), flops=4 * b * h * n * n * d, kind="attention", impl=impl, shape=shape,
-              bhnd=[b, h, n, d])
+              bhnd=[b, h, n, d], **extra)
 
 
 @pytest.mark.parametrize("shape", SWEEP_SHAPES)
@@ -127,3 +143,33 @@ def test_attention_cpu(benchmark, cpu_threads):
     """The torch path fastdiff uses on CPU (SDPA) at a CIFAR 16x16 attention shape."""
     q, k, v = (torch.randn(8, 4, 256, 64) for _ in range(3))
     benchmark(ops.attention, q, k, v)
+
+
+def test_sampler_step_host_path_cpu(benchmark, cpu_threads, monkeypatch):
+    """The fused step's Python host path per call with the kernel launch stubbed out: what every GPU step pays on top
+    of Triton's launch itself, timed on the CPU. A sampler's call: (16, 1, 8, 8) fp32, coefficient rows of its
+    device table, the Philox seed buffer and sample indices of fastdiff.noise.SampleNoise."""
+    import statistics
+    import time
+
+    from fastdiff.kernels import sampler_step as fused
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(fused, "_sampler_step_kernel", _NoLaunch())
+    x = torch.randn(16, 1, 8, 8)
+    out = torch.randn_like(x)
+    coefs = torch.rand(5, 16).unbind()
+    index, seed = torch.arange(16), torch.tensor([3])
+    calls, per_call = 1000, []
+
+    def run():
+        start = time.perf_counter()
+        for _ in range(calls):
+            fused.sampler_step(x, out, *coefs, param="v", clip=True, seed=seed, sample_index=index, draw=1)
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+
+    benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+    benchmark.extra_info.update(kind="sampler_step_host_path", us_per_call=statistics.median(per_call), calls=calls)

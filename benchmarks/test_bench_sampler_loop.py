@@ -24,9 +24,9 @@ def test_sampler_loop_cpu(benchmark, cpu_threads, name, nfe):
     fn, grid, kw = LOOPS[name]
     steps = (nfe + 1) // 2 if name == "heun" else nfe
     ts = samplers.make_grid(grid, steps, schedule)
-    gens = samplers.sample_generators(0, range(x.shape[0]))
+    gens = lambda: samplers.SampleNoise(0, range(x.shape[0]), "cpu")  # noqa: E731  (per-sample Philox noise)
     with torch.no_grad():
-        sample = benchmark.pedantic(lambda: fn(net, x, ts, schedule=schedule, param="v", generator=gens, **kw),
+        sample = benchmark.pedantic(lambda: fn(net, x, ts, schedule=schedule, param="v", generator=gens(), **kw),
                                     rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(sampler=name, grid=grid, steps=steps, nfe=sample.nfe, batch=x.shape[0])
     assert sample.x.shape == x.shape and torch.isfinite(sample.x).all()

@@ -2,7 +2,7 @@
 
 (B=256, 1, 8, 8) through the network of the `digits` training preset (cosine schedule, v-prediction), on the CPU
 and, where there is one, on the GPU. Each round times, interleaved, the network alone for `steps` forwards and the
-full `ddim` (eta=0) and `ddpm` (per-sample generators) loops over a `steps`-step grid; medians over rounds.
+full `ddim` (eta=0) and `ddpm` (per-sample Philox noise, fastdiff.noise) loops over a `steps`-step grid; medians over rounds.
 
 The asserted overhead is measured where it is exact and robust on each device:
 - CPU: inside the sampler runs themselves, (wall-clock - time spent in the network calls) / the latter, so the
@@ -17,7 +17,7 @@ import time
 import torch
 
 from fastdiff.grids import make_grid
-from fastdiff.samplers import ddim, ddpm, randn_like_per_sample, sample_generators
+from fastdiff.samplers import SampleNoise, ddim, ddpm, initial_noise
 from fastdiff.schedules import Schedule
 from fastdiff.train import PRESETS, build_network
 
@@ -49,14 +49,14 @@ def _overhead(benchmark, device: torch.device) -> dict:
     schedule = Schedule(cfg.schedule, cfg.T)
     steps = STEPS[device.type]
     ts = make_grid("trailing", steps, schedule)
-    x = randn_like_per_sample((BATCH, 1, 8, 8), sample_generators(0, range(BATCH)), torch.float32, device)
+    x, _ = initial_noise(range(BATCH), (1, 8, 8), 0, device)
     t_net = [torch.full((BATCH,), float(t), device=device) for t in ts[:-1]]
     alone, runs = [], {"ddim": [], "ddpm": []}
 
     def sample(name, model):
         if name == "ddim":
             return ddim(model, x, ts, schedule=schedule, param=cfg.param)
-        return ddpm(model, x, ts, schedule=schedule, param=cfg.param, generator=sample_generators(0, range(BATCH)))
+        return ddpm(model, x, ts, schedule=schedule, param=cfg.param, generator=SampleNoise(0, range(BATCH), device))
 
     def one_round():
         sync()
