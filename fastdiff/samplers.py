@@ -70,10 +70,10 @@ def initial_noise(indices, shape: Sequence[int], seed: int, device, dtype=torch.
 
 
 def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: Schedule, param: str, seed: int,
-           device, clip: bool, guidance: float | None = None) -> torch.Tensor:
+           device, clip: bool, guidance: float | None = None, rng: str = "philox") -> torch.Tensor:
     """(n, *shape) samples 0..n-1 of `model` by DDIM(eta=0) on the grid `ts` from their per-index noise: the one
     way training pictures and every distillation round's evaluation draw samples (the sweep uses the same noise)."""
-    x, _ = initial_noise(range(n), shape, seed, device)
+    x, _ = initial_noise(range(n), shape, seed, device, rng=rng)
     with torch.no_grad():
         return ddim(model, x, ts, schedule=schedule, param=param, clip=clip, guidance=guidance).x
 

@@ -287,7 +287,7 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
         steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
     return dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
                                name=sweep_name(dcfg), out_dir=dcfg.results_dir, append=dcfg.append_results,
-                               inception_weights=dcfg.inception_weights, dataset=dcfg.dataset,
+                               inception_weights=dcfg.inception_weights, dataset=dcfg.dataset, noise=dcfg.noise,
                                data_root=dcfg.data_root, **steps)
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from fastdiff import config as cfgs
 from fastdiff.errors import FastdiffError
+from fastdiff.noise import NoiseRNG
 from fastdiff.param import Param
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 
@@ -15,7 +16,7 @@ ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "m
 NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_samples", "bench", "results_dir",
                      "bench_steps",
                      "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
-                     "bench_samplers", "full")
+                     "bench_samplers", "full", "noise")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class DistillConfig:
     eval_guidance: float = 2.0  # the w at which guided rounds are evaluated
     # the sweep and report at the end
     bench: bool = True  # run the FID-vs-steps sweep and write the report after the rounds
+    noise: NoiseRNG = "philox"  # the evaluations' and the sweep's per-sample noise (torch-cpu: fastdiff <= 0.5's)
     bench_steps: tuple[int, ...] = ()  # sampling steps of the sweep (empty: the bench preset's)
     bench_samples: int = 0  # samples per row (0: the bench preset's)
     bench_samplers: tuple[str, ...] = ()  # samplers of the sweep (empty: the bench preset's)

@@ -246,12 +246,12 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> Non
         student_model, teacher_model, guidance = guided_pair(ctx, student, n)
     for nfe in EVAL_NFE:
         ts = consistency_grid(ctx.schedule, cfg.cd_steps, nfe)
-        x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device)
+        x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device, rng=cfg.noise)
         with torch.no_grad():
             xs = consistency(student_model, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
                              clip=ctx.clip, generator=gens).x
         xt = sample_model(teacher_model, nfe, n, shape, ctx.schedule, ctx.teacher0.param, cfg.seed, ctx.device,
-                          guidance=guidance, clip=ctx.clip)
+                          guidance=guidance, clip=ctx.clip, rng=cfg.noise)
         xs, xt = ctx.decode(xs), ctx.decode(xt)
         log.add({"updates": updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
                  "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",

@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def sample_model(model, n_steps: int, n: int, shape, schedule, param, seed, device, grid="student", guidance=None, *,
-                 clip: bool):
-    """n samples with per-index noise: DDIM eta=0 on `grid` with `n_steps` steps (CFG weight `guidance`; x0^ clipped
-    to [-1, 1] with `clip`)."""
+                 clip: bool, rng: str = "philox"):
+    """n samples with per-index noise (generator `rng`, fastdiff.noise): DDIM eta=0 on `grid` with `n_steps` steps
+    (CFG weight `guidance`; x0^ clipped to [-1, 1] with `clip`)."""
     net = model.net if isinstance(model, LoadedModel) else model
     return sample(net, n, shape, make_grid(grid, n_steps, schedule), schedule=schedule, param=param, seed=seed,
-                  device=device, clip=clip, guidance=guidance)
+                  device=device, clip=clip, guidance=guidance, rng=rng)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def evaluate_round(student, ctx: DistillRun, n_student: int) -> dict:
     cfg, teacher = ctx.cfg, ctx.teacher0
     shape, n = tuple(teacher.data_shape), cfg.eval_samples
     kw = dict(n_steps=n_student, n=n, shape=shape, schedule=ctx.schedule, seed=cfg.seed, device=ctx.device,
-              clip=ctx.clip)
+              clip=ctx.clip, rng=cfg.noise)
     student_model, teacher_model, guidance = student, teacher, None
     if cfg.guided:
         student_model, teacher_model, guidance = guided_pair(ctx, student, n)
