@@ -319,3 +319,23 @@ def test_heldout_paraphrases_give_the_right_digit(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert acc[0.0] < 0.25 and acc[2.0] > 0.45 and acc[3.0] > 0.45, acc
+
+
+def test_an_unnamed_label_trains_only_the_null_condition():
+    """train --unnamed 7: every example of 7 gets the null caption (whatever the dropout draws), the others a
+    caption; a bad label is a user error."""
+    from types import SimpleNamespace
+
+    from fastdiff.text import WordTokenizer
+    from fastdiff.train import PRESETS, validate
+
+    net = SimpleNamespace(text=SimpleNamespace(tokenize=WordTokenizer()))
+    labels = torch.arange(10).repeat(20)
+    y = Conditioner("text", 10, net, unnamed=7)(labels, torch.Generator().manual_seed(0), dropout=0.1)
+    null = (y == NULL_TOKEN).all(1)
+    assert null[labels == 7].all() and not null[labels != 7].all() and null[labels != 7].float().mean() < 0.3
+    y0 = Conditioner("text", 10, net)(labels, torch.Generator().manual_seed(0), dropout=0.1)
+    assert torch.equal(y[labels != 7], y0[labels != 7])  # the others draw exactly what they drew before
+    assert PRESETS["digits-text-unnamed7"].unnamed == 7
+    with pytest.raises(FastdiffError, match="--unnamed"):
+        validate(dataclasses.replace(PRESETS["digits-text"], unnamed=10))

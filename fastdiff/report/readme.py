@@ -181,6 +181,7 @@ def personalize_summary(folder: Path, name: str) -> str:
                  f"{db['a_seven_after']['accuracy_7_style_undone']:.2f}, ink {db['a_seven_after']['ink']:.3f}); "
                  f"accuracy on 200 held-out prompts of every digit {db['prompt_accuracy_before']:.2f} before, "
                  f"{db['prompt_accuracy_after']:.2f} after.", ""]
+    text += _unnamed_inversion(pers["unnamed"]) if "unnamed" in pers else []
     noise = m["noise_optimisation"]
     text += ["Noise optimisation towards the digit 3 (loss −log p(3) of the project's classifier; 16 samples of "
              "`the digit 8`, Adam on x_T through the whole sampler):", "",
@@ -205,6 +206,24 @@ def personalize_summary(folder: Path, name: str) -> str:
              "Re-weighting one word of `a bold seven` (its cross-attention maps times the scale):", "",
              md_table(["model", "word × scale", "read as 7", "ink", "distance to unweighted"], weights), ""]
     return "\n".join(text).rstrip() + "\n"
+
+
+def _unnamed_inversion(u: dict) -> list[str]:
+    """Lines of the textual-inversion demonstration on the teacher whose sevens no prompt names."""
+    rows = [["base teacher", f"best of the {u['base_prompts']} prompts naming 7 or seven: `{u['base_best_prompt']}`",
+             f"{u['base_best_accuracy_7']:.2f} (mean {u['base_mean_accuracy_7']:.2f})", "—"],
+            ["base teacher", "unconditional (w = 0)", f"{u['unconditional_accuracy_7']:.2f}", "—"]]
+    rows += [["textual inversion", f"`{p}`", f"{v['accuracy_7']:.2f}", f"{v['feature_distance_to_subject']:.3f}"]
+             for p, v in u["learned"].items()]
+    h = u["learned_heldout_templates"]
+    rows.append(["textual inversion", f"{len(h['prompts'])} held-out templates with `<s*>`", f"{h['accuracy_7']:.2f}",
+                 f"{h['feature_distance_to_subject']:.3f}"])
+    return ["Textual inversion of a digit the model draws but no word names (teacher `digits-text-unnamed7` "
+            f"`{u['teacher_hash']}`: its sevens trained only the null condition; `<s*>` learned from "
+            f"{u['subject']['n']} training sevens in {u['updates']} updates, {u['seconds']:.0f} s; 64 samples per "
+            "prompt, DDIM 32 steps, w = 2; prompts without `<s*>` give the base teacher's samples bit for bit: "
+            f"{str(u['other_prompts_unchanged']).lower()}):", "",
+            md_table(["model", "prompt", "read as 7", "feature distance to subject"], rows), ""]
 
 
 def equal_cost(folder: Path) -> list[str]:
