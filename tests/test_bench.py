@@ -18,6 +18,7 @@ import torch
 
 from fastdiff import config as cfgs
 from fastdiff import features as F
+from fastdiff.noise import philox_normals
 from fastdiff.samplers import randn_like_per_sample, sample_generators
 from fastdiff.analytic import GaussianDenoiser
 from fastdiff.bench import COLUMNS, BenchConfig, main, run_sweep
@@ -100,14 +101,23 @@ def test_same_noise_per_index_in_every_row_and_batch_size_does_not_matter(tmp_pa
         per_row = len(range(0, 10, batch))
         runs = [torch.cat(spy.first_inputs[i:i + per_row]) for i in range(0, len(spy.first_inputs), per_row)]
         assert len(runs) == len({r["samples_file"] for r in read_rows(path)}) == 10
-        expected = randn_like_per_sample((10, DIM), sample_generators(0, range(10)), torch.float32, "cpu")
+        expected = philox_normals(0, torch.arange(10), 0, DIM)  # draw 0 of every sample: its x_T
         for noise in runs:
             assert torch.equal(noise, expected)
+        assert {r["noise"] for r in read_rows(path)} == {"philox4x32-10-per-sample"}
         values.append({(r["sampler"], r["grid"], r["steps"], r["metric"]): float(r["value"])
                        for r in read_rows(path)})
     assert values[0].keys() == values[1].keys()
     for key, v in values[0].items():
         assert values[1][key] == pytest.approx(v, rel=1e-9, abs=1e-12), key
+    # --noise torch-cpu: fastdiff 0.5's per-sample CPU generators, named so in the rows
+    spy = Spy(GaussianDenoiser(MU, STD, Schedule("linear", 1000), "eps"))
+    cfg = gaussian_cfg(tmp_path / "legacy", samplers=("ddim",), steps=(1,), n_samples=10, batch_size=10,
+                       metrics=("swd",), noise="torch-cpu")
+    path = run_sweep(cfg, family=gaussian_family(spy, n_ref=200), progress=False)
+    assert torch.equal(spy.first_inputs[0], randn_like_per_sample((10, DIM), sample_generators(0, range(10)),
+                                                                  torch.float32, "cpu"))
+    assert {r["noise"] for r in read_rows(path)} == {"torch-cpu-per-sample"}
 
 
 def test_interrupted_sweep_resumes_with_only_the_missing_rows(tmp_path):
