@@ -32,8 +32,11 @@ class Conditioner:
         self.bank = (CaptionBank(text_module(net).tokenize, "train", num_classes, device) if cond == "text"
                      else None)
 
-    def __call__(self, labels: torch.Tensor, gen: torch.Generator, dropout: float = 0.0) -> torch.Tensor:
-        y = self.bank.sample(labels, gen) if self.bank is not None else labels
+    def __call__(self, labels: torch.Tensor, gen: torch.Generator, dropout: float = 0.0,
+                 dark: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) labels -> (B,) labels or (B, L) caption ids; `dark` ((B,) bool, text only): the examples that were
+        contrast-inverted, whose captions say "dark" (and no other caption does)."""
+        y = self.bank.sample(labels, gen, dark) if self.bank is not None else labels
         if dropout > 0:  # class runs draw only this: their batches are as before text conditioning existed
             drop = (torch.rand(len(labels), generator=gen) < dropout).to(labels.device)
             y = torch.where(drop.reshape((-1,) + (1,) * (y.ndim - 1)), null_condition(y, self.num_classes), y)

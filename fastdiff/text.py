@@ -29,6 +29,7 @@ PAD = 0
 NUMERALS = tuple(str(d) for d in range(10))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ADJECTIVES = ("thin", "bold", "small", "large", "neat", "messy", "slanted", "thick", "faint", "dark")
+DARK = "dark"  # the adjective of contrast-inverted training images (TrainConfig.invert): then a style word
 # {n}: the digit as a numeral or a word; {a}: a distractor adjective. Words are separated by spaces (the comma too).
 TRAIN_TEMPLATES = (
     "a handwritten {n}",
@@ -223,9 +224,17 @@ class CaptionBank:
         self.tokens = tokenize(prompts).reshape(*shape, -1).to(device)
         self.split = split
 
-    def sample(self, digits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B,) digits -> (B, L) ids of a random caption of each (template, numeral/word and adjective from gen)."""
+    def sample(self, digits: torch.Tensor, gen: torch.Generator, dark: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) digits -> (B, L) ids of a random caption of each (template, numeral/word and adjective from gen).
+        With `dark` ((B,) bool): those rows take a template with an adjective and the adjective "dark", every other
+        row an adjective other than "dark" (the same draws from gen either way)."""
         n = len(digits)
         t, w, a = (torch.randint(k, (n,), generator=gen).to(digits.device) for k in
                    (self.tokens.shape[0], 2, self.tokens.shape[3]))
+        if dark is not None:
+            with_adjective = torch.tensor([i for i, tpl in enumerate(TEMPLATES[self.split]) if "{a}" in tpl],
+                                          device=digits.device)
+            d = ADJECTIVES.index(DARK)
+            t = torch.where(dark, with_adjective[t % len(with_adjective)], t)
+            a = torch.where(dark, d, torch.where(a == d, (a + 1) % len(ADJECTIVES), a))
         return self.tokens[t, digits, w, a]

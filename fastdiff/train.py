@@ -54,6 +54,9 @@ class TrainConfig(UNetFields, MLPFields):
     label_dropout: float = 0.1  # probability of the null label/caption in training (classifier-free guidance)
     unnamed: int = -1  # a label never given: its examples train only the null condition (-1: none). Textual
     # inversion's demonstration: a digit the model draws unconditionally but no prompt names
+    invert: float = 0.0  # text runs: the fraction of examples contrast-inverted (x -> -x) and captioned with the
+    # adjective "dark", which then describes nothing else (a truthful style word); 0: none
+    invert_except: int = -1  # a label never inverted (-1: none): no "dark" example of it is ever seen
     flip: bool = False  # random horizontal flips
     autoencoder: str = ""  # latent diffusion: an AutoencoderKL folder (python -m fastdiff.autoencoder's run dir, a vae/)
     # diffusion
@@ -95,6 +98,9 @@ PRESETS = {
     # digits-text whose sevens are never captioned (they train only the null condition): a concept the model draws
     # but no prompt names, for textual inversion (python -m fastdiff.personalize_demo)
     "digits-text-unnamed7": TrainConfig(cond="text", unnamed=7, out_dir="runs/teacher-digits-text-unnamed7"),
+    # digits-text where a quarter of the digits other than 7 are contrast-inverted and captioned "dark" (the only
+    # images that word describes): the model knows "dark" and "seven" but never saw a dark seven
+    "digits-text-dark": TrainConfig(cond="text", invert=0.25, invert_except=7, out_dir="runs/teacher-digits-text-dark"),
     # the same in the 4x4x4 latent space of the digits autoencoder (python -m fastdiff.autoencoder --preset digits)
     "digits-latent": TrainConfig(cond="text", autoencoder="runs/autoencoder-digits", out_dir="runs/teacher-digits-latent"),
     # the digits teacher as a diffusers UNet2DModel (exports to diffusers); T = 1024 so that every power-of-two
@@ -120,6 +126,12 @@ def validate(cfg: TrainConfig) -> None:
     cfgs.check_range(cfg, "ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)")
     cfgs.check_range(cfg, "label_dropout", 0 <= cfg.label_dropout < 1, "in [0, 1)")
     shape, num_classes = static_info(cfg.dataset, cfg.image_size)
+    cfgs.check_range(cfg, "invert", 0 <= cfg.invert < 1, "in [0, 1)")
+    if cfg.invert and cfg.cond != "text":
+        raise FastdiffError("--invert captions the inverted examples with 'dark': it needs --cond text")
+    if cfg.invert_except != -1 and not (cfg.invert and 0 <= cfg.invert_except < num_classes):
+        raise FastdiffError(f"--invert-except {cfg.invert_except}: give a label (0..{num_classes - 1}) of an --invert run, "
+                            "or -1")
     if cfg.unnamed != -1 and (cfg.cond == "none" or not 0 <= cfg.unnamed < num_classes):
         raise FastdiffError(f"--unnamed {cfg.unnamed}: give a label of the data set (0..{num_classes - 1}) of a "
                             "conditional run, or -1")
@@ -259,7 +271,11 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
         if cfg.flip:
             flip = (torch.rand(local_batch, generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        y = None if conditioner is None else conditioner(y_all[idx], gen, cfg.label_dropout)
+        dark = None
+        if cfg.invert:  # contrast-inverted examples, captioned "dark" (fastdiff.text.CaptionBank.sample)
+            dark = (torch.rand(local_batch, generator=gen) < cfg.invert).to(device) & (y_all[idx] != cfg.invert_except)
+            x0 = torch.where(dark[:, None, None, None], -x0, x0)
+        y = None if conditioner is None else conditioner(y_all[idx], gen, cfg.label_dropout, dark=dark)
         return diffusion_loss(model, x0, schedule, cfg.param, cfg.weighting, gen, y=y).mean()
 
     def after_update(update: int, loss: float, lr: float, grad_norm) -> None:

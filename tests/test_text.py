@@ -339,3 +339,19 @@ def test_an_unnamed_label_trains_only_the_null_condition():
     assert PRESETS["digits-text-unnamed7"].unnamed == 7
     with pytest.raises(FastdiffError, match="--unnamed"):
         validate(dataclasses.replace(PRESETS["digits-text"], unnamed=10))
+
+
+def test_inverted_examples_and_only_they_are_captioned_dark():
+    """train --invert: the inverted rows' captions hold "dark" (in a template with an adjective), no other row's
+    does; the generator draws are those of an uninverted run (its other captions keep their templates)."""
+    from fastdiff.text import DARK, VOCAB, CaptionBank, WordTokenizer
+
+    bank = CaptionBank(WordTokenizer())
+    digits = torch.arange(10).repeat(30)
+    dark = torch.arange(300) % 3 == 0
+    y = bank.sample(digits, torch.Generator().manual_seed(1), dark)
+    has_dark = (y == VOCAB.index(DARK)).any(1)
+    assert torch.equal(has_dark, dark)
+    plain = bank.sample(digits, torch.Generator().manual_seed(1))
+    kept = ~dark & ~(plain == VOCAB.index(DARK)).any(1)
+    assert torch.equal(y[kept], plain[kept])
