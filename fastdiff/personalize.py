@@ -97,9 +97,12 @@ def subject_images(spec: str, style: str, image_size: int = 8) -> torch.Tensor:
     return {"none": x, "heavy": x, "mirror": x.flip(-1), "invert": -x}[style]
 
 
-def captions(token: str, n: int, gen: random.Random) -> list[str]:
-    """n training captions (fastdiff.text's templates) whose digit slot holds `token`, with random adjectives."""
-    return [gen.choice(TRAIN_TEMPLATES).format(n=token, a=gen.choice(ADJECTIVES)) for _ in range(n)]
+def captions(token: str, n: int, gen: random.Random, adjectives: bool = True) -> list[str]:
+    """n training captions (fastdiff.text's templates) whose digit slot holds `token`, with random adjectives; with
+    `adjectives` False only the templates without one (a teacher whose adjectives mean something: TrainConfig.invert
+    made "dark" a style word, and a random adjective would contradict the subject)."""
+    templates = TRAIN_TEMPLATES if adjectives else [t for t in TRAIN_TEMPLATES if "{a}" not in t]
+    return [gen.choice(templates).format(n=token, a=gen.choice(ADJECTIVES)) for _ in range(n)]
 
 
 def with_token(net, model, token: str, init_word: str = "") -> tuple[torch.nn.Module, dict]:
@@ -217,7 +220,8 @@ def _fit(cfg: PersonalizeConfig, net, network: dict, teacher, subject, run: Path
                             if not inversion else (None, None))
     # textual inversion: the training templates with the word in the digit's place; DreamBooth: the paper's one
     # prompt, "a [V] [class noun]"
-    subject_prompts = captions(cfg.token, 256, words) if inversion else [f"a {cfg.token} {cfg.class_word}"]
+    subject_prompts = (captions(cfg.token, 256, words, adjectives=not tcfg.invert) if inversion
+                       else [f"a {cfg.token} {cfg.class_word}"])
     tokenize = net.text.tokenize
     subject_tokens = tokenize(subject_prompts).to(device)
     prior_tokens = tokenize(prior_prompts).to(device) if prior is not None else None

@@ -10,10 +10,11 @@ Writes `<results-dir>/personalize/`: `metrics.json` (every number below, with pr
    mean ink, and the cosine distance of their mean classifier feature to the subject images', against the base
    model's "a seven"; DreamBooth's prior preservation: "a seven" and the held-out prompts of every digit, before and
    after.
-1b. textual inversion of a concept the model can draw but no word names (`--unnamed-teacher`: the digits-text-
-   unnamed7 teacher, whose sevens trained only the null condition): the 7-rate of all 32 prompts its vocabulary can
-   write for a seven and of its unconditional samples, against prompts with the learned word (training and held-out
-   templates), the feature distance to the subject, and that prompts without the word are unchanged.
+1b. textual inversion where the base model has the pieces but no prompt gives the subject (`inversion_demo`): sevens
+   on a teacher whose sevens no word names (`--unnamed-teacher`, digits-text-unnamed7), and inverted sevens on a
+   teacher that learned "dark" on every other digit (`--dark-teacher`, digits-text-dark): the subject rate of all
+   32 prompts its vocabulary can write for it and of its unconditional samples, against prompts with the learned
+   word (free and held-out templates), the feature distance to the subject, and that other prompts are unchanged.
 3. noise optimisation towards a digit (the classifier's −log p) through the teacher's DDIM at 32 and 8 steps and
    through the 4-step student: loss after each iteration and seconds per iteration per image.
 4. prompt-to-prompt word swap ("a bold seven" -> "a bold one") at τ = 0, 0.25, 0.5, 1 on the teacher (DDIM 16 steps)
@@ -23,6 +24,7 @@ Writes `<results-dir>/personalize/`: `metrics.json` (every number below, with pr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -164,49 +166,71 @@ def personalisation(teacher_path: str, out: Path, work: Path, updates: int) -> d
     return results
 
 
-def unnamed_inversion(teacher_path: str, out: Path, work: Path, updates: int) -> dict:
-    """Demonstration 1b: textual inversion of a concept the model draws but no word of its vocabulary names (the
-    teacher of `python -m fastdiff.train --preset digits-text-unnamed7`, whose sevens trained only the null
-    condition): the 7-rate of every prompt the base vocabulary can write for it, of unconditional samples, and of
-    prompts with the learned word, training templates and held-out ones."""
+def _styled_rate(x: torch.Tensor, digit: int, style: str) -> dict:
+    """How many samples are the subject: read as `digit` ("none"), or contrast-inverted (light background: mean
+    pixel > 0) and read as `digit` once inverted back ("invert")."""
+    if style == "none":
+        return {"subject_rate": _accuracy(x, digit)}
+    inverted = x.flatten(1).mean(1) > 0
+    undone = torch.where(inverted[:, None, None, None], -x, x)
+    from fastdiff.features import classifier_weights, load_classifier
+
+    with torch.no_grad():
+        read = load_classifier(classifier_weights("digits")[0])(undone.clamp(-1, 1))[1].argmax(1) == digit
+    return {"subject_rate": float((inverted & read).float().mean()), "inverted": float(inverted.float().mean()),
+            f"read_as_{digit}_once_undone": float(read.float().mean())}
+
+
+def inversion_demo(teacher_path: str, style: str, out: Path, work: Path, updates: int) -> dict:
+    """Demonstration 1b: textual inversion where the base model has the pieces but no prompt gives the subject:
+    style "none" on the digits-text-unnamed7 teacher (its sevens trained only the null condition: no word names
+    them), style "invert" on the digits-text-dark teacher (it learned "dark" on every digit but 7: no dark seven
+    was ever seen). The subject rate (`_styled_rate`) of every prompt the base vocabulary can write for it (the
+    digit's numeral and word in every template; the adjective slot says "dark" for the inverted subject) and of
+    unconditional samples, against prompts with the learned word (free, and held-out templates)."""
     from fastdiff.checkpoint import load_model
     from fastdiff.personalize import PersonalizeConfig, personalize, subject_images
-    from fastdiff.text import ADJECTIVES, HELDOUT_TEMPLATES, NUMBER_WORDS, TRAIN_TEMPLATES
+    from fastdiff.text import ADJECTIVES, DARK, HELDOUT_TEMPLATES, NUMBER_WORDS, TRAIN_TEMPLATES
 
     teacher = load_model(teacher_path)
-    subject = subject_images("digits:7:20", "none")
-    # the prompts a user of the base model could try for it: the digit's numeral and word in every template
-    base_prompts = [t.format(n=n, a=ADJECTIVES[i % len(ADJECTIVES)]) for i, t in
-                    enumerate(TRAIN_TEMPLATES + HELDOUT_TEMPLATES) for n in ("7", "seven")]
-    rate = {p: _accuracy(_sample(teacher, 32, [p] * N), 7) for p in base_prompts}
-    best = max(rate, key=rate.get)
+    subject = subject_images("digits:7:20", style)
+    rate = functools.partial(_styled_rate, digit=7, style=style)
+    adjective = (lambda i: DARK) if style == "invert" else (lambda i: ADJECTIVES[i % len(ADJECTIVES)])
+    base_prompts = [t.format(n=n, a=adjective(i)) for i, t in enumerate(TRAIN_TEMPLATES + HELDOUT_TEMPLATES)
+                    for n in ("7", "seven")]
+    base = {p: rate(_sample(teacher, 32, [p] * N))["subject_rate"] for p in base_prompts}
+    best = max(base, key=base.get)
     uncond = _sample(teacher, 32, ["a seven"] * N, w=0.0)  # w = 0: the null condition alone
     t0 = time.perf_counter()
     run = personalize(PersonalizeConfig(model=teacher_path, method="textual-inversion", token="<s*>", updates=updates,
-                                        images="digits:7:20", style="none", out_dir=str(work / "textual-inversion-unnamed")),
+                                        images="digits:7:20", style=style,
+                                        out_dir=str(work / f"textual-inversion-{Path(teacher_path).name}")),
                       progress=False)
     model = load_model(run)
     seconds = round(time.perf_counter() - t0, 1)
     learned = {p: _sample(model, 32, [p] * N) for p in ("a picture of a <s*>", "a handwritten <s*>")}
-    heldout = [t.format(n="<s*>", a="neat") for t in HELDOUT_TEMPLATES]
+    heldout = [t.format(n="<s*>") for t in HELDOUT_TEMPLATES if "{a}" not in t]
     heldout_x = _sample(model, 32, [heldout[k % len(heldout)] for k in range(N)])
-    others = [f"a handwritten {w}" for w in NUMBER_WORDS if w != "seven"]
-    same = all(torch.equal(_sample(teacher, 32, [p] * 8), _sample(model, 32, [p] * 8)) for p in others[:3])
-    _grid(out / "textual_inversion_unnamed.png",
-          [("subject: 20 training sevens", subject), (f"base teacher, best prompt: '{best}'", _sample(teacher, 32,
-                                                                                                    [best] * N)),
-           ("base teacher, unconditional (w = 0)", uncond)]
-          + [(f"textual inversion: '{p}'", x) for p, x in learned.items()]
-          + [("textual inversion, held-out templates", heldout_x)])
-    return {"teacher_hash": teacher.hash, "model_hash": model.hash, "updates": updates, "seconds": seconds,
-            "subject": {"images": "digits:7:20", "n": len(subject)},
-            "base_prompts": len(base_prompts), "base_best_prompt": best, "base_best_accuracy_7": rate[best],
-            "base_mean_accuracy_7": sum(rate.values()) / len(rate), "unconditional_accuracy_7": _accuracy(uncond, 7),
-            "learned": {p: {"accuracy_7": _accuracy(x, 7), "feature_distance_to_subject": _feature_distance(x, subject)}
-                        for p, x in learned.items()},
-            "learned_heldout_templates": {"prompts": heldout, "accuracy_7": _accuracy(heldout_x, 7),
-                                          "feature_distance_to_subject": _feature_distance(heldout_x, subject)},
-            "other_prompts_unchanged": same}
+    others = [f"a handwritten {w}" for w in NUMBER_WORDS if w != "seven"][:3]
+    same = all(torch.equal(_sample(teacher, 32, [p] * 8), _sample(model, 32, [p] * 8)) for p in others)
+    undo = (lambda z: z) if style == "none" else (lambda z: -z)
+    rows = [("subject: 20 training sevens" + (", inverted" if style == "invert" else ""), subject),
+            (f"base teacher, best prompt: '{best}'", _sample(teacher, 32, [best] * N)),
+            ("base teacher, unconditional (w = 0)", uncond)]
+    result = {"teacher": teacher_path, "teacher_hash": teacher.hash, "style": style, "model_hash": model.hash,
+              "updates": updates, "seconds": seconds, "subject": {"images": "digits:7:20", "n": len(subject)}, "samples": N,
+              "base_prompts": len(base_prompts), "base_best_prompt": best, "base_best_rate": base[best],
+              "base_mean_rate": sum(base.values()) / len(base), "unconditional": rate(uncond),
+              "learned": {}, "other_prompts_unchanged": same}
+    for p, x in list(learned.items()) + [(" / ".join(heldout), heldout_x)]:
+        result["learned"][p] = {**rate(x), "feature_distance_to_subject": _feature_distance(undo(x), undo(subject))}
+        rows.append((f"textual inversion: '{p}'" if p in learned else "textual inversion, held-out templates", x))
+    if style == "invert":  # the word does mean something on the digits it was trained on
+        dark3 = _sample(teacher, 32, ["a dark three"] * N)
+        result["control_a_dark_three"] = _styled_rate(dark3, 3, "invert")
+        rows.append(("base teacher: 'a dark three' (trained)", dark3))
+    _grid(out / f"textual_inversion_{style}.png", rows)
+    return result
 
 
 def noise_optimisation(teacher_path: str, student_path: str, out: Path, iterations: int) -> tuple[dict, str]:
@@ -290,22 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student", default="runs/distill-digits-text/students/student_N4.pt")
     parser.add_argument("--unnamed-teacher", default="runs/teacher-digits-text-unnamed7",
                         help="a teacher whose sevens no prompt names (train --preset digits-text-unnamed7); '' skips it")
+    parser.add_argument("--dark-teacher", default="runs/teacher-digits-text-dark",
+                        help="a teacher that never saw a dark seven (train --preset digits-text-dark); '' skips it")
     parser.add_argument("--results-dir", default="runs/results")
     parser.add_argument("--work-dir", default="runs/personalize-demo", help="where the personalised teachers go")
     parser.add_argument("--updates", type=int, default=600, help="updates of textual inversion and DreamBooth")
     parser.add_argument("--iterations", type=int, default=20, help="noise-optimisation iterations")
     args = parser.parse_args(argv)
-    for p in (args.teacher, args.student) + ((args.unnamed_teacher,) if args.unnamed_teacher else ()):
+    for p in (args.teacher, args.student, *filter(None, (args.unnamed_teacher, args.dark_teacher))):
         if not Path(p).exists():
             raise FastdiffError(f"{p} does not exist: run python -m fastdiff.distill --preset digits-text (and "
-                                "python -m fastdiff.train --preset digits-text-unnamed7) first")
+                                "python -m fastdiff.train --preset digits-text-unnamed7 / digits-text-dark) first")
     out = Path(args.results_dir) / "personalize"
     t0 = time.perf_counter()
     torch.manual_seed(0)
     metrics = {"personalisation": personalisation(args.teacher, out, Path(args.work_dir), args.updates)}
-    if args.unnamed_teacher:
-        metrics["personalisation"]["unnamed"] = unnamed_inversion(args.unnamed_teacher, out, Path(args.work_dir),
-                                                                  args.updates)
+    for style, path in (("none", args.unnamed_teacher), ("invert", args.dark_teacher)):
+        if path:
+            metrics["personalisation"][f"inversion_{style}"] = inversion_demo(path, style, out, Path(args.work_dir),
+                                                                             args.updates)
     metrics["noise_optimisation"], csv = noise_optimisation(args.teacher, args.student, out, args.iterations)
     metrics["attention_control"] = attention_control(args.teacher, args.student, out)
     from fastdiff.checkpoint import load_model

@@ -181,7 +181,8 @@ def personalize_summary(folder: Path, name: str) -> str:
                  f"{db['a_seven_after']['accuracy_7_style_undone']:.2f}, ink {db['a_seven_after']['ink']:.3f}); "
                  f"accuracy on 200 held-out prompts of every digit {db['prompt_accuracy_before']:.2f} before, "
                  f"{db['prompt_accuracy_after']:.2f} after.", ""]
-    text += _unnamed_inversion(pers["unnamed"]) if "unnamed" in pers else []
+    for key in ("inversion_none", "inversion_invert"):
+        text += _inversion(pers[key]) if key in pers else []
     noise = m["noise_optimisation"]
     text += ["Noise optimisation towards the digit 3 (loss −log p(3) of the project's classifier; 16 samples of "
              "`the digit 8`, Adam on x_T through the whole sampler):", "",
@@ -208,22 +209,25 @@ def personalize_summary(folder: Path, name: str) -> str:
     return "\n".join(text).rstrip() + "\n"
 
 
-def _unnamed_inversion(u: dict) -> list[str]:
-    """Lines of the textual-inversion demonstration on the teacher whose sevens no prompt names."""
-    rows = [["base teacher", f"best of the {u['base_prompts']} prompts naming 7 or seven: `{u['base_best_prompt']}`",
-             f"{u['base_best_accuracy_7']:.2f} (mean {u['base_mean_accuracy_7']:.2f})", "—"],
-            ["base teacher", "unconditional (w = 0)", f"{u['unconditional_accuracy_7']:.2f}", "—"]]
-    rows += [["textual inversion", f"`{p}`", f"{v['accuracy_7']:.2f}", f"{v['feature_distance_to_subject']:.3f}"]
+def _inversion(u: dict) -> list[str]:
+    """Lines of one textual-inversion demonstration on a teacher that has the pieces but no prompt for the subject."""
+    what = {"none": ("sevens", "its sevens trained only the null condition, no word names them",
+                     "read as 7"),
+            "invert": ("inverted sevens", "it learned `dark` (contrast-inverted) on every digit but 7",
+                       "inverted and read as 7 once inverted back")}[u["style"]]
+    rows = [["base teacher", f"best of the {u['base_prompts']} prompts for it: `{u['base_best_prompt']}`",
+             f"{u['base_best_rate']:.2f} (mean {u['base_mean_rate']:.2f})", "—"],
+            ["base teacher", "unconditional (w = 0)", f"{u['unconditional']['subject_rate']:.2f}", "—"]]
+    if "control_a_dark_three" in u:
+        rows.append(["base teacher", "`a dark three` (seen in training; inverted and read as 3)",
+                     f"{u['control_a_dark_three']['subject_rate']:.2f}", "—"])
+    rows += [["textual inversion", f"`{p}`", f"{v['subject_rate']:.2f}", f"{v['feature_distance_to_subject']:.3f}"]
              for p, v in u["learned"].items()]
-    h = u["learned_heldout_templates"]
-    rows.append(["textual inversion", f"{len(h['prompts'])} held-out templates with `<s*>`", f"{h['accuracy_7']:.2f}",
-                 f"{h['feature_distance_to_subject']:.3f}"])
-    return ["Textual inversion of a digit the model draws but no word names (teacher `digits-text-unnamed7` "
-            f"`{u['teacher_hash']}`: its sevens trained only the null condition; `<s*>` learned from "
-            f"{u['subject']['n']} training sevens in {u['updates']} updates, {u['seconds']:.0f} s; 64 samples per "
-            "prompt, DDIM 32 steps, w = 2; prompts without `<s*>` give the base teacher's samples bit for bit: "
-            f"{str(u['other_prompts_unchanged']).lower()}):", "",
-            md_table(["model", "prompt", "read as 7", "feature distance to subject"], rows), ""]
+    return [f"Textual inversion of {what[0]} (teacher `{Path(u['teacher']).name}` `{u['teacher_hash']}`: {what[1]}; "
+            f"`<s*>` learned from {u['subject']['n']} training images in {u['updates']} updates, {u['seconds']:.0f} s; "
+            f"{u['samples']} samples per prompt, DDIM 32 steps, w = 2; subject rate = {what[2]}; prompts without `<s*>` give the "
+            f"base teacher's samples bit for bit: {str(u['other_prompts_unchanged']).lower()}):", "",
+            md_table(["model", "prompt", "subject rate", "feature distance to subject"], rows), ""]
 
 
 def equal_cost(folder: Path) -> list[str]:
