@@ -22,7 +22,7 @@ of its time there) and never inside a CUDA graph. Results rows name the generato
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, Sequence, get_args
 
 import torch
 
@@ -139,3 +139,32 @@ class SampleNoise:
                                 for g in self.generators]).to(x.device)
         z = philox_normals(self.seed_tensor.to(x.device), self.index.to(x.device), self.take(), x[0].numel())
         return z.reshape(x.shape).to(x.dtype)
+
+
+Generators = SampleNoise | torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_like_per_sample(shape, generators: Sequence[torch.Generator], dtype, device) -> torch.Tensor:
+    """(B, ...) `shape` standard normals, row i drawn on the CPU from generators[i], then moved to `device`."""
+    if len(generators) != shape[0]:
+        raise FastdiffError(f"{len(generators)} generators for a batch of {shape[0]}: give one per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators]).to(device)
+
+
+def initial_noise(indices, shape: Sequence[int], seed: int, device, dtype=torch.float32, rng: str = "philox"):
+    """-> ((len(indices), *shape) x_T, its SampleNoise): sample k's starting noise (draw 0) and the stream its later
+    step noise comes from, whatever the batch, rank or device (EDM's seed per sample). `rng`: one of NOISE_RNGS
+    ("torch-cpu": fastdiff <= 0.5's noise, to reproduce its results)."""
+    noise = SampleNoise(seed, indices, device, rng)
+    return noise.next(torch.empty((len(noise), *shape), dtype=dtype, device=device)), noise
+
+
+def randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """(B, ...) standard normals like x from a SampleNoise, the global RNG, one generator, or one per row."""
+    if isinstance(generator, SampleNoise):
+        return generator.next(x)
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return randn_like_per_sample(x.shape, generator, x.dtype, x.device)

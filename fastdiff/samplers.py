@@ -26,7 +26,8 @@ import torch
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import GRIDS, SPACINGS, full_grid, karras_grid, logsnr_grid, make_grid, strided_grid, student_grid
 from fastdiff.guidance import combine
-from fastdiff.noise import NOISE_RNGS, SampleNoise, sample_generators
+from fastdiff.noise import (NOISE_RNGS, Generators, SampleNoise, initial_noise, randn, randn_like_per_sample,
+                            sample_generators)
 from fastdiff.ops import sampler_step
 from fastdiff.param import consistency_fn, denoiser, eps_from_x0
 from fastdiff.schedules import Schedule
@@ -42,7 +43,6 @@ VARIANCES: tuple[str, ...] = get_args(Variance)
 UniPCVariant = Literal["bh1", "bh2"]  # UniPC's B(h): bh1 = h, bh2 = e^h - 1 (Zhao et al. 2023, at h -> -h for x0)
 UNIPC_VARIANTS: tuple[str, ...] = get_args(UniPCVariant)
 
-Generators = SampleNoise | torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -54,21 +54,6 @@ class Sample:
     trajectory: list[torch.Tensor] | None = None
 
 
-def randn_like_per_sample(shape, generators: Sequence[torch.Generator], dtype, device) -> torch.Tensor:
-    """(B, ...) `shape` standard normals, row i drawn on the CPU from generators[i], then moved to `device`."""
-    if len(generators) != shape[0]:
-        raise FastdiffError(f"{len(generators)} generators for a batch of {shape[0]}: give one per sample")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators]).to(device)
-
-
-def initial_noise(indices, shape: Sequence[int], seed: int, device, dtype=torch.float32, rng: str = "philox"):
-    """-> ((len(indices), *shape) x_T, its SampleNoise): sample k's starting noise (draw 0) and the stream its later
-    step noise comes from, whatever the batch, rank or device (EDM's seed per sample). `rng`: one of NOISE_RNGS
-    ("torch-cpu": fastdiff <= 0.5's noise, to reproduce its results)."""
-    noise = SampleNoise(seed, indices, device, rng)
-    return noise.next(torch.empty((len(noise), *shape), dtype=dtype, device=device)), noise
-
-
 def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: Schedule, param: str, seed: int,
            device, clip: bool, guidance: float | None = None, rng: str = "philox") -> torch.Tensor:
     """(n, *shape) samples 0..n-1 of `model` by DDIM(eta=0) on the grid `ts` from their per-index noise: the one
@@ -76,17 +61,6 @@ def sample(model, n: int, shape: Sequence[int], ts: torch.Tensor, *, schedule: S
     x, _ = initial_noise(range(n), shape, seed, device, rng=rng)
     with torch.no_grad():
         return ddim(model, x, ts, schedule=schedule, param=param, clip=clip, guidance=guidance).x
-
-
-def randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """(B, ...) standard normals like x from a SampleNoise, the global RNG, one generator, or one per row."""
-    if isinstance(generator, SampleNoise):
-        return generator.next(x)
-    if generator is None:
-        return torch.randn_like(x)
-    if isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
-    return randn_like_per_sample(x.shape, generator, x.dtype, x.device)
 
 
 def _evaluate(model, x: torch.Tensor, t: torch.Tensor, guidance: float | None):
