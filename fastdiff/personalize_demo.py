@@ -181,11 +181,36 @@ def _styled_rate(x: torch.Tensor, digit: int, style: str) -> dict:
             f"read_as_{digit}_once_undone": float(read.float().mean())}
 
 
-def inversion_demo(teacher_path: str, style: str, out: Path, work: Path, updates: int) -> dict:
+def erase_words(teacher_path: str, words: tuple[str, ...], out_dir: Path, seed: int = 0) -> tuple[str, dict]:
+    """-> (a copy of the text teacher at `teacher_path` whose word-encoder rows of `words` are replaced by fresh
+    N(0, 1) draws, as if never trained (its weights and EMA weights; saved as `out_dir`/checkpoint.pt), {word:
+    its original (D,) row} for every digit word and numeral). The network still draws what those words asked for;
+    no prompt can reach it any more: textual inversion's premise, built exactly."""
+    from fastdiff.checkpoint import CKPT_NAME, save_checkpoint
+    from fastdiff.text import NUMBER_WORDS, NUMERALS, VOCAB
+
+    ckpt = torch.load(Path(teacher_path) / CKPT_NAME if Path(teacher_path).is_dir() else teacher_path,
+                      map_location="cpu", weights_only=True)
+    key = "text.encoder.token.weight"
+    original = {w: ckpt["ema"][key][VOCAB.index(w)].clone() for w in NUMBER_WORDS + NUMERALS}
+    gen = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(len(words), ckpt["ema"][key].shape[1], generator=gen)
+    for weights in ("ema", "model"):
+        table = ckpt[weights][key].clone()
+        table[[VOCAB.index(w) for w in words]] = fresh
+        ckpt[weights][key] = table
+    keep = ("kind", "config", "param", "network", "data_shape", "ema", "model", "step", "schedule", "cost")
+    save_checkpoint(out_dir / CKPT_NAME, {k: v for k, v in ckpt.items() if k in keep})
+    return str(out_dir / CKPT_NAME), original
+
+
+def inversion_demo(teacher_path: str, style: str, out: Path, work: Path, updates: int,
+                   truth: dict | None = None, name: str = "") -> dict:
     """Demonstration 1b: textual inversion where the base model has the pieces but no prompt gives the subject:
     style "none" on the digits-text-unnamed7 teacher (its sevens trained only the null condition: no word names
     them), style "invert" on the digits-text-dark teacher (it learned "dark" on every digit but 7: no dark seven
-    was ever seen). The subject rate (`_styled_rate`) of every prompt the base vocabulary can write for it (the
+    was ever seen), or a teacher whose words for 7 were erased (`erase_words`; `truth`: the erased rows, to which
+    the learned vector's cosine is reported). The subject rate (`_styled_rate`) of every prompt the base vocabulary can write for it (the
     digit's numeral and word in every template; the adjective slot says "dark" for the inverted subject) and of
     unconditional samples, against prompts with the learned word (free, and held-out templates)."""
     from fastdiff.checkpoint import load_model
@@ -204,7 +229,7 @@ def inversion_demo(teacher_path: str, style: str, out: Path, work: Path, updates
     t0 = time.perf_counter()
     run = personalize(PersonalizeConfig(model=teacher_path, method="textual-inversion", token="<s*>", updates=updates,
                                         images="digits:7:20", style=style,
-                                        out_dir=str(work / f"textual-inversion-{Path(teacher_path).name}")),
+                                        out_dir=str(work / f"textual-inversion-{name or Path(teacher_path).name}")),
                       progress=False)
     model = load_model(run)
     seconds = round(time.perf_counter() - t0, 1)
@@ -225,11 +250,18 @@ def inversion_demo(teacher_path: str, style: str, out: Path, work: Path, updates
     for p, x in list(learned.items()) + [(" / ".join(heldout), heldout_x)]:
         result["learned"][p] = {**rate(x), "feature_distance_to_subject": _feature_distance(undo(x), undo(subject))}
         rows.append((f"textual inversion: '{p}'" if p in learned else "textual inversion, held-out templates", x))
+    if truth:  # where the learned vector lies among the original rows of the digit words and numerals
+        learned_row = model.net.text.encoder.extra[-1].detach()
+        cos = {w: float(torch.nn.functional.cosine_similarity(learned_row, v, dim=0)) for w, v in truth.items()}
+        result["cosine_to_original_rows"] = dict(sorted(cos.items(), key=lambda kv: -kv[1]))
+        start = teacher.net.text.encoder.token.weight[teacher.net.text.tokenize.ids["seven"]].detach()  # its init
+        result["cosine_of_start_to_original_rows"] = {
+            w: float(torch.nn.functional.cosine_similarity(start, truth[w], dim=0)) for w in ("seven", "7")}
     if style == "invert":  # the word does mean something on the digits it was trained on
         dark3 = _sample(teacher, 32, ["a dark three"] * N)
         result["control_a_dark_three"] = _styled_rate(dark3, 3, "invert")
         rows.append(("base teacher: 'a dark three' (trained)", dark3))
-    _grid(out / f"textual_inversion_{style}.png", rows)
+    _grid(out / f"textual_inversion_{name or style}.png", rows)
     return result
 
 
@@ -329,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     metrics = {"personalisation": personalisation(args.teacher, out, Path(args.work_dir), args.updates)}
+    erased, truth = erase_words(args.teacher, ("seven", "7"), Path(args.work_dir) / "teacher-seven-erased")
+    metrics["personalisation"]["inversion_erased"] = inversion_demo(erased, "none", out, Path(args.work_dir),
+                                                                    args.updates, truth, name="erased")
     for style, path in (("none", args.unnamed_teacher), ("invert", args.dark_teacher)):
         if path:
             metrics["personalisation"][f"inversion_{style}"] = inversion_demo(path, style, out, Path(args.work_dir),

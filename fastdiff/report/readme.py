@@ -181,7 +181,7 @@ def personalize_summary(folder: Path, name: str) -> str:
                  f"{db['a_seven_after']['accuracy_7_style_undone']:.2f}, ink {db['a_seven_after']['ink']:.3f}); "
                  f"accuracy on 200 held-out prompts of every digit {db['prompt_accuracy_before']:.2f} before, "
                  f"{db['prompt_accuracy_after']:.2f} after.", ""]
-    for key in ("inversion_none", "inversion_invert"):
+    for key in ("inversion_erased", "inversion_none", "inversion_invert"):
         text += _inversion(pers[key]) if key in pers else []
     noise = m["noise_optimisation"]
     text += ["Noise optimisation towards the digit 3 (loss −log p(3) of the project's classifier; 16 samples of "
@@ -211,8 +211,11 @@ def personalize_summary(folder: Path, name: str) -> str:
 
 def _inversion(u: dict) -> list[str]:
     """Lines of one textual-inversion demonstration on a teacher that has the pieces but no prompt for the subject."""
-    what = {"none": ("sevens", "its sevens trained only the null condition, no word names them",
-                     "read as 7"),
+    erased = "cosine_to_original_rows" in u
+    what = {"none": ("sevens", "its sevens trained only the null condition, no word names them", "read as 7")
+            if not erased else ("sevens", "the digits-text teacher with its rows for `seven` and `7` replaced by fresh "
+                                "random vectors: the network still draws sevens, no prompt asks for them",
+                                "read as 7"),
             "invert": ("inverted sevens", "it learned `dark` (contrast-inverted) on every digit but 7",
                        "inverted and read as 7 once inverted back")}[u["style"]]
     rows = [["base teacher", f"best of the {u['base_prompts']} prompts for it: `{u['base_best_prompt']}`",
@@ -223,11 +226,20 @@ def _inversion(u: dict) -> list[str]:
                      f"{u['control_a_dark_three']['subject_rate']:.2f}", "—"])
     rows += [["textual inversion", f"`{p}`", f"{v['subject_rate']:.2f}", f"{v['feature_distance_to_subject']:.3f}"]
              for p, v in u["learned"].items()]
-    return [f"Textual inversion of {what[0]} (teacher `{Path(u['teacher']).name}` `{u['teacher_hash']}`: {what[1]}; "
+    cosine = []
+    if erased:
+        top = list(u["cosine_to_original_rows"].items())[:3]
+        cosine = [f"The learned vector, started from the erased `seven` row (cosine to the original `seven` "
+                  f"{u['cosine_of_start_to_original_rows']['seven']:.2f}, to `7` "
+                  f"{u['cosine_of_start_to_original_rows']['7']:.2f}), ends closest to the original rows of "
+                  + ", ".join(f"`{w}` ({c:.2f})" for w, c in top) + " among the 20 digit words and numerals.", ""]
+    path = Path(u["teacher"])
+    teacher = "digits-text, words erased" if erased else (path.parent.name if path.suffix == ".pt" else path.name)
+    return [f"Textual inversion of {what[0]} (teacher `{teacher}` `{u['teacher_hash']}`: {what[1]}; "
             f"`<s*>` learned from {u['subject']['n']} training images in {u['updates']} updates, {u['seconds']:.0f} s; "
             f"{u['samples']} samples per prompt, DDIM 32 steps, w = 2; subject rate = {what[2]}; prompts without `<s*>` give the "
             f"base teacher's samples bit for bit: {str(u['other_prompts_unchanged']).lower()}):", "",
-            md_table(["model", "prompt", "subject rate", "feature distance to subject"], rows), ""]
+            md_table(["model", "prompt", "subject rate", "feature distance to subject"], rows), ""] + cosine
 
 
 def equal_cost(folder: Path) -> list[str]:
