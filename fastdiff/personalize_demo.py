@@ -254,7 +254,7 @@ def inversion_demo(teacher_path: str, style: str, out: Path, work: Path, updates
         learned_row = model.net.text.encoder.extra[-1].detach()
         cos = {w: float(torch.nn.functional.cosine_similarity(learned_row, v, dim=0)) for w, v in truth.items()}
         result["cosine_to_original_rows"] = dict(sorted(cos.items(), key=lambda kv: -kv[1]))
-        start = teacher.net.text.encoder.token.weight[teacher.net.text.tokenize.ids["seven"]].detach()  # its init
+        start = teacher.net.text.encoder.token.weight[teacher.net.text.encoder.tokenize.ids["seven"]].detach()  # init
         result["cosine_of_start_to_original_rows"] = {
             w: float(torch.nn.functional.cosine_similarity(start, truth[w], dim=0)) for w in ("seven", "7")}
     if style == "invert":  # the word does mean something on the digits it was trained on
