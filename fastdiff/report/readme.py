@@ -228,7 +228,7 @@ def _inversion(u: dict) -> list[str]:
              for p, v in u["learned"].items()]
     cosine = []
     if erased:
-        top = list(u["cosine_to_original_rows"].items())[:3]
+        top = sorted(u["cosine_to_original_rows"].items(), key=lambda kv: -kv[1])[:3]
         cosine = [f"The learned vector, started from the erased `seven` row (cosine to the original `seven` "
                   f"{u['cosine_of_start_to_original_rows']['seven']:.2f}, to `7` "
                   f"{u['cosine_of_start_to_original_rows']['7']:.2f}), ends closest to the original rows of "
