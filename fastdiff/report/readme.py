@@ -263,7 +263,7 @@ def equal_cost(folder: Path) -> list[str]:
     last = cd_rows[cd_rows.updates == cd_rows.updates.max()]
     best = cd_rows.loc[cd_rows.groupby("nfe").student_value.idxmin()]
     return ["At equal cost (optimiser updates of the same batch, cumulative from the teacher; the run's own "
-            f"evaluation, {pd_rows.metric.iloc[0]}): " + "; ".join(parts) + f". CD's best over its run: "
+            f"evaluation, {pd_rows.metric.iloc[0]}): " + "; ".join(parts) + ". CD's best over its run: "
             + ", ".join(f"{r.student_value:.3g} at {int(r.nfe)} NFE ({int(r.updates)} updates)"
                         for r in best.itertuples()) + f"; it ran {int(last.updates.iloc[0])} updates.", ""]
 
