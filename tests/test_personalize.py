@@ -235,3 +235,23 @@ def test_inpainting_runs_on_a_guided_student_grid_and_keeps_the_known_region():
         out = inpaint(conditional(net, y, torch.full((3,), 2.0)), x0, mask, student_grid(2),
                       schedule=Schedule("cosine", 1000), param="v", generator=sample_generators(0, range(3)))
     assert out.nfe == 2 and torch.equal(out.x[..., :4], x0[..., :4]) and not torch.equal(out.x[..., 4:], x0[..., 4:])
+
+
+def test_erase_words_replaces_only_their_rows_and_keeps_a_loadable_teacher(tmp_path, tiny_teacher):
+    """The demo's erased teacher: the rows of the erased words are fresh draws (both weight sets), every other
+    weight is the teacher's, the originals come back for comparison, and prompts without the words sample as
+    before."""
+    from fastdiff.checkpoint import load_model
+    from fastdiff.personalize_demo import _sample, erase_words
+    from fastdiff.text import VOCAB
+
+    path, original = erase_words(str(tiny_teacher), ("seven", "7"), tmp_path / "erased")
+    before, after = load_model(tiny_teacher), load_model(path)
+    rows = before.net.text.encoder.token.weight, after.net.text.encoder.token.weight
+    erased = [VOCAB.index(w) for w in ("seven", "7")]
+    kept = [i for i in range(len(VOCAB)) if i not in erased]
+    assert torch.equal(rows[0][kept], rows[1][kept]) and not torch.equal(rows[0][erased], rows[1][erased])
+    assert len(original) == 20 and torch.equal(original["seven"], rows[0][VOCAB.index("seven")])
+    a = {k: v for k, v in before.net.state_dict().items() if k != "text.encoder.token.weight"}
+    assert all(torch.equal(v, after.net.state_dict()[k]) for k, v in a.items())
+    assert torch.equal(_sample(before, 2, ["a handwritten three"] * 2), _sample(after, 2, ["a handwritten three"] * 2))
