@@ -87,7 +87,7 @@ def test_train_cli_applies_overrides_to_the_preset():
     assert cfg == dataclasses.replace(PRESETS["toy2d"], updates=7, channel_mult=(1, 2, 4), flip=True,
                                       attn_resolutions=())
     assert config_from_argv([], TrainConfig, PRESETS, "p", "d")[0] == PRESETS["digits"]
-    with pytest.raises(FastdiffError, match="unknown preset .big.; choose one of toy2d, digits, digits-cond, digits-text, digits-text-unnamed7, digits-latent, digits-diffusers, cifar10"):
+    with pytest.raises(FastdiffError, match="unknown preset .big.; choose one of toy2d, digits, digits-cond, digits-text, digits-text-unnamed7, digits-text-dark, digits-latent, digits-diffusers, cifar10"):
         config_from_argv(["--preset", "big"], TrainConfig, PRESETS, "p", "d")
 
 
