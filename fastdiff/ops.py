@@ -112,22 +112,19 @@ def sampler_step(x_t: torch.Tensor, out: torch.Tensor, *, param: str, alpha_t: t
     if validate:
         _check_step(x_t, out, param, (alpha_t, sigma_t, coef_x0, coef_xt, coef_noise), noise, seed, sample_index,
                     out_uncond, guidance)
-    kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance, noise=noise)
-    if seed is not None:
-        kwargs.update(seed=seed, sample_index=sample_index, draw=draw)
+    kwargs = dict(param=param, clip=clip, out_uncond=out_uncond, guidance=guidance)
     # the fused kernel has no backward: under autograd (noise optimisation through a sampler) the torch path runs
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_t, out, out_uncond))
     if not differentiable and _use_triton(x_t, x_t.dtype in TRITON_DTYPES):
         from fastdiff.kernels.sampler_step import sampler_step as fused_step
 
-        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
+        return fused_step(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, noise=noise, seed=seed,
+                          sample_index=sample_index, draw=draw, **kwargs)
     if seed is not None:
         from fastdiff.noise import philox_normals
 
-        kwargs["noise"] = philox_normals(seed, sample_index.to(x_t.device), kwargs.pop("draw"), x_t[0].numel()
-                                         ).reshape(x_t.shape)
-        del kwargs["seed"], kwargs["sample_index"]
-    return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, **kwargs)
+        noise = philox_normals(seed, sample_index.to(x_t.device), draw, x_t[0].numel()).reshape(x_t.shape)
+    return _sampler_step_torch(x_t, out, alpha_t, sigma_t, coef_x0, coef_xt, coef_noise, noise=noise, **kwargs)
 
 
 def _check_step(x_t, out, param, coefs, noise, seed, sample_index, out_uncond, guidance) -> None:

@@ -44,7 +44,6 @@ UniPCVariant = Literal["bh1", "bh2"]  # UniPC's B(h): bh1 = h, bh2 = e^h - 1 (Zh
 UNIPC_VARIANTS: tuple[str, ...] = get_args(UniPCVariant)
 
 
-
 @dataclass
 class Sample:
     """(B, ...) final x, the number of network evaluations, and the states at the grid points (or None)."""

@@ -27,18 +27,23 @@ NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
 
 
 @triton.jit
+def _philox_words(seed, quad, sample_index, draw):
+    """(Q,) element-quad indices -> the four (Q,) uint32 Philox4x32-10 words of counter (quad, sample_index lo,
+    sample_index hi, draw) under key `seed` (fastdiff.noise.philox4x32 is the torch twin)."""
+    c0 = quad.to(tl.uint32)
+    zero = c0 * 0
+    return tl.philox(seed, c0, zero + (sample_index & 0xFFFFFFFF).to(tl.uint32),
+                     zero + (sample_index >> 32).to(tl.uint32), zero + draw.to(tl.uint32))
+
+
+@triton.jit
 def _philox_normal_quads(seed, quad, sample_index, draw):
     """(Q,) element-quad indices -> (Q, 4) standard normals for elements 4 quad .. 4 quad + 3.
 
     Counter = (quad, sample_index lo, sample_index hi, draw), key = seed: one Philox4x32-10 call gives four
     uint32, and two Box-Muller transforms turn them into four normals, so no random bits are wasted.
     """
-    c0 = quad.to(tl.uint32)
-    zero = c0 * 0
-    c1 = zero + (sample_index & 0xFFFFFFFF).to(tl.uint32)
-    c2 = zero + (sample_index >> 32).to(tl.uint32)
-    c3 = zero + draw.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    r0, r1, r2, r3 = _philox_words(seed, quad, sample_index, draw)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
     j = tl.arange(0, 4)[None, :]
@@ -169,11 +174,7 @@ def _philox_bits_kernel(out_ptr, seed_ptr, index_ptr, draw, quads):
     q = tl.arange(0, 1024)
     for start in range(0, quads, 1024):
         quad = start + q
-        c0 = quad.to(tl.uint32)
-        zero = c0 * 0
-        index = tl.load(index_ptr + row)
-        r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), c0, zero + (index & 0xFFFFFFFF).to(tl.uint32),
-                                   zero + (index >> 32).to(tl.uint32), zero + draw.to(tl.uint32))
+        r0, r1, r2, r3 = _philox_words(tl.load(seed_ptr), quad, tl.load(index_ptr + row), draw)
         base = out_ptr + row.to(tl.int64) * quads * 4 + quad * 4
         mask = quad < quads
         tl.store(base, r0.to(tl.int64), mask=mask)
