@@ -17,7 +17,7 @@ refused (FastdiffError, exit 2):
 - `rescale_betas_zero_snr`: refused (alpha_bar_T = 0: x_T carries no signal and x0 = (x - sigma eps)/alpha divides
   by 0 at t = 1); `thresholding`: refused; `clip_sample` false or `clip_sample_range` != 1: refused (fastdiff
   clips x0 to [-1, 1] on pixel data); `variance_type` learned / learned_range: refused (fixed_small/large are the
-  DDPM sampler's two variances, both in fastdiff's sweep).
+  DDPM sampler's two variances, both in fastdiff's sweep; null, the DPM-Solver schedulers' default, is no variance).
 - `timestep_spacing`, `steps_offset`, `set_alpha_to_one`: they place diffusers' *inference* grid and change nothing
   the model computes; fastdiff samples on its own grids (its `trailing` spacing is diffusers' trailing) and
   records them.
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 PARAM_TO_PREDICTION = {v: k for k, v in PREDICTION.items()}
 VARIANCES_OK = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+LEARNED_VARIANCES = ("learned", "learned_range")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SUPPORTED = ("UNet2DModel (alone, or in a pipeline folder such as DDPMPipeline/DDIMPipeline), or a latent "
              "text-to-image pipeline folder (UNet2DConditionModel, AutoencoderKL vae/, CLIP text_encoder/ and "
@@ -136,10 +137,14 @@ def schedule_from_scheduler(sc: dict, where: str = "scheduler config",
     if not latent and (not sc.get("clip_sample", True) or float(sc.get("clip_sample_range", 1.0)) != 1.0):
         refuse("clip_sample false or clip_sample_range != 1 is not supported: fastdiff clips x0 to [-1, 1] on pixel "
                "data")
-    variance = sc.get("variance_type", "fixed_small")
-    if variance not in VARIANCES_OK:
+    # null is the default of DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler and others: the model predicts
+    # no variance (what a pipeline saved after swapping in DPM-Solver++ has)
+    variance = sc.get("variance_type")
+    if variance in LEARNED_VARIANCES:
         refuse(f"variance_type {variance!r} (a learned variance) is not supported; fastdiff takes "
-               f"{', '.join(VARIANCES_OK)}")
+               f"{', '.join(VARIANCES_OK)} or null")
+    if variance is not None and variance not in VARIANCES_OK:
+        refuse(f"variance_type {variance!r} is not supported; fastdiff takes {', '.join(VARIANCES_OK)} or null")
     if block.get("schedule"):
         schedule = Schedule.from_dict(block["schedule"])
     else:

@@ -399,6 +399,29 @@ def test_refused_scheduler_keys(tmp_path, sched, match):
         fastdiff.load_model(path, dataset="digits")
 
 
+@pytest.mark.parametrize("variance", ["learned", "learned_range", "fixed_medium"])
+def test_only_a_learned_or_unknown_variance_is_refused(variance):
+    with pytest.raises(FastdiffError, match="learned variance" if "learned" in variance else "not supported"):
+        schedule_from_scheduler({"variance_type": variance})
+
+
+@pytest.mark.parametrize("cls", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"])
+def test_a_pipeline_saved_with_a_dpm_solver_scheduler_loads_as_with_its_ddim_one(tmp_path, cls):
+    """DPM-Solver's schedulers write `variance_type: null` (no variance); the pipeline loads, with the same schedule and
+    parameterisation as its DDIM config gives."""
+    ddim_cfg = diffusers.DDIMScheduler(num_train_timesteps=T).config
+    swapped = getattr(diffusers, cls).from_config(ddim_cfg)
+    assert swapped.config.variance_type is None
+    path = tmp_path / "p"
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=swapped).save_pretrained(path)
+    assert json.loads((path / "scheduler" / "scheduler_config.json").read_text())["variance_type"] is None
+    model = fastdiff.load_model(path, dataset="digits")
+    schedule, param, _ = schedule_from_scheduler(dict(ddim_cfg))
+    assert model.param == param == "eps"
+    assert torch.equal(model.schedule.alpha_bar(torch.linspace(0, 1, 11, dtype=torch.float64)),
+                       schedule.alpha_bar(torch.linspace(0, 1, 11, dtype=torch.float64)))
+
+
 def test_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(FastdiffError, match="does not exist; pass a run dir .* or a diffusers folder"):
