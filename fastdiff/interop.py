@@ -88,17 +88,31 @@ def local_folder(source: str) -> Path:
     if p.is_dir():
         return p
     require_diffusers()
-    from huggingface_hub import snapshot_download
+    from diffusers.pipelines.pipeline_loading_utils import is_safetensors_compatible
+    from huggingface_hub import list_repo_files, snapshot_download
 
-    try:  # the configs and safetensors weights; .bin weights (loaded with weights_only=True) only if there are none
-        folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"]))
-        if not any(folder.rglob("*.safetensors")):
-            folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.bin", "*.txt", "*.md"]))
-        return folder
+    try:
+        try:
+            files = list_repo_files(source)
+        except Exception:  # offline: the hub cache may hold it (snapshot_download answers from there, or raises)
+            return Path(snapshot_download(source, local_files_only=True))
+        # diffusers' own rule, all or nothing: safetensors when every component has them, else .bin (loaded with
+        # weights_only=True) for every component -- a mixed repository must not leave a component without weights
+        weights = "*.safetensors" if is_safetensors_compatible(files) else "*.bin"
+        return Path(snapshot_download(source, allow_patterns=["*.json", weights, "*.txt", "*.md"]))
     except Exception as err:  # offline, unknown id, gated repo: huggingface_hub raises many types
         raise FastdiffError(f"{source!r} is no local path, and the Hugging Face hub cannot give it "
                             f"({type(err).__name__}; offline?): check the path, or download the model where there is "
                             f"internet (`hf download {source} --local-dir DIR`) and pass the folder") from None
+
+
+def require_weights(source, *parts: Path) -> None:
+    """FastdiffError (one line) naming the first model folder in `parts` that holds no weights file (.safetensors or
+    .bin, sharded or not): a partial download or copy, which diffusers and transformers report as a raw OSError."""
+    for part in parts:
+        if not any(part.glob("*.safetensors")) and not any(part.glob("*.bin")):
+            raise FastdiffError(f"{source}: {part} has a config but no weights (no .safetensors or .bin file): "
+                                "download or copy the model again, every component in one format")
 
 
 def find_parts(folder: Path) -> tuple[Path, Path]:
@@ -202,6 +216,7 @@ def read_diffusers(source: str, device="cpu", dataset: str = "", data_root: str 
     if cls != "UNet2DModel":
         raise FastdiffError(f"{unet_dir}: model class {cls!r} is not supported; fastdiff loads {SUPPORTED}")
     check_unet_config(unet_cfg, str(unet_dir))
+    require_weights(source, unet_dir)
     schedule, param, recorded, block, dataset = _scheduler_and_dataset(sched_path, source, dataset)
     size, channels = int(unet_cfg["sample_size"]), int(unet_cfg.get("in_channels", 3))
     shape, _ = static_info(dataset, size)
@@ -234,6 +249,7 @@ def _read_conditional(source: str, folder: Path, unet_dir: Path, sched_path: Pat
     if not (folder / "model_index.json").is_file() or missing:
         raise FastdiffError(f"{folder}: a UNet2DConditionModel is loaded from its pipeline folder, with "
                             f"{', '.join(missing) or 'model_index.json'} beside it (vae/, text_encoder/, tokenizer/)")
+    require_weights(source, unet_dir, folder / "vae", folder / "text_encoder")
     schedule, param, recorded, block, dataset = _scheduler_and_dataset(sched_path, source, dataset, latent=True)
     codec = Codec.from_folder(folder / "vae")
     unet = _pretrained(diffusers.UNet2DConditionModel, unet_dir)

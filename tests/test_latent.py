@@ -186,3 +186,62 @@ def test_pipeline_folders_fastdiff_cannot_load_are_refused_in_one_line(tmp_path)
     shutil.rmtree(source / "vae")
     with pytest.raises(FastdiffError, match="vae"):
         load_model(source, dataset="digits")
+
+
+def _fake_hub(monkeypatch, repo):
+    """huggingface_hub's listing and download served from the folder `repo` (allow_patterns honoured, as the hub
+    does), so that no test needs the internet. -> the folders each download made."""
+    import fnmatch
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import huggingface_hub
+
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    made = []
+
+    def download(repo_id, allow_patterns=None, local_files_only=False, **_):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        out = Path(tempfile.mkdtemp(prefix="snapshot", dir=repo.parent))
+        for name in files:
+            if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(repo / name, out / name)
+        made.append(out)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **_: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    return made
+
+
+def test_a_hub_pipeline_in_mixed_formats_downloads_bin_for_every_component(tmp_path, monkeypatch):
+    """diffusers' all-or-nothing rule: .bin for every component when one lacks safetensors; a component that still has
+    no weights is one line."""
+    from fastdiff.checkpoint import load_model
+
+    import shutil
+
+    from safetensors.torch import load_file
+
+    mixed = shutil.copytree(_tiny_pipeline(tmp_path), tmp_path / "hub")
+    bin_names = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin",
+                 "text_encoder": "pytorch_model.bin"}
+    for part, name in bin_names.items():  # .bin for every component, safetensors for only unet/ and vae/
+        weights, = (mixed / part).glob("*.safetensors")
+        torch.save(load_file(weights), mixed / part / name)
+        if part == "text_encoder":
+            weights.unlink()
+    made = _fake_hub(monkeypatch, mixed)
+    teacher = load_model("org/mixed", dataset="digits")
+    assert teacher.config["cond"] == "text" and len(made) == 1
+    assert not any(made[0].rglob("*.safetensors")) and all(any((made[0] / p).glob("*.bin"))
+                                                           for p in ("unet", "vae", "text_encoder"))
+
+    for weights in (mixed / "text_encoder").glob("*.bin"):  # a component with no weights in any format
+        weights.unlink()
+    made = _fake_hub(monkeypatch, mixed)
+    with pytest.raises(FastdiffError, match=r"org/mixed: .*text_encoder has a config but no weights"):
+        load_model("org/mixed", dataset="digits")
