@@ -48,7 +48,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Literal, Sequence, get_args
+from typing import Callable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -180,9 +180,12 @@ def validate(cfg: BenchConfig) -> None:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
 
-def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid: str = "") -> list[Spec]:
+def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid: str = "",
+                takes_w: Callable[[Spec], bool] = lambda spec: False) -> list[Spec]:
     """Every sampling run of the sweep, in the order of cfg.samplers; strided grids stop at T. `cd_grid` (cd{N}) is
-    the grid of the run's consistency student, sampled at every step count <= N (none without one)."""
+    the grid of the run's consistency student, sampled at every step count <= N (none without one). `takes_w(spec)`:
+    whether the spec's network takes the guidance weight as its input (a guided student), which decides how a
+    weight in another convention converts (fastdiff.guidance.to_fastdiff_w)."""
     specs: list[Spec] = []
     strided = sorted(s for s in set(cfg.steps) if s <= T)
     if len(strided) < len(set(cfg.steps)):
@@ -203,9 +206,15 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid:
             counts = {"heun": sorted({(n + 1) // 2 for n in cfg.steps}), "distilled": sorted(student_steps)}[name]
             specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in counts]
     if cfg.guidance:
-        specs = [dataclasses.replace(spec, guidance=to_fastdiff_w(w, cfg.guidance_convention)) for spec in specs
-                 for w in cfg.guidance]
+        specs = [dataclasses.replace(spec, guidance=to_fastdiff_w(w, cfg.guidance_convention, takes_w(spec)))
+                 for spec in specs for w in cfg.guidance]
     return specs
+
+
+def family_specs(cfg: BenchConfig, family: Family) -> list[Spec]:
+    """`build_specs` for a loaded family: its teacher's T, its students, and which networks take w as an input."""
+    return build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid,
+                       lambda spec: _network(family, spec).takes_w)
 
 
 def device_name(device: torch.device) -> str:
@@ -262,7 +271,7 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
     if tuple(family.reference.x.shape[1:]) != family.scored_shape:
         raise FastdiffError(f"reference data of shape {tuple(family.reference.x.shape[1:])} does not match the model's "
                             f"samples {family.scored_shape}; check --dataset")
-    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid)
+    specs = family_specs(cfg, family)
     if cfg.ci_anchor and anchor_spec(cfg, specs) is None:
         raise FastdiffError(f"--ci-anchor {cfg.ci_anchor!r} is not a row of this sweep; give SAMPLER:STEPS of one, "
                             f"e.g. {specs[0].sampler}:{specs[0].steps}")
@@ -432,7 +441,7 @@ def dry_run(cfg: BenchConfig) -> int:
     """Print the sampling runs `cfg` would do (all of them, resumed or not); loads the models, writes nothing."""
     validate(cfg)
     family = load_family(cfg, runs.resolve_device(cfg.device))
-    specs = build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid)
+    specs = family_specs(cfg, family)
     print(f"{len(specs)} sampling runs x {len(_metric_names(cfg.metrics))} metrics, {cfg.n_samples} samples each, "
           f"dataset {family.dataset}, reference {family.reference.name}:")
     for spec in specs:

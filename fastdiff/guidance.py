@@ -23,31 +23,34 @@ CONVENTIONS = {
     # Ho & Salimans 2022 eq. 6 and Meng et al. 2023 write the guided model as (1 + w) c - w u
     "meng": "(1 + w) c - w u (Ho & Salimans 2022, Meng et al. 2023): w = 0 conditional; fastdiff w = 1 + w",
     # diffusers' pipelines: noise_uncond + guidance_scale (noise_text - noise_uncond), and guidance off (the
-    # conditional model alone) when guidance_scale <= 1
+    # conditional model alone) when guidance_scale <= 1. A student with a w input (time_cond_proj_dim, as LCM) is
+    # never guided by CFG there: the pipeline embeds guidance_scale - 1 for every scale, and fastdiff embeds w - 1
+    # (fastdiff.models.diffusers_cond.guidance_embedding), so s = w at every s.
     "diffusers": "guidance_scale s: u + s (c - u) for s > 1, the conditional model for s <= 1; fastdiff w = s "
-                 "(s <= 1: w = 1)",
+                 "(s <= 1: w = 1 for a CFG model; a w-input student: w = s at every s)",
 }
 
 
-def to_fastdiff_w(value: float, convention: str) -> float:
-    """fastdiff's w for a guidance weight `value` written in `convention` (see CONVENTIONS); FastdiffError for an
-    unknown convention."""
+def to_fastdiff_w(value: float, convention: str, takes_w: bool = False) -> float:
+    """fastdiff's w for a guidance weight `value` written in `convention` (see CONVENTIONS), for a model guided by CFG
+    or (`takes_w`) a student that takes w as its input; FastdiffError for an unknown convention."""
     if convention == "fastdiff":
         return float(value)
     if convention == "meng":
         return 1.0 + float(value)
     if convention == "diffusers":
-        return float(value) if value > 1 else 1.0  # diffusers samples the conditional model alone at s <= 1
+        # diffusers samples a CFG model's conditional output alone at s <= 1; a w-input student gets s itself
+        return float(value) if value > 1 or takes_w else 1.0
     raise FastdiffError(f"unknown guidance convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
 
 
-def from_fastdiff_w(w: float, convention: str) -> float:
-    """The weight that gives fastdiff's w in `convention`; FastdiffError where that convention cannot express it
-    (diffusers' guidance_scale never gives 0 <= w < 1, nor w = 1 other than as s = 1)."""
-    if convention == "diffusers" and w < 1:
+def from_fastdiff_w(w: float, convention: str, takes_w: bool = False) -> float:
+    """The weight that gives fastdiff's w in `convention` (for a CFG model, or a `takes_w` student); FastdiffError
+    where that convention cannot express it (for a CFG model, diffusers' guidance_scale never gives 0 <= w < 1)."""
+    if convention == "diffusers" and w < 1 and not takes_w:
         raise FastdiffError(f"w = {w:g} (below the conditional model) has no diffusers guidance_scale: diffusers "
                             "samples the conditional model alone for guidance_scale <= 1")
-    return float(w) - 1.0 if convention == "meng" else to_fastdiff_w(w, convention)
+    return float(w) - 1.0 if convention == "meng" else to_fastdiff_w(w, convention, takes_w)
 
 
 def conditional(net, y: torch.Tensor, w: torch.Tensor | None = None):

@@ -40,7 +40,6 @@ class SampleConfig:
 def plan(cfg: SampleConfig, model):
     """-> (Spec of the sampler run, model(x, t) to sample, CFG weight for the sampler); FastdiffError for inputs the
     model cannot take."""
-    from fastdiff.guidance import to_fastdiff_w
     from fastdiff.sweep import Spec, as_network, conditioned
 
     network = as_network(model)
@@ -68,9 +67,17 @@ def plan(cfg: SampleConfig, model):
         return spec, model.net, None
     y = (model.net.text.tokenize([cfg.prompt] * cfg.n) if cfg.prompt
          else torch.full((cfg.n,), cfg.label, dtype=torch.long))
-    model_fn, w = conditioned(network, y.to(next(model.net.parameters()).device),
-                              to_fastdiff_w(cfg.guidance, cfg.guidance_convention))
+    model_fn, w = conditioned(network, y.to(next(model.net.parameters()).device), guidance_w(cfg, model))
     return spec, model_fn, w
+
+
+def guidance_w(cfg: SampleConfig, model) -> float:
+    """fastdiff's w for --guidance as written in --guidance-convention, for this model: a CFG teacher, or a student
+    that takes w as its input (fastdiff.guidance.to_fastdiff_w)."""
+    from fastdiff.guidance import to_fastdiff_w
+    from fastdiff.sweep import as_network
+
+    return to_fastdiff_w(cfg.guidance, cfg.guidance_convention, as_network(model).takes_w)
 
 
 def _load(cfg: SampleConfig):
@@ -87,12 +94,13 @@ def _load(cfg: SampleConfig):
     return load_model(cfg.model, device), device
 
 
-def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
-    """-> ((n, ...) samples in [-1, 1], NFE) of `cfg` (a latent model's decoded by its autoencoder)."""
+def generate(cfg: SampleConfig, loaded=None) -> tuple[torch.Tensor, int]:
+    """-> ((n, ...) samples in [-1, 1], NFE) of `cfg` (a latent model's decoded by its autoencoder); `loaded`: the
+    (model, device) of `_load(cfg)` when the caller has it."""
     from fastdiff.samplers import initial_noise
     from fastdiff.sweep import run_sampler
 
-    model, device = _load(cfg)
+    model, device = loaded or _load(cfg)
     spec, net, w = plan(cfg, model)
     shape = tuple(model.data_shape)
     x, gens = initial_noise(range(cfg.n), shape, cfg.seed, device, rng=cfg.noise)
@@ -105,20 +113,20 @@ def generate(cfg: SampleConfig) -> tuple[torch.Tensor, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastdiff import distributed as dist
     from fastdiff.data import to_uint8
-    from fastdiff.guidance import to_fastdiff_w
     from fastdiff.viz import save_samples
 
     dist.configure_cpu_threads()
     cfg, args = runs.config_from_argv(argv, SampleConfig, {"default": SampleConfig()}, "python -m fastdiff.sample",
                                       "Sample a teacher or student into a picture grid.", default_preset="default")
+    loaded = _load(cfg)
     conditioned = bool(cfg.prompt) or cfg.label >= 0
-    how = (f"guidance w = {to_fastdiff_w(cfg.guidance, cfg.guidance_convention):g}" if conditioned
+    how = (f"guidance w = {guidance_w(cfg, loaded[0]):g}" if conditioned
            else "unconditional (no --prompt/--label: --guidance has no effect)")
     if args.dry_run:
-        spec, _, _ = plan(cfg, _load(cfg)[0])
+        spec, _, _ = plan(cfg, loaded[0])
         print(f"{cfg.n} samples by {spec.label}, {how} -> {cfg.out}")
         return 0
-    x, nfe = generate(cfg)
+    x, nfe = generate(cfg, loaded)
     what = f"{cfg.prompt!r}, " if cfg.prompt else f"class {cfg.label}, " if cfg.label >= 0 else ""
     save_samples(to_uint8(x).numpy() if x.ndim == 4 else x.numpy(), Path(cfg.out), title=f"{what}NFE {nfe}")
     print(f"wrote {cfg.out}: {cfg.n} samples, NFE {nfe}, {how}")

@@ -155,6 +155,28 @@ def test_a_sweep_takes_weights_in_another_convention_and_records_w():
         assert [s.guidance for s in build_specs(cfg, 1000, [])] == want, convention
 
 
+def test_diffusers_scales_at_or_below_one_reach_a_w_input_student_unchanged():
+    """diffusers skips CFG at guidance_scale <= 1 (w = 1 for a CFG teacher), but a w-input student's pipeline embeds
+    guidance_scale - 1 at every scale: its w is the scale itself, so scales 0 and 1 give different samples there and
+    here."""
+    from fastdiff.bench import BenchConfig, build_specs
+    from fastdiff.models.diffusers_cond import guidance_embedding
+
+    cfg = BenchConfig(model="m", samplers=("ddim", "distilled"), spacings=("linspace",), steps=(4,),
+                      guidance=(0.0, 0.5, 1.0, 3.0), guidance_convention="diffusers")
+    got = build_specs(cfg, 1000, [2], takes_w=lambda spec: spec.sampler == "distilled")
+    assert [(s.sampler, s.guidance) for s in got] == [("ddim", 1.0), ("ddim", 1.0), ("ddim", 1.0), ("ddim", 3.0),
+                                                      ("distilled", 0.0), ("distilled", 0.5), ("distilled", 1.0),
+                                                      ("distilled", 3.0)]
+    for s in (0.0, 0.5, 1.0, 3.0):
+        assert from_fastdiff_w(to_fastdiff_w(s, "diffusers", takes_w=True), "diffusers", takes_w=True) == s
+    diffusers = pytest.importorskip("diffusers")
+    scales = torch.tensor([0.0, 0.5, 1.0, 3.0])
+    theirs = diffusers.StableDiffusionPipeline.get_guidance_scale_embedding(None, scales - 1, embedding_dim=256)
+    ours = guidance_embedding(torch.tensor([to_fastdiff_w(float(s), "diffusers", takes_w=True) for s in scales]), 256)
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_conditioner_draws_class_batches_as_before():
     """Class runs draw exactly what they drew before text conditioning existed (results stay reproducible)."""
     labels = torch.tensor([1, 2, 3, 4, 5, 6])
@@ -264,6 +286,12 @@ def test_text_teacher_trains_and_distils_with_guided_pd_and_cd(tmp_path, capsys)
     torch.testing.assert_close(a[:1], b)
     assert main(["--model", str(run / "students" / "cd.pt"), "--prompt", "the digit 7", "--n", "4",
                  "--out", str(tmp_path / "seven.png")]) == 0 and (tmp_path / "seven.png").stat().st_size > 0
+    # --guidance-convention diffusers: a CFG teacher samples its conditional model alone at every scale <= 1, a
+    # w-input student takes the scale as its w (what its exported pipeline embeds)
+    for model, differ in ((tmp_path / "teacher", False), (run / "students" / "student_N2.pt", True)):
+        at0, at1 = (generate(SampleConfig(model=str(model), prompt="seven", n=2, steps=2 if not differ else 0,
+                                          guidance=s, guidance_convention="diffusers"))[0] for s in (0.0, 1.0))
+        assert (not torch.equal(at0, at1)) == differ, model
     assert main(["--model", str(tmp_path / "teacher"), "--dry-run", "--guidance", "5"]) == 0
     assert "unconditional (no --prompt/--label: --guidance has no effect)" in capsys.readouterr().out
     for bad, message in ((["--label", "3"], "--label needs a class-conditional model"),
