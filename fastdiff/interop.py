@@ -341,9 +341,10 @@ def verify(model, folder: Path, n: int) -> dict:
     reloaded by fastdiff (must be bit-identical) and the folder run by diffusers -> {"steps", "fastdiff_max_abs",
     "diffusers_rel"} (max |a - b| / max |a|). An unconditional model: DDIMScheduler.step with
     use_clipped_model_output=True. A text-conditioned latent one: StableDiffusionPipeline on fastdiff's evaluation
-    prompts at guidance_scale = w = VERIFY_W (CFG for a teacher, the w input for a guided student), compared in latent
-    space (output_type="latent"). A student runs its own N steps; a teacher 8 (or the largest of 4, 2, 1 dividing T:
-    a trailing grid)."""
+    prompts at guidance_scale = w = VERIFY_W (CFG for a teacher, the w input for a guided student), compared as
+    decoded images in [0, 1] (the pipeline's own decoder path against fastdiff's codec: a latent-only check would miss
+    a decoder that differs). A student runs its own N steps; a teacher 8 (or the largest of 4, 2, 1 dividing T: a
+    trailing grid)."""
     from fastdiff.samplers import ddim, initial_noise, student_grid
 
     diffusers = require_diffusers()
@@ -394,10 +395,11 @@ def _verify_conditional(model, back: dict, folder: Path, x: torch.Tensor, steps:
     with torch.no_grad():
         ours = sample(model.net.cpu(), model.schedule, model.param)
         again = sample(back["net"], back["schedule"], back["param"])
-        y = pipe(prompt=prompts, latents=x.clone(), num_inference_steps=steps, guidance_scale=VERIFY_W, eta=0.0,
-                 output_type="latent").images
+        images = pipe(prompt=prompts, latents=x.clone(), num_inference_steps=steps, guidance_scale=VERIFY_W,
+                      eta=0.0, output_type="pt").images
+        decoded = (model.codec.decode(ours) / 2 + 0.5).clamp(0, 1)  # the pipeline's postprocessing of [-1, 1]
     return {"steps": steps, "samples": len(x), "fastdiff_max_abs": float((ours - again).abs().max()),
-            "diffusers_rel": float((y - ours).abs().max() / ours.abs().max()), "guidance": VERIFY_W}
+            "diffusers_rel": float((images - decoded).abs().max() / decoded.abs().max()), "guidance": VERIFY_W}
 
 
 def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[Path, dict | None]:
@@ -424,6 +426,11 @@ def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[
                             f"whose N divides {T}, or distil from a teacher with T a multiple of N (e.g. 1024)")
     if out.exists():
         raise FastdiffError(f"{out} exists; choose a new --out folder (export never overwrites)")
+    if conditional and model.codec.shift:
+        raise FastdiffError(f"{model.path}: its autoencoder has shift_factor {model.codec.shift:g}, which fastdiff "
+                            "decodes as z / scaling_factor + shift (as SD3-style pipelines do) but the "
+                            "StableDiffusionPipeline layout ignores: the exported folder would decode other images. "
+                            "Use an autoencoder without a shift (shift_factor null or 0)")
     block = {"schedule": model.schedule.to_dict(), "param": model.param, "kind": model.kind, "steps": n,
              "dataset": model.dataset, "discrete": model.net.cfg.discrete, "id": model.hash,
              "time": "diffusers timestep tau = t*T - 1"}
@@ -450,7 +457,7 @@ def export(model, out_dir, extra: dict | None = None, check: int = 16) -> tuple[
             extra = {**extra, "checked": f"{checked['samples']} samples, {checked['steps']} steps on fastdiff's "
                      f"per-index noise (seed 0): fastdiff reload max abs diff {checked['fastdiff_max_abs']:.3g}, "
                      f"diffusers {type(pipe).__name__} max rel diff {checked['diffusers_rel']:.3g} (float32, CPU"
-                     + (f"; guidance_scale {checked['guidance']:g}, latents)" if conditional else ")")}
+                     + (f"; guidance_scale {checked['guidance']:g}, decoded images)" if conditional else ")")}
         (tmp / "README.md").write_text(model_card(model, block, extra))
         os.replace(tmp, out)
     except OSError as err:

@@ -245,3 +245,30 @@ def test_a_hub_pipeline_in_mixed_formats_downloads_bin_for_every_component(tmp_p
     made = _fake_hub(monkeypatch, mixed)
     with pytest.raises(FastdiffError, match=r"org/mixed: .*text_encoder has a config but no weights"):
         load_model("org/mixed", dataset="digits")
+
+
+def test_a_vae_with_a_shift_is_refused_by_the_sd_layout_export_and_the_check_compares_decoded_images(tmp_path):
+    """StableDiffusionPipeline decodes z / scaling_factor and ignores the VAE's shift_factor, which fastdiff's codec
+    adds (as SD3-style pipelines do): exporting such a model in that layout is refused before anything is written, and
+    the export check compares decoded images, so a decoder that differs is caught even when the latents agree."""
+    import json
+    import shutil
+
+    from fastdiff.checkpoint import load_model
+    from fastdiff.interop import export, verify
+
+    source = _tiny_pipeline(tmp_path)
+    shifted = shutil.copytree(source, tmp_path / "shifted")
+    vae_cfg = shifted / "vae" / "config.json"
+    vae_cfg.write_text(json.dumps({**json.loads(vae_cfg.read_text()), "shift_factor": 0.5}))
+    model = load_model(shifted, dataset="digits")
+    assert model.codec.shift == 0.5
+    with pytest.raises(FastdiffError, match="shift_factor 0.5.*StableDiffusionPipeline layout ignores"):
+        export(model, tmp_path / "out", check=2)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+    # the same latents, decoded with and without the shift: the check sees the difference in the images
+    _, checked = export(load_model(source, dataset="digits"), tmp_path / "plain", check=2)
+    assert checked["diffusers_rel"] < 1e-4
+    (tmp_path / "plain" / "vae" / "config.json").write_text(vae_cfg.read_text())
+    assert verify(model, tmp_path / "plain", 2)["diffusers_rel"] > 1e-3  # export accepts <= 1e-4
