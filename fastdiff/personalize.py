@@ -121,7 +121,9 @@ def with_token(net, model, token: str, init_word: str = "") -> tuple[torch.nn.Mo
         raise FastdiffError(f"--token {token!r} must be one word (no spaces or commas)")
     network["text_tokens"] = list(network.get("text_tokens", ())) + [token]
     new = build_model(network_from_dict(network))
-    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+    # the added-word table grows by one row: copied below, not loaded (its shape differs on a personalised model)
+    state = {k: v for k, v in net.state_dict().items() if k != "text.encoder.extra"}
+    missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"text.encoder.extra"}:
         raise FastdiffError(f"{model.path}: cannot add a word (missing {missing}, unexpected {unexpected})")
     enc = new.text.encoder

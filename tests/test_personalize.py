@@ -62,6 +62,15 @@ def test_textual_inversion_changes_nothing_but_the_new_word(tmp_path, tiny_teach
         personalize(PersonalizeConfig(model=str(run), token="<s*>", updates=1, out_dir=str(tmp_path / "again")),
                     progress=False)
 
+    # a second word on the personalised model, by either method: the first word's row is kept
+    for method in ("textual-inversion", "dreambooth"):
+        again = personalize(PersonalizeConfig(model=str(run), method=method, token="<t*>", updates=2, batch_size=8,
+                                              prior_images=8, out_dir=str(tmp_path / method)), progress=False)
+        second = load_model(again)
+        assert second.network["text_tokens"] == ["<s*>", "<t*>"]
+        extra = second.net.state_dict()["text.encoder.extra"]
+        assert extra.shape[0] == 2 and torch.equal(extra[0], after["text.encoder.extra"][0])
+
 
 # --- DreamBooth ------------------------------------------------------------------------------------------------------
 
