@@ -69,7 +69,8 @@ from fastdiff.grids import Spacing, make_grid
 from fastdiff.io import atomic_path, write_text
 from fastdiff.metrics import Metric, Reference, class_accuracy, compute_metrics
 from fastdiff.noise import ROW_NAMES, NoiseRNG
-from fastdiff.results import CSV_NAME, COLUMNS, ResultsCSV, git_commit, teacher_hashes, to_csv_value
+from fastdiff.results import (CONSTRAINTS_NAME, CSV_NAME, COLUMNS, ResultsCSV, git_commit, installed_versions,
+                              teacher_hashes, to_csv_value)
 from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
 from fastdiff.sweep import (Family, Network, PartialRow, Spec, accuracy_metric, generate, load_family,
@@ -312,6 +313,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
     if dist.is_main():
+        write_text(out / CONSTRAINTS_NAME, installed_versions())
         write_text(out / CONFIG_NAME, json.dumps({"config": cfgs.to_dict(cfg),
                                                   "extractor": dataclasses.asdict(extractor),
                                                   "students": sorted(family.students), **provenance},

@@ -14,6 +14,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 
 CSV_NAME = "fid_vs_steps.csv"
+CONSTRAINTS_NAME = "constraints.txt"  # the installed package versions of the latest sweep (installed_versions)
 # A latent family's autoencoder and its reconstruction floor (fastdiff.autoencoder writes it; distill copies it beside
 # the family's CSV; the report reads it there)
 AUTOENCODER_INFO = "autoencoder.json"
@@ -59,6 +60,22 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("+dirty" if changed else "")) if head else "unknown"
+
+
+def installed_versions() -> str:
+    """A pip constraints file of every Python package installed in this environment (`name==version`, sorted; fastdiff
+    itself left out): with `pip install -c constraints.txt -e ".[dev]"` it reproduces the environment that wrote the
+    results beside it. The rows carry torch's and torch-fidelity's versions; this carries the rest."""
+    from importlib.metadata import distributions
+
+    pins = {}
+    for d in distributions():
+        name = (d.metadata["Name"] or "").strip()
+        if name and name.lower() != "fastdiff":
+            pins[name.lower().replace("_", "-")] = f"{name}=={d.version}"
+    return ("# The Python packages of the latest sweep written into this folder (python -m fastdiff.bench / distill);\n"
+            "# reproduce them with: pip install -c constraints.txt -e \".[dev,diffusers,text]\"\n"
+            + "".join(pins[k] + "\n" for k in sorted(pins)))
 
 
 def to_csv_value(v) -> str:

@@ -1,6 +1,6 @@
 """Noise schedules in continuous time t in [0, 1]: alpha_bar(t), alpha, sigma, logsnr.
 
-Conventions (DESIGN.md "math contract"): alpha_bar(0) = 1, alpha_t = sqrt(alpha_bar(t)),
+Conventions (README, "Conventions (the math contract)"): alpha_bar(0) = 1, alpha_t = sqrt(alpha_bar(t)),
 sigma_t = sqrt(1 - alpha_bar(t)), logsnr = log(alpha_t^2 / sigma_t^2). Everything is computed in
 float64 and returned as float64 tensors; callers cast to their working dtype.
 

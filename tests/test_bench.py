@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -88,6 +89,11 @@ def test_analytic_curves_fall_with_nfe_and_dpm_solver_beats_ddim(tmp_path):
     assert all(r["extractor"] == "identity" and r["n_samples"] == "1000" for r in rows)
     with np.load(tmp_path / "gauss" / rows[0]["samples_file"]) as npz:
         assert npz["samples"].shape == (500, DIM) and npz["samples"].dtype == np.float32
+    # the installed versions beside the rows, as a pip constraints file
+    pins = dict(line.split("==") for line in (tmp_path / "gauss" / "constraints.txt").read_text().splitlines()
+                if not line.startswith("#"))
+    assert pins["torch"] == importlib.metadata.version("torch") and pins["numpy"] == np.__version__
+    assert "fastdiff" not in {k.lower() for k in pins}
 
 
 def test_same_noise_per_index_in_every_row_and_batch_size_does_not_matter(tmp_path):

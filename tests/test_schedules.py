@@ -1,4 +1,4 @@
-"""Noise schedules against their closed forms (DESIGN.md, "The math contract")."""
+"""Noise schedules against their closed forms (README, "Conventions (the math contract)")."""
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ load without the training code."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import fastdiff
@@ -74,8 +75,9 @@ def test_a_cycle_is_found():
 
 
 def test_lower_layers_never_import_the_pipeline():
-    """DESIGN.md: data -> train -> distill -> bench -> report over a base that imports none of them; checkpoints
-    describe their own network, so loading one needs models/, not train; report never imports torch or a model."""
+    """README, "What is where": data -> train -> distill -> bench -> report over a base that imports none of them;
+    checkpoints describe their own network, so loading one needs models/, not train; report never imports torch or a
+    model."""
     graph = import_graph()
     distill = {m for m in graph if m.startswith("fastdiff.distill")}
     pipeline = {"fastdiff.train", "fastdiff.bench", "fastdiff.report"} | distill
@@ -84,3 +86,15 @@ def test_lower_layers_never_import_the_pipeline():
         assert not graph[base] & pipeline, (base, graph[base] & pipeline)
     assert not graph["fastdiff.bench"] & distill  # bench never reads distill's config
     assert not graph["fastdiff.models"] & pipeline
+
+
+def test_the_code_cites_only_documents_the_repository_has():
+    """Docstrings, comments and the README point at files the repository has, never at notes outside it."""
+    root = PACKAGE.parent
+    outside = re.compile(r"DESIGN\.md|STYLE\.md|architecture-review|\.\./shared")
+    files = [p for d in ("fastdiff", "kernels", "tests", "benchmarks") for p in (root / d).rglob("*.py")] + [
+        root / "README.md", root / "pyproject.toml"]
+    assert len(files) > 50
+    cited = [f"{p.relative_to(root)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+             if outside.search(line) and p.name != "test_structure.py"]
+    assert cited == []
