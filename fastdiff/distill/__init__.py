@@ -3,10 +3,10 @@
 - `config.py`: `DistillConfig`, its presets and checks.
 - `progressive.py`: progressive distillation's target and loss (Salimans & Ho 2022, Algorithm 2).
 - `guided.py`: guided distillation's w-conditioned first stage (Meng et al. 2023).
-- `stages.py`: what every stage shares: the run context, the resumable loop of one stage, student files, the
-  per-round evaluation.
-- `cli.py`: the run (teacher, rounds, sweep and report) and the command line.
-A second method is one more file beside `progressive.py`.
+- `consistency.py`: consistency distillation (Song et al. 2023, Algorithm 2), its loop, snapshots and evaluation.
+- `stages.py`: what the progressive stages share: the run context, the resumable loop of one stage, student files,
+  the per-round evaluation.
+- `cli.py`: the run (teacher, methods, sweep and report) and the command line.
 """
 from fastdiff.checkpoint import load_student
 from fastdiff.distill.cli import distill, main, sweep_and_report

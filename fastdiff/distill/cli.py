@@ -1,16 +1,23 @@
-"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): `python -m fastdiff.distill`.
+"""The distillation command, `python -m fastdiff.distill`: a teacher, its students by every method asked for, their
+evaluation, and the sweep and report that compare them.
 
-With no arguments it runs the bundled default end to end on a CPU: train (or reuse) the `digits`
-teacher, distill it round by round from `start_steps` down to 1 step, evaluate every round, then run
-the FID-vs-steps sweep and write the report. Every round is resumable: kill it at any moment and
-re-run the same command; it continues inside the current round from the last checkpoint.
+`--method` pd (progressive distillation, Salimans & Ho 2022, Alg. 2: rounds from `start_steps` down to 1 step, each
+halving the student's grid), cd (consistency distillation, Song et al. 2023, Alg. 2) or pd+cd (both from the same
+teacher at equal cost: CD gets the PD rounds' total updates and is evaluated at each PD student's cumulative cost);
+`--guided` first distils a classifier-free-guided teacher into a student that takes w as its input (Meng et al. 2023),
+then runs the method(s) on it. With no arguments it runs the bundled default (preset `digits`: PD and CD) end to end
+on a CPU: train (or reuse) the `digits` teacher, distil and evaluate, then the sweep (DDPM on the full grid, strided
+DDPM, DDIM, the ODE solvers and both students over 1-64 steps) and the report.
 
-Run dir layout: `config.json`, `state.pt` (the round in progress; the one before kept as `state.prev.pt`),
-`rounds.csv` (one row per finished round), `students/student_N{N}.pt` (each a checkpoint loadable by
-`fastdiff.load_student`, which records its own grid N: sample it with DDIM eta=0 on t_i = i/N). One process
-at a time holds the run dir; SIGTERM/SIGINT stop it after the current update with a checkpoint (exit 143/130).
-The sweep's results go to `--results-dir` (default runs/results, apart from the committed reference results),
-and a results CSV that holds another teacher's sweep is refused unless `--append-results`.
+Every stage is resumable: kill it at any moment and re-run the same command; it continues inside the current round
+(or CD's updates) from the last checkpoint. Run dir layout: `config.json`, `state.pt` (the stage in progress; the one
+before kept as `state.prev.pt`), `rounds.csv` (one row per finished PD round), `cd.csv` (CD's evaluations),
+`students/student_N{N}.pt` (a PD student, loadable by `fastdiff.load_student`, which records its own grid N: sample
+it with DDIM eta=0 on t_i = i/N), `students/cd.pt` (the CD student; `cd_u{updates}.pt` its snapshots),
+`students/guided_base.pt` (a guided run's w-conditioned first stage). One process at a time holds the run dir;
+SIGTERM/SIGINT stop it after the current update with a checkpoint (exit 143/130). The sweep's results go to
+`--results-dir` (default runs/results, apart from the committed reference results), and a results CSV that holds
+another teacher's sweep is refused unless `--append-results`.
 """
 from __future__ import annotations
 
@@ -252,12 +259,12 @@ def run_rounds(ctx: DistillRun) -> None:
     log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
 
 
-FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts, beside the teacher's 1000-step DDPM row
-# Only in the --full sweep: the samplers that add least to "which few-step method": the full-grid DDPM row (T NFE,
-# 1000 on digits: more than every other row together), the stochastic strided samplers (far behind DDIM at few
-# steps), and the UniPC variants beside diffusers' default (order 2, bh2) and its authors' pick below 10 steps for
-# unconditional models (order 3, bh1).
-FULL_ONLY_SAMPLERS = ("ddpm", "ddpm-strided", "ddim-eta1", "unipc2-bh1", "unipc3-bh2")
+FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts
+# Only in the --full sweep: the samplers that add least to "which few-step method": DDIM eta = 1 (stochastic, far
+# behind DDIM at few steps) and the UniPC variants beside diffusers' default (order 2, bh2) and its authors' pick below
+# 10 steps for unconditional models (order 3, bh1). The default keeps DDPM ancestral on the full grid (T NFE: the
+# reference every fast sampler is measured against) and strided DDPM beside DDIM.
+FULL_ONLY_SAMPLERS = ("ddim-eta1", "unipc2-bh1", "unipc3-bh2")
 
 
 def sweep_plan(dcfg: DistillConfig) -> str:

@@ -21,7 +21,8 @@ NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_sampl
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """A progressive-distillation run; `teacher_preset` names the TrainConfig preset of the teacher."""
+    """A distillation run (PD, CD or both, optionally guided); `teacher_preset` names the TrainConfig preset of the
+    teacher."""
 
     # the teacher
     teacher: str = ""  # a teacher run dir, checkpoint, diffusers folder or hub id (empty: train/reuse the preset's)

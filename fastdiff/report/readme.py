@@ -17,7 +17,8 @@ from fastdiff.results import AUTOENCODER_INFO, CSV_NAME
 
 BLOCK = re.compile(r"(<!-- results: ([\w./-]+) -->\n).*?(<!-- /results -->)", re.S)  # NAME: a folder under RESULTS
 # The lines of the summary table, in this order, where the sweep has them (--full adds the others to the report).
-SUMMARY_SAMPLERS = ("distilled", "consistency", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2", "unipc3-bh1", "heun")
+SUMMARY_SAMPLERS = ("distilled", "consistency", "ddpm", "ddpm-strided", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2",
+                    "unipc3-bh1", "heun")
 STUDENTS = dict(zip(STUDENT_SAMPLERS, ("progressive (PD) student", "consistency (CD) student")))
 
 
