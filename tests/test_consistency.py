@@ -252,9 +252,9 @@ def test_cd_gets_the_pd_rounds_updates_and_snapshots_at_each_pd_students_cost():
 
 
 def test_bare_bool_flags_and_the_full_sweep_option(monkeypatch, tmp_path):
-    """`--full` alone means true; without it the distill sweep leaves out DDIM eta = 1 and two UniPC variants (and
-    keeps DDPM on the full grid and strided DDPM), with it they and 10 and 20 steps are swept (an explicit
-    --bench-samplers wins)."""
+    """`--full` alone means true; without it the distill sweep leaves out DDIM eta = 1, DPM-Solver++(3M) and three
+    UniPC variants (and keeps DDPM on the full grid and strided DDPM), with it they and 10 and 20 steps are swept (an
+    explicit --bench-samplers wins)."""
     import fastdiff.distill.cli as cli
     from fastdiff import runs
     from fastdiff.distill.config import PRESETS, DistillConfig
@@ -278,8 +278,8 @@ def test_bare_bool_flags_and_the_full_sweep_option(monkeypatch, tmp_path):
             cli.sweep_and_report(tmp_path, cfgs_replace(PRESETS["digits"], full=full))
     lean, full = seen
     assert not set(cli.FULL_ONLY_SAMPLERS) & set(lean.samplers) and set(cli.FULL_ONLY_SAMPLERS) <= set(full.samplers)
-    assert {"consistency", "distilled", "ddpm", "ddpm-strided", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2",
-            "unipc3-bh1"} <= set(lean.samplers)
+    assert {"consistency", "distilled", "ddpm", "ddpm-strided", "ddim", "dpm++2m", "unipc2-bh2",
+            "heun"} <= set(lean.samplers)
     assert lean.steps == (1, 2, 4, 8, 16, 32, 64) and full.steps == (1, 2, 4, 8, 10, 16, 20, 32, 64)
     with pytest.raises(Stop):
         cli.sweep_and_report(tmp_path, cfgs_replace(PRESETS["digits"], bench_samplers=("ddpm", "ddim")))
