@@ -38,18 +38,14 @@ stage() {
 log "host ${HOSTNAME:-?}; $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available())" 2>&1 | tee -a "${LOGS[@]}"
 
-# install the repo without touching its dependencies (no internet there); PEP 668 systems need the second try,
-# and without any install a sitecustomize maps fastdiff.kernels onto kernels/ the way pyproject.toml does
+# install the repo without touching its dependencies (no internet there); PEP 668 systems need the second try.
+# Without any install, everything here still runs from the repository root: fastdiff/__init__.py maps kernels/ as
+# fastdiff.kernels in a checkout.
 stage install 90 python3 -m pip install --no-deps --no-build-isolation -e .
-if ! python3 -c "import fastdiff.kernels.attention" >/dev/null 2>&1; then
+if ! python3 -m pip show fastdiff >/dev/null 2>&1; then
   stage install-pep668 90 python3 -m pip install --no-deps --no-build-isolation --break-system-packages -e .
 fi
-if ! python3 -c "import fastdiff.kernels.attention" >/dev/null 2>&1; then
-  shim=$(mktemp -d)
-  printf 'import fastdiff\nfastdiff.__path__.append(%s)\n' "'$PWD'" >"$shim/sitecustomize.py"
-  export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  log "editable install failed: importing fastdiff from the source tree through $shim/sitecustomize.py"
-fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 export FASTDIFF_DISPATCH_CACHE=$RES/attention-dispatch.json  # the dispatch table this run measures, kept with it
 
