@@ -66,7 +66,7 @@ from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.features import ExtractorName, extract_features, resolve_extractor, slug, to_extractor_input
 from fastdiff.graphs import CudaGraphs, use_graphs
 from fastdiff.grids import Spacing, make_grid
-from fastdiff.io import atomic_path, write_text
+from fastdiff.io import atomic_path, cache_dir, write_text
 from fastdiff.metrics import Metric, Reference, class_accuracy, compute_metrics
 from fastdiff.noise import ROW_NAMES, NoiseRNG
 from fastdiff.results import (CONSTRAINTS_NAME, CSV_NAME, COLUMNS, ResultsCSV, git_commit, installed_versions,
@@ -75,7 +75,8 @@ from fastdiff.samplers import Variance
 from fastdiff.schedules import Schedule
 from fastdiff.sweep import (Family, Network, PartialRow, Spec, accuracy_metric, generate, load_family,
                             warm_up)
-from fastdiff.uncertainty import PairedBootstrap, load_ref_stats
+from fastdiff.scoring import Scorer
+from fastdiff.uncertainty import load_ref_stats
 from fastdiff.uncertainty import fid as fid_of
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,13 @@ class BenchConfig:
     # the metric
     extractor: ExtractorName = "auto"  # features of FID, KID and precision/recall
     metrics: tuple[Metric, ...] = ("fid", "prc")  # prc: precision and recall
-    ref_split: Literal["train", "test"] = "train"  # the reference split
+    ref_split: Literal["auto", "train", "test"] = "auto"  # the reference split (auto: held-out test; cifar10: train)
     n_ref: int = 0  # reference examples (0: the whole split)
     ref_stats: str = ""  # precomputed reference statistics .npz (mu, sigma: pytorch-fid, clean-fid, EDM) for FID
     inception_weights: str = ""  # local Inception-v3 weights file (offline)
-    ci_resamples: int = 1000  # paired-bootstrap resamples of every FID row's 95 % interval (0: no intervals)
-    ci_anchor: str = ""  # the row FID differences/ratios are taken to, SAMPLER:STEPS (empty: ddim at the most steps)
+    ci_resamples: int = 1000  # paired-bootstrap resamples of the FID differences to the anchor (0: none)
+    ci_anchor: str = ""  # the row differences are taken to, SAMPLER:STEPS (empty: ddim at the most steps)
+    teacher_samples: int = 0  # samples of the teacher (the anchor's sampler, own seeds) for KID to the teacher (0: none)
     timing_repeats: int = 0  # a separate wall-clock pass after the sweep: rounds over every row (0: none; >= 5)
     timing_batch: int = 0  # samples per timed batch of that pass (0: batch_size)
     # outputs
@@ -149,7 +151,7 @@ PRESETS = {
     # solver's, students aside. KID (unbiased; 100 subsets of min(1000, n) samples) costs ~1 s per digits row on
     # this CPU, FID 0.03 s and its 1000 paired-bootstrap resamples ~0.6 s.
     "digits": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=500, batch_size=500,
-                          metrics=("fid", "kid", "prc")),
+                          metrics=("fid", "kid", "prc"), teacher_samples=1000),
     "toy2d": BenchConfig(steps=(1, 2, 4, 8, 16, 32, 64), spacings=("linspace",), n_samples=2000, batch_size=2000,
                          clip=False, metrics=("fid", "prc", "swd"), n_ref=5000),
     # The papers' protocol; see the module docstring for the published numbers.
@@ -165,10 +167,13 @@ def validate(cfg: BenchConfig) -> None:
         raise FastdiffError("need at least one --samplers, --metrics and --steps entry")
     if any(s < 1 for s in cfg.steps):
         raise FastdiffError(f"--steps must all be >= 1, got {cfg.steps}")
-    cfgs.check_range(cfg, "n_samples", cfg.n_samples >= 4, ">= 4 (precision/recall use 3 neighbours)")
+    cfgs.check_range(cfg, "n_samples", cfg.n_samples >= (10 if "prc" in cfg.metrics else 4),
+                     ">= 10 with prc (precision/recall: 3 neighbours, in half-samples too), else >= 4")
     cfgs.check_range(cfg, "batch_size", cfg.batch_size >= 1, ">= 1")
     cfgs.check_range(cfg, "n_ref", cfg.n_ref >= 0, ">= 0 (0: the whole split)")
-    cfgs.check_range(cfg, "ci_resamples", cfg.ci_resamples >= 0, ">= 0 (0: no intervals)")
+    cfgs.check_range(cfg, "ci_resamples", cfg.ci_resamples >= 0, ">= 0 (0: no FID differences)")
+    cfgs.check_range(cfg, "teacher_samples", cfg.teacher_samples == 0 or cfg.teacher_samples >= 10,
+                     "0 (no KID to the teacher) or >= 10")
     cfgs.check_range(cfg, "timing_repeats", cfg.timing_repeats == 0 or cfg.timing_repeats >= 5,
                      "0 (no timing pass) or >= 5 (a median of at least 5)")
     cfgs.check_range(cfg, "timing_batch", cfg.timing_batch >= 0, ">= 0 (0: --batch-size)")
@@ -300,6 +305,8 @@ def run_sweep(cfg: BenchConfig, *, family: Family | None = None, progress: bool 
 def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, results: ResultsCSV | None, out: Path,
            device: torch.device, progress: bool) -> None:
     """Sample, score and write every row of `specs` missing from `results` (rank 0 scores and writes)."""
+    anchor = anchor_spec(cfg, specs)
+    teacher_ref = teacher_reference(cfg, family, anchor)
     provenance = {"dataset": family.dataset, "teacher_hash": family.teacher.hash, "clip": cfg.clip, "guidance": None,
                   "noise": ROW_NAMES[cfg.noise], "n_samples": cfg.n_samples, "seed": cfg.seed, "extractor": extractor.id,
                   "extractor_accuracy": extractor.accuracy, "reference": family.reference.name,
@@ -308,7 +315,8 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
                   "torch_fidelity_version": torch_fidelity.__version__, "fastdiff_version": fastdiff.__version__,
                   "fastdiff_commit": git_commit()}
     todo = dist.on_main(lambda: [i for i, s in enumerate(specs)
-                              if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {}))])
+                              if not all(results.has(r) for r in _rows(s, _network(family, s), cfg, provenance, {},
+                                                                        teacher_ref=teacher_ref))])
     todo = [specs[i] for i in todo]
     log.info("%s: %d of %d sampling runs to do (%s, extractor %s%s)", out / CSV_NAME, len(todo), len(specs),
              family.dataset, extractor.id, "" if extractor.accuracy is None else f", accuracy {extractor.accuracy:.4f}")
@@ -318,19 +326,15 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
                                                   "extractor": dataclasses.asdict(extractor),
                                                   "students": sorted(family.students), **provenance},
                                                  indent=2, sort_keys=True) + "\n")
-    anchor = anchor_spec(cfg, specs)
-    want_ci = bool(cfg.ci_resamples and "fid" in cfg.metrics and anchor is not None and todo)
-    ref = family.stats  # published reference statistics (--ref-stats), else None: the reference set's features
-    ci = None
-    if want_ci and dist.is_main():
-        fit = ref if ref is not None else extract_features(family.reference.x, extractor, device).numpy()
-        ci = PairedBootstrap(fit, cfg.n_samples, cfg.ci_resamples, cfg.seed)
-    if want_ci and anchor in todo:  # scored first: every later row's difference and ratio are taken to it
-        todo.insert(0, todo.pop(todo.index(anchor)))
-    elif want_ci:  # scored in an earlier run: the same per-index noise gives its samples again
-        x, *_ = generate(anchor, _network(family, anchor), family.data_shape, cfg, device)
-        if ci is not None:
-            ci.set_anchor(anchor.label, extract_features(x, extractor, device).numpy())
+    scorer = None
+    if todo:
+        scorer = _scorer(cfg, family, extractor, device, anchor, teacher_ref)
+        if anchor in todo:  # scored first: every later row's differences are taken to it
+            todo.insert(0, todo.pop(todo.index(anchor)))
+        elif anchor is not None:  # scored in an earlier run: the same per-index noise gives its samples again
+            x, *_ = generate(anchor, _network(family, anchor), family.data_shape, cfg, device)
+            if scorer is not None:
+                scorer.set_anchor(anchor.label, extract_features(x, extractor, device).numpy())
     warmed: set[str] = set()
     for i, spec in enumerate(tqdm(todo, desc=f"bench {family.dataset}", unit="row",
                                   disable=not (progress and dist.is_main()))):
@@ -341,14 +345,20 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         if network.hash not in warmed:
             warm_up(network, family.data_shape, min(cfg.batch_size, cfg.n_samples), device)
             warmed.add(network.hash)
-        keys = _rows(spec, network, cfg, provenance, {})
+        keys = _rows(spec, network, cfg, provenance, {}, teacher_ref=teacher_ref)
         partial = PartialRow(out / PARTIAL_DIR / _partial_name(spec, keys[0], cfg))
         x, nfe, times, graphed = generate(spec, network, family.data_shape, cfg, device, partial)
         if not dist.is_main():
             continue
-        features = extract_features(x, extractor, device).numpy() if ci is not None or ref is not None else None
-        values = ({"fid": fid_of(features, ref)} if ref is not None else
-                  compute_metrics(x, family.reference, extractor, cfg.metrics, device=device, seed=cfg.seed))
+        features = extract_features(x, extractor, device).numpy()
+        stats = family.stats  # published reference statistics (--ref-stats): FID from them
+        values = ({"fid": fid_of(features, stats)} if stats is not None else
+                  compute_metrics(x, family.reference, extractor, [m for m in cfg.metrics if m in ("fid", "swd")],
+                                  device=device, seed=cfg.seed))
+        if spec == anchor:
+            scorer.set_anchor(anchor.label, features)
+        scores, intervals = scorer.score(features)
+        values.update(scores)
         accuracy = accuracy_metric(spec, network, family.dataset)
         if accuracy:
             values[accuracy] = class_accuracy(x, requested_classes(range(cfg.n_samples), network.num_classes, "cpu"),
@@ -356,12 +366,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         measured = {"nfe": nfe, "wall_clock_s_per_batch": median(times), "wall_clock_s_total": sum(times),
                     "cuda_graph": graphed,
                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        interval = {}
-        if ci is not None:
-            if spec == anchor:
-                ci.set_anchor(anchor.label, features)
-            interval = ci.columns(features)
-        rows = _rows(spec, network, cfg, provenance, measured, values, interval)
+        rows = _rows(spec, network, cfg, provenance, measured, values, intervals, teacher_ref)
         save_samples(out / rows[0]["samples_file"], x, spec, nfe)
         results.add([r for r in rows if not results.has(r)])
         partial.clear()
@@ -369,6 +374,62 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
     if dist.is_main() and (out / PARTIAL_DIR).is_dir() and not any((out / PARTIAL_DIR).iterdir()):
         (out / PARTIAL_DIR).rmdir()
     dist.barrier()
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """Samples of the teacher itself that KID to the teacher (`kid_teacher` rows) is measured against: the anchor's
+    sampler, `n` samples on per-index noise of their own seed (never the sweep's)."""
+
+    spec: Spec
+    n: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """The `reference` column of the kid_teacher rows."""
+        return f"teacher-{self.spec.sampler}-{self.spec.grid}-{self.spec.steps}-n{self.n}-seed{self.seed}"
+
+
+TEACHER_SEED_OFFSET = 2**32  # the teacher reference's noise seed: the sweep's + this, apart from any sweep's own
+
+
+def teacher_reference(cfg: BenchConfig, family: Family, anchor: Spec | None) -> TeacherReference | None:
+    """The sweep's teacher reference (cfg.teacher_samples of the anchor's sampler), or None: not asked for, no KID, no
+    anchor, a guidance sweep or published reference statistics."""
+    if not cfg.teacher_samples or "kid" not in cfg.metrics or anchor is None or cfg.guidance or family.stats is not None:
+        return None
+    return TeacherReference(anchor, cfg.teacher_samples, cfg.seed + TEACHER_SEED_OFFSET)
+
+
+def teacher_features(cfg: BenchConfig, family: Family, ref: TeacherReference, extractor, device) -> np.ndarray | None:
+    """(n, d) features of the teacher reference's samples (rank 0; None elsewhere), cached under the cache folder by
+    teacher, sampler, n, seed, noise and extractor (drawn on every rank when missing)."""
+    path = cache_dir() / "teacher-samples" / slug(f"{family.teacher.hash}-{ref.name}-{cfg.noise}-{extractor.id}.npy")
+    if dist.on_main(path.is_file):
+        return np.load(path) if dist.is_main() else None
+    log.info("teacher reference: %d samples of %s (seed %d)", ref.n, ref.spec.label, ref.seed)
+    x, *_ = generate(ref.spec, family.teacher, family.data_shape,
+                     dataclasses.replace(cfg, n_samples=ref.n, seed=ref.seed), device)
+    if not dist.is_main():
+        return None
+    features = extract_features(x, extractor, device).numpy()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, features)
+    return features
+
+
+def _scorer(cfg: BenchConfig, family: Family, extractor, device, anchor: Spec | None,
+            teacher_ref: TeacherReference | None) -> Scorer | None:
+    """Rank 0's Scorer of the sweep (None elsewhere): the reference set's features (or the published statistics'
+    FID alone) and the teacher reference's features."""
+    teacher = teacher_features(cfg, family, teacher_ref, extractor, device) if teacher_ref is not None else None
+    if not dist.is_main():
+        return None
+    ref = None if family.stats is not None else extract_features(family.reference.x, extractor, device).numpy()
+    return Scorer(ref, family.stats if ref is None else ref, teacher, cfg.metrics, cfg.n_samples,
+                  cfg.ci_resamples if anchor is not None else 0, cfg.seed)
 
 
 def _partial_name(spec: Spec, key_row: dict, cfg: BenchConfig) -> str:
@@ -389,9 +450,10 @@ def _network(family: Family, spec: Spec) -> Network:
     return family.students[spec.steps] if spec.sampler == "distilled" else family.teacher
 
 
-def _metric_names(metrics: Sequence[str]) -> list[str]:
-    """The CSV metric names the requested metrics produce (KID gives mean and std, prc precision and recall)."""
-    expand = {"kid": ["kid", "kid_std"], "prc": ["precision", "recall"]}
+def _metric_names(metrics: Sequence[str], teacher_ref: bool = False) -> list[str]:
+    """The CSV metric names the requested metrics produce (KID: kid, and kid_teacher with a teacher reference; prc:
+    precision and recall)."""
+    expand = {"kid": ["kid"] + (["kid_teacher"] if teacher_ref else []), "prc": ["precision", "recall"]}
     return [name for m in metrics for name in expand.get(m, [m])]
 
 
@@ -409,9 +471,10 @@ def anchor_spec(cfg: BenchConfig, specs: Sequence[Spec]) -> Spec | None:
 
 
 def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, measured: dict,
-          values: dict | None = None, interval: dict | None = None) -> list[dict]:
+          values: dict | None = None, intervals: dict | None = None,
+          teacher_ref: TeacherReference | None = None) -> list[dict]:
     """The CSV rows (all values as strings) of one sampling run, one per metric; values None -> keys only;
-    `interval` (the CI columns) goes into the FID row."""
+    `intervals` {metric: its interval columns}; kid_teacher rows name the teacher reference as their reference."""
     base = {**provenance, **measured, "model_hash": network.hash, "sampler": spec.sampler, "grid": spec.grid,
             "grid_hash": grid_hash(spec, network.schedule), "eta": spec.eta, "variance": spec.variance,
             "steps": spec.steps, "guidance": spec.guidance, "autoencoder": network.autoencoder,
@@ -420,8 +483,9 @@ def _rows(spec: Spec, network: Network, cfg: BenchConfig, provenance: dict, meas
             **{f"train_{k}": v for k, v in (network.cost or {}).items()
                if k in ("updates", "teacher_evals", "student_passes", "wall_clock_s", "device")}}
     accuracy = accuracy_metric(spec, network, base["dataset"])
-    names = _metric_names(cfg.metrics) + ([accuracy] if accuracy else [])
-    return [{c: to_csv_value({**base, **((interval or {}) if m == "fid" else {}), "metric": m,
+    names = _metric_names(cfg.metrics, teacher_ref is not None) + ([accuracy] if accuracy else [])
+    own = {"kid_teacher": {"reference": teacher_ref.name}} if teacher_ref is not None else {}
+    return [{c: to_csv_value({**base, **own.get(m, {}), **(intervals or {}).get(m, {}), "metric": m,
                               "value": (values or {}).get(m)}.get(c)) for c in COLUMNS}
             for m in names]
 

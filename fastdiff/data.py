@@ -57,6 +57,16 @@ def static_info(name: str, image_size: int = 32) -> tuple[tuple[int, ...], int]:
                         f"(toy2d:{'|'.join(TOY2D_KINDS)})")
 
 
+def reference_split(name: str, split: str = "auto") -> str:
+    """The split a sweep scores against: `split` unless "auto", which is the held-out test split (nothing trained —
+    teacher, students, the digits feature classifier — has seen it), except for CIFAR-10, which keeps the papers'
+    convention (Inception features, 50k samples against the training set), and an image folder, which has no
+    held-out split."""
+    if split != "auto":
+        return split
+    return "train" if name.partition(":")[0] in ("cifar10", "folder") else "test"
+
+
 def data_seed(cfg) -> int:
     """The seed of the train/test split of a TrainConfig (or its dict, as a checkpoint stores it): split_seed, or
     (-1, and checkpoints before fastdiff 0.4) seed."""

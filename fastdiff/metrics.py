@@ -133,12 +133,15 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_projections: int = SWD_PR
 
 def round_scorer(dataset: str, data_shape: tuple[int, ...], *, data_root: str = "", seed: int = 0, device="cpu",
                  inception_weights: str = ""):
-    """-> (metric name, score(samples) -> FID): FID of (N, *data_shape) samples against `dataset`'s train split
-    (split seed `seed`, from `data_root`) with the data set's default extractor, computed on `device`; the
-    extractor and the reference are resolved once. The per-round score of distillation."""
+    """-> (metric name, score(samples) -> FID): FID of (N, *data_shape) samples against `dataset`'s reference split
+    (fastdiff.data.reference_split: the held-out test split, CIFAR-10's train split; split seed `seed`, from
+    `data_root`) with the data set's default extractor, computed on `device`; the extractor and the reference are
+    resolved once. The per-round score of distillation."""
+    from fastdiff.data import reference_split
+
     extractor = resolve_extractor("auto", dataset, tuple(data_shape), inception_weights=inception_weights,
                                   data_root=data_root)
-    reference = load_reference(dataset, "train", data_root=data_root, seed=seed)
+    reference = load_reference(dataset, reference_split(dataset), data_root=data_root, seed=seed)
 
     def score(samples: torch.Tensor) -> float:
         return compute_metrics(samples.cpu(), reference, extractor, ("fid",), device=device, seed=seed)["fid"]

@@ -27,7 +27,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.graphs import GraphedLoop, use_graphs
 from fastdiff.grids import make_grid
 from fastdiff.io import write_bytes
-from fastdiff.data import data_seed
+from fastdiff.data import data_seed, reference_split
 from fastdiff.metrics import Reference, load_reference
 from fastdiff.schedules import Schedule
 
@@ -283,8 +283,8 @@ def load_family(cfg, device: torch.device) -> Family:
         st = load_model(students_dir / "cd.pt", device)
         cd_grid, cd_student = f"cd{int(st.cd['steps'])}", as_network(st)
     dataset = cfg.dataset or teacher.dataset
-    reference = load_reference(dataset, cfg.ref_split, cfg.n_ref, cfg.data_root or teacher.config.get("data_root", ""),
-                               seed=data_seed(teacher.config or {}))
+    reference = load_reference(dataset, reference_split(dataset, cfg.ref_split), cfg.n_ref,
+                               cfg.data_root or teacher.config.get("data_root", ""), seed=data_seed(teacher.config or {}))
     network = as_network(teacher)
     if cfg.guidance and not network.num_classes:
         raise FastdiffError(f"--guidance needs a conditional teacher (trained with --cond class or text); "

@@ -1,20 +1,19 @@
 """Sampling uncertainty of FID: a paired bootstrap over sample indices, with basic (pivotal) intervals.
 
 Why paired: every row of a sweep draws sample k from the same per-index noise, so resampling the same indices in
-every row keeps the rows' errors correlated as they are, and the interval of a *difference* or *ratio* to a
-reference row is much narrower than the two rows' own intervals would suggest.
+every row keeps the rows' errors correlated as they are, and the interval of a *difference* to the anchor row is
+much narrower than the two rows' own intervals would suggest.
 
-Why differences, with basic intervals: FID is biased upward (≈ tr(Σ)/n-order terms), and a bootstrap resample
+Why only differences, with basic intervals: FID is biased upward (≈ tr(Σ)/n-order terms), and a bootstrap resample
 holds only ~63 % distinct samples, so the resampled FIDs sit above the full-sample estimate; percentile intervals
 inherit that shift and can lie entirely above the estimate. The basic interval [2θ̂ − q_{1−α/2}, 2θ̂ − q_{α/2}] uses
 the spread of θ* − θ̂ as that of θ̂ − θ, so a shift is subtracted instead of reported (Davison & Hinkley 1997,
-eq. 5.6); that suffices where the shift is small (the Gaussian test: d = 8, n = 300), but on 64-d features with
-n = 500 the shift (+0.9 on the digits teacher) exceeds a good model's FID (0.63), the bootstrap over-states the
-bias, and intervals of a FID on its own come out below it. The shift is common to all rows, so the paired
-*difference* to the anchor is resampled (its replicates centre on its estimate: measured), and the row's FID and
-its ratio are reported on the anchor's scale (`paired_intervals`). Everything covers the sampling variance of the
-generated samples only: not the reference set (held fixed), not the anchor's own sampling variance, and not the
-teacher's training (rerun over teacher seeds for that).
+eq. 5.6); on 64-d features with n = 500 the shift (+0.9 on the digits teacher) exceeds a good model's FID, so an
+interval of a FID on its own, or of a ratio to the anchor's, is not given. The shift is common to all rows, so the
+paired *difference* to the anchor is resampled (its replicates centre on its estimate: measured). It covers the
+sampling variance of both rows' generated samples (the anchor's included), not the reference set (held fixed) and
+not the teacher's training; its coverage is measured by fastdiff.coverage. The distance with intervals that include
+the reference's variance is KID (fastdiff.distances).
 
 FID (Heusel et al. 2017) from moments against a fixed reference: ||μ − μ_r||² + tr Σ + tr Σ_r − 2 tr (Σ_r^½ Σ Σ_r^½)^½,
 which equals torch-fidelity's tr (Σ Σ_r)^½ (same eigenvalues) but needs one symmetric eigendecomposition
@@ -125,34 +124,17 @@ def basic_interval(estimate: float, boot: np.ndarray, level: float = 0.95) -> tu
     return float(2 * estimate - hi_q), float(2 * estimate - lo_q)
 
 
-@dataclass(frozen=True)
-class Interval:
-    """One row's intervals against the anchor row: its FID on the anchor's scale, the difference, the ratio."""
+def paired_difference(est: float, boot: np.ndarray, ref_est: float, ref_boot: np.ndarray,
+                      level: float = 0.95) -> tuple[float, float]:
+    """The basic interval of FID − FID_anchor from replicates on the same resamples (both rows resampled alike: the
+    anchor's own sampling variance is in it).
 
-    fid: tuple[float, float]
-    diff: tuple[float, float]
-    ratio: tuple[float, float]
-
-    @property
-    def significant(self) -> bool:
-        """The difference to the reference row excludes 0."""
-        return self.diff[0] > 0 or self.diff[1] < 0
-
-
-def paired_intervals(est: float, boot: np.ndarray, ref_est: float, ref_boot: np.ndarray,
-                     level: float = 0.95) -> Interval:
-    """A row's intervals against the anchor from replicates on the same resamples: the basic interval of
-    FID − FID_anchor, and on the anchor's scale (its estimate held fixed) the row's FID, FID_anchor + [lo, hi], and
-    the ratio, 1 + [lo, hi] / FID_anchor.
-
-    Why not intervals of the FID itself or bootstrap ratios: a resample holds ~63 % distinct samples, which shifts
-    its FID up by about as much as (or more than) a good model's FID — measured on the digits teacher (64-d
-    features, n = 500): resampled FIDs average 1.53 against the estimate 0.630 (sd 0.52), so a basic interval of the
-    FID itself is [−1.65, 0.47] and ratios of resampled FIDs are meaningless. The shift is common to every row and
-    cancels in the paired difference (mean of the resampled differences 0.041 against the estimate 0.042, DDIM 32
-    vs 64 steps), which is what is resampled here. The anchor's own sampling variance is not in these intervals."""
-    lo, hi = basic_interval(est - ref_est, boot - ref_boot, level)
-    return Interval((ref_est + lo, ref_est + hi), (lo, hi), (1 + lo / ref_est, 1 + hi / ref_est))
+    Why only the difference: a resample holds ~63 % distinct samples, which shifts its FID up by about as much as (or
+    more than) a good model's FID — measured on the digits teacher (64-d features, n = 500): resampled FIDs average
+    1.53 against the estimate 0.630 (sd 0.52), so a basic interval of the FID itself is [−1.65, 0.47] and ratios of
+    resampled FIDs are meaningless. The shift is common to every row and cancels in the paired difference (mean of
+    the resampled differences 0.041 against the estimate 0.042, DDIM 32 vs 64 steps)."""
+    return basic_interval(est - ref_est, boot - ref_boot, level)
 
 
 class PairedBootstrap:
@@ -170,10 +152,10 @@ class PairedBootstrap:
         self.anchor = (label, fid(features, self.ref), bootstrap_fids(features, self.counts, self.ref))
 
     def columns(self, features: np.ndarray) -> dict:
-        """The results CSV's CI_COLUMNS of a row with (n, d) `features` (the anchor must be set)."""
+        """The interval columns of a FID row with (n, d) `features` (the anchor must be set): its paired difference
+        to the anchor."""
         label, a_est, a_boot = self.anchor
-        iv = paired_intervals(fid(features, self.ref), bootstrap_fids(features, self.counts, self.ref), a_est,
-                              a_boot, self.level)
-        return {"ci_low": iv.fid[0], "ci_high": iv.fid[1], "diff_low": iv.diff[0], "diff_high": iv.diff[1],
-                "ratio_low": iv.ratio[0], "ratio_high": iv.ratio[1], "ci_reference": label,
-                "ci_method": f"{METHOD} {self.level:.0%}", "ci_resamples": len(self.counts)}
+        lo, hi = paired_difference(fid(features, self.ref), bootstrap_fids(features, self.counts, self.ref), a_est,
+                                   a_boot, self.level)
+        return {"diff_low": lo, "diff_high": hi, "ci_reference": label, "ci_method": f"{METHOD} {self.level:.0%}",
+                "ci_resamples": len(self.counts)}

@@ -147,43 +147,61 @@ def test_interrupted_sweep_resumes_with_only_the_missing_rows(tmp_path):
     assert len(rows) == len({(r["sampler"], r["steps"]) for r in rows}) == 8
 
 
-def test_fid_rows_carry_paired_bootstrap_intervals_to_the_anchor_row(tmp_path):
-    """Every FID row gets the basic 95 % interval of its FID, of its difference and of its ratio to the anchor row
-    (ddim at the most steps); a sweep extended later regenerates the anchor's samples (same per-index noise) and
-    gives the new rows the intervals a single run gives them; the report marks what is not significant."""
+def test_rows_carry_their_intervals_and_paired_differences_to_the_anchor_row(tmp_path):
+    """KID (against the reference and against the teacher's own samples), precision and recall carry their own 95 %
+    interval and that of their paired difference to the anchor row (ddim at the most steps); FID only the difference
+    (no interval of one FID, no ratio); a sweep extended later regenerates the anchor's samples (same per-index noise)
+    and gives the new rows the intervals a single run gives them; the teacher's samples are cached."""
+    import json
+
     from fastdiff.errors import FastdiffError
 
-    family = gaussian_family(n_ref=2000)
-    one = gaussian_cfg(tmp_path / "one", steps=(1, 2, 4), n_samples=200, batch_size=100, ci_resamples=200)
-    rows = {(r["sampler"], int(r["steps"])): r for r in read_rows(run_sweep(one, family=family, progress=False))}
+    family = gaussian_family(n_ref=300)
+    one = gaussian_cfg(tmp_path / "one", steps=(1, 2, 4), n_samples=200, batch_size=100, ci_resamples=200,
+                       metrics=("fid", "kid", "prc"), teacher_samples=150)
+    rows = {(r["sampler"], int(r["steps"]), r["metric"]): r
+            for r in read_rows(run_sweep(one, family=family, progress=False))}
+    assert {m for _, _, m in rows} == {"fid", "kid", "kid_teacher", "precision", "recall"}
     assert {r["ci_reference"] for r in rows.values()} == {"ddim/quadratic/4"}
-    assert {r["ci_method"] for r in rows.values()} == {"basic paired bootstrap of the difference to the anchor 95%"}
-    assert {r["ci_resamples"] for r in rows.values()} == {"200"}
-    anchor = rows["ddim", 4]
-    assert float(anchor["diff_low"]) == float(anchor["diff_high"]) == 0.0
-    assert float(anchor["ratio_low"]) == float(anchor["ratio_high"]) == 1.0
-    assert float(rows["ddim", 1]["ratio_low"]) > 1 and float(rows["ddim", 1]["diff_low"]) > 0  # 1 step: worse
-    assert all(float(r["ci_low"]) < float(r["ci_high"]) for k, r in rows.items() if k != ("ddim", 4))
-    for r in rows.values():  # the FID and the ratio on the anchor's scale: FID_anchor + diff, 1 + diff / FID_anchor
-        a = float(anchor["value"])
-        assert float(r["ci_low"]) == pytest.approx(a + float(r["diff_low"]))
-        assert float(r["ratio_high"]) == pytest.approx(1 + float(r["diff_high"]) / a)
-    two = gaussian_cfg(tmp_path / "two", samplers=("ddim",), steps=(1, 2, 4), n_samples=200, batch_size=100,
-                       ci_resamples=200)
-    run_sweep(two, family=family, progress=False)
-    later = {(r["sampler"], int(r["steps"])): r for r in read_rows(
+    fid = {k: r for k, r in rows.items() if k[2] == "fid"}
+    assert {r["ci_method"] for r in fid.values()} == {"basic paired bootstrap of the difference to the anchor 95%"}
+    assert {(r["ci_low"], r["ratio_low"], r["ratio_high"]) for r in fid.values()} == {("", "", "")}
+    assert float(rows["ddim", 1, "fid"]["diff_low"]) > 0  # 1 step: worse
+    for k, r in rows.items():
+        if k[2] != "fid":
+            assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]), k
+            if k[2].startswith("kid"):  # the anchor's own interval too: not 0 wide
+                assert float(r["ci_low"]) < float(r["ci_high"]), k
+            assert r["ci_method"].startswith(("two-sample jackknife", "paired over sample indices")), k
+        if k[:2] == ("ddim", 4):
+            assert float(r["diff_low"]) == float(r["diff_high"]) == 0.0
+    assert float(rows["ddim", 1, "kid"]["diff_low"]) > 0
+    teacher_rows = [r for k, r in rows.items() if k[2] == "kid_teacher"]
+    assert {r["reference"] for r in teacher_rows} == {"teacher-ddim-quadratic-4-n150-seed4294967296"}
+    assert {r["reference"] for k, r in rows.items() if k[2] != "kid_teacher"} == {"gauss-ref"}
+    lo, hi = float(rows["ddim", 4, "kid_teacher"]["ci_low"]), float(rows["ddim", 4, "kid_teacher"]["ci_high"])
+    assert lo < 0 < hi  # the anchor's sampler against its own other samples: no distance
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), samplers=("ddim",))
+    spy = Spy(family.teacher.net)
+    run_sweep(two, family=dataclasses.replace(family, teacher=dataclasses.replace(family.teacher, net=spy)),
+              progress=False)
+    assert len(spy.first_inputs) == 3 * 2  # three rows of two batches: the teacher's samples came from the cache
+    later = {(r["sampler"], int(r["steps"]), r["metric"]): r for r in read_rows(
         run_sweep(dataclasses.replace(two, samplers=("ddim", "dpm++2m")), family=family, progress=False))}
     for key in [k for k in rows if k[0] == "dpm++2m"]:
-        for col in ("ci_low", "ci_high", "diff_low", "diff_high", "ratio_low", "ratio_high"):
-            assert float(later[key][col]) == pytest.approx(float(rows[key][col]), rel=1e-9, abs=1e-12), (key, col)
+        for col in ("value", "ci_low", "ci_high", "diff_low", "diff_high"):
+            got, want = later[key][col], rows[key][col]
+            assert (got == want == "") or float(got) == pytest.approx(float(want), rel=1e-9, abs=1e-12), (key, col)
     report = write_report(tmp_path / "one").read_text()
-    assert "basic paired bootstrap of the difference to the anchor 95% over sample indices, 200 resamples" in report
-    assert "(anchor)" in report
-    assert "Every FID with its 95 % interval" in report and "How many NFE to reach a quality" in report
-    assert (tmp_path / "one" / "gauss" / "nfe_to_quality.png").is_file()
+    assert "two-sample jackknife (generated + reference samples), normal 95%" in report
+    assert "(anchor)" in report and "Every row with its 95 % intervals" in report
+    assert "NFE to reach the teacher**: not stated — no margin" in report
+    (tmp_path / "one" / "gauss" / "margin.json").write_text(json.dumps({"delta": 1e9, "what": "a test margin"}))
+    report = write_report(tmp_path / "one").read_text()
+    assert "margin δ = 1e+09 KID (a test margin)" in report and "Speed-up of the best student" in report
     none = read_rows(run_sweep(gaussian_cfg(tmp_path / "none", steps=(1,), n_samples=50, ci_resamples=0),
                                family=family, progress=False))
-    assert {r["ci_low"] for r in none} == {""}
+    assert {(r["ci_low"], r["diff_low"]) for r in none} == {("", "")}
     with pytest.raises(FastdiffError, match="--ci-anchor 'heun:3' is not a row of this sweep"):
         run_sweep(gaussian_cfg(tmp_path / "bad", ci_anchor="heun:3"), family=family, progress=False)
     assert not (tmp_path / "bad").exists()
@@ -194,7 +212,7 @@ def test_a_separate_interleaved_timing_pass_feeds_the_time_to_quality_table(tmp_
 
     family = gaussian_family(n_ref=1000)
     cfg = gaussian_cfg(tmp_path, steps=(1, 4), n_samples=100, batch_size=50, timing_repeats=5, timing_batch=20,
-                       ci_resamples=100)
+                       ci_resamples=100, metrics=("fid", "kid"))
     run_sweep(cfg, family=family, progress=False)
     rows = read_rows(tmp_path / "gauss" / "timing.csv")
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", "1", "1"), ("ddim", "4", "4"),
@@ -203,6 +221,7 @@ def test_a_separate_interleaved_timing_pass_feeds_the_time_to_quality_table(tmp_
     assert all(float(r["min_s"]) <= float(r["median_s"]) <= float(r["max_s"]) for r in rows)
     assert all(float(r["ms_per_sample"]) == pytest.approx(1000 * float(r["median_s"]) / 20) for r in rows)
     assert rows[0]["cpu_model"] and rows[0]["load_before"]
+    (tmp_path / "gauss" / "margin.json").write_text('{"delta": 1.0}')  # the answer table, which says where its ms are
     assert "from the separate timing pass (timing.csv: median of 5 interleaved repeats" in write_report(
         tmp_path).read_text()
     with pytest.raises(FastdiffError, match="--timing-repeats must be 0 .no timing pass. or >= 5"):
@@ -290,13 +309,13 @@ def test_cli_sweeps_a_distillation_run_and_the_report_reads_it(tmp_path, distill
     out = tmp_path / "results"
     argv = ["--distill-dir", str(distill_run), "--samplers", "ddpm,ddim,distilled", "--spacings", "linspace",
             "--steps", "1,2", "--n-samples", "12", "--batch-size", "8", "--metrics", "fid,kid,prc",
-            "--out-dir", str(out), "--device", "cpu"]
+            "--teacher-samples", "20", "--out-dir", str(out), "--device", "cpu"]
     assert run_cli(main, argv) == 0
     rows = read_rows(out / "digits" / "fid_vs_steps.csv")
     runs = {(r["sampler"], r["grid"], int(r["steps"]), int(r["nfe"])) for r in rows}
     assert runs == {("ddpm", "full", 16, 16), ("ddim", "linspace", 1, 1), ("ddim", "linspace", 2, 2),
                     ("distilled", "student", 1, 1), ("distilled", "student", 2, 2)}
-    assert {r["metric"] for r in rows} == {"fid", "kid", "kid_std", "precision", "recall"}
+    assert {r["metric"] for r in rows} == {"fid", "kid", "kid_teacher", "precision", "recall"}
     assert float(rows[0]["extractor_accuracy"]) > 0.9 and rows[0]["extractor"].startswith("classifier-digits-")
     students = {r["model_hash"] for r in rows if r["sampler"] == "distilled"}
     assert len(students) == 2 and rows[0]["teacher_hash"] not in students
@@ -313,7 +332,8 @@ def test_bench_after_distill_sweeps_the_run_and_writes_the_report(tmp_path, dist
     from fastdiff import bench
     from fastdiff.distill import DistillConfig, sweep_and_report
 
-    small = dataclasses.replace(bench.PRESETS["digits"], samplers=("ddim", "distilled"), n_samples=8, batch_size=8)
+    small = dataclasses.replace(bench.PRESETS["digits"], samplers=("ddim", "distilled"), n_samples=10, batch_size=10,
+                                teacher_samples=20)
     monkeypatch.setitem(bench.PRESETS, "digits", small)
     dcfg = DistillConfig(teacher_preset="digits", results_dir=str(tmp_path / "res"), bench_steps=(1, 4), device="cpu")
     report = sweep_and_report(distill_run, dcfg)
@@ -325,7 +345,7 @@ def test_bench_after_distill_sweeps_the_run_and_writes_the_report(tmp_path, dist
 
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, distill_run, capsys, monkeypatch):
     out = tmp_path / "results"
-    common = ["--out-dir", str(out), "--device", "cpu", "--n-samples", "8"]
+    common = ["--out-dir", str(out), "--device", "cpu", "--n-samples", "10"]
     cases = [
         ["--distill-dir", str(distill_run), "--samplers", "ddim,euler"],
         ["--model", str(tmp_path / "missing")],

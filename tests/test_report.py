@@ -58,8 +58,11 @@ def test_report_from_csv_npz_and_gpu_json_without_torch(tmp_path):
                     "samples_nfe8.png"):
             assert (tmp_path / dataset / png).stat().st_size > 1000
             assert f"]({dataset}/{png})" in report
-    # Best FID within each budget: dpm++... all lines share 100/nfe, line k adds k: the ddim line (k=0) wins.
-    assert "| 8 | ddim (quadratic, η=0) | 8 | 8 | 12.5 |" in report
+    # Best KID (the primary distance when a sweep has it) within each budget: every line has 0.1/nfe, ties go to the
+    # smaller NFE, then the line's name; the FID table beside it (line k adds k to 100/nfe)
+    assert "| 8 | ddim (quadratic, η=0) | 8 | 8 | 0.0125 |" in report
+    assert "| ddpm-strided (linspace, large var.) | 101 | 51 | 26 | 13.5 |" in report
+    assert "**Old protocol**: these rows are scored against `digits-train-n1437`" in report
     assert "distilled students (own N-step grid)" in report and "0.97" in report and "abc123" in report
     assert "NVIDIA H100 80GB HBM3" in report and "| 16M | float32 | 0.21 | 2900 |" in report
 
@@ -148,20 +151,34 @@ def test_a_results_csv_from_before_the_cost_columns_is_read_and_extended(tmp_pat
             assert reader.fieldnames == COLUMNS and len(list(reader)) == 2
 
 
-def test_time_to_quality_uses_the_upper_bound_and_gives_a_conservative_speedup():
-    import pandas as pd
+def test_holm_rejects_step_down():
+    from fastdiff.report.answer import holm
 
-    from fastdiff.report.answer import reached, speedup
+    assert list(holm(np.array([0.01, 0.04, 0.03, 0.2]))) == [True, False, False, False]  # 0.03 > 0.05/3
+    assert list(holm(np.array([0.001, 0.02, 0.012, 0.2]))) == [True, True, True, False]  # 0.0125, 0.0167, 0.025
 
-    rows = []
-    for line, sampler, pts in [("dpm", "dpm++2m", [(4, 3.0, 2.5, 3.5), (8, 1.2, 1.05, 1.25), (16, 1.0, 0.97, 1.04)]),
-                               ("pd", "distilled", [(1, 1.5, 1.2, 1.8), (2, 1.1, 1.02, 1.2), (4, 1.0, 0.98, 1.03)])]:
-        for nfe, ratio, lo, hi in pts:
-            rows.append({"line": line, "sampler": sampler, "nfe": nfe, "ratio_low": lo, "ratio_high": hi,
-                         "wall_clock_s_total": nfe * 0.1, "n_samples": 100, "value": ratio})
-    table = reached(pd.DataFrame(rows), 1.3).set_index("line")
-    assert table.loc["dpm", "nfe"] == 8 and table.loc["pd", "nfe"] == 2  # upper bounds 1.25 and 1.2 <= 1.3
-    assert table.loc["pd", "nfe_optimistic"] == 1 and table.loc["dpm", "ms"] == pytest.approx(8.0)
-    up, low, high, student, solver = speedup(table.reset_index())
-    assert (up, low, high, student, solver) == (4.0, 4.0, 8.0, "pd", "dpm")
-    assert speedup(reached(pd.DataFrame(rows), 1.01)) is None  # no solver's upper bound gets there
+
+def test_nfe_to_the_teacher_is_a_non_inferiority_decision_under_holm_and_the_speedup_is_conservative():
+    from fastdiff.report.answer import Z95, decisions, reached, samples_to_resolve, speedup
+
+    rows = [{"line": "anchor", "sampler": "ddim", "nfe": 64, "gap": 0.0, "sd": 0.0, "is_anchor": True}]
+    for line, sampler, pts in [("dpm", "dpm++2m", [(4, 3.0, 0.2), (8, 0.5, 0.1), (16, 0.0, 0.1)]),
+                               ("pd", "distilled", [(1, 1.1, 0.2), (2, 0.2, 0.1), (4, 0.05, 0.05)])]:
+        rows += [{"line": line, "sampler": sampler, "nfe": nfe, "gap": gap, "sd": sd, "is_anchor": False}
+                 for nfe, gap, sd in pts]
+    df = pd.DataFrame(rows)
+    df = df.assign(diff_low=df.gap - Z95 * df.sd, diff_high=df.gap + Z95 * df.sd, ms=df.nfe * 0.5)
+    decided = decisions(df, 1.0)
+    assert "anchor" not in set(decided.line)
+    table = reached(decided).set_index("line")
+    # established within delta = 1: dpm at 8 (z = 5), pd at 2 (z = 8); pd at 1 NFE (gap 1.1 +- 0.2) is neither
+    # established within nor established worse: its optimistic NFE
+    assert (table.loc["dpm", "nfe"], table.loc["pd", "nfe"]) == (8, 2)
+    assert (table.loc["dpm", "nfe_optimistic"], table.loc["pd", "nfe_optimistic"]) == (8, 1)
+    assert table.loc["dpm", "ms"] == pytest.approx(4.0)
+    assert speedup(table.reset_index()) == (4.0, 4.0, 8.0, "pd", "dpm")
+    # a margin nothing reaches: no speed-up, and the n at which the closest row would be established
+    strict = decisions(df, 0.06)
+    assert speedup(reached(strict)) is None
+    need = samples_to_resolve(strict, 0.06, 100)
+    assert need is not None and need > 100

@@ -276,8 +276,8 @@ def sweep_plan(dcfg: DistillConfig) -> str:
 def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
     """The BenchConfig of the sweep that ends `python -m fastdiff.distill`: the bench preset of the teacher preset's
     data set (digits/toy2d/cifar10), the run's teacher and students, its seed/device, and `bench_steps`,
-    `bench_samplers`, `bench_samples` where set. Without --full (and --bench-samplers) the sweep leaves out
-    FULL_ONLY_SAMPLERS; --full runs them and adds 10 and 20 steps."""
+    `bench_samplers`, `bench_samples`, `bench_teacher_samples` where set. Without --full (and --bench-samplers) the
+    sweep leaves out FULL_ONLY_SAMPLERS; --full runs them and adds 10 and 20 steps."""
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
@@ -292,6 +292,8 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
         steps["steps"] = tuple(sorted(set(steps.get("steps", base.steps)) | set(FULL_EXTRA_STEPS)))
     if dcfg.bench_samples:
         steps.update(n_samples=dcfg.bench_samples, batch_size=min(base.batch_size, dcfg.bench_samples))
+    if dcfg.bench_teacher_samples:
+        steps["teacher_samples"] = dcfg.bench_teacher_samples
     return dataclasses.replace(base, model="", distill_dir=str(run_dir), seed=dcfg.seed, device=dcfg.device,
                                name=sweep_name(dcfg), out_dir=dcfg.results_dir, append=dcfg.append_results,
                                inception_weights=dcfg.inception_weights, dataset=dcfg.dataset, noise=dcfg.noise,

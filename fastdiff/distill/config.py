@@ -16,7 +16,7 @@ ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "m
 NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_samples", "bench", "results_dir",
                      "bench_steps",
                      "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
-                     "bench_samplers", "full", "noise")
+                     "bench_samplers", "bench_teacher_samples", "full", "noise")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class DistillConfig:
     bench_steps: tuple[int, ...] = ()  # sampling steps of the sweep (empty: the bench preset's)
     bench_samples: int = 0  # samples per row (0: the bench preset's)
     bench_samplers: tuple[str, ...] = ()  # samplers of the sweep (empty: the bench preset's)
+    bench_teacher_samples: int = 0  # teacher samples that KID to the teacher is measured against (0: the preset's)
     full: bool = False  # the full sweep: adds DDPM (1000 steps), strided DDPM, DDIM eta=1, 2 UniPC variants, 10/20
     results_dir: str = "runs/results"  # where the sweep's CSV, plots and report go
     append_results: bool = False  # add this teacher's rows to a CSV that holds another teacher's sweep
@@ -178,6 +179,8 @@ def validate(cfg: DistillConfig) -> None:
         raise FastdiffError("--dataset/--data-root name the data of a diffusers --teacher; a preset teacher's data "
                             "comes from --teacher-preset")
     cfgs.check_range(cfg, "bench_samples", cfg.bench_samples >= 0, ">= 0 (0: the bench preset's)")
+    cfgs.check_range(cfg, "bench_teacher_samples", cfg.bench_teacher_samples == 0 or cfg.bench_teacher_samples >= 10,
+                     "0 (the bench preset's) or >= 10")
     most = int(math.log2(cfg.start_steps))
     cfgs.check_range(cfg, "rounds", 0 <= cfg.rounds <= most,
                      f"in [0, {most}] for --start-steps {cfg.start_steps} (0: down to 1 step)")

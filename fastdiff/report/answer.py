@@ -1,60 +1,109 @@
-"""The answer in one table: how many NFE (and how much sampling time) each sampler and each student family needs to
-reach a given quality, relative to the sweep's anchor row, from the CSV's paired-bootstrap ratio intervals only.
+"""The answer in one table: at how many NFE each sampler and each student family is as good as the teacher, and how
+many NFE the best student saves — non-inferiority statements with a stated margin and family-wise error control,
+from the CSV's KID differences to the anchor row only.
 
-A line *reaches* level L (FID within L× the anchor's) at the smallest NFE whose upper 95 % bound of FID/FID_anchor
-is ≤ L (pessimistic: the quality is established); the lower bound gives the optimistic NFE. The speed-up of the best
-student over the best training-free solver at L is NFE_solver / NFE_student (both pessimistic), with the interval
-[optimistic solver / pessimistic student, pessimistic solver / optimistic student]: conservative, since the two
-ends need not be attained together.
+A row *reaches the teacher* when its KID exceeds the anchor's (the teacher's DDIM at its most steps) by less than the
+margin δ: H0: KID_row − KID_anchor ≥ δ is rejected, one-sided, z = (δ − diff)/sd with sd from the row's paired 95 %
+interval (normal: half-width / 1.96). δ is the KID between the best samplers of two teachers trained with different
+seeds on the same data (`margin.json`, python -m fastdiff.margin): a row closer to its teacher than two independently
+trained teachers are to each other is as good as the teacher. The rows of the table are one family of tests under
+Holm's step-down procedure at α = 0.05 (family-wise error ≤ α over every row and line). A line reaches at its
+*established* NFE (the smallest whose H0 is rejected) and *could* reach at its *optimistic* NFE (the smallest at which
+"the row is worse than δ" — H0': diff ≤ δ — is not rejected, by Holm as well). The speed-up of the best student over the
+best training-free solver is their established NFE ratio, with the interval [optimistic solver / established student,
+established solver / optimistic student]; where a side is not established it says "not resolved" and the n at which
+the closest row would be, if only the generated samples' variance shrank with n (the reference's part does not).
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from fastdiff.report.common import STUDENT_SAMPLERS, _save, md_table
+from fastdiff.results import MARGIN_NAME
 
-LEVELS = (1.1, 1.3, 2.0)
+ALPHA = 0.05
+Z95 = NormalDist().inv_cdf(0.975)
 
 
-def with_timing(fid: pd.DataFrame, folder: Path) -> tuple[pd.DataFrame, str]:
-    """The FID rows with `ms` per sample — from the folder's timing.csv (the separate timing pass) where it has the
-    row, else from the FID run — and a sentence saying which."""
-    fid = fid.assign(ms=1000 * fid.wall_clock_s_total / fid.n_samples)
+def with_timing(rows: pd.DataFrame, folder: Path) -> tuple[pd.DataFrame, str]:
+    """The rows with `ms` per sample — from the folder's timing.csv (the separate timing pass) where it has the row,
+    else from the FID run — and a sentence saying which."""
+    rows = rows.assign(ms=1000 * rows.wall_clock_s_total / rows.n_samples)
     path = folder / "timing.csv"
     if not path.exists():
-        return fid, "sampling wall-clock per sample from the FID run itself (no separate timing pass)"
+        return rows, "sampling wall-clock per sample from the sweep itself (no separate timing pass)"
     t = pd.read_csv(path, dtype=str, keep_default_na=False)
     ms = {(r.model_hash, r.sampler, r.grid, int(r.steps)): float(r.ms_per_sample) for r in t.itertuples()}
-    timed = [ms.get((r.model_hash, r.sampler, r.grid, int(r.steps))) for r in fid.itertuples()]
-    fid = fid.assign(ms=[m if m is not None else f for m, f in zip(timed, fid.ms)])
+    timed = [ms.get((r.model_hash, r.sampler, r.grid, int(r.steps))) for r in rows.itertuples()]
+    rows = rows.assign(ms=[m if m is not None else f for m, f in zip(timed, rows.ms)])
     first = t.iloc[0]
-    return fid, (f"sampling wall-clock per sample from the separate timing pass (timing.csv: median of "
-                 f"{first.repeats} interleaved repeats, batch {first.batch}, {first.threads} threads, "
-                 f"{first.cpu_model}, load {first.load_before} → {first.load_after}, {first.device})")
+    return rows, (f"sampling wall-clock per sample from the separate timing pass (timing.csv: median of "
+                  f"{first.repeats} interleaved repeats, batch {first.batch}, {first.threads} threads, "
+                  f"{first.cpu_model}, load {first.load_before} → {first.load_after}, {first.device})")
 
 
-def reached(fid: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Per line: the pessimistic and optimistic NFE at which FID/anchor reaches `level`, and the ms per sample of
-    the pessimistic row (column `ms`, else from the FID run; NaN where never)."""
-    rows = []
-    for line, g in fid.groupby("line"):
+def holm(p: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
+    """Holm's step-down rejections (bool, same order as p) at family-wise error rate alpha."""
+    order = np.argsort(p, kind="stable")
+    reject = np.zeros(len(p), dtype=bool)
+    for rank, i in enumerate(order):
+        if p[i] > alpha / (len(p) - rank):
+            break
+        reject[i] = True
+    return reject
+
+
+def read_margin(folder: Path) -> dict | None:
+    """The family's margin (margin.json beside its CSV), or None."""
+    path = folder / MARGIN_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def decisions(rows: pd.DataFrame, delta: float) -> pd.DataFrame:
+    """The KID rows (not the anchor; `gap` = KID_row − KID_anchor) with sd, the Holm decisions `within` (gap < δ
+    established) and `worse` (gap > δ established)."""
+    rows = rows[~rows.is_anchor].copy()
+    rows["sd"] = (rows.diff_high - rows.diff_low) / (2 * Z95)
+    z = (delta - rows.gap) / rows.sd.where(rows.sd > 0, np.nan)
+    p_within = 1 - np.array([NormalDist().cdf(v) if np.isfinite(v) else (1.0 if v < 0 else 0.0) for v in z])
+    rows["within"] = holm(p_within)
+    rows["worse"] = holm(1 - p_within)
+    return rows
+
+
+def reached(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per line: the established and optimistic NFE (NaN: never), and the ms per sample of the established row."""
+    out = []
+    for line, g in rows.groupby("line"):
         g = g.sort_values("nfe")
-        hi, lo = g[g.ratio_high <= level], g[g.ratio_low <= level]
-        first = hi.iloc[0] if len(hi) else None
-        rows.append({"line": line, "student": g.sampler.iloc[0] in STUDENT_SAMPLERS,
-                     "nfe": float(first.nfe) if first is not None else float("nan"),
-                     "nfe_optimistic": float(lo.nfe.iloc[0]) if len(lo) else float("nan"),
-                     "ms": (first.ms if "ms" in g else 1000 * first.wall_clock_s_total / first.n_samples)
-                     if first is not None else float("nan")})
-    return pd.DataFrame(rows)
+        est, opt = g[g.within], g[~g.worse]
+        out.append({"line": line, "student": g.sampler.iloc[0] in STUDENT_SAMPLERS,
+                    "nfe": float(est.nfe.iloc[0]) if len(est) else np.nan,
+                    "nfe_optimistic": float(opt.nfe.iloc[0]) if len(opt) else np.nan,
+                    "ms": float(est.ms.iloc[0]) if len(est) else np.nan})
+    return pd.DataFrame(out)
+
+
+def samples_to_resolve(rows: pd.DataFrame, delta: float, n: int) -> int | None:
+    """The n at which the row closest to being established (gap < δ) would be, at a Bonferroni
+    threshold over the family and with its variance shrinking as 1/n; None when no row has diff < δ."""
+    cand = rows[rows.gap < delta]
+    if cand.empty:
+        return None
+    z = NormalDist().inv_cdf(1 - ALPHA / len(rows))
+    need = (n * (z * cand.sd / (delta - cand.gap)) ** 2).min()
+    return int(np.ceil(need))
 
 
 def speedup(table: pd.DataFrame) -> tuple[float, float, float, str, str] | None:
-    """(speed-up, low, high, best student line, best solver line) at one level, or None if either side never
-    reaches it."""
+    """(speed-up, low, high, best student line, best solver line), or None if either side is not established."""
     students, solvers = table[table.student].dropna(subset=["nfe"]), table[~table.student].dropna(subset=["nfe"])
     if students.empty or solvers.empty:
         return None
@@ -63,42 +112,92 @@ def speedup(table: pd.DataFrame) -> tuple[float, float, float, str, str] | None:
     return t.nfe / s.nfe, t_opt / s.nfe, t.nfe / s_opt, s.line, t.line
 
 
-def answer_section(fid: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -> list[str]:
-    """The time-to-quality table, the speed-ups and their plot; [] when the rows carry no ratio intervals."""
-    fid = fid.dropna(subset=["ratio_low", "ratio_high"])
-    if fid.empty:
+@dataclass(frozen=True)
+class Answer:
+    """The answer of one sweep: the margin, n, the anchor, the per-line table (`reached`), the speed-up sentence."""
+
+    delta: float
+    what: str
+    n: int
+    anchor: str
+    tests: int
+    table: pd.DataFrame
+    speedup: str
+    timing_note: str
+
+    @property
+    def header(self) -> str:
+        return (f"KID vs the held-out reference, n = {self.n} per row; margin δ = {self.delta:.4g} KID ({self.what}); "
+                f"non-inferiority to the anchor `{self.anchor}`, one-sided, Holm over all {self.tests} rows at "
+                f"α = {ALPHA}")
+
+
+def compute_answer(kid: pd.DataFrame, folder: Path) -> Answer | str | None:
+    """The Answer from a sweep's KID rows (with is_anchor); a sentence when the family has no margin; None when the
+    rows have no differences."""
+    kid = kid.dropna(subset=["diff_low", "diff_high"])
+    if kid.empty:
+        return None
+    margin = read_margin(folder)
+    if margin is None:
+        return (f"**NFE to reach the teacher**: not stated — no margin δ for this family (`{MARGIN_NAME}`, written by "
+                "`python -m fastdiff.margin`): a level needs one.")
+    delta, n = float(margin["delta"]), int(kid.n_samples.iloc[0])
+    kid, timing_note = with_timing(kid.assign(gap=(kid.diff_low + kid.diff_high) / 2), folder)
+    rows = decisions(kid, delta)
+    table = reached(rows)
+    up = speedup(table)
+    if up is None:
+        need = samples_to_resolve(rows, delta, n)
+        text = ("not resolved: no student or no training-free solver is established within δ at n = "
+                f"{n}" + (f"; the closest row would be at n ≈ {need} (if only the generated samples' variance "
+                          "shrank)" if need else "; no row's estimate is within δ"))
+    else:
+        text = (f"{up[0]:.3g}× fewer NFE [{up[1]:.3g}, {up[2]:.3g}] for `{up[3]}` over `{up[4]}`"
+                + (" — the interval contains 1: no saving is established" if up[1] <= 1 <= up[2] else ""))
+    what = margin.get("what", "the KID between the best samplers of two teachers trained with different seeds")
+    return Answer(delta, what, n, kid.ci_reference.iloc[0], len(rows), table, text, timing_note)
+
+
+def _established(r) -> str:
+    return "yes" if not np.isnan(r.nfe) else ("not resolved" if not np.isnan(r.nfe_optimistic) else "no")
+
+
+def answer_lines(kid: pd.DataFrame, folder: Path) -> list[str]:
+    """The answer as README sentences; [] when the rows have no differences."""
+    got = compute_answer(kid, folder)
+    if got is None:
         return []
-    anchor = fid.ci_reference.iloc[0]
-    fid, timing_note = with_timing(fid, folder)
-    per_level = {level: reached(fid, level) for level in LEVELS}
-    lines = sorted(fid.line.unique())
-    cells = []
-    for line in lines:
-        row = [line]
-        for level in LEVELS:
-            r = per_level[level].set_index("line").loc[line]
-            row.append("—" if pd.isna(r.nfe) else f"{int(r.nfe)} ({r.ms:.3g} ms)")
-        cells.append(row)
-    ups = []
-    for level in LEVELS:
-        up = speedup(per_level[level])
-        ups.append((f"{level:g}×", "—" if up is None else f"{up[0]:.3g}× [{up[1]:.3g}, {up[2]:.3g}]",
-                    "—" if up is None else up[3], "—" if up is None else up[4]))
-    png = folder / f"nfe_to_quality{tag}.png"
+    if isinstance(got, str):
+        return [got, ""]
+    per_line = "; ".join(f"{r.line} {'at ' + str(int(r.nfe)) if not np.isnan(r.nfe) else _established(r)}"
+                         for r in got.table.sort_values("line").itertuples())
+    return [f"**NFE to reach the teacher** ({got.header}): {per_line}. **Speed-up of the best student over the best "
+            f"training-free solver:** {got.speedup}.", ""]
+
+
+def answer_section(kid: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -> list[str]:
+    """The NFE-to-the-teacher table, the speed-up and their plot from the KID rows (with is_anchor)."""
+    got = compute_answer(kid, folder)
+    if got is None:
+        return []
+    if isinstance(got, str):
+        return [got, ""]
+    table = got.table.sort_values("line")
+    cells = [[r.line, "—" if np.isnan(r.nfe) else f"{int(r.nfe)} ({r.ms:.3g} ms)",
+              "never" if np.isnan(r.nfe_optimistic) else int(r.nfe_optimistic), _established(r)]
+             for r in table.itertuples()]
+    png = folder / f"nfe_to_teacher{tag}.png"
     fig, ax = plt.subplots(figsize=(7, 4))
-    for line in lines:
-        nfes = [per_level[level].set_index("line").loc[line].nfe for level in LEVELS]
-        ax.plot([f"{level:g}×" for level in LEVELS], nfes, marker="o", label=line)
-    ax.set_yscale("log")
-    ax.set_xlabel(f"FID within this factor of the anchor ({anchor}), upper 95 % bound")
-    ax.set_ylabel("NFE needed (log)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for r in table.itertuples():
+        if not np.isnan(r.nfe_optimistic):
+            ax.plot([r.nfe_optimistic, r.nfe if not np.isnan(r.nfe) else r.nfe_optimistic], [r.line] * 2,
+                    marker="o", linestyle="-" if not np.isnan(r.nfe) else ":")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"NFE: optimistic … established within δ = {got.delta:.4g} of the anchor's KID (Holm, α = {ALPHA})")
     ax.grid(alpha=0.3)
     _save(fig, png)
-    return [f"**How many NFE to reach a quality** (relative to the anchor `{anchor}`; a level counts as reached "
-            f"where the upper 95 % bound of FID/FID_anchor is at most it; in brackets the {timing_note})", "",
-            md_table(["sampler (grid)"] + [f"≤ {level:g}× anchor" for level in LEVELS], cells), "",
-            "**Speed-up of the best student over the best training-free solver** (NFE ratio, with its conservative "
-            "interval from the optimistic and pessimistic NFE of each side)", "",
-            md_table(["level", "speed-up in NFE", "best student", "best training-free solver"], ups), "",
-            f"![NFE to reach a quality]({png.relative_to(results_dir).as_posix()})", ""]
+    return [f"**NFE to reach the teacher** ({got.header}; in brackets the {got.timing_note})", "",
+            md_table(["sampler (grid)", "established at NFE", "optimistic NFE", "established"], cells), "",
+            f"**Speed-up of the best student over the best training-free solver at the teacher's quality:** "
+            f"{got.speedup}.", "", f"![NFE to reach the teacher]({png.relative_to(results_dir).as_posix()})", ""]

@@ -36,6 +36,14 @@ def read_results(path: Path) -> pd.DataFrame:
     for col in ("ci_reference", "ci_method", "ci_resamples"):
         df[col] = df[col] if col in df else ""
     df["line"] = [line_label(*r) for r in df[LINE].itertuples(index=False)]
+    # KID to the teacher is scored against the teacher's own samples: its rows keep that reference apart and join
+    # their sampling run's sweep (the held-out reference of the run's other rows)
+    own = df.metric == "kid_teacher"
+    df["teacher_reference"] = df.reference.where(own, "")
+    if own.any():
+        run = list(zip(df.samples_file, df.get("timestamp", pd.Series([""] * len(df)))))
+        held_out = {k: ref for k, ref, o in zip(run, df.reference, own) if not o}
+        df["reference"] = [held_out.get(k, ref) if o else ref for k, ref, o in zip(run, df.reference, own)]
     return df
 
 

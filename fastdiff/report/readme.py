@@ -12,7 +12,9 @@ import pandas as pd
 
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
+from fastdiff.report.answer import answer_lines
 from fastdiff.report.common import STUDENT_SAMPLERS, SWEEP, is_anchor, md_table, read_results
+from fastdiff.report.sweep import protocol_note
 from fastdiff.results import AUTOENCODER_INFO, CSV_NAME
 
 BLOCK = re.compile(r"(<!-- results: ([\w./-]+) -->\n).*?(<!-- /results -->)", re.S)  # NAME: a folder under RESULTS
@@ -34,45 +36,54 @@ def _cell(r) -> str:
 
 
 def summary(csv_path: Path, name: str) -> str:
-    """The Markdown summary of one results folder's latest sweep: FID by NFE for the main samplers (with the
-    significance marks of the paired bootstrap), the teacher's best, and each student's ratios with intervals."""
+    """The Markdown summary of one results folder's latest sweep: its primary distance (KID against the held-out
+    reference where the sweep has it, else FID) by NFE for the main samplers with the significance marks of the
+    paired differences to the anchor, the teacher's best, each student's level and difference with intervals, and the
+    answer (NFE to reach the teacher, with the family's margin)."""
     if not Path(csv_path).exists() and (Path(csv_path).parent / DEMO_METRICS).exists():
         return personalize_summary(Path(csv_path).parent, name)
     df = latest_sweep(read_results(csv_path))
     if (df.guidance != "").any():
         return guided_summary(df, csv_path, name)
-    fid = df[(df.metric == "fid") & df.sampler.isin(SUMMARY_SAMPLERS)].dropna(subset=["value", "nfe"])
-    if fid.empty:
-        raise FastdiffError(f"{csv_path} has no FID rows of {', '.join(SUMMARY_SAMPLERS)}")
-    fid = fid.assign(is_anchor=[is_anchor(r) for r in fid.itertuples()])
+    scored = df.dropna(subset=["value", "nfe"])
+    scored = scored.assign(is_anchor=[is_anchor(r) for r in scored.itertuples()])
+    metric = "kid" if (scored.metric == "kid").any() else "fid"
+    main = scored[(scored.metric == metric) & scored.sampler.isin(SUMMARY_SAMPLERS)]
+    if main.empty:
+        raise FastdiffError(f"{csv_path} has no FID or KID rows of {', '.join(SUMMARY_SAMPLERS)}")
+    label = {"kid": "KID", "fid": "FID"}[metric]
     order = {s: i for i, s in enumerate(SUMMARY_SAMPLERS)}
-    lines = sorted(fid.line.unique(), key=lambda ln: order[fid[fid.line == ln].sampler.iloc[0]])
-    nfes = sorted(fid.nfe.astype(int).unique())
-    cells = {(r.line, int(r.nfe)): _cell(r) for r in fid.itertuples()}
+    lines = sorted(main.line.unique(), key=lambda ln: order[main[main.line == ln].sampler.iloc[0]])
+    nfes = sorted(main.nfe.astype(int).unique())
+    cells = {(r.line, int(r.nfe)): _cell(r) for r in main.itertuples()}
     table = md_table(["NFE"] + lines, [[n] + [cells.get((ln, n), "—") for ln in lines] for n in nfes])
-    teacher = df[(df.metric == "fid") & ~df.sampler.isin(list(STUDENTS))].dropna(subset=["value"])
+    teacher = scored[(scored.metric == metric) & ~scored.sampler.isin(list(STUDENTS))]
     best = teacher.loc[teacher.value.idxmin()]
-    text = [_source(df, name), "", table, ""]
-    anchor = fid[fid.is_anchor]
+    text = [_source(df, name), "", protocol_note(df), "", f"{label} by NFE:", "", table, ""]
+    anchor = main[main.is_anchor]
     if len(anchor):
-        text += [f"≈: not significantly different from the anchor row `{anchor.iloc[0].ci_reference}` (FID "
-                 f"{anchor.iloc[0].value:.3g}; {fid.iloc[0].ci_method}, {fid.iloc[0].ci_resamples} resamples, sampling "
-                 "variance only). The teacher's best FID at any step count: "
-                 f"{best.value:.3g} ({best.line}, {int(best.nfe)} NFE).", ""]
-    for sampler, label in STUDENTS.items():
-        rows = fid[(fid.sampler == sampler) & fid.nfe.isin([1, 2, 4])].sort_values("nfe")
+        text += [f"≈: not significantly different from the anchor row `{anchor.iloc[0].ci_reference}` ({label} "
+                 f"{anchor.iloc[0].value:.3g}; {main.dropna(subset=['diff_low']).iloc[0].ci_method}). The teacher's best "
+                 f"{label} at any step count: {best.value:.3g} ({best.line}, {int(best.nfe)} NFE).", ""]
+    teacher_kid = scored[scored.metric == "kid_teacher"].set_index(["line", "nfe"])
+    for sampler, who in STUDENTS.items():
+        rows = main[(main.sampler == sampler) & main.nfe.isin([1, 2, 4])].sort_values("nfe")
         parts = []
         for r in rows.itertuples():
-            interval = ("" if pd.isna(r.ci_low) else
-                        f" [{r.ci_low:.3g}, {r.ci_high:.3g}], {r.value / anchor.iloc[0].value:.3g}× the anchor "
-                        f"[{r.ratio_low:.3g}, {r.ratio_high:.3g}]" if len(anchor) else "")
-            parts.append(f"{int(r.nfe)} NFE: FID {r.value:.3g}{interval}, {r.value / best.value:.3g}× the "
-                         "teacher's best")
+            own = "" if pd.isna(r.ci_low) or metric == "fid" else f" [{r.ci_low:.3g}, {r.ci_high:.3g}]"
+            diff = ("" if pd.isna(r.diff_low) else
+                    f", minus the anchor's {r.value - anchor.iloc[0].value:.3g} [{r.diff_low:.3g}, {r.diff_high:.3g}]"
+                    if len(anchor) else "")
+            fidelity = ("" if (r.line, r.nfe) not in teacher_kid.index else
+                        f", KID to the teacher {teacher_kid.loc[(r.line, r.nfe)].value:.3g}")
+            parts.append(f"{int(r.nfe)} NFE: {label} {r.value:.3g}{own}{diff}{fidelity}")
         if parts:
             cost = rows.iloc[-1]
             spent = ("" if not str(cost.get("train_updates", "")) else
                      f" (the {int(cost.nfe)}-NFE one cost {cost.train_updates} updates from the teacher)")
-            text += [f"The {label}: " + "; ".join(parts) + spent + ".", ""]
+            text += [f"The {who}: " + "; ".join(parts) + spent + ".", ""]
+    if metric == "kid":
+        text += answer_lines(scored[scored.metric == "kid"], Path(csv_path).parent)
     text += equal_cost(Path(csv_path).parent)
     return "\n".join(text).rstrip() + "\n"
 

@@ -14,7 +14,7 @@ from fastdiff.report.answer import answer_section
 from fastdiff.report.common import _fmt, _save, _styles, is_anchor, md_table
 from fastdiff.viz import draw_samples
 
-OTHER_METRICS = ("kid", "precision", "recall", "swd")
+OTHER_METRICS = ("kid", "kid_teacher", "precision", "recall", "swd")
 MAX_GRID_BUDGETS, MAX_TABLE_BUDGETS = 3, 12
 
 
@@ -23,7 +23,7 @@ def _metric_plot(df: pd.DataFrame, metric: str, x: str, ax, styles, logy: bool) 
         g = g.sort_values("nfe")  # a curve is parametrised by NFE, also when drawn against wall-clock
         ax.plot(g[x], g["value"], label=line, markersize=4, **styles[line])
         bars = g.dropna(subset=["ci_low", "ci_high"])
-        if metric == "fid" and len(bars):  # the 95 % interval (basic: need not be centred on the estimate)
+        if len(bars):  # the row's own 95 % interval (FID rows of fastdiff <= 0.6: on the anchor's scale)
             ax.vlines(bars[x], bars.ci_low.clip(lower=1e-6), bars.ci_high, color=styles[line]["color"], alpha=0.6,
                       linewidth=1.5)
     ax.set_xscale("log")
@@ -56,7 +56,8 @@ def plot_other_metrics(df: pd.DataFrame, path: Path, styles) -> bool:
     if not metrics:
         return False
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
-    ylabels = {"kid": "KID (lower is better)", "precision": "precision (higher is better)",
+    ylabels = {"kid": "KID vs held-out data (lower is better)", "kid_teacher": "KID vs the teacher's samples",
+               "precision": "precision (higher is better)",
                "recall": "recall (higher is better)", "swd": "sliced Wasserstein-2 (lower is better)"}
     for ax, m in zip(axes[0], metrics):
         _metric_plot(df, m, "nfe", ax, styles, logy=m in ("swd",))
@@ -85,8 +86,9 @@ def best_per_line(fid: pd.DataFrame, budget: int) -> pd.DataFrame:
     return within.groupby("line").tail(1).sort_values("line")
 
 
-def plot_sample_grid(fid: pd.DataFrame, budget: int, folder: Path, path: Path) -> bool:
-    """One panel per line at NFE <= budget (same initial noise in every panel); False if no sample file exists."""
+def plot_sample_grid(fid: pd.DataFrame, budget: int, folder: Path, path: Path, metric: str = "FID") -> bool:
+    """One panel per line at NFE <= budget (same initial noise in every panel), titled with the rows' `metric`;
+    False if no sample file exists."""
     rows = [r for r in best_per_line(fid, budget).itertuples() if r.samples_file and (folder / r.samples_file).exists()]
     if not rows:
         return False
@@ -100,7 +102,7 @@ def plot_sample_grid(fid: pd.DataFrame, budget: int, folder: Path, path: Path) -
         with np.load(folder / r.samples_file) as npz:
             samples.append(npz["samples"])
     for ax, r, x in zip(axes.flat, rows, samples):
-        draw_samples(ax, x, f"{r.line}\nNFE {int(r.nfe)}, FID {r.value:.3g}")
+        draw_samples(ax, x, f"{r.line}\nNFE {int(r.nfe)}, {metric} {r.value:.3g}")
     if samples[0].ndim == 2:
         # Points share robust axis limits so the panels compare; a diverged sampler's outliers fall off the edge.
         pooled = np.concatenate(samples)[:, :2]
@@ -124,74 +126,92 @@ def table_budgets(fid: pd.DataFrame) -> list[int]:
     return nfes
 
 
-def best_table(fid: pd.DataFrame) -> str:
-    rows = []
-    for budget in table_budgets(fid):
-        best = fid[fid.nfe <= budget].sort_values(["value", "nfe", "line"]).iloc[0]
-        rows.append((budget, best.line, int(best.nfe), int(best.steps), best.value))
-    return md_table(("NFE budget", "best sampler (grid)", "its NFE", "its steps", "FID"), rows)
+def best_table(rows: pd.DataFrame, metric: str) -> str:
+    out = []
+    for budget in table_budgets(rows):
+        best = rows[rows.nfe <= budget].sort_values(["value", "nfe", "line"]).iloc[0]
+        out.append((budget, best.line, int(best.nfe), int(best.steps), best.value))
+    return md_table(("NFE budget", "best sampler (grid)", "its NFE", "its steps", METRIC_NAMES[metric]), out)
+
+
+METRIC_NAMES = {"fid": "FID", "kid": "KID", "kid_teacher": "KID to the teacher", "precision": "precision",
+                "recall": "recall"}
 
 
 def _cell(r) -> str:
-    """A FID cell: `≈` marks a row whose difference to the anchor row is not significant (its 95 % interval holds
+    """A cell: `≈` marks a row whose paired difference to the anchor row is not significant (its 95 % interval holds
     0), `(anchor)` the anchor itself."""
     if is_anchor(r):
         return f"{r.value:.4g} (anchor)"
     return ("≈" if r.diff_low <= 0 <= r.diff_high else "") + f"{r.value:.4g}"
 
 
-def pivot_table(fid: pd.DataFrame) -> str:
-    fid = fid.assign(cell=[_cell(r) for r in fid.itertuples()])
-    pivot = fid.pivot_table(index="line", columns="nfe", values="cell", aggfunc="first").fillna("")
+def pivot_table(rows: pd.DataFrame) -> str:
+    rows = rows.assign(cell=[_cell(r) for r in rows.itertuples()])
+    pivot = rows.pivot_table(index="line", columns="nfe", values="cell", aggfunc="first").fillna("")
     return md_table(["sampler (grid) \\ NFE"] + [str(int(c)) for c in pivot.columns],
                     [[line] + list(vals) for line, vals in zip(pivot.index, pivot.to_numpy())])
 
 
-def cost_table(fid: pd.DataFrame) -> str | None:
-    """The distilled students' FID beside what each cost to make (cumulative from the teacher; the rows'
+def cost_table(rows: pd.DataFrame, metric: str) -> str | None:
+    """The distilled students' score beside what each cost to make (cumulative from the teacher; the rows'
     train_* columns), or None when no row records a cost (the teacher's rows, CSVs before fastdiff 0.3)."""
-    if "train_updates" not in fid:
+    if "train_updates" not in rows:
         return None
-    rows = fid[fid.train_updates.astype(str) != ""].sort_values(["line", "nfe"])
+    rows = rows[rows.train_updates.astype(str) != ""].sort_values(["line", "nfe"])
     if rows.empty:
         return None
-    return md_table(("student (grid)", "NFE", "FID", "updates", "teacher evaluations", "student passes",
-                     "training wall-clock (s)", "trained on"),
+    return md_table(("student (grid)", "NFE", METRIC_NAMES[metric], "updates", "teacher evaluations",
+                     "student passes", "training wall-clock (s)", "trained on"),
                     [(r.line, int(r.nfe), r.value, r.train_updates, r.train_teacher_evals, r.train_student_passes,
                       r.train_wall_clock_s, r.train_device) for r in rows.itertuples()])
 
 
-def interval_table(fid: pd.DataFrame) -> str | None:
-    """Every FID row with its 95 % interval and its ratio to the anchor row (with the ratio's interval), or None
-    when no row has an interval (CSVs before fastdiff 0.4, --ci-resamples 0)."""
-    rows = fid.dropna(subset=["ci_low"]).sort_values(["line", "nfe"])
-    anchors = {r.ci_reference: r.value for r in rows.itertuples() if is_anchor(r)}
+def interval_table(df: pd.DataFrame) -> str | None:
+    """Every row with an interval: its value, its own 95 % interval and the 95 % interval of its paired difference to
+    the anchor row; None when no row has one (CSVs before fastdiff 0.4, --ci-resamples 0)."""
+    rows = df[df.metric.isin(list(METRIC_NAMES))].dropna(subset=["diff_low"]).sort_values(["metric", "line", "nfe"])
     if rows.empty:
         return None
-    rows = rows.assign(anchor=[anchors.get(ref, float("nan")) for ref in rows.ci_reference])
-    return md_table(("sampler (grid)", "NFE", "FID", "95 % interval", "FID / anchor", "95 % interval",
+    # a FID row's own interval (fastdiff <= 0.6 wrote one, on the anchor's scale) is not shown: see interval_note
+    own = lambda r: "—" if pd.isna(r.ci_low) or r.metric == "fid" else f"[{r.ci_low:.4g}, {r.ci_high:.4g}]"  # noqa: E731
+    return md_table(("metric", "sampler (grid)", "NFE", "value", "95 % interval", "minus the anchor's: 95 % interval",
                      "differs from the anchor"),
-                    [(r.line, int(r.nfe), r.value, f"[{r.ci_low:.4g}, {r.ci_high:.4g}]", r.value / r.anchor,
-                      f"[{r.ratio_low:.4g}, {r.ratio_high:.4g}]",
+                    [(METRIC_NAMES[r.metric], r.line, int(r.nfe), r.value, own(r),
+                      f"[{r.diff_low:.4g}, {r.diff_high:.4g}]",
                       "anchor" if is_anchor(r) else ("no" if r.diff_low <= 0 <= r.diff_high else "yes"))
                      for r in rows.itertuples()])
 
 
-def interval_note(fid: pd.DataFrame) -> str:
+def interval_note(df: pd.DataFrame) -> str:
     """What the intervals are, from the rows' ci_* columns."""
-    with_ci = fid.dropna(subset=["ci_low"])
+    with_ci = df[df.metric.isin(list(METRIC_NAMES))].dropna(subset=["diff_low"])
     if with_ci.empty:
-        return "No FID row of this sweep has an interval (a CSV before fastdiff 0.4, or --ci-resamples 0)."
-    first = with_ci.iloc[0]
-    return (f"Intervals: {first.ci_method} over sample indices, {int(float(first.ci_resamples))} resamples, the same "
-            "resampled indices in every row (the noise of sample k is the same in every row). They cover the "
-            "sampling variance of the generated samples only — not the reference set (held fixed) and not the "
-            "teacher's training (see the teacher-seed spread). Differences and ratios are to the anchor row "
-            f"`{first.ci_reference}`, fixed before the sweep; `≈` marks a FID whose difference to it is not "
-            "significant (its interval holds 0). What is resampled is the difference to the anchor; a row's FID "
-            "interval and its ratio are on the anchor's scale (its estimate held fixed, its own sampling variance "
-            "not included): a resample's FID is shifted up by about a good model's whole FID, so intervals of one "
-            "FID alone would mislead (fastdiff/uncertainty.py).")
+        return "No row of this sweep has an interval (a CSV before fastdiff 0.4, or --ci-resamples 0)."
+    methods = with_ci.groupby("metric").first()
+    parts = [f"{METRIC_NAMES[m]}: {r.ci_method}" + (f", {int(float(r.ci_resamples))} resamples" if "bootstrap" in
+                                                    r.ci_method else "")
+             for m, r in methods.iterrows()]
+    return (f"Intervals (95 %): {'; '.join(parts)}. Every difference is paired over sample indices (the noise of "
+            f"sample k is the same in every row) and taken to the anchor row `{with_ci.iloc[0].ci_reference}`, fixed "
+            "before the sweep, so the anchor's own sampling variance is in it; `≈` marks a row whose difference to it "
+            "is not significant. KID's intervals also carry the reference set's sampling variance; FID's, precision's "
+            "and recall's are conditional on the reference set. None covers the teacher's training (see the "
+            "teacher-seed spread). No ratio to the anchor is given: it would divide by a random, biased number. "
+            "Coverage of each interval, measured by simulation: `python -m fastdiff.coverage`.")
+
+
+def protocol_note(df: pd.DataFrame) -> str:
+    """What the rows are scored against: held out, or (the old protocol) the training split."""
+    ref, dataset = df.reference.iloc[0], df.dataset.iloc[0]
+    if "-train-" in ref and not dataset.startswith(("cifar10", "folder")):
+        return (f"**Old protocol**: these rows are scored against `{ref}`, the training split the teacher and the "
+                "feature network were trained on (fastdiff ≤ 0.6): a model that memorises scores well there. New "
+                "sweeps score against the held-out test split.")
+    if "-train-" in ref:
+        return (f"Reference `{ref}`: the training split, as the published {dataset} numbers use it (the papers' "
+                "convention), not held out.")
+    return f"Reference `{ref}`: held out from everything trained (teacher, students, feature network)."
 
 
 def provenance_table(df: pd.DataFrame) -> str:
@@ -214,30 +234,41 @@ def provenance_table(df: pd.DataFrame) -> str:
 
 def sweep_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -> list[str]:
     """Figures and tables of one sweep; returns the Markdown lines (figure paths relative to results_dir)."""
-    fid = df[df.metric == "fid"].dropna(subset=["value", "nfe"])
+    scored = df.dropna(subset=["value", "nfe"])
+    scored = scored.assign(is_anchor=[is_anchor(r) for r in scored.itertuples()])
+    fid, kid = scored[scored.metric == "fid"], scored[scored.metric == "kid"]
+    primary, main = ("kid", kid) if len(kid) else ("fid", fid)
     styles = _styles(df.line.unique())
     rel = lambda p: p.relative_to(results_dir).as_posix()  # noqa: E731
-    md = []
-    if fid.empty:
-        md.append("No FID rows in this sweep.")
+    md = [protocol_note(df), ""]
+    if main.empty:
+        md.append("No FID or KID rows in this sweep.")
     else:
-        nfe_png, wall_png = folder / f"fid_vs_nfe{tag}.png", folder / f"fid_vs_wallclock{tag}.png"
-        plot_fid(fid, "nfe", "NFE (network evaluations per sample, log scale)", nfe_png, styles)
-        fid = fid.assign(ms_per_sample=1000 * fid.wall_clock_s_total / fid.n_samples)
-        devices = ", ".join(sorted(fid.device.unique()))
-        plot_fid(fid, "ms_per_sample", f"wall-clock per sample (ms, log scale; sampling only, on {devices})",
-                 wall_png, styles)
-        md += [f"![FID vs NFE]({rel(nfe_png)})", "", f"![FID vs wall-clock]({rel(wall_png)})", "",
-               "Wall-clock is the sampling time of all batches divided by the number of samples (noise drawing and "
-               "scoring excluded), measured in the same run on the device listed below.", "",
-               "**Best FID within an NFE budget**", "", best_table(fid), "", "**FID by sampler and NFE**", "",
-               pivot_table(fid), "", interval_note(fid), ""]
-        md += answer_section(fid, folder, results_dir, tag)
-        intervals = interval_table(fid)
+        if len(fid):
+            nfe_png, wall_png = folder / f"fid_vs_nfe{tag}.png", folder / f"fid_vs_wallclock{tag}.png"
+            plot_fid(fid, "nfe", "NFE (network evaluations per sample, log scale)", nfe_png, styles)
+            timed = fid.assign(ms_per_sample=1000 * fid.wall_clock_s_total / fid.n_samples)
+            devices = ", ".join(sorted(fid.device.unique()))
+            plot_fid(timed, "ms_per_sample", f"wall-clock per sample (ms, log scale; sampling only, on {devices})",
+                     wall_png, styles)
+            md += [f"![FID vs NFE]({rel(nfe_png)})", "", f"![FID vs wall-clock]({rel(wall_png)})", "",
+                   "Wall-clock is the sampling time of all batches divided by the number of samples (noise drawing and "
+                   "scoring excluded), measured in the same run on the device listed below.", ""]
+        md += [f"**Best {METRIC_NAMES[primary]} within an NFE budget**", "", best_table(main, primary), ""]
+        for metric, title in (("kid", "KID against the held-out reference (unbiased; the primary distance)"),
+                              ("kid_teacher", "KID against the teacher's own samples (fidelity to the teacher)"),
+                              ("fid", "FID (raw: biased upward by a small-sample term)")):
+            rows = scored[scored.metric == metric]
+            if len(rows):
+                md += [f"**{title}, by sampler and NFE**", "", pivot_table(rows), ""]
+        md += [interval_note(df), ""]
+        if primary == "kid":
+            md += answer_section(kid, folder, results_dir, tag)
+        intervals = interval_table(scored)
         if intervals:
-            md += ["<details><summary>Every FID with its 95 % interval and its ratio to the anchor</summary>", "",
-                   intervals, "", "</details>", ""]
-        costs = cost_table(fid)
+            md += ["<details><summary>Every row with its 95 % intervals</summary>", "", intervals, "", "</details>",
+                   ""]
+        costs = cost_table(main, primary)
         if costs:
             md += ["**What each student cost to make** (cumulative from the teacher, whose own training is not "
                    "counted; teacher evaluations and student passes per example)", "", costs, ""]
@@ -246,10 +277,10 @@ def sweep_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -
         md += [f"![Other metrics vs NFE]({rel(other_png)})", ""]
     for stale in folder.glob(f"samples_nfe*{tag}.png"):  # grids of budgets an earlier report chose
         stale.unlink()
-    if not fid.empty:
-        for budget in grid_budgets(fid):
+    if not main.empty:
+        for budget in grid_budgets(main):
             png = folder / f"samples_nfe{budget}{tag}.png"
-            if plot_sample_grid(fid, budget, folder, png):
+            if plot_sample_grid(main, budget, folder, png, METRIC_NAMES[primary]):
                 md += [f"![Samples at NFE <= {budget}]({rel(png)})", ""]
     md += ["**Provenance**", "", provenance_table(df), ""]
     return md
