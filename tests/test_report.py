@@ -159,6 +159,7 @@ def test_holm_rejects_step_down():
 
 
 def test_nfe_to_the_teacher_is_a_non_inferiority_decision_under_holm_and_the_speedup_is_conservative():
+    """`gap`: a row's KID to the teacher's own samples, sd from its 95 % interval; delta: the margin."""
     from fastdiff.report.answer import Z95, decisions, reached, samples_to_resolve, speedup
 
     rows = [{"line": "anchor", "sampler": "ddim", "nfe": 64, "gap": 0.0, "sd": 0.0, "is_anchor": True}]
@@ -167,7 +168,7 @@ def test_nfe_to_the_teacher_is_a_non_inferiority_decision_under_holm_and_the_spe
         rows += [{"line": line, "sampler": sampler, "nfe": nfe, "gap": gap, "sd": sd, "is_anchor": False}
                  for nfe, gap, sd in pts]
     df = pd.DataFrame(rows)
-    df = df.assign(diff_low=df.gap - Z95 * df.sd, diff_high=df.gap + Z95 * df.sd, ms=df.nfe * 0.5)
+    df = df.assign(ci_low=df.gap - Z95 * df.sd, ci_high=df.gap + Z95 * df.sd, ms=df.nfe * 0.5)
     decided = decisions(df, 1.0)
     assert "anchor" not in set(decided.line)
     table = reached(decided).set_index("line")

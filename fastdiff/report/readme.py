@@ -82,8 +82,7 @@ def summary(csv_path: Path, name: str) -> str:
             spent = ("" if not str(cost.get("train_updates", "")) else
                      f" (the {int(cost.nfe)}-NFE one cost {cost.train_updates} updates from the teacher)")
             text += [f"The {who}: " + "; ".join(parts) + spent + ".", ""]
-    if metric == "kid":
-        text += answer_lines(scored[scored.metric == "kid"], Path(csv_path).parent)
+    text += answer_lines(scored[scored.metric == "kid_teacher"], Path(csv_path).parent)
     text += equal_cost(Path(csv_path).parent)
     return "\n".join(text).rstrip() + "\n"
 

@@ -262,8 +262,7 @@ def sweep_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str) -
             if len(rows):
                 md += [f"**{title}, by sampler and NFE**", "", pivot_table(rows), ""]
         md += [interval_note(df), ""]
-        if primary == "kid":
-            md += answer_section(kid, folder, results_dir, tag)
+        md += answer_section(scored[scored.metric == "kid_teacher"], folder, results_dir, tag)
         intervals = interval_table(scored)
         if intervals:
             md += ["<details><summary>Every row with its 95 % intervals</summary>", "", intervals, "", "</details>",
