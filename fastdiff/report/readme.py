@@ -113,7 +113,7 @@ def guided_summary(df: pd.DataFrame, csv_path: Path, name: str) -> str:
                      [[line, nfe] + [cells.get((line, nfe, w), "—") for w in ws] for line, _, nfe in keys])
     what = ("the digit the prompt (a held-out paraphrase) names" if acc == "prompt_accuracy"
             else "the class each sample asks for")
-    text = [_source(df, name), "", table, "",
+    text = [_source(df, name), "", protocol_note(df), "", table, "",
             f"Cells: FID / accuracy of the project's digit classifier on {what} (chance 0.1); w: fastdiff's "
             "guidance weight (0 unconditional, 1 conditional).", ""]
     text += equal_cost(Path(csv_path).parent)

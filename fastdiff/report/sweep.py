@@ -320,7 +320,7 @@ def guidance_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str
                                                       values="value", aggfunc="first").reset_index()
     rows = [[r.line, int(r.steps), f"{r.w:g}", _fmt(r.fid), _fmt(getattr(r, acc, float("nan")))]
             for r in wide.sort_values(["line", "steps", "w"]).itertuples()]
-    return [f"![Guidance trade-off]({png.relative_to(results_dir).as_posix()})", "",
+    return [protocol_note(df), "", f"![Guidance trade-off]({png.relative_to(results_dir).as_posix()})", "",
             "The teacher is guided through the sampler (one batched forward for the conditional and unconditional "
             "outputs); the distilled students take w as an input (Meng et al. 2023; the consistency student as in "
             "LCM, Luo et al. 2023).", "",
