@@ -150,8 +150,8 @@ def test_dry_run_plans_the_rounds_and_writes_nothing(tmp_path, capsys, monkeypat
     # the bundled default: both methods, CD at PD's total and evaluated where each PD student is done
     assert run_cli(main, ["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "2->1 steps: 600 updates; consistency distillation: 1800 updates" in out
-    assert "evaluation at updates 150, 300, 450, 600, 1200, 1800)" in out and list(tmp_path.iterdir()) == []
+    assert "2->1 steps: 400 updates; consistency distillation: 1200 updates" in out
+    assert "evaluation at updates 100, 200, 300, 400, 800, 1200)" in out and list(tmp_path.iterdir()) == []
 
 
 def test_a_run_dir_of_another_config_is_refused_before_any_teacher_is_trained(tmp_path, capsys, monkeypatch):

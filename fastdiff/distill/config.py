@@ -84,10 +84,10 @@ DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": 
 PRESETS = {
     # Sized for a 2-core CPU, the whole default (teacher, both methods, sweep with the 1000-step DDPM row) within
     # 45 min: the sweep stops at 64 steps, where DDIM has converged (10 and 20: DDIM's paper). PD and CD from the same
-    # teacher at equal cost (1800 updates each; CD is evaluated at each PD student's cumulative updates). PD's updates
-    # go where they matter: 150 per round from 64 steps down to 4, 600 for the rounds to 2 and 1 step (the paper
+    # teacher at equal cost (1200 updates each; CD is evaluated at each PD student's cumulative updates). PD's updates
+    # go where they matter: 100 per round from 64 steps down to 4, 400 for the rounds to 2 and 1 step (the paper
     # doubles its last two rounds).
-    "digits": DistillConfig(method="pd+cd", updates_per_round=150, last_rounds_factor=4,
+    "digits": DistillConfig(method="pd+cd", updates_per_round=100, last_rounds_factor=4,
                             bench_steps=(1, 2, 4, 8, 16, 32, 64)),
     # the digits run on the diffusers UNet2DModel architecture: its students export with python -m fastdiff.export
     "digits-diffusers": DistillConfig(teacher_preset="digits-diffusers", start_steps=16, updates_per_round=400,
