@@ -103,11 +103,12 @@ def _inside(interval: tuple[float, float], value: float) -> bool:
     return interval[0] <= value <= interval[1]
 
 
-def markdown(rows: Sequence[Coverage], n: int, m: int) -> str:
+def markdown(rows: Sequence[Coverage], n: int, m: int, provenance: str = "") -> str:
     lines = [f"Coverage of fastdiff's intervals by simulation (Gaussian features, d = {D}, n = {n} generated per row, "
-             f"m = {m} reference; `python -m fastdiff.coverage`)", "",
-             "| scenario | interval | conditional on the reference set | nominal | measured | replicates |",
-             "|---|---|---|---|---|---|"]
+             f"m = {m} reference; `python -m fastdiff.coverage`)", ""]
+    lines += [provenance, ""] if provenance else []
+    lines += ["| scenario | interval | conditional on the reference set | nominal | measured | replicates |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {r.scenario} | {r.interval} | {r.conditional} | {r.nominal:.0%} | {r.measured:.1%} | {r.reps} |"
               for r in rows]
     return "\n".join(lines) + "\n"
@@ -123,7 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 10 or args.n < 10 or args.m < 10:
         parser.error("--reps, --n and --m must be >= 10")
-    table = markdown(simulate(args.reps, args.n, args.m, seed=args.seed), args.n, args.m)
+    import datetime
+    import platform
+
+    from fastdiff.results import git_commit
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rows = simulate(args.reps, args.n, args.m, seed=args.seed)
+    provenance = (f"Seed {args.seed}; commit {git_commit()}; numpy {np.__version__}, Python {platform.python_version()}; "
+                  f"{started:%Y-%m-%d}, {(datetime.datetime.now(datetime.timezone.utc) - started).total_seconds():.0f} s "
+                  f"on {platform.machine()}.")
+    table = markdown(rows, args.n, args.m, provenance)
     print(table, end="")
     if args.out:
         from pathlib import Path

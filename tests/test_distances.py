@@ -89,3 +89,19 @@ def test_every_printed_interval_covers_at_its_nominal_level_by_simulation():
     assert {r.interval for r in got} == set(UNCONDITIONAL + CONDITIONAL) and len(got) == 10
     low = [(r.scenario, r.interval, r.measured) for r in got if abs(r.measured - 0.95) > 0.045]
     assert low == []
+
+
+def test_the_coverage_command_writes_its_table_with_provenance(tmp_path, capsys):
+    """`python -m fastdiff.coverage --out F`: the table on stdout and in F, with the seed, commit and versions that made
+    it; bad sizes are refused (exit 2) before anything is written."""
+    from fastdiff.coverage import main
+
+    out = tmp_path / "coverage.md"
+    assert main(["--reps", "10", "--n", "12", "--m", "10", "--seed", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert "Seed 3; commit " in text and f"numpy {np.__version__}" in text
+    assert text.count("| 95% |") == 10
+    with pytest.raises(SystemExit) as stop:
+        main(["--reps", "5", "--out", str(tmp_path / "no.md")])
+    assert stop.value.code == 2 and not (tmp_path / "no.md").exists()
