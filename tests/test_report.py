@@ -181,5 +181,7 @@ def test_nfe_to_the_teacher_is_a_non_inferiority_decision_under_holm_and_the_spe
     # a margin nothing reaches: no speed-up, and the n at which the closest row would be established
     strict = decisions(df, 0.06)
     assert speedup(reached(strict)) is None
-    need = samples_to_resolve(strict, 0.06, 100)
-    assert need is not None and need > 100
+    need, row = samples_to_resolve(strict, 0.06, 100)
+    # dpm at 16 NFE (gap 0, sd 0.1) is the closest (pd at 4 NFE: gap 0.05, sd 0.05 needs 36x n):
+    # z(1 - 0.05/6) = 2.394 -> n = 100 (2.394 * 0.1 / 0.06)^2 = 1592
+    assert row == "dpm at 16 NFE" and need == pytest.approx(100 * (2.394 * 0.1 / 0.06) ** 2, rel=1e-3)

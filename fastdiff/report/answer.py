@@ -13,7 +13,8 @@ drawn) are one family of tests under Holm's step-down procedure at α = 0.05. A 
 farther than δ" — H0': KID_teacher ≤ δ — is not rejected, by Holm as well). The speed-up of the best student over the
 best training-free solver is their established NFE ratio, with the interval [optimistic solver / established student,
 established solver / optimistic student]; where a side is not established it says "not resolved" and the n at which
-the closest row would be, if its whole variance shrank as 1/n (the teacher samples' part shrinks with their number).
+the closest row would be, if its estimate stayed and its whole variance shrank as 1/n (the teacher samples grown in
+proportion). δ's own sampling interval (margin.json) is printed beside it; the decisions treat δ as fixed.
 Quality against held-out data (KID and FID differences to the anchor) is reported beside it, not decided here.
 """
 from __future__ import annotations
@@ -93,15 +94,17 @@ def reached(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def samples_to_resolve(rows: pd.DataFrame, delta: float, n: int) -> int | None:
-    """The n at which the row closest to being established (gap < δ) would be, at a Bonferroni
-    threshold over the family and with its variance shrinking as 1/n; None when no row has diff < δ."""
+def samples_to_resolve(rows: pd.DataFrame, delta: float, n: int) -> tuple[int, str] | None:
+    """(n, the row) at which the row closest to being established (gap < δ) would be, at a Bonferroni threshold over
+    the family (Holm's first step) with its whole variance shrinking as 1/n — the generated samples and the teacher
+    samples grown in proportion — and its estimate unchanged; None when no row's estimate is below δ."""
     cand = rows[rows.gap < delta]
     if cand.empty:
         return None
     z = NormalDist().inv_cdf(1 - ALPHA / len(rows))
-    need = (n * (z * cand.sd / (delta - cand.gap)) ** 2).min()
-    return int(np.ceil(need))
+    need = n * (z * cand.sd / (delta - cand.gap)) ** 2
+    best = cand.loc[need.idxmin()]
+    return int(np.ceil(need.min())), f"{best.line} at {int(best.nfe)} NFE"
 
 
 def speedup(table: pd.DataFrame) -> tuple[float, float, float, str, str] | None:
@@ -126,12 +129,15 @@ class Answer:
     table: pd.DataFrame
     speedup: str
     timing_note: str
+    delta_interval: tuple[float, float] | None = None
 
     @property
     def header(self) -> str:
-        return (f"KID to the teacher's own samples below δ = {self.delta:.4g} ({self.what}), n = {self.n} per row, "
-                f"one-sided, Holm over all {self.tests} rows but the teacher's own sampler `{self.anchor}`, "
-                f"α = {ALPHA}")
+        own = (f"; its own 95 % interval [{self.delta_interval[0]:.3g}, {self.delta_interval[1]:.3g}], treated as "
+               "fixed" if self.delta_interval else "")
+        return (f"KID to the teacher's own samples below δ = {self.delta:.4g} ({self.what}{own}), n = {self.n} per "
+                f"row, one-sided, Holm over all {self.tests} rows but the anchor `{self.anchor}` (the sampler the "
+                f"teacher samples are drawn with), α = {ALPHA}")
 
 
 def compute_answer(kid: pd.DataFrame, folder: Path) -> Answer | str | None:
@@ -151,15 +157,22 @@ def compute_answer(kid: pd.DataFrame, folder: Path) -> Answer | str | None:
     up = speedup(table)
     if up is None:
         need = samples_to_resolve(rows, delta, n)
+        refs = margin.get("samples_per_teacher")
+        grown = f", the teacher samples {refs} → ≈ {int(np.ceil(refs * need[0] / n))}" if need and refs else ""
         text = ("not resolved: no student or no training-free solver is established within δ at n = "
-                f"{n}" + (f"; the closest row would be at n ≈ {need} (if only the generated samples' variance "
-                          "shrank)" if need else "; no row's estimate is within δ"))
+                f"{n}" + (f"; the closest row, {need[1]}, would be at n ≈ {need[0]} per row (its estimate unchanged "
+                          f"and its whole variance shrinking as 1/n{grown}; Bonferroni over the family)"
+                          if need else "; no row's estimate is within δ"))
     else:
         text = (f"{up[0]:.3g}× fewer NFE [{up[1]:.3g}, {up[2]:.3g}] for `{up[3]}` over `{up[4]}`"
                 + (" — the interval contains 1: no saving is established" if up[1] <= 1 <= up[2] else ""))
     what = margin.get("what", "the KID between the best samplers of two teachers trained with different seeds")
-    return Answer(delta, what, n, kid[kid.is_anchor].line.iloc[0] if kid.is_anchor.any() else kid.ci_reference.iloc[0],
-                  len(rows), table, text, timing_note)
+    anchor = kid[kid.is_anchor]
+    anchor = (f"{anchor.line.iloc[0]} at {int(anchor.nfe.iloc[0])} NFE" if len(anchor)
+              else str(kid.ci_reference.iloc[0]))
+    interval = margin.get("delta_interval_95")
+    return Answer(delta, what, n, anchor, len(rows), table, text, timing_note,
+                  (float(interval[0]), float(interval[1])) if interval else None)
 
 
 def _established(r) -> str:
