@@ -16,6 +16,7 @@ from fastdiff.io import write_text
 CSV_NAME = "fid_vs_steps.csv"
 CONSTRAINTS_NAME = "constraints.txt"  # the installed package versions of the latest sweep (installed_versions)
 MARGIN_NAME = "margin.json"  # a family's margin delta (python -m fastdiff.margin), beside its CSV
+COVERAGE_NAME = "coverage.md"  # python -m fastdiff.coverage's table, at the top of a results folder
 # A latent family's autoencoder and its reconstruction floor (fastdiff.autoencoder writes it; distill copies it beside
 # the family's CSV; the report reads it there)
 AUTOENCODER_INFO = "autoencoder.json"

@@ -48,6 +48,7 @@ def test_report_from_csv_npz_and_gpu_json_without_torch(tmp_path):
         "device": "NVIDIA H100 80GB HBM3", "versions": {"torch": "2.x"},
         "sampler_step": [{"size": "16M", "dtype": "float32", "triton": {"ms": 0.21, "gbps": 2900.0}}],
         "targets": {"speedup": {"values": {"16M": 3.2}, "bound": 3.0, "met": True}}}))
+    (tmp_path / "coverage.md").write_text("Coverage of fastdiff's intervals\n\n| KID of the row | 96.1% |\n")
     code = ("import sys; from fastdiff.report import write_report; write_report(sys.argv[1]); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad")
@@ -65,6 +66,7 @@ def test_report_from_csv_npz_and_gpu_json_without_torch(tmp_path):
     assert "**Old protocol**: these rows are scored against `digits-train-n1437`" in report
     assert "distilled students (own N-step grid)" in report and "0.97" in report and "abc123" in report
     assert "NVIDIA H100 80GB HBM3" in report and "| 16M | float32 | 0.21 | 2900 |" in report
+    assert "## Coverage of the intervals\n\nCoverage of fastdiff's intervals\n\n| KID of the row | 96.1% |" in report
 
 
 def test_report_bad_input_exit_2(tmp_path, capsys):

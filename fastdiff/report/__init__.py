@@ -33,7 +33,7 @@ from fastdiff.report.sweep import (GUIDANCE_STEPS, MAX_GRID_BUDGETS, MAX_TABLE_B
                                    pivot_table, plot_fid, plot_other_metrics, plot_sample_grid, provenance_table,
                                    sweep_section, table_budgets)
 from fastdiff.report.training import TRAINING_CD, TRAINING_PD, training_points, training_section  # noqa: E402
-from fastdiff.results import CSV_NAME  # noqa: E402
+from fastdiff.results import COVERAGE_NAME, CSV_NAME  # noqa: E402
 
 __all__ = ["GUIDANCE_STEPS", "LINE", "MAX_GRID_BUDGETS", "MAX_TABLE_BUDGETS", "NUMERIC", "OTHER_METRICS", "SWEEP",
            "TRAINING_CD", "TRAINING_PD", "best_per_line", "best_table", "cost_table", "gpu_section", "grid_budgets",
@@ -69,6 +69,9 @@ def write_report(results_dir) -> Path:
             section = guidance_section if (sweep.guidance != "").any() else sweep_section
             md += section(sweep, csv_path.parent, results_dir, f"_{i + 1}" if len(sweeps) > 1 else "")
         md += training_section(csv_path.parent, results_dir)
+    coverage = results_dir / COVERAGE_NAME
+    if coverage.exists():  # the simulated coverage of the intervals printed above (python -m fastdiff.coverage)
+        md += ["## Coverage of the intervals", "", coverage.read_text().strip(), ""]
     if gpu:
         md += ["## GPU measurements", "", "Figures measured on the device named in the file (not necessarily the "
                "device of the sweeps above).", ""]

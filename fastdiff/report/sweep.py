@@ -198,7 +198,8 @@ def interval_note(df: pd.DataFrame) -> str:
             "is not significant. KID's intervals also carry the reference set's sampling variance; FID's, precision's "
             "and recall's are conditional on the reference set. None covers the teacher's training (see the "
             "teacher-seed spread). No ratio to the anchor is given: it would divide by a random, biased number. "
-            "Coverage of each interval, measured by simulation: `python -m fastdiff.coverage`.")
+            "Coverage of each interval, measured by simulation: `python -m fastdiff.coverage` (its table closes this "
+            "report when the results folder has one).")
 
 
 def protocol_note(df: pd.DataFrame) -> str:
