@@ -67,7 +67,8 @@ def measure(cfg, progress: bool = True) -> Path:
     (hash_a, a, held_out, ref_name, extractor, reference), (hash_b, b, _, ref_name_b, *_) = got
     delta = KIDReference(a).kid(b)
     lo, hi = delta.interval()
-    levels = {h: KIDReference(held_out).kid(f).est for h, f in ((hash_a, a), (hash_b, b))}
+    held = KIDReference(held_out)  # its kernel matrix once, for both teachers
+    levels = {h: held.kid(f).est for h, f in ((hash_a, a), (hash_b, b))}
     from fastdiff.train import PRESETS as TRAIN_PRESETS
 
     seeds = [TRAIN_PRESETS[cfg.teacher_preset].seed, cfg.teacher_seed]
