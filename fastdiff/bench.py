@@ -48,7 +48,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Callable, Literal, Sequence, get_args
+from typing import Annotated, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from tqdm import tqdm
 import fastdiff
 from fastdiff import config as cfgs
 from fastdiff import distributed as dist
-from fastdiff import runs
+from fastdiff import registry, runs
 from fastdiff.conditioning import requested_classes
 from fastdiff.guidance import to_fastdiff_w
 from fastdiff.text import eval_prompts_csv
@@ -81,14 +81,9 @@ from fastdiff.uncertainty import fid as fid_of
 
 log = logging.getLogger(__name__)
 
-SamplerName = Literal["ddpm", "ddpm-strided", "ddim", "ddim-eta1", "dpm++2m", "dpm++3m", "unipc2-bh1", "unipc3-bh1",
-                      "unipc2-bh2", "unipc3-bh2", "heun", "distilled", "consistency"]
-SAMPLERS: tuple[str, ...] = get_args(SamplerName)
-# the multistep ODE solvers: one row per step count on the uniform-logSNR grid, NFE = steps
-MULTISTEP = ("dpm++2m", "dpm++3m", "unipc2-bh1", "unipc3-bh1", "unipc2-bh2", "unipc3-bh2")
-# Samplers whose grid is fixed (the others run on every spacing asked for): DPM-Solver's and UniPC's uniform
-# logSNR, EDM's Karras grid, a student's own i/N.
-FIXED_GRID = {"ddpm": "full", **{name: "logsnr" for name in MULTISTEP}, "heun": "karras", "distilled": "student"}
+# the sweep's samplers: every entry of the sampler registry (fastdiff.registry), checked when the config is
+SamplerName = Annotated[str, cfgs.OneOf(registry.sampler_names)]
+SAMPLERS: tuple[str, ...] = registry.sampler_names()  # fastdiff's own, in the order of a sweep
 CONFIG_NAME, SAMPLES_DIR, PARTIAL_DIR = "bench_config.json", "samples", "partial"
 PROMPTS_NAME = "prompts.csv"  # a text family's prompt per sample index
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
@@ -186,31 +181,35 @@ def validate(cfg: BenchConfig) -> None:
         raise FastdiffError("pass --model (a teacher run dir or checkpoint) or --distill-dir (a distillation run dir)")
 
 
-def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid: str = "",
+def build_specs(cfg: BenchConfig, T: int, students: Mapping[str, Sequence[tuple[str, int]]] | None = None,
                 takes_w: Callable[[Spec], bool] = lambda spec: False) -> list[Spec]:
-    """Every sampling run of the sweep, in the order of cfg.samplers; strided grids stop at T. `cd_grid` (cd{N}) is
-    the grid of the run's consistency student, sampled at every step count <= N (none without one). `takes_w(spec)`:
-    whether the spec's network takes the guidance weight as its input (a guided student), which decides how a
-    weight in another convention converts (fastdiff.guidance.to_fastdiff_w)."""
+    """Every sampling run of the sweep, in the order of cfg.samplers, by each sampler's row rule (fastdiff.registry);
+    strided grids stop at T. `students` {sampler: [(its own grid, its N), ...]}: the students of the run (a
+    progressive student: ("student", N), one row; a consistency student: ("cd18", 18), a row per step count <= N);
+    none without them. `takes_w(spec)`: whether the spec's network takes the guidance weight as its input (a guided
+    student), which decides how a weight in another convention converts (fastdiff.guidance.to_fastdiff_w)."""
     specs: list[Spec] = []
     strided = sorted(s for s in set(cfg.steps) if s <= T)
     if len(strided) < len(set(cfg.steps)):
         log.info("strided grids of a %d-step teacher stop at %d steps", T, T)
     for name in cfg.samplers:
-        if name == "ddpm":
-            specs.append(Spec(name, FIXED_GRID[name], T, None, cfg.variance))
-        elif name == "ddpm-strided":
-            specs += [Spec(name, sp, s, None, cfg.variance) for sp in cfg.spacings for s in strided]
-        elif name == "consistency":
-            n = int(cd_grid[2:]) if cd_grid else 0
-            specs += [Spec(name, cd_grid, s, 0.0) for s in sorted(set(cfg.steps)) if s <= n]
-        elif name in ("ddim", "ddim-eta1"):
-            specs += [Spec(name, sp, s, 0.0 if name == "ddim" else 1.0) for sp in cfg.spacings for s in strided]
-        elif name in MULTISTEP:
-            specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in sorted(set(cfg.steps))]
-        else:
-            counts = {"heun": sorted({(n + 1) // 2 for n in cfg.steps}), "distilled": sorted(student_steps)}[name]
-            specs += [Spec(name, FIXED_GRID[name], s, 0.0) for s in counts]
+        entry = registry.sampler(name)
+        eta = entry.eta
+        variance = cfg.variance if entry.eta is None else ""
+        if entry.rows == "full":
+            specs.append(Spec(name, entry.grid, T, eta, variance))
+        elif entry.rows == "strided":
+            specs += [Spec(name, sp, s, eta, variance) for sp in cfg.spacings for s in strided]
+        elif entry.rows == "every":
+            specs += [Spec(name, entry.grid, s, eta, variance) for s in sorted(set(cfg.steps))]
+        elif entry.rows == "heun":
+            specs += [Spec(name, entry.grid, s, eta, variance) for s in sorted({(n + 1) // 2 for n in cfg.steps})]
+        elif entry.rows == "own":
+            specs += [Spec(name, grid, n, eta, variance) for grid, n in sorted((students or {}).get(name, ()),
+                                                                                key=lambda g: g[1])]
+        else:  # "upto": every step count up to the student's N, on its own grid
+            specs += [Spec(name, grid, s, eta, variance) for grid, n in (students or {}).get(name, ())
+                      for s in sorted(set(cfg.steps)) if s <= n]
     if cfg.guidance:
         specs = [dataclasses.replace(spec, guidance=to_fastdiff_w(w, cfg.guidance_convention, takes_w(spec)))
                  for spec in specs for w in cfg.guidance]
@@ -219,8 +218,8 @@ def build_specs(cfg: BenchConfig, T: int, student_steps: Sequence[int], cd_grid:
 
 def family_specs(cfg: BenchConfig, family: Family) -> list[Spec]:
     """`build_specs` for a loaded family: its teacher's T, its students, and which networks take w as an input."""
-    return build_specs(cfg, family.teacher.schedule.T, list(family.students), family.cd_grid,
-                       lambda spec: _network(family, spec).takes_w)
+    grids = {name: [(net.grid, net.steps) for net in nets] for name, nets in family.students.items()}
+    return build_specs(cfg, family.teacher.schedule.T, grids, lambda spec: _network(family, spec).takes_w)
 
 
 def device_name(device: torch.device) -> str:
@@ -324,7 +323,7 @@ def _sweep(cfg: BenchConfig, family: Family, specs: list[Spec], extractor, resul
         write_text(out / CONSTRAINTS_NAME, installed_versions())
         write_text(out / CONFIG_NAME, json.dumps({"config": cfgs.to_dict(cfg),
                                                   "extractor": dataclasses.asdict(extractor),
-                                                  "students": sorted(family.students), **provenance},
+                                                  "students": family.student_names(), **provenance},
                                                  indent=2, sort_keys=True) + "\n")
     scorer = None
     if todo:
@@ -445,9 +444,8 @@ def grid_hash(spec: Spec, schedule: Schedule) -> str:
 
 
 def _network(family: Family, spec: Spec) -> Network:
-    if spec.sampler == "consistency":
-        return family.consistency
-    return family.students[spec.steps] if spec.sampler == "distilled" else family.teacher
+    """The network a row samples: the teacher, or the student of the row's sampler on the row's grid."""
+    return family.network(spec)
 
 
 def _metric_names(metrics: Sequence[str], teacher_ref: bool = False) -> list[str]:

@@ -2,7 +2,9 @@
 
 A config class documents each field with a trailing comment on its line (`lr: float = 2e-4  # Adam learning
 rate`), which becomes the field's --help text; a field typed `Literal[...]` (or a tuple of them) has its choices
-checked here, in one place, on the command line and for configs built in code (`check_choices`).
+checked here, in one place, on the command line and for configs built in code (`check_choices`). A field typed
+`Annotated[str, OneOf(names)]` takes its choices from `names()` when checked: a registry that grows (a sampler a new
+method registers) without a change here.
 """
 from __future__ import annotations
 
@@ -13,9 +15,17 @@ import inspect
 import json
 import re
 import typing
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from fastdiff.errors import FastdiffError
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """`Annotated[str, OneOf(names)]`: a field whose allowed values are `names()` at the time it is checked."""
+
+    names: Callable[[], tuple[str, ...]]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,13 +40,22 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _one_of(tp) -> OneOf | None:
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, OneOf)), None)
+    return None
 
 
 def _choices(tp) -> tuple | None:
-    """The allowed values of a Literal type (or of a tuple of Literals), else None."""
+    """The allowed values of a Literal type, a OneOf-annotated str (or of a tuple of them), else None."""
     if typing.get_origin(tp) is tuple:
         return _choices(typing.get_args(tp)[0])
+    one_of = _one_of(tp)
+    if one_of is not None:
+        return tuple(one_of.names())
     return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
 
 
@@ -47,9 +66,9 @@ def _bad_choice(name: str, value, allowed) -> FastdiffError:
 def _parse(name: str, tp, text: str):
     """Parse one CLI value `text` for a field of type `tp` (int, float, str, bool, Literal, tuple[X, ...])."""
     origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        if text not in typing.get_args(tp):
-            raise _bad_choice(name, text, typing.get_args(tp))
+    if origin is typing.Literal or _one_of(tp) is not None:
+        if text not in _choices(tp):
+            raise _bad_choice(name, text, _choices(tp))
         return text
     try:
         if origin is tuple:

@@ -24,8 +24,6 @@ from fastdiff.noise import SampleNoise
 
 CudaGraphs = Literal["auto", "on", "off"]
 CUDA_GRAPH_MODES: tuple[str, ...] = get_args(CudaGraphs)
-# the samplers whose loop is affine_steps (fixed grid, device-side tables): the ones the sweep captures
-GRAPHABLE = ("ddpm", "ddpm-strided", "ddim", "distilled")
 WARMUP = 2  # eager runs on a side stream before capture: kernels compiled, dispatch table and device tables filled
 
 Body = Callable[[torch.Tensor, SampleNoise, "torch.Tensor | None"], torch.Tensor]
@@ -38,7 +36,10 @@ def use_graphs(mode: str, device: torch.device, sampler: str) -> bool:
         raise FastdiffError(f"--cuda-graphs {mode!r}: choose one of {', '.join(CUDA_GRAPH_MODES)}")
     if mode == "on" and device.type != "cuda":
         raise FastdiffError("--cuda-graphs on needs a CUDA device; on CPU use auto (a no-op there) or off")
-    return mode != "off" and device.type == "cuda" and sampler in GRAPHABLE
+    from fastdiff.registry import find
+
+    entry = find(sampler)  # graphable: its loop is affine_steps (fixed grid, device-side tables)
+    return mode != "off" and device.type == "cuda" and entry is not None and entry.graphable
 
 
 class GraphedLoop:

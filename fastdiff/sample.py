@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from fastdiff import runs
+from fastdiff import registry, runs
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.noise import NoiseRNG
 
@@ -50,17 +50,19 @@ def plan(cfg: SampleConfig, model):
         raise FastdiffError(f"--prompt needs a text-conditioned model; {model.path} is {kind}")
     if cfg.label >= 0 and network.cond != "class":
         raise FastdiffError(f"--label needs a class-conditional model; {model.path} is {kind}")
-    if model.cd:
-        n = int(model.cd["steps"])
-        steps = cfg.steps or min(4, n)
-        if steps > n:
-            raise FastdiffError(f"--steps {steps}: the consistency student was trained on {n} steps")
-        spec = Spec("consistency", f"cd{n}", steps, 0.0)
-    elif model.kind == "student" and model.steps:
-        if cfg.steps not in (0, model.steps):
-            raise FastdiffError(f"--steps {cfg.steps}: a progressive student samples on its own {model.steps}-step "
-                                "grid; leave --steps out")
-        spec = Spec("distilled", "student", int(model.steps), 0.0)
+    if model.sampler:  # a student: the sampler its checkpoint names (fastdiff.registry), on its own grid
+        entry, n, grid = registry.sampler(model.sampler), int(model.role["steps"]), model.role["grid"]
+        who = entry.student_label or f"{entry.name} student"
+        if entry.rows == "upto":
+            steps = cfg.steps or min(4, n)
+            if steps > n:
+                raise FastdiffError(f"--steps {steps}: the {who} was trained on {n} steps; give --steps <= {n}")
+        else:
+            if cfg.steps not in (0, n):
+                raise FastdiffError(f"--steps {cfg.steps}: a {who} samples on its own {n}-step grid; leave --steps "
+                                    "out")
+            steps = n
+        spec = Spec(entry.name, grid, steps, entry.eta)
     else:  # a teacher, or guided distillation's w-conditioned first stage (no grid of its own)
         spec = Spec("ddim", "linspace", cfg.steps or 32, 0.0)
     if not (cfg.prompt or cfg.label >= 0):

@@ -21,7 +21,7 @@ from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
-from fastdiff.report.common import STUDENT_SAMPLERS
+from fastdiff.report.common import student_samplers
 from fastdiff.results import CSV_NAME
 
 
@@ -41,7 +41,7 @@ def spread(frames: dict[int, pd.DataFrame]) -> pd.DataFrame:
     per_seed = []
     for seed, df in frames.items():
         fid = df[df.metric == "fid"].dropna(subset=["value", "nfe"])
-        best = fid[~fid.sampler.isin(STUDENT_SAMPLERS)].value.min()
+        best = fid[~fid.sampler.isin(student_samplers())].value.min()
         per_seed.append(fid.assign(seed=seed, vs_best=fid.value / best)[["line", "sampler", "nfe", "seed", "value",
                                                                           "vs_best"]])
     long = pd.concat(per_seed)
@@ -61,7 +61,7 @@ def spread_markdown(table: pd.DataFrame, seeds: Sequence[int], name: str) -> str
 
     cols = ["line", "nfe"] + [f"fid_seed{s}" for s in seeds] + ["fid_max_over_min"]
     rows = [[r[c] if c != "nfe" else int(r[c]) for c in cols] for _, r in table.iterrows()]
-    students = table[table.sampler.isin(STUDENT_SAMPLERS) & table.nfe.isin([1, 2, 4])]
+    students = table[table.sampler.isin(student_samplers()) & table.nfe.isin([1, 2, 4])]
     lines = [f"# {name}: the spread over teacher seeds {', '.join(map(str, seeds))}", "",
              "Written by `python -m fastdiff.seeds` from the results CSVs of each seed (latest sweep each). Each seed "
              "trains its own teacher (same data split, reference set, distillation seed and per-index sampling "

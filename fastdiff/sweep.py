@@ -19,9 +19,8 @@ from typing import Callable
 import torch
 
 from fastdiff import distributed as dist
-from fastdiff import runs
-from fastdiff.samplers import (Sample, consistency, ddim, ddpm, dpm_solver_pp_2m, dpm_solver_pp_3m, heun,
-                               initial_noise, unipc)
+from fastdiff import registry, runs
+from fastdiff.samplers import Sample, initial_noise
 from fastdiff.conditioning import eval_condition
 from fastdiff.errors import FastdiffError
 from fastdiff.graphs import GraphedLoop, use_graphs
@@ -47,6 +46,9 @@ class Network:
     cond: str = "none"  # what it is conditioned on: none, class or text (fastdiff.conditioning)
     cost: dict | None = None  # a student's training cost (its checkpoint's `cost`), recorded with its rows
     codec: object = None  # a latent model's autoencoder (fastdiff.latent.Codec): samples are decoded before scoring
+    sampler: str = ""  # a student's sampler (fastdiff.registry), "" for a teacher
+    grid: str = ""  # a student's own grid (a progressive student's "student", a consistency student's cd{N})
+    steps: int = 0  # a student's N: the steps of its own grid
 
     @property
     def autoencoder(self) -> str:
@@ -61,21 +63,35 @@ class Network:
 
 @dataclass(frozen=True)
 class Family:
-    """What one sweep samples: the teacher, its students {N: network}, and the reference data to score against."""
+    """What one sweep samples: the teacher, its students {sampler: (network, ...)}, and the reference data to score
+    against."""
 
     dataset: str
     data_shape: tuple[int, ...]
     teacher: Network
-    students: dict[int, Network]
+    students: dict[str, tuple[Network, ...]]
     reference: Reference
-    consistency: Network | None = None  # the consistency-distilled student (students/cd.pt), if swept
-    cd_grid: str = ""  # its grid name, cd{N} (fastdiff.grids.consistency_grid)
     stats: object = None  # precomputed reference statistics (fastdiff.uncertainty.RefStats) FID uses instead
     image_shape: tuple[int, ...] = ()  # one scored sample's shape: data_shape, or a latent family's decoded image's
 
     @property
     def scored_shape(self) -> tuple[int, ...]:
         return tuple(self.image_shape) or tuple(self.data_shape)
+
+    def network(self, spec: "Spec") -> Network:
+        """The network of a row: the teacher for a teacher sampler; for a student sampler its student on the row's
+        grid (rule "own": with the row's step count; "upto": whose N is at least the row's)."""
+        entry = registry.sampler(spec.sampler)
+        if not entry.student:
+            return self.teacher
+        for net in self.students.get(spec.sampler, ()):
+            if net.grid == spec.grid and (net.steps == spec.steps if entry.rows == "own" else spec.steps <= net.steps):
+                return net
+        raise FastdiffError(f"no {spec.sampler} student on grid {spec.grid} with {spec.steps} steps in this family")
+
+    def student_names(self) -> dict[str, list[str]]:
+        """{sampler: ["grid/N", ...]}: the students of the sweep, as its bench_config.json records them."""
+        return {name: sorted(f"{n.grid}/{n.steps}" for n in nets) for name, nets in sorted(self.students.items())}
 
 
 @dataclass(frozen=True)
@@ -96,23 +112,12 @@ class Spec:
 
 def run_sampler(spec: Spec, net: Callable, x: torch.Tensor, schedule: Schedule, param: str, clip: bool,
                 generators, guidance: float | None = None) -> Sample:
-    """(B, ...) initial noise -> Sample of `spec`'s sampler on its grid (CFG weight `guidance` if given)."""
+    """(B, ...) initial noise -> Sample of `spec`'s sampler (its fastdiff.registry entry) on its grid (CFG weight
+    `guidance` if given)."""
     ts = make_grid(spec.grid, spec.steps, schedule)
-    kw = dict(schedule=schedule, param=param, clip=clip, generator=generators, guidance=guidance)
-    if spec.sampler in ("ddpm", "ddpm-strided"):
-        return ddpm(net, x, ts, variance=spec.variance, **kw)
-    if spec.sampler == "dpm++2m":
-        return dpm_solver_pp_2m(net, x, ts, **kw)
-    if spec.sampler == "dpm++3m":
-        return dpm_solver_pp_3m(net, x, ts, **kw)
-    if spec.sampler.startswith("unipc"):  # unipc{order}-{variant}, e.g. unipc3-bh2
-        order, variant = spec.sampler.removeprefix("unipc").split("-")
-        return unipc(net, x, ts, order=int(order), variant=variant, **kw)
-    if spec.sampler == "heun":
-        return heun(net, x, ts, **kw)
-    if spec.sampler == "consistency":
-        return consistency(net, x, ts, **kw)
-    return ddim(net, x, ts, eta=spec.eta, **kw)
+    return registry.sampler(spec.sampler).run(net, x, ts, schedule=schedule, param=param, clip=clip,
+                                              generator=generators, guidance=guidance, eta=spec.eta,
+                                              variance=spec.variance)
 
 
 def _sync(device: torch.device) -> None:
@@ -265,23 +270,9 @@ def load_family(cfg, device: torch.device) -> Family:
     if teacher.kind != "teacher":
         raise FastdiffError(f"{teacher.path} is a {teacher.kind} checkpoint; --model needs a teacher (students join "
                             "the sweep through --distill-dir)")
-    students = {}
-    if cfg.distill_dir and "distilled" in cfg.samplers:
-        for path in sorted(students_dir.glob("student_N*.pt")):
-            st = load_model(path, device)
-            if st.kind != "student" or not st.steps:
-                raise FastdiffError(f"{path} is not a student checkpoint (kind {st.kind!r}, steps {st.steps})")
-            if st.schedule != teacher.schedule:
-                raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
-            students[int(st.steps)] = as_network(st)
-        if not students:
-            log.warning("no students/student_N*.pt in %s", cfg.distill_dir)
-    elif "distilled" in cfg.samplers:
+    students = load_students(students_dir, cfg.samplers, teacher, device) if cfg.distill_dir else {}
+    if not cfg.distill_dir and any(registry.sampler(name).student for name in cfg.samplers):
         log.info("no --distill-dir: the sweep has no distilled students")
-    cd_student, cd_grid = None, ""
-    if cfg.distill_dir and "consistency" in cfg.samplers and (students_dir / "cd.pt").is_file():
-        st = load_model(students_dir / "cd.pt", device)
-        cd_grid, cd_student = f"cd{int(st.cd['steps'])}", as_network(st)
     dataset = cfg.dataset or teacher.dataset
     reference = load_reference(dataset, reference_split(dataset, cfg.ref_split), cfg.n_ref,
                                cfg.data_root or teacher.config.get("data_root", ""), seed=data_seed(teacher.config or {}))
@@ -289,8 +280,29 @@ def load_family(cfg, device: torch.device) -> Family:
     if cfg.guidance and not network.num_classes:
         raise FastdiffError(f"--guidance needs a conditional teacher (trained with --cond class or text); "
                             f"{teacher.path} is unconditional")
-    return Family(dataset, tuple(teacher.data_shape), network, students, reference, cd_student, cd_grid,
-                  image_shape=teacher.image_shape)
+    return Family(dataset, tuple(teacher.data_shape), network, students, reference, image_shape=teacher.image_shape)
+
+
+def load_students(folder: Path, samplers, teacher, device) -> dict[str, tuple[Network, ...]]:
+    """{sampler: networks} of the students in `folder` (a distillation run's students/) that one of `samplers`
+    samples: the files whose role (fastdiff.checkpoint.role_of) says `swept` (every method's final students; not
+    snapshots or first stages), each with the sampler it names. FastdiffError for a student of another schedule than
+    its teacher's."""
+    from fastdiff.checkpoint import load_model
+
+    wanted = [name for name in samplers if registry.sampler(name).student]
+    found: dict[str, list[Network]] = {}
+    for path in sorted(folder.glob("*.pt")) if wanted else ():
+        st = load_model(path, device)
+        if st.kind != "student" or not st.role or not st.role["swept"] or st.role["sampler"] not in wanted:
+            continue
+        if st.schedule != teacher.schedule:
+            raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
+        found.setdefault(st.role["sampler"], []).append(as_network(st, st.role))
+    for name in wanted:
+        if name not in found:
+            log.warning("no %s student in %s", name, folder)
+    return {name: tuple(nets) for name, nets in found.items()}
 
 
 def accuracy_metric(spec: Spec, network: Network, dataset: str) -> str | None:
@@ -303,11 +315,14 @@ def accuracy_metric(spec: Spec, network: Network, dataset: str) -> str | None:
     return "prompt_accuracy" if network.cond == "text" else "class_accuracy"
 
 
-def as_network(model) -> Network:
-    """A loaded teacher or student (fastdiff.checkpoint.LoadedModel) as a sweep's Network."""
+def as_network(model, role: dict | None = None) -> Network:
+    """A loaded teacher or student (fastdiff.checkpoint.LoadedModel) as a sweep's Network; `role` (a student's
+    sampler, grid and N: fastdiff.checkpoint.student_role) where it is a swept student."""
     from fastdiff.data import static_info
 
     cond = model.config.get("cond", "none") or "none"
+    role = role or {}
     return Network(model.net, model.schedule, model.param, model.hash,
                    static_info(model.dataset)[1] if cond != "none" else 0, bool(model.config.get("scalar_cond")),
-                   cond, model.cost, getattr(model, "codec", None))
+                   cond, model.cost, getattr(model, "codec", None), role.get("sampler", ""), role.get("grid", ""),
+                   int(role.get("steps") or 0))

@@ -102,7 +102,7 @@ def test_choices_are_declared_once_checked_in_one_place_and_every_field_has_help
 
     assert cfgs._choices(typing.get_type_hints(TrainConfig)["schedule"]) == SCHEDULES == ("linear", "cosine")
     assert cfgs._choices(typing.get_type_hints(TrainConfig)["weighting"]) == WEIGHTINGS
-    assert cfgs._choices(typing.get_type_hints(BenchConfig)["samplers"]) == SAMPLERS
+    assert cfgs._choices(typing.get_type_hints(BenchConfig, include_extras=True)["samplers"]) == SAMPLERS
     assert cfgs._choices(typing.get_type_hints(BenchConfig)["spacings"]) == SPACINGS
     for cls in (TrainConfig, DistillConfig, BenchConfig):
         helps = cfgs.field_help(cls)

@@ -229,19 +229,22 @@ def test_cosine_first_step_at_t1_is_stable(param, sampler, grid):
 
 
 def test_every_multistep_bench_name_runs_its_solver():
-    """The benchmark's names dispatch (fastdiff.sweep.run_sampler) to the solver, order and B(h) they name."""
-    from fastdiff.bench import FIXED_GRID, MULTISTEP, SAMPLERS
+    """The benchmark's names dispatch (fastdiff.sweep.run_sampler, through the registry) to the solver, order and
+    B(h) they name, each on the uniform-logSNR grid at every step count."""
+    from fastdiff import registry
+    from fastdiff.bench import SAMPLERS
     from fastdiff.sweep import Spec, run_sampler
 
     expected = {"dpm++2m": (dpm_solver_pp_2m, {}), "dpm++3m": (dpm_solver_pp_3m, {}),
                 **{f"unipc{p}-{v}": (unipc, {"order": p, "variant": v}) for p in (2, 3) for v in ("bh1", "bh2")}}
-    assert set(MULTISTEP) == set(expected) and set(MULTISTEP) <= set(SAMPLERS)
+    MULTISTEP = [n for n in SAMPLERS if registry.sampler(n).rows == "every"]
+    assert set(MULTISTEP) == set(expected)
     schedule = Schedule("linear", T)
     model = GaussianDenoiser(MU, STD, schedule, "eps")
     outs = []
     for name in MULTISTEP:
-        assert FIXED_GRID[name] == "logsnr"
-        out = run_sampler(Spec(name, FIXED_GRID[name], 6, 0.0), model, _noise(4), schedule, "eps", False,
+        assert registry.sampler(name).grid == "logsnr"
+        out = run_sampler(Spec(name, "logsnr", 6, 0.0), model, _noise(4), schedule, "eps", False,
                           sample_generators(0, range(4)))
         fn, kw = expected[name]
         assert out.nfe == 6

@@ -152,7 +152,7 @@ def test_a_sweep_takes_weights_in_another_convention_and_records_w():
                                     ("fastdiff", (0.0, 2.0), [0.0, 2.0])):
         cfg = BenchConfig(model="m", samplers=("ddim",), spacings=("linspace",), steps=(4,), guidance=given,
                           guidance_convention=convention)
-        assert [s.guidance for s in build_specs(cfg, 1000, [])] == want, convention
+        assert [s.guidance for s in build_specs(cfg, 1000)] == want, convention
 
 
 def test_diffusers_scales_at_or_below_one_reach_a_w_input_student_unchanged():
@@ -164,7 +164,7 @@ def test_diffusers_scales_at_or_below_one_reach_a_w_input_student_unchanged():
 
     cfg = BenchConfig(model="m", samplers=("ddim", "distilled"), spacings=("linspace",), steps=(4,),
                       guidance=(0.0, 0.5, 1.0, 3.0), guidance_convention="diffusers")
-    got = build_specs(cfg, 1000, [2], takes_w=lambda spec: spec.sampler == "distilled")
+    got = build_specs(cfg, 1000, {"distilled": [("student", 2)]}, takes_w=lambda spec: spec.sampler == "distilled")
     assert [(s.sampler, s.guidance) for s in got] == [("ddim", 1.0), ("ddim", 1.0), ("ddim", 1.0), ("ddim", 3.0),
                                                       ("distilled", 0.0), ("distilled", 0.5), ("distilled", 1.0),
                                                       ("distilled", 3.0)]

@@ -31,15 +31,15 @@ from typing import Callable, Sequence
 
 from fastdiff import config as cfgs
 from fastdiff import distributed as dist
-from fastdiff import runs
+from fastdiff import registry, runs
 from fastdiff.checkpoint import CKPT_NAME, LoadedModel, load_model, resolve_path
 from fastdiff.conditioning import Conditioner
 from fastdiff.data import data_seed, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
 from fastdiff.distill.config import (CD_FIELDS_OF_CONFIG, NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig,
-                                     cd_snapshots, cd_total, dataset_of, num_rounds, round_updates, sweep_name,
-                                     validate)
+                                     cd_snapshots, cd_total, dataset_of, methods_of, num_rounds, round_updates,
+                                     sweep_name, validate)
 from fastdiff.distill.consistency import run_consistency
 from fastdiff.distill.guided import guided_base
 from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
@@ -247,9 +247,14 @@ def run_rounds(ctx: DistillRun) -> None:
         total = round_updates(cfg, r)
         loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
                                  f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
-        save_student(ctx, student_path, student, n_student, r, total, training_cost(ctx, rounds, r, total, wall))
-        if dist.is_main() and not rounds.done(r):
-            row = evaluate_round(student, ctx, n_student)
+        cost = training_cost(ctx, rounds, r, total, wall)
+        row = evaluate_round(student, ctx, n_student) if dist.is_main() and not rounds.done(r) else None
+        done_row = row or next((x for x in rounds.rows if int(x["round"]) == r), None)
+        save_student(ctx, student_path, student, n_student, r, total, cost,
+                     None if done_row is None else {**{k: done_row[k] for k in ("metric", "student_value",
+                                                                                "teacher_ddim_value")},
+                                                    "samples": cfg.eval_samples, "nfe": n_student})
+        if row is not None:
             rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
                         "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
             log.info("round %d/%d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r + 1, num_rounds(cfg),
@@ -264,7 +269,8 @@ FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts
 # has no room for): DDIM eta = 1 (stochastic, far behind DDIM at few steps), DPM-Solver++(3M) beside (2M), and the
 # UniPC variants beside diffusers' default (order 2, bh2). The default keeps DDPM ancestral on the full grid (T NFE:
 # the reference every fast sampler is measured against) and strided DDPM beside DDIM.
-FULL_ONLY_SAMPLERS = ("ddim-eta1", "dpm++3m", "unipc2-bh1", "unipc3-bh1", "unipc3-bh2")
+# (the registry's `full_only` entries: ddim-eta1, dpm++3m, unipc2-bh1, unipc3-bh1, unipc3-bh2)
+FULL_ONLY_SAMPLERS = tuple(n for n in registry.sampler_names() if registry.sampler(n).full_only)
 
 
 def sweep_plan(dcfg: DistillConfig) -> str:
@@ -281,7 +287,7 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
-        students = (("distilled",) if "pd" in dcfg.method else ()) + (("consistency",) if "cd" in dcfg.method else ())
+        students = tuple(n for m in methods_of(dcfg) for n in registry.samplers_of(m))
         base = dataclasses.replace(base, samplers=("ddim",) + students, spacings=("linspace",), guidance=GUIDANCE_SWEEP)
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:

@@ -119,6 +119,11 @@ PRESETS = {
 }
 
 
+def methods_of(cfg: DistillConfig) -> tuple[str, ...]:
+    """The methods of the run, in order: --method split at "+" or ","."""
+    return tuple(m.strip() for m in cfg.method.replace("+", ",").split(",") if m.strip())
+
+
 def num_rounds(cfg: DistillConfig) -> int:
     full = int(math.log2(cfg.start_steps))
     return min(cfg.rounds, full) if cfg.rounds > 0 else full
@@ -160,11 +165,11 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("updates_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
-    from fastdiff.bench import SAMPLERS
+    from fastdiff.registry import sampler_names
 
-    unknown = [name for name in cfg.bench_samplers if name not in SAMPLERS]
+    unknown = [name for name in cfg.bench_samplers if name not in sampler_names()]
     if unknown:
-        raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
+        raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(sampler_names())}")
     cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
     if "cd" in cfg.method:
         if cfg.param == "eps":

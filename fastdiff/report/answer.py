@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fastdiff.report.common import STUDENT_SAMPLERS, _save, md_table
+from fastdiff.report.common import _save, md_table, student_samplers
 from fastdiff.results import MARGIN_NAME
 
 ALPHA = 0.05
@@ -87,7 +87,7 @@ def reached(rows: pd.DataFrame) -> pd.DataFrame:
     for line, g in rows.groupby("line"):
         g = g.sort_values("nfe")
         est, opt = g[g.within], g[~g.worse]
-        out.append({"line": line, "student": g.sampler.iloc[0] in STUDENT_SAMPLERS,
+        out.append({"line": line, "student": g.sampler.iloc[0] in student_samplers(),
                     "nfe": float(est.nfe.iloc[0]) if len(est) else np.nan,
                     "nfe_optimistic": float(opt.nfe.iloc[0]) if len(opt) else np.nan,
                     "ms": float(est.ms.iloc[0]) if len(est) else np.nan})

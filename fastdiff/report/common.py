@@ -9,12 +9,11 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from fastdiff import registry
 from fastdiff.errors import FastdiffError
 from fastdiff.io import atomic_path
 
 NUMERIC = ("steps", "nfe", "n_samples", "seed", "value", "batch_size", "wall_clock_s_per_batch", "wall_clock_s_total")
-# the samplers of distilled students (the rest of a sweep samples the teacher)
-STUDENT_SAMPLERS = ("distilled", "consistency")
 CI_NUMERIC = ("ci_low", "ci_high", "diff_low", "diff_high", "ratio_low", "ratio_high")
 # What makes rows comparable: one sweep = one model family scored the same way.
 SWEEP = ["teacher_hash", "extractor", "reference", "n_samples", "seed", "clip"]
@@ -47,15 +46,15 @@ def read_results(path: Path) -> pd.DataFrame:
     return df
 
 
+def student_samplers() -> tuple[str, ...]:
+    """The samplers of distilled students (the rest of a sweep samples the teacher): fastdiff.registry's."""
+    return registry.student_samplers()
+
+
 def line_label(sampler: str, grid: str, eta: str, variance: str) -> str:
-    """The legend entry of one curve: sampler + its grid + eta (DDIM) or variance (DDPM)."""
-    if sampler == "distilled":
-        return "distilled students (own N-step grid)"
-    if sampler == "consistency":
-        return f"consistency student ({grid}, multistep)"
-    extra = [grid] + ([f"η={float(eta):g}"] if sampler.startswith("ddim") and eta else []) + \
-        ([f"{variance} var."] if variance else [])
-    return f"{sampler} ({', '.join(extra)})"
+    """The legend entry of one curve: its sampler's (fastdiff.registry), by default sampler + its grid + eta (where
+    not 0) or variance (DDPM)."""
+    return registry.line_label(sampler, grid, eta, variance)
 
 
 def _styles(lines: Sequence[str]) -> dict[str, dict]:

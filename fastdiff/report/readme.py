@@ -13,15 +13,24 @@ import pandas as pd
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 from fastdiff.report.answer import answer_lines
-from fastdiff.report.common import STUDENT_SAMPLERS, SWEEP, is_anchor, md_table, read_results
+from fastdiff import registry
+from fastdiff.report.common import SWEEP, is_anchor, md_table, read_results
 from fastdiff.report.sweep import protocol_note
 from fastdiff.results import AUTOENCODER_INFO, CSV_NAME
 
 BLOCK = re.compile(r"(<!-- results: ([\w./-]+) -->\n).*?(<!-- /results -->)", re.S)  # NAME: a folder under RESULTS
-# The lines of the summary table, in this order, where the sweep has them (--full adds the others to the report).
-SUMMARY_SAMPLERS = ("distilled", "consistency", "ddpm", "ddpm-strided", "ddim", "dpm++2m", "dpm++3m", "unipc2-bh2",
-                    "unipc3-bh1", "heun")
-STUDENTS = dict(zip(STUDENT_SAMPLERS, ("progressive (PD) student", "consistency (CD) student")))
+
+
+def summary_samplers() -> tuple[str, ...]:
+    """The lines of the summary table, in this order, where the sweep has them (the registry's `summary` ranks;
+    --full adds the others to the report)."""
+    ranked = [(e.summary, n) for n in registry.sampler_names() if (e := registry.sampler(n)).summary is not None]
+    return tuple(n for _, n in sorted(ranked))
+
+
+def students() -> dict[str, str]:
+    """{student sampler: how the summary names its students}."""
+    return {n: registry.sampler(n).student_label or n for n in registry.student_samplers()}
 
 
 def latest_sweep(df: pd.DataFrame) -> pd.DataFrame:
@@ -48,16 +57,17 @@ def summary(csv_path: Path, name: str) -> str:
     scored = df.dropna(subset=["value", "nfe"])
     scored = scored.assign(is_anchor=[is_anchor(r) for r in scored.itertuples()])
     metric = "kid" if (scored.metric == "kid").any() else "fid"
-    main = scored[(scored.metric == metric) & scored.sampler.isin(SUMMARY_SAMPLERS)]
+    shown = summary_samplers()
+    main = scored[(scored.metric == metric) & scored.sampler.isin(shown)]
     if main.empty:
-        raise FastdiffError(f"{csv_path} has no FID or KID rows of {', '.join(SUMMARY_SAMPLERS)}")
+        raise FastdiffError(f"{csv_path} has no FID or KID rows of {', '.join(shown)}")
     label = {"kid": "KID", "fid": "FID"}[metric]
-    order = {s: i for i, s in enumerate(SUMMARY_SAMPLERS)}
+    order = {s: i for i, s in enumerate(shown)}
     lines = sorted(main.line.unique(), key=lambda ln: order[main[main.line == ln].sampler.iloc[0]])
     nfes = sorted(main.nfe.astype(int).unique())
     cells = {(r.line, int(r.nfe)): _cell(r) for r in main.itertuples()}
     table = md_table(["NFE"] + lines, [[n] + [cells.get((ln, n), "—") for ln in lines] for n in nfes])
-    teacher = scored[(scored.metric == metric) & ~scored.sampler.isin(list(STUDENTS))]
+    teacher = scored[(scored.metric == metric) & ~scored.sampler.isin(list(students()))]
     best = teacher.loc[teacher.value.idxmin()]
     text = [_source(df, name), "", protocol_note(df), "", f"{label} by NFE:", "", table, ""]
     anchor = main[main.is_anchor]
@@ -66,7 +76,7 @@ def summary(csv_path: Path, name: str) -> str:
                  f"{anchor.iloc[0].value:.3g}; {main.dropna(subset=['diff_low']).iloc[0].ci_method}). The teacher's best "
                  f"{label} at any step count: {best.value:.3g} ({best.line}, {int(best.nfe)} NFE).", ""]
     teacher_kid = scored[scored.metric == "kid_teacher"].set_index(["line", "nfe"])
-    for sampler, who in STUDENTS.items():
+    for sampler, who in students().items():
         rows = main[(main.sampler == sampler) & main.nfe.isin([1, 2, 4])].sort_values("nfe")
         parts = []
         for r in rows.itertuples():
@@ -104,7 +114,7 @@ def guided_summary(df: pd.DataFrame, csv_path: Path, name: str) -> str:
     wide = g.pivot_table(index=["line", "sampler", "nfe", "w"], columns="metric", values="value",
                          aggfunc="first").reset_index()
     ws = sorted(wide.w.unique())
-    order = {s: i for i, s in enumerate(SUMMARY_SAMPLERS)}
+    order = {s: i for i, s in enumerate(summary_samplers())}
     keys = sorted({(r.line, r.sampler, int(r.nfe)) for r in wide.itertuples()}, key=lambda k: (order.get(k[1], 99),
                                                                                                 k[0], k[2]))
     cells = {(r.line, int(r.nfe), r.w): f"{getattr(r, 'fid', float('nan')):.3g} / {getattr(r, acc, float('nan')):.2f}"
@@ -147,7 +157,8 @@ def beside_pixel(wide: pd.DataFrame, folder: Path, acc: str) -> list[str]:
         index=["line", "sampler", "nfe", "w"], columns="metric", values="value", aggfunc="first").reset_index()
     ws = sorted(wide.w.unique())
     rows = []
-    for sampler, label in (("ddim", "teacher, DDIM"), ("distilled", "PD student"), ("consistency", "CD student")):
+    for sampler, label in (("ddim", "teacher, DDIM"),
+                           *((n, registry.sampler(n).short or n) for n in registry.student_samplers())):
         for space, table in (("latent", wide), ("pixel", other)):
             t = table[table.sampler == sampler]
             nfe = int(t.nfe.max()) if sampler == "ddim" else 4

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from fastdiff import registry
 from fastdiff.report.answer import answer_section
 from fastdiff.report.common import _fmt, _save, _styles, is_anchor, md_table
 from fastdiff.viz import draw_samples
@@ -73,7 +74,8 @@ def plot_other_metrics(df: pd.DataFrame, path: Path, styles) -> bool:
 def grid_budgets(fid: pd.DataFrame) -> list[int]:
     """Up to 3 NFE budgets for the sample grids: the smallest, a middle and the largest power-of-two NFE of the
     sweep's curves (DDPM's full grid excluded: it has a single point)."""
-    nfes = sorted(fid.loc[fid.sampler != "ddpm", "nfe"].dropna().astype(int).unique())
+    single = [name for name in fid.sampler.unique() if getattr(registry.find(name), "rows", "") == "full"]
+    nfes = sorted(fid.loc[~fid.sampler.isin(single), "nfe"].dropna().astype(int).unique())
     nfes = [n for n in nfes if n & (n - 1) == 0] or nfes  # powers of two: where most curves have a point
     if len(nfes) <= MAX_GRID_BUDGETS:
         return nfes
@@ -300,9 +302,10 @@ def guidance_section(df: pd.DataFrame, folder: Path, results_dir: Path, tag: str
     panels = [("fid", "FID (lower is better)"), (acc, f"{acc_label} of the samples (higher is better)")]
     for ax, (metric, ylabel) in zip(axes, panels):
         sub = g[(g.metric == metric) & g.steps.isin(GUIDANCE_STEPS)]
+        students = set(sub.line[sub.sampler.isin(registry.student_samplers())])
         for (line, steps), grp in sub.groupby(["line", "steps"], sort=True):
             grp = grp.sort_values("w")
-            student = line.startswith(("distilled", "consistency"))
+            student = line in students
             ax.plot(grp.w, grp.value, marker="o" if student else "x", linestyle="-" if student else "--",
                     label=f"{line}: {int(steps)} steps")
         ax.set_xlabel("guidance weight w (0 = unconditional, 1 = conditional, > 1 guided)")
