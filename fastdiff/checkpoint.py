@@ -66,7 +66,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except Exception as err:  # torch raises many types for truncated/corrupt files
         raise FastdiffError(f"checkpoint {str(path)!r} is corrupt or not a fastdiff checkpoint ({type(err).__name__}); "
                             "delete it to start over or point to another file") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "modules" in ckpt):
         raise FastdiffError(f"{str(path)!r} is not a fastdiff checkpoint (no config/model); point to one written "
                             "by fastdiff")
     return ckpt
@@ -165,6 +165,17 @@ class LoadedModel:
     source: dict | None = None  # a diffusers model: where it came from and its scheduler's inference-grid keys
     cd: dict | None = None  # a consistency student's distillation settings (its discretization `steps`, ...)
     codec: object = None  # a latent model's autoencoder (fastdiff.latent.Codec): it samples latents, decoded to images
+    role: dict | None = None  # a student's method, sampler, own grid and N, and whether a sweep samples it (role_of)
+
+    @property
+    def method(self) -> str:
+        """The distillation method that made a student ("" for a teacher)."""
+        return (self.role or {}).get("method", "")
+
+    @property
+    def sampler(self) -> str:
+        """The sampler (fastdiff.registry) a student is sampled with ("" for a teacher or a first stage)."""
+        return (self.role or {}).get("sampler") or ""
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -217,7 +228,29 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
                        dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=weights_hash(ckpt, state), config=cfg,
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network),
-                       cost=ckpt.get("cost"), cd=ckpt.get("cd"), codec=_codec(ckpt, device))
+                       cost=ckpt.get("cost"), cd=ckpt.get("cd"), codec=_codec(ckpt, device), role=role_of(ckpt, path))
+
+
+ROLE_KEYS = ("method", "sampler", "grid", "steps", "swept")
+
+
+def role_of(ckpt: dict, path: Path | None = None) -> dict | None:
+    """A student checkpoint's role: {method, sampler, grid, steps (its N), swept} as the method wrote it (its
+    `role` entry), or as fastdiff before 0.7 implied it: a file with a consistency block is a CD student (sampler
+    consistency on grid cd{N}; swept when it is students/cd.pt, not a cd_u* snapshot), one with a grid N a
+    progressive student (sampler distilled on grid student), one without (guided distillation's first stage) no
+    sampler. None for a teacher."""
+    if ckpt.get("kind") != "student":
+        return None
+    if ckpt.get("role"):
+        return dict(ckpt["role"])
+    if ckpt.get("cd"):
+        n = int(ckpt["cd"]["steps"])
+        return {"method": "cd", "sampler": "consistency", "grid": f"cd{n}", "steps": n,
+                "swept": path is not None and path.name == "cd.pt"}
+    if ckpt.get("steps"):
+        return {"method": "pd", "sampler": "distilled", "grid": "student", "steps": int(ckpt["steps"]), "swept": True}
+    return {"method": "pd", "sampler": None, "grid": "", "steps": 0, "swept": False}
 
 
 def _codec(ckpt: dict, device):

@@ -24,7 +24,10 @@ from fastdiff.errors import FastdiffError, run_cli
 
 def pick(source: str, steps: int) -> Path:
     """The checkpoint RUN_OR_CKPT names: a file as is; a distillation run dir's student (N = steps, else the fewest
-    steps); a teacher run dir's checkpoint.pt."""
+    steps) among its swept students whose sampler a stock diffusers scheduler reproduces (fastdiff.registry); a
+    teacher run dir's checkpoint.pt."""
+    from fastdiff import registry
+    from fastdiff.checkpoint import load_checkpoint, role_of
     from fastdiff.interop import is_diffusers_source
 
     p = Path(source)
@@ -32,9 +35,18 @@ def pick(source: str, steps: int) -> Path:
         raise FastdiffError(f"{source} is a diffusers folder already; export takes a fastdiff checkpoint or run dir")
     students = p / "students"
     if p.is_dir() and students.is_dir():
-        found = {int(f.stem.removeprefix("student_N")): f for f in students.glob("student_N*.pt")}
+        found, refused = {}, set()
+        for f in sorted(students.glob("*.pt")):
+            role = role_of(load_checkpoint(f), f)
+            if not role or not role["swept"] or not role["sampler"]:
+                continue
+            if registry.sampler(role["sampler"]).diffusers is None:
+                refused.add(role["sampler"])
+                continue
+            found.setdefault(int(role["steps"]), f)
         if not found:
-            raise FastdiffError(f"{students} holds no student_N*.pt yet; finish a round first")
+            why = f" ({', '.join(sorted(refused))} students do not export)" if refused else ""
+            raise FastdiffError(f"{students} holds no exportable student yet{why}; finish a round first")
         n = steps or min(found)
         if n not in found:
             raise FastdiffError(f"{source} has no {n}-step student; it has N = {', '.join(map(str, sorted(found)))}")
@@ -45,17 +57,29 @@ def pick(source: str, steps: int) -> Path:
     return p / "checkpoint.pt" if p.is_dir() else p
 
 
-def round_quality(ckpt_path: Path, steps: int | None) -> str:
-    """The student's score from its run's rounds.csv (metric, value, the teacher's DDIM at the same N), or '-'."""
+def own_evaluation(ckpt_path: Path, ckpt: dict, steps: int | None) -> str:
+    """The student's own evaluation from its checkpoint (its `role`'s evaluation: metric, value, the teacher's DDIM
+    at the same N), or, for a progressive student of fastdiff before 0.7, from its run's rounds.csv; else '-'."""
+    row = (ckpt.get("role") or {}).get("evaluation")
     rounds = ckpt_path.parent.parent / "rounds.csv"
-    if not steps or not rounds.is_file():
+    if row is None and steps and rounds.is_file() and not ckpt.get("role"):
+        with open(rounds, newline="") as f:
+            row = next((r for r in csv.DictReader(f) if r.get("student_steps") == str(steps)), None)
+    if not row:
         return "-"
-    with open(rounds, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("student_steps") == str(steps):
-                return (f"{row['metric']} {row['student_value']} (teacher DDIM at {steps} steps: "
-                        f"{row['teacher_ddim_value']}; one estimate, no interval yet)")
-    return "-"
+    return (f"{row['metric']} {row['student_value']} (teacher DDIM at {steps} steps: {row['teacher_ddim_value']}; "
+            f"{row.get('samples', 'its run')} samples; one estimate, no interval)")
+
+
+def method_of(model, ckpt: dict) -> str:
+    """How the model card names the method that made `model` (a student: its sampler's method, guided or not)."""
+    from fastdiff import registry
+
+    if model.kind != "student":
+        return "-"
+    entry = registry.find(model.sampler)
+    title = (entry.method_title if entry and entry.method_title else model.method or "distillation")
+    return f"guided {title} after a w-conditioned first stage (Meng et al. 2023)" if ckpt.get("guided") else title
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,12 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastdiff.checkpoint import load_checkpoint, load_model
     from fastdiff.interop import export
 
+    from fastdiff import registry
+
     path = pick(args.source, args.steps)
     model = load_model(path)
     ckpt = load_checkpoint(path)
-    extra = {"method": ("guided + progressive distillation" if ckpt.get("guided") else "progressive distillation "
-                        "(Salimans & Ho 2022)") if model.kind == "student" else "-",
-             "quality": round_quality(path, model.steps)}
+    if model.kind == "student":
+        entry = registry.find(model.sampler)
+        if entry is None or entry.diffusers is None:
+            why = entry.refusal if entry is not None else f"it has no sampler fastdiff knows ({model.sampler!r})"
+            raise FastdiffError(f"{path}: a {entry.student_label if entry else 'student'} does not export to a stock "
+                                f"diffusers pipeline: {why}; sample it with python -m fastdiff.sample")
+    extra = {"method": method_of(model, ckpt), "quality": own_evaluation(path, ckpt, model.steps)}
     if ckpt.get("teacher"):
         try:
             extra["teacher"] = f"{load_model(ckpt['teacher'], dataset=model.dataset).hash} ({ckpt['teacher']})"

@@ -356,7 +356,7 @@ def verify(model, folder: Path, n: int) -> dict:
     pipe = diffusers.DDIMPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
     pipe.scheduler.set_timesteps(steps)
     with torch.no_grad():
-        ours = ddim(model.net.cpu(), x, student_grid(steps), schedule=model.schedule, param=model.param, clip=True).x
+        ours = own_samples(model, x, steps)
         again = ddim(back["net"], x, student_grid(steps), schedule=back["schedule"], param=back["param"], clip=True).x
         y = x.clone()
         for tau in pipe.scheduler.timesteps:
@@ -367,6 +367,23 @@ def verify(model, folder: Path, n: int) -> dict:
 
 
 VERIFY_W = 2.0  # the guidance weight an exported text-to-image model is checked at
+
+
+def own_samples(model, x: torch.Tensor, steps: int, net=None, clip: bool = True, guidance=None) -> torch.Tensor:
+    """`model`'s samples from x_T as fastdiff itself samples it: a student by the sampler its checkpoint names, on its
+    own grid (fastdiff.registry); a teacher by DDIM eta = 0 on the trailing grid i/steps. `net` replaces model.net (a
+    guided wrapper); `clip` clamps x0^ (pixel models); `guidance` is the sampler's CFG weight."""
+    from fastdiff import registry
+    from fastdiff.grids import make_grid
+    from fastdiff.samplers import ddim, student_grid
+
+    net = model.net.cpu() if net is None else net
+    if getattr(model, "sampler", ""):
+        ts = make_grid(model.role["grid"], steps, model.schedule)
+        return registry.sampler(model.sampler).run(net, x, ts, schedule=model.schedule, param=model.param, clip=clip,
+                                                   generator=None, guidance=guidance).x
+    return ddim(net, x, student_grid(steps), schedule=model.schedule, param=model.param, clip=clip,
+                guidance=guidance).x
 
 
 def _is_conditional(net) -> bool:
@@ -383,17 +400,21 @@ def _verify_conditional(model, back: dict, folder: Path, x: torch.Tensor, steps:
     diffusers = require_diffusers()
     prompts = [eval_prompt(k)[0] for k in range(len(x))]
 
-    def sample(net, schedule, param):
+    def pair(net):
         y = net.text.tokenize(prompts)
         w = torch.full((len(x),), VERIFY_W)
-        pair = (conditional(net, y, w), None) if net.cfg.scalar_cond else (guided(net, y, 0), VERIFY_W)
-        return ddim(pair[0], x, student_grid(steps), schedule=schedule, param=param, clip=False, guidance=pair[1]).x
+        return (conditional(net, y, w), None) if net.cfg.scalar_cond else (guided(net, y, 0), VERIFY_W)
+
+    def sample(net, schedule, param):  # the reloaded folder: DDIM on the trailing grid, as diffusers runs it
+        model_fn, w = pair(net)
+        return ddim(model_fn, x, student_grid(steps), schedule=schedule, param=param, clip=False, guidance=w).x
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, low_cpu_mem_usage=False, safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        ours = sample(model.net.cpu(), model.schedule, model.param)
+        model_fn, w = pair(model.net.cpu())
+        ours = own_samples(model, x, steps, net=model_fn, clip=False, guidance=w)  # fastdiff's own sampler for it
         again = sample(back["net"], back["schedule"], back["param"])
         images = pipe(prompt=prompts, latents=x.clone(), num_inference_steps=steps, guidance_scale=VERIFY_W,
                       eta=0.0, output_type="pt").images

@@ -290,6 +290,9 @@ def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp
     assert export_main([str(run), "--out", str(tmp_path / "export")]) == 0
     card = (tmp_path / "export" / "README.md").read_text()
     assert "progressive distillation" in card and teacher.hash in card and "| steps N | 4 |" in card
+    # the student's own evaluation, from its checkpoint, beside the teacher's DDIM at its N
+    evaluation = fastdiff.load_student(run / "students" / "student_N4.pt").role["evaluation"]
+    assert f"{evaluation['metric']} {evaluation['student_value']} (teacher DDIM at 4 steps: " in card
     back = fastdiff.load_model(tmp_path / "export")
     assert (back.kind, back.steps, back.param, back.schedule) == ("student", 4, "v", teacher.schedule)
     assert back.hash == student.hash  # one model id for the checkpoint and its exported folder
@@ -303,6 +306,28 @@ def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp
     assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
     theirs = run_diffusers(pipe.scheduler, pipe.unet, x, eta=0.0, use_clipped_model_output=True)
     assert rel(theirs, ours) < 1e-5
+
+
+def test_a_consistency_student_is_refused_by_export_with_the_reason(pipe_dir, tmp_path, shared_cache):
+    """A CD student samples from its own t_top (< 1) and re-noises between steps: no stock diffusers scheduler runs
+    that, so export refuses it (a file or a run dir holding only it) and writes nothing."""
+    from fastdiff.distill.cli import main as distill_main
+    from fastdiff.export import main as export_main
+
+    run = tmp_path / "run"
+    assert distill_main(["--teacher", str(pipe_dir), "--dataset", "digits", "--method", "cd", "--start-steps", "8",
+                         "--rounds", "1", "--cd-updates", "2", "--cd-steps", "4", "--batch-size", "8",
+                         "--eval-samples", "16", "--bench", "false", "--out-dir", str(run)]) == 0
+    student = fastdiff.load_student(run / "students" / "cd.pt")
+    assert (student.method, student.sampler, student.role["grid"], student.role["swept"]) == (
+        "cd", "consistency", "cd4", True)
+    assert [row["nfe"] for row in student.role["evaluation"]] == [1, 2, 4]
+    with pytest.raises(FastdiffError, match=r"consistency \(CD\) student does not export .*starts at the top of its "
+                                            r"training discretization"):
+        export_main([str(run / "students" / "cd.pt"), "--out", str(tmp_path / "cd")])
+    with pytest.raises(FastdiffError, match="no exportable student yet \\(consistency students do not export\\)"):
+        export_main([str(run), "--out", str(tmp_path / "cd")])
+    assert not (tmp_path / "cd").exists()
 
 
 def test_native_diffusers_arch_trains_and_exports_its_teacher(tmp_path):

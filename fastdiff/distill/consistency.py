@@ -96,6 +96,13 @@ def cd_loss(student_f: Callable, target_f: Callable, teacher_step: Callable, x0:
     return distance(student_f(x_hi, t_hi), target, metric)
 
 
+def sample_student(net, x, ts, **kw):
+    """A consistency student's sampler: multistep consistency sampling (Song et al. 2023, Alg. 1) on its grid cd{N}."""
+    from fastdiff.samplers import consistency
+
+    return consistency(net, x, ts, **kw)
+
+
 # --- the training stage -------------------------------------------------------------------------------------------
 
 EVAL_NFE = (1, 2, 4)
@@ -201,11 +208,14 @@ def run_consistency(ctx) -> None:
                    "data_shape": list(ctx.teacher0.data_shape), "model": ema.state_dict(), "updates": update,
                    "teacher": str(ctx.teacher0.path), "guided": cfg.guided, "cost": cost, "cd": meta,
                    **ctx.latent_payload}
-        save_checkpoint(snapshot_path(ctx.run, update), payload)
-        if update == total:
-            save_checkpoint(final, payload)
         recent = timing["loss"][-50:]
-        evaluate_cd(ctx, ema, log, update, sum(recent) / max(len(recent), 1), cost)
+        rows = evaluate_cd(ctx, ema, log, update, sum(recent) / max(len(recent), 1), cost)
+        role = {"method": "cd", "sampler": "consistency", "grid": f"cd{cfg.cd_steps}", "steps": cfg.cd_steps,
+                "evaluation": [{k: row[k] for k in ("nfe", "metric", "student_value", "teacher_ddim_value")}
+                               for row in rows]}
+        save_checkpoint(snapshot_path(ctx.run, update), {**payload, "role": {**role, "swept": False}})
+        if update == total:
+            save_checkpoint(final, {**payload, "role": {**role, "swept": True}})
         timing["eval_s"] += time.perf_counter() - t_eval
 
     def after_update(update, loss, lr, grad_norm) -> None:
@@ -232,8 +242,8 @@ def run_consistency(ctx) -> None:
     dist.barrier()
 
 
-def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> None:
-    """cd.csv rows at `updates`: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the
+def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> list[dict]:
+    """-> the cd.csv rows it adds at `updates`: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the
     same NFE, on the same per-index noise, scored with the round metric, with the cost so far. Guided: both at
     w = eval_guidance on the evaluation conditions, with the accuracy on the asked-for digit."""
     from fastdiff.distill.stages import accuracy_columns, guided_pair, sample_model
@@ -244,6 +254,7 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> Non
     student_model, teacher_model, guidance = student, ctx.teacher0, None
     if cfg.guided:
         student_model, teacher_model, guidance = guided_pair(ctx, student, n)
+    rows = []
     for nfe in EVAL_NFE:
         ts = consistency_grid(ctx.schedule, cfg.cd_steps, nfe)
         x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device, rng=cfg.noise)
@@ -253,8 +264,10 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> Non
         xt = sample_model(teacher_model, nfe, n, shape, ctx.schedule, ctx.teacher0.param, cfg.seed, ctx.device,
                           guidance=guidance, clip=ctx.clip, rng=cfg.noise)
         xs, xt = ctx.decode(xs), ctx.decode(xt)
-        log.add({"updates": updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
-                 "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",
-                 "loss": f"{loss:.6g}", "teacher_evals": cost["teacher_evals"],
-                 "student_passes": cost["student_passes"], "wall_clock_s": f"{cost['wall_clock_s']:.1f}",
-                 **(accuracy_columns(ctx, xs, xt) if cfg.guided else {})})
+        rows.append({"updates": updates, "nfe": nfe, "times": " ".join(f"{t:.6g}" for t in ts.tolist()),
+                     "metric": name, "student_value": f"{score(xs):.6g}", "teacher_ddim_value": f"{score(xt):.6g}",
+                     "loss": f"{loss:.6g}", "teacher_evals": cost["teacher_evals"],
+                     "student_passes": cost["student_passes"], "wall_clock_s": f"{cost['wall_clock_s']:.1f}",
+                     **(accuracy_columns(ctx, xs, xt) if cfg.guided else {})})
+        log.add(rows[-1])
+    return rows

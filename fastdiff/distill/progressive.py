@@ -67,3 +67,11 @@ def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student
                   else distill_target(z_t, t, target_fn, schedule, n_student, clip_target))
     x_hat, _ = to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
     return x_space_loss(x_hat, target, schedule.logsnr(t).to(x0), cfg.weighting)
+
+
+def sample_student(net, x, ts, **kw):
+    """A progressive student's sampler: DDIM eta = 0 on its own grid i/N (Salimans & Ho 2022)."""
+    from fastdiff.samplers import ddim
+
+    return ddim(net, x, ts, eta=0.0, **kw)
+

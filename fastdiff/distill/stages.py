@@ -138,15 +138,20 @@ def training_cost(ctx: DistillRun, rounds: RoundLog, r: int, updates: int, wall:
 
 
 def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int,
-                 cost: dict | None = None) -> None:
-    """students/<name>.pt (rank 0): a checkpoint fastdiff.load_student reads, with its grid N, the schedule, and
-    `cost`, what it took to make it (`training_cost`)."""
+                 cost: dict | None = None, evaluation: dict | None = None) -> None:
+    """students/<name>.pt (rank 0): a checkpoint fastdiff.load_student reads, with its grid N, the schedule,
+    `cost`, what it took to make it (`training_cost`), and its role (fastdiff.checkpoint.role_of): method pd, sampler
+    distilled on grid student with N steps, and `evaluation`, its own score beside the teacher's DDIM at N steps."""
     if dist.is_main():
         save_checkpoint(path, {"kind": "student", "config": ctx.student_cfg, "network": ctx.student_network,
                                "param": ctx.cfg.param, "steps": n_student, "schedule": ctx.schedule.to_dict(),
                                "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
                                "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided,
-                               "cost": cost, **ctx.latent_payload})
+                               "cost": cost, "role": {"method": "pd", "sampler": "distilled" if n_student else None,
+                                                      "grid": "student" if n_student else "",
+                                                      "steps": n_student or 0, "swept": bool(n_student),
+                                                      "evaluation": evaluation},
+                               **ctx.latent_payload})
 
 
 def finished_student(ctx: DistillRun, rounds: RoundLog, r: int, path: Path):
