@@ -280,55 +280,100 @@ class RoundLog:
 
 @dataclass
 class Fitted:
-    """What `fit` hands back: the mean of the last 50 losses and the stage's wall-clock seconds (resumes included)."""
+    """What `fit` hands back: the mean of the last 50 losses (of the last network trained in an update), the stage's
+    wall-clock seconds (resumes included), and the EMAs it kept ({name: module})."""
 
     loss: float
     seconds: float
+    emas: dict = dataclasses.field(default_factory=dict)
 
 
-def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int,
-        loss_fn: Callable[[torch.nn.Module], torch.Tensor], lr_at: Callable[[int], float], gen: torch.Generator,
-        salt: int, device: torch.device, state_path: Path,
+@dataclass
+class Trained:
+    """One network `fit` trains: its optimiser, its loss `loss_fn(model)` (model = `net`, DDP-wrapped under torchrun;
+    the function draws its own batch and noise), and `steps`, its optimiser steps per update (e.g. 5 critic steps
+    per generator step). `lr_at` and `grad_clip` default to fit's."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: Callable[[torch.nn.Module], torch.Tensor]
+    steps: int = 1
+    lr_at: Callable[[int], float] | None = None
+    grad_clip: float | None = None
+
+
+def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | None = None, *, total: int,
+        loss_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None, lr_at: Callable[[int], float],
+        gen: torch.Generator, salt: int, device: torch.device, state_path: Path,
         ckpt_every: int, label: str, resume: dict | None = None, extra_state: Callable[[], dict] = dict,
         after_update: Callable[[int, float, float, torch.Tensor | None], None] | None = None,
         on_step: Callable[[int], None] | None = None, grad_clip: float | None = None, accumulate: int = 1,
-        autocast: bool = False, progress: bool = True) -> Fitted:
+        autocast: bool = False, progress: bool = True,
+        emas: dict[str, tuple[str, float]] | None = None) -> Fitted:
     """The one optimiser loop of fastdiff: teacher training and every distiller run their updates through it.
 
-    Each update sets the learning rate `lr_at(update)`, evaluates `loss_fn(model)` (model = `net` wrapped in DDP under
-    torchrun; the function draws its own batch and noise from `gen`) on `accumulate` micro-batches (DDP syncs the
-    gradients of the last one only), stops on a non-finite loss, clips the gradient norm to `grad_clip` if given and
-    steps `opt`; bf16 autocast on CUDA with `autocast`. Then `after_update(update, loss, lr, grad_norm)` (a method's
-    EMA, logging), a checkpoint every `ckpt_every` updates and at the end (`state_path`, the previous one kept:
-    model, optimizer, update, every RNG stream, the recent losses, the wall-clock and `extra_state()`), `on_step`,
-    and a graceful stop if SIGTERM/SIGINT asked for one (agreed by every rank; Preempted after the checkpoint).
+    It trains one network (`net`, `opt`, `loss_fn`) or a set of named ones (`net` = {name: Trained}): one update runs
+    each in order, `steps` optimiser steps each (a method's update schedule: k critic steps, then the student's).
+    Each optimiser step sets the learning rate `lr_at(update)`, evaluates the loss on `accumulate` micro-batches (DDP
+    syncs the gradients of the last one only), stops on a non-finite loss, clips the gradient norm to `grad_clip` if
+    given and steps the optimiser; bf16 autocast on CUDA with `autocast`. `emas` {name: (trained name, decay)}: EMAs
+    of any trained network, updated after every update (e <- decay e + (1 - decay) p), saved and restored with it
+    and returned in Fitted.emas. Then `after_update(update, loss, lr, grad_norm)` (of the last network: a method's
+    bookkeeping, logging), a checkpoint every `ckpt_every` updates and at the end (`state_path`, the previous one
+    kept: every network and optimiser, the EMAs, update, every RNG stream, the recent losses, the wall-clock and
+    `extra_state()`), `on_step`, and a graceful stop if SIGTERM/SIGINT asked for one (agreed by every rank;
+    Preempted after the checkpoint).
 
     `resume` is a checkpoint this loop wrote (or None): the loop goes on from its update with the same random
     streams, so a resumed run ends bit-identical to an uninterrupted one. Raises FastdiffError on a non-finite loss.
+    One network is saved under the keys `model` and `optimizer` (as fastdiff always has); a set under `modules` and
+    `optimizers` by name.
     """
-    update, recent, wall = _resume(resume, net, opt, gen, device, salt) if resume is not None else (0, [], 0.0)
+    trained = net if isinstance(net, dict) else {"model": Trained(net, opt, loss_fn)}
+    if not trained or any(t.steps < 1 for t in trained.values()):
+        raise FastdiffError(f"{label}: fit needs at least one network, each with steps >= 1")
+    import copy
+
+    kept = {name: copy.deepcopy(trained[src].net).eval().requires_grad_(False) for name, (src, _) in
+            (emas or {}).items()}
+    update, recent, wall = (_resume(resume, trained, kept, gen, device, salt) if resume is not None
+                            else (0, [], 0.0))
     if resume is not None:
         log.info("resuming %s at update %d/%d", label, update, total)
-    model = dist.wrap_ddp(net, device)
     t0, saved = time.perf_counter() - wall, update
 
     def save() -> None:
         nonlocal saved
         rng = dist.capture_streams(gen, device)  # a collective: every rank
         if dist.is_main() and saved != update:
-            save_checkpoint(state_path, {**extra_state(), "model": net.state_dict(), "optimizer": opt.state_dict(),
+            if set(trained) == {"model"}:
+                nets = {"model": trained["model"].net.state_dict(), "optimizer": trained["model"].opt.state_dict()}
+            else:
+                nets = {"modules": {k: t.net.state_dict() for k, t in trained.items()},
+                        "optimizers": {k: t.opt.state_dict() for k, t in trained.items()}}
+            save_checkpoint(state_path, {**extra_state(), **nets,
+                                         **({"emas": {k: e.state_dict() for k, e in kept.items()}} if kept else {}),
                                          "step": update, "rng": rng, "recent": recent,
                                          "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
         saved = update
 
-    step = _Update(net, model, opt, loss_fn, grad_clip, accumulate, autocast and device.type == "cuda",
-                   f"in {label}", state_path)
+    where = f"in {label}" if len(trained) == 1 else None
+    steps = {name: (t, _Update(t.net, dist.wrap_ddp(t.net, device), t.opt, t.loss_fn,
+                               grad_clip if t.grad_clip is None else t.grad_clip, accumulate,
+                               autocast and device.type == "cuda", where or f"in {label} ({name})", state_path))
+             for name, t in trained.items()}
     # The bar closes on any exit, so that an error line starts on a line of its own.
     with tqdm(total=total, initial=update, desc=label, disable=not progress or not dist.is_main(),
               dynamic_ncols=True) as bar:
         while update < total:
-            lr = lr_at(update)
-            value, grad_norm = step(lr, update)
+            for t, step in steps.values():
+                lr = (t.lr_at or lr_at)(update)
+                for _ in range(t.steps):
+                    value, grad_norm = step(lr, update)
+            with torch.no_grad():
+                for name, (src, decay) in (emas or {}).items():
+                    for pe, p in zip(kept[name].parameters(), trained[src].net.parameters()):
+                        pe.lerp_(p, 1 - decay)
             update += 1
             recent = (recent + [value])[-50:]
             bar.update(1)
@@ -343,13 +388,22 @@ def fit(net: torch.nn.Module, opt: torch.optim.Optimizer, *, total: int,
                 on_step(update)
             if update < total:
                 stop_if_requested(device, save, f"in {label} at update {update}/{total}; checkpoint {state_path}")
-    return Fitted(sum(recent) / max(len(recent), 1), time.perf_counter() - t0)
+    return Fitted(sum(recent) / max(len(recent), 1), time.perf_counter() - t0, kept)
 
 
-def _resume(state: dict, net, opt, gen: torch.Generator, device, salt: int) -> tuple[int, list[float], float]:
-    """Load what fit saved into `net`, `opt` and the RNG streams; -> (update, recent losses, wall-clock s)."""
-    net.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+def _resume(state: dict, trained: dict[str, Trained], kept: dict, gen: torch.Generator, device,
+            salt: int) -> tuple[int, list[float], float]:
+    """Load what fit saved into the networks, optimisers, EMAs and RNG streams; -> (update, recent losses,
+    wall-clock s)."""
+    if "modules" in state:
+        for name, t in trained.items():
+            t.net.load_state_dict(state["modules"][name])
+            t.opt.load_state_dict(state["optimizers"][name])
+    else:
+        trained["model"].net.load_state_dict(state["model"])
+        trained["model"].opt.load_state_dict(state["optimizer"])
+    for name, module in kept.items():
+        module.load_state_dict(state["emas"][name])
     rng = state["rng"]
     dist.restore_streams(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},
                          gen, device, salt, state["step"])  # (a list: a state of fastdiff before 0.2)
