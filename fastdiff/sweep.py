@@ -301,7 +301,7 @@ def load_students(folder: Path, samplers, teacher, device) -> dict[str, tuple[Ne
         found.setdefault(st.role["sampler"], []).append(as_network(st, st.role))
     for name in wanted:
         if name not in found:
-            log.warning("no %s student in %s", name, folder)
+            log.info("no %s student in %s", name, folder)
     return {name: tuple(nets) for name, nets in found.items()}
 
 

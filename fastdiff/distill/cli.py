@@ -37,20 +37,15 @@ from fastdiff.conditioning import Conditioner
 from fastdiff.data import data_seed, static_info
 from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
-from fastdiff.distill.config import (CD_FIELDS_OF_CONFIG, NON_RESULT_FIELDS, PRESETS, ROUND_FIELDS, DistillConfig,
-                                     cd_snapshots, cd_total, dataset_of, methods_of, num_rounds, round_updates,
-                                     sweep_name, validate)
-from fastdiff.distill.consistency import run_consistency
-from fastdiff.distill.guided import guided_base
-from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
-                                    training_cost)
+from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, DistillConfig, dataset_of,
+                                     fields_of_other_methods, methods_of, sweep_name, validate)
+from fastdiff.distill.protocol import parse_methods
+from fastdiff.distill.stages import DistillRun
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
 from fastdiff.metrics import round_scorer
 from fastdiff.interop import is_diffusers_source
-from fastdiff.models import build_model, network_from_dict
 from fastdiff.report import write_report
-from fastdiff.runs import RoundLog
 from fastdiff.results import AUTOENCODER_INFO
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 from fastdiff.train import TrainConfig, train, training_data
@@ -174,9 +169,10 @@ def check_distill_dir(cfg: DistillConfig, prepare: bool = False) -> dict:
     one. With `prepare`, also create the run dir and check it can be written."""
     teacher = resolve_path_only(cfg)
     hub_id = is_diffusers_source(teacher) and not teacher.exists()
-    resolved = {**cfgs.to_dict(cfg), "teacher": str(teacher if hub_id else teacher.resolve())}
+    resolved = {**cfgs.to_dict(cfg), "teacher": str(teacher if hub_id else teacher.resolve()),
+                "method": "+".join(methods_of(cfg))}  # one spelling of the methods: pd,cd is the pd+cd of before
     check = runs.prepare_run_dir if prepare else runs.check_run_dir
-    ignore = NON_RESULT_FIELDS + (CD_FIELDS_OF_CONFIG if "cd" not in cfg.method else ())  # CD's, in a PD-only run
+    ignore = NON_RESULT_FIELDS + fields_of_other_methods(cfg)  # e.g. CD's, in a PD-only run
     check(Path(cfg.out_dir), resolved, ignore, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED,
           absolute_teacher)
     return resolved
@@ -217,51 +213,9 @@ def distill(cfg: DistillConfig, progress: bool = True, on_step: Callable[[int, i
                          student_cfg=cfgs.to_dict(student_tcfg),
                          student_network=student_network, progress=progress,
                          on_step=on_step, scorer=scorer)
-        if "pd" in cfg.method:
-            run_rounds(ctx)
-        if "cd" in cfg.method:  # after the rounds (pd+cd): its state.pt is marked stage "cd"
-            run_consistency(ctx)
+        for method in parse_methods(cfg.method):  # in order; each marks its stage in state.pt
+            method.run(ctx)
     return run
-
-
-def run_rounds(ctx: DistillRun) -> None:
-    """The guided first stage (if any), then every progressive round N -> N/2, each skipped once finished."""
-    cfg, run, device = ctx.cfg, ctx.run, ctx.device
-    rounds = RoundLog(run / "rounds.csv", ROUND_FIELDS)
-    (run / "students").mkdir(exist_ok=True)
-    t_run = time.perf_counter()
-    if all(rounds.done(r) for r in range(num_rounds(cfg))):
-        log.info("%s already finished all %d rounds; nothing to distill", run, num_rounds(cfg))
-    teacher_net, teacher_param = ctx.teacher0.net, ctx.teacher0.param
-    if cfg.guided:
-        teacher_net, teacher_param = guided_base(ctx, rounds), cfg.param
-    for r in range(num_rounds(cfg)):
-        n_student = cfg.start_steps // 2 ** (r + 1)
-        student_path = run / "students" / f"student_N{n_student}.pt"
-        done = finished_student(ctx, rounds, r, student_path)
-        if done is not None:
-            teacher_net, teacher_param = done, cfg.param
-            continue
-        student = build_model(network_from_dict(ctx.student_network)).to(device)
-        student.load_state_dict(teacher_net.state_dict())
-        total = round_updates(cfg, r)
-        loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
-                                 f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
-        cost = training_cost(ctx, rounds, r, total, wall)
-        row = evaluate_round(student, ctx, n_student) if dist.is_main() and not rounds.done(r) else None
-        done_row = row or next((x for x in rounds.rows if int(x["round"]) == r), None)
-        save_student(ctx, student_path, student, n_student, r, total, cost,
-                     None if done_row is None else {**{k: done_row[k] for k in ("metric", "student_value",
-                                                                                "teacher_ddim_value")},
-                                                    "samples": cfg.eval_samples, "nfe": n_student})
-        if row is not None:
-            rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
-                        "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
-            log.info("round %d/%d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r + 1, num_rounds(cfg),
-                     n_student, row["metric"], row["student_value"], n_student, row["teacher_ddim_value"])
-        dist.barrier()
-        teacher_net, teacher_param = student, cfg.param
-    log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
 
 
 FULL_EXTRA_STEPS = (10, 20)  # --full: the DDIM paper's step counts
@@ -287,13 +241,17 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
-        students = tuple(n for m in methods_of(dcfg) for n in registry.samplers_of(m))
+        students = tuple(n for m in parse_methods(dcfg.method) for n in m.samplers)
         base = dataclasses.replace(base, samplers=("ddim",) + students, spacings=("linspace",), guidance=GUIDANCE_SWEEP)
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:
         steps["samplers"] = tuple(dcfg.bench_samplers)
     elif not dcfg.full and not dcfg.guided:
         steps["samplers"] = tuple(s for s in base.samplers if s not in FULL_ONLY_SAMPLERS)
+    own = [n for m in parse_methods(dcfg.method) for n in m.samplers]  # a method's students join a preset's sweep
+    if not dcfg.bench_samplers and any(n not in steps.get("samplers", base.samplers) for n in own):
+        chosen = steps.get("samplers", base.samplers)
+        steps["samplers"] = tuple(chosen) + tuple(n for n in own if n not in chosen)
     if dcfg.full:
         steps["steps"] = tuple(sorted(set(steps.get("steps", base.steps)) | set(FULL_EXTRA_STEPS)))
     if dcfg.bench_samples:
@@ -313,10 +271,9 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     if not dist.is_main():
         return Path(cfg.out_dir) / "report.md"
     # the run's own evaluation while training, beside the sweep: the report's FID-vs-training-cost figure
-    from fastdiff.report import TRAINING_CD, TRAINING_PD
-
-    for method, name, copy in (("pd", "rounds.csv", TRAINING_PD), ("cd", "cd.csv", TRAINING_CD)):
-        if method in dcfg.method and (Path(run_dir) / name).exists():
+    for method in parse_methods(dcfg.method):
+        if method.training_log and (Path(run_dir) / method.training_log[0]).exists():
+            name, copy = method.training_log
             write_text(csv_path.parent / copy, (Path(run_dir) / name).read_text())
     autoencoder = Path(TRAIN_PRESETS[dcfg.teacher_preset].autoencoder or "-") / AUTOENCODER_INFO
     if not dcfg.teacher and autoencoder.is_file():  # a latent family: its autoencoder's reconstruction floor beside it
@@ -333,20 +290,13 @@ def dry_run(cfg: DistillConfig) -> int:
     if cfg.teacher or teacher_exists(teacher):  # a --teacher that is missing is refused by load_model
         check_teacher(load_teacher(teacher, cfg), cfg)
     check_distill_dir(cfg)
-    plan = [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: {round_updates(cfg, r)} updates"
-            for r in range(num_rounds(cfg))]
-    cd_plan = [(f"guided (LCM-style, w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]) " if cfg.guided else "")
-               + f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd_steps} karras steps "
-               f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema}; students and 1/2/4-NFE "
-               f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
-    plan = {"pd": plan, "cd": cd_plan, "pd+cd": plan + cd_plan}[cfg.method]
+    plan = [line for method in parse_methods(cfg.method) for line in method.plan(cfg)]
     autoencoder = TRAIN_PRESETS[cfg.teacher_preset].autoencoder
     first = (f", after its autoencoder {autoencoder} (python -m fastdiff.autoencoder)"
              if autoencoder and not (Path(autoencoder) / AUTOENCODER_INFO).is_file() else "")
     print(f"teacher: {teacher}" + ("" if teacher_exists(teacher) else
                                    f" (to train: preset {cfg.teacher_preset!r}{first})"))
-    first = f"guided first stage: {cfg.guided_base_updates} updates; " if cfg.guided and "pd" in cfg.method else ""
-    print("stages: " + first + "; ".join(plan) + f" in {cfg.out_dir}")
+    print("stages: " + "; ".join(plan) + f" in {cfg.out_dir}")
     print(f"sweep: {'off' if not cfg.bench else f'{cfg.results_dir}/{sweep_name(cfg)}: {sweep_plan(cfg)}'}")
     return 0
 

@@ -31,7 +31,7 @@ class DistillConfig:
     teacher_seed: int = -1  # seed of a teacher trained here (-1: the preset's); its data split stays the preset's
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
     data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
-    method: Literal["pd", "cd", "pd+cd"] = "pd"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023), both
+    method: str = "pd"  # registered methods, comma-separated, run in order: pd (Salimans & Ho 2022), cd (Song et al. 2023), pd,cd
     # progressive rounds (Salimans & Ho 2022, Alg. 2)
     start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
     rounds: int = 0  # rounds to run (0: down to 1 step)
@@ -73,10 +73,6 @@ class DistillConfig:
     append_results: bool = False  # add this teacher's rows to a CSV that holds another teacher's sweep
     inception_weights: str = ""  # local Inception-v3 weights for RGB data (rounds' FID and the sweep)
 
-
-# the fields only consistency distillation reads (a PD-only run dir does not depend on them)
-CD_FIELDS_OF_CONFIG = ("cd_updates", "cd_steps", "target_ema", "cd_ema_decay", "cd_eval_every", "cd_metric",
-                       "cd_solver")
 
 # field names of fastdiff before 0.2 (config.json)
 DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": "updates_per_round"}
@@ -120,8 +116,18 @@ PRESETS = {
 
 
 def methods_of(cfg: DistillConfig) -> tuple[str, ...]:
-    """The methods of the run, in order: --method split at "+" or ","."""
-    return tuple(m.strip() for m in cfg.method.replace("+", ",").split(",") if m.strip())
+    """The names of the run's methods, in order (--method: registered names joined by "," or "+")."""
+    from fastdiff.distill.protocol import parse_methods
+
+    return tuple(m.name for m in parse_methods(cfg.method))
+
+
+def fields_of_other_methods(cfg: DistillConfig) -> tuple[str, ...]:
+    """The config fields that only methods not in this run read (its run dir does not depend on them)."""
+    from fastdiff.distill.protocol import get_method, method_names
+
+    mine = methods_of(cfg)
+    return tuple(f for name in method_names() if name not in mine for f in get_method(name).fields)
 
 
 def num_rounds(cfg: DistillConfig) -> int:
@@ -171,15 +177,10 @@ def validate(cfg: DistillConfig) -> None:
     if unknown:
         raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(sampler_names())}")
     cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
-    if "cd" in cfg.method:
-        if cfg.param == "eps":
-            raise FastdiffError("--method cd needs --param v or x0: an eps consistency function x0 = (x - sigma "
-                                "eps)/alpha divides by alpha ~ 0 at t = 1")
-        cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 0, ">= 0 (0: the PD rounds' total)")
-        cfgs.check_range(cfg, "cd_steps", cfg.cd_steps >= 1, ">= 1")
-        cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
-        cfgs.check_range(cfg, "cd_ema_decay", 0 <= cfg.cd_ema_decay < 1, "in [0, 1)")
-        cfgs.check_range(cfg, "cd_eval_every", cfg.cd_eval_every >= 0, ">= 0 (0: only at the end)")
+    from fastdiff.distill.protocol import parse_methods
+
+    for method in parse_methods(cfg.method):
+        method.validate(cfg)
     if (cfg.dataset or cfg.data_root) and not cfg.teacher:
         raise FastdiffError("--dataset/--data-root name the data of a diffusers --teacher; a preset teacher's data "
                             "comes from --teacher-preset")

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from fastdiff.distill.config import cd_snapshots, cd_total
+from fastdiff.distill.protocol import FORWARD, TRAINED, Method, register_method
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import consistency_boundaries as boundaries  # noqa: F401  (the CD discretization)
 from fastdiff.grids import consistency_grid
@@ -271,3 +272,42 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> lis
                      **(accuracy_columns(ctx, xs, xt) if cfg.guided else {})})
         log.add(rows[-1])
     return rows
+
+
+class Consistency(Method):
+    name = "cd"
+    title = "consistency distillation (Song et al. 2023)"
+    samplers = ("consistency",)
+    fields = ("cd_updates", "cd_steps", "target_ema", "cd_ema_decay", "cd_eval_every", "cd_metric", "cd_solver")
+    training_log = ("cd.csv", "training_cd.csv")
+
+    def validate(self, cfg) -> None:
+        from fastdiff import config as cfgs
+
+        if cfg.param == "eps":
+            raise FastdiffError("--method cd needs --param v or x0: an eps consistency function x0 = (x - sigma "
+                                "eps)/alpha divides by alpha ~ 0 at t = 1")
+        cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 0, ">= 0 (0: the PD rounds' total)")
+        cfgs.check_range(cfg, "cd_steps", cfg.cd_steps >= 1, ">= 1")
+        cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
+        cfgs.check_range(cfg, "cd_ema_decay", 0 <= cfg.cd_ema_decay < 1, "in [0, 1)")
+        cfgs.check_range(cfg, "cd_eval_every", cfg.cd_eval_every >= 0, ">= 0 (0: only at the end)")
+
+    def plan(self, cfg) -> list[str]:
+        return [(f"guided (LCM-style, w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]) " if cfg.guided else "")
+                + f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd_steps} karras steps "
+                f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema}; students and 1/2/4-NFE "
+                f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
+
+    def run(self, ctx) -> None:
+        run_consistency(ctx)
+
+    def update_cost(self, cfg) -> dict[str, float]:
+        """Per update and example: the teacher's ODE step (1 evaluation, 2 for Heun, twice that guided), 1
+        target-network evaluation, 1 student forward + backward."""
+        per_step = (2 if cfg.cd_solver == "heun" else 1) * (2 if cfg.guided else 1)
+        return {"teacher": per_step * FORWARD * cfg.batch_size, "target": FORWARD * cfg.batch_size,
+                "student": TRAINED * cfg.batch_size}
+
+
+register_method(Consistency())

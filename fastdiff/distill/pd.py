@@ -1,0 +1,83 @@
+"""Progressive distillation as a method (Salimans & Ho 2022, Alg. 2; guided: Meng et al. 2023): rounds from
+`start_steps` down to 1 step, each halving the student's grid; a guided run first distils the CFG teacher into a
+w-conditioned network (fastdiff.distill.guided). Its maths: fastdiff.distill.progressive; the loop of one stage:
+fastdiff.distill.stages. Students: students/student_N{N}.pt, sampler `distilled` (DDIM eta = 0 on i/N); rounds.csv
+holds each round's evaluation."""
+from __future__ import annotations
+
+import logging
+import time
+
+from fastdiff import distributed as dist
+from fastdiff.distill.config import ROUND_FIELDS, DistillConfig, num_rounds, round_updates
+from fastdiff.distill.guided import guided_base
+from fastdiff.distill.protocol import FORWARD, TRAINED, Method, register_method
+from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
+                                    training_cost)
+from fastdiff.models import build_model, network_from_dict
+from fastdiff.runs import RoundLog
+
+log = logging.getLogger(__name__)
+
+
+def run_rounds(ctx: DistillRun) -> None:
+    """The guided first stage (if any), then every progressive round N -> N/2, each skipped once finished."""
+    cfg, run, device = ctx.cfg, ctx.run, ctx.device
+    rounds = RoundLog(run / "rounds.csv", ROUND_FIELDS)
+    (run / "students").mkdir(exist_ok=True)
+    t_run = time.perf_counter()
+    if all(rounds.done(r) for r in range(num_rounds(cfg))):
+        log.info("%s already finished all %d rounds; nothing to distill", run, num_rounds(cfg))
+    teacher_net, teacher_param = ctx.teacher0.net, ctx.teacher0.param
+    if cfg.guided:
+        teacher_net, teacher_param = guided_base(ctx, rounds), cfg.param
+    for r in range(num_rounds(cfg)):
+        n_student = cfg.start_steps // 2 ** (r + 1)
+        student_path = run / "students" / f"student_N{n_student}.pt"
+        done = finished_student(ctx, rounds, r, student_path)
+        if done is not None:
+            teacher_net, teacher_param = done, cfg.param
+            continue
+        student = build_model(network_from_dict(ctx.student_network)).to(device)
+        student.load_state_dict(teacher_net.state_dict())
+        total = round_updates(cfg, r)
+        loss, wall = train_stage(ctx, r, student, teacher_net, teacher_param, n_student, total,
+                                 f"round {r + 1}/{num_rounds(cfg)}: {2 * n_student}->{n_student} steps")
+        cost = training_cost(ctx, rounds, r, total, wall)
+        row = evaluate_round(student, ctx, n_student) if dist.is_main() and not rounds.done(r) else None
+        done_row = row or next((x for x in rounds.rows if int(x["round"]) == r), None)
+        save_student(ctx, student_path, student, n_student, r, total, cost,
+                     None if done_row is None else {**{k: done_row[k] for k in ("metric", "student_value",
+                                                                                "teacher_ddim_value")},
+                                                    "samples": cfg.eval_samples, "nfe": n_student})
+        if row is not None:
+            rounds.add({"round": r, "teacher_steps": 2 * n_student, "student_steps": n_student, "updates": total,
+                        "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}", **row})
+            log.info("round %d/%d: %d-step student %s=%s (teacher DDIM %d steps: %s)", r + 1, num_rounds(cfg),
+                     n_student, row["metric"], row["student_value"], n_student, row["teacher_ddim_value"])
+        dist.barrier()
+        teacher_net, teacher_param = student, cfg.param
+    log.info("distillation finished in %.1f s", time.perf_counter() - t_run)
+
+
+class Progressive(Method):
+    name = "pd"
+    title = "progressive distillation (Salimans & Ho 2022)"
+    samplers = ("distilled",)
+    training_log = ("rounds.csv", "training_pd.csv")
+
+    def plan(self, cfg: DistillConfig) -> list[str]:
+        first = [f"guided first stage: {cfg.guided_base_updates} updates"] if cfg.guided else []
+        return first + [f"{cfg.start_steps // 2 ** r}->{cfg.start_steps // 2 ** (r + 1)} steps: "
+                        f"{round_updates(cfg, r)} updates" for r in range(num_rounds(cfg))]
+
+    def run(self, ctx: DistillRun) -> None:
+        run_rounds(ctx)
+
+    def update_cost(self, cfg: DistillConfig) -> dict[str, float]:
+        """Per update and example: 2 teacher evaluations (two DDIM steps; the guided stage's conditional and
+        unconditional halves), 1 student forward + backward."""
+        return {"teacher": 2 * FORWARD * cfg.batch_size, "student": TRAINED * cfg.batch_size}
+
+
+register_method(Progressive())

@@ -1,0 +1,184 @@
+"""The distillation method protocol: what a method implements, and the registry `--method` reads.
+
+A method is one module: a `Method` subclass registered with `register_method`, and the sampler of its students
+registered in fastdiff.registry. `python -m fastdiff.distill --method a,b` runs the named methods in order on one
+teacher (`DistillRun`: the teacher, its data, the students' network and config, the run dir, the evaluation's
+scorer), each resumably through `fastdiff.runs.fit` (one network or several, each with its optimiser and steps per
+update). A method saves its students under `ctx.run / "students"` with a `role` (fastdiff.checkpoint.role_of: method,
+sampler, own grid, N, swept, its own evaluation) and a `cost`; the sweep, `fastdiff.sample` and `fastdiff.export`
+find and sample them by that role alone.
+
+The cost of one update is counted in forward-equivalents per network (`update_cost`): a network evaluation without
+gradients is 1, a forward with its backward is 3 (a backward = 2 forwards), per example of the global batch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from fastdiff.errors import FastdiffError
+
+if TYPE_CHECKING:
+    from fastdiff.distill.config import DistillConfig
+    from fastdiff.distill.stages import DistillRun
+
+FORWARD, TRAINED = 1, 3  # forward-equivalents per example: an evaluation; a forward + backward (backward = 2)
+
+
+class Method:
+    """A distillation method. Subclasses set the class attributes and implement `run`; the rest has defaults.
+
+    name: its `--method` name; title: what it is, with its paper (model cards, logs); samplers: the
+    fastdiff.registry entries of its students; fields: the DistillConfig fields only it reads (a run dir of other
+    methods ignores them); training_log: (file in the run dir, its copy beside the sweep's CSV) of its evaluation
+    while training, for the report, or None."""
+
+    name: str = ""
+    title: str = ""
+    samplers: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    training_log: tuple[str, str] | None = None
+
+    def validate(self, cfg: "DistillConfig") -> None:
+        """FastdiffError (one line, naming the option) for a config this method cannot run."""
+
+    def plan(self, cfg: "DistillConfig") -> list[str]:
+        """What it would run, for --dry-run: one line per stage."""
+        return [f"{self.title or self.name}"]
+
+    def run(self, ctx: "DistillRun") -> None:
+        """Train (or resume) and save its students; a finished run does nothing."""
+        raise NotImplementedError
+
+    def update_cost(self, cfg: "DistillConfig") -> dict[str, float]:
+        """Forward-equivalents of one update per network ("teacher", "student", any other), for the global batch."""
+        return {}
+
+
+def forward_equivalents(costs: dict[str, float], updates: int) -> float:
+    """The total forward-equivalents of `updates` updates of one update's `costs`."""
+    return float(sum(costs.values()) * updates)
+
+
+_METHODS: dict[str, Method] = {}
+BUILTIN = ("fastdiff.distill.pd", "fastdiff.distill.consistency")  # fastdiff's own, registered when imported
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add `method` under its name (FastdiffError if taken, unless `replace`); -> method."""
+    if not method.name or "," in method.name or "+" in method.name:
+        raise FastdiffError(f"a method needs a name without ',' or '+', got {method.name!r}")
+    _builtins()  # fastdiff's own first: they come first in --help and errors
+    if method.name in _METHODS and not replace:
+        raise FastdiffError(f"method {method.name!r} is registered already")
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+_loading: list[bool] = []
+
+
+def _builtins() -> None:
+    if _loading:
+        return  # importing them now: their own register_method calls
+    _loading.append(True)
+    try:
+        for module in BUILTIN:
+            importlib.import_module(module)
+    finally:
+        _loading.clear()
+
+
+def method_names() -> tuple[str, ...]:
+    _builtins()
+    return tuple(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; FastdiffError naming the registered ones otherwise."""
+    _builtins()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise FastdiffError(f"--method: unknown {name!r}; choose from {', '.join(_METHODS)} (several: pd,cd)") from None
+
+
+def parse_methods(text: str) -> tuple[Method, ...]:
+    """--method as methods: registered names joined by ',' (or '+', as in pd+cd), each once."""
+    names = [m.strip() for m in text.replace("+", ",").split(",") if m.strip()]
+    if not names:
+        raise FastdiffError("--method needs at least one method, e.g. pd, cd or pd,cd")
+    if len(set(names)) < len(names):
+        raise FastdiffError(f"--method {text!r} names a method twice")
+    return tuple(get_method(n) for n in names)
+
+
+# --- what a method's run shares -----------------------------------------------------------------------------------
+
+
+def resume_state(ctx: "DistillRun", stage: str) -> dict | None:
+    """The state.pt (or its previous checkpoint) of `stage` to resume, or None: a fresh stage. A method marks its
+    stage in fit's `extra_state` ({"stage": ...}); state.pt holds the stage in progress of the run's methods."""
+    from fastdiff.checkpoint import load_resumable
+
+    state = load_resumable(ctx.state_path, map_location=ctx.device)
+    return state if state is not None and state.get("stage") == stage else None
+
+
+def student_cost(ctx: "DistillRun", method: Method, updates: int, wall: float) -> dict:
+    """The `cost` a student checkpoint records after `updates` updates of `method` (and `wall` s of training): the
+    updates, forward-equivalents in all and per network (Method.update_cost), the teacher evaluations and student
+    forward + backward passes, the wall-clock, device and threads. The teacher's own training is not included."""
+    import torch
+
+    per = method.update_cost(ctx.cfg)
+    return {"updates": updates, "forward_equivalents": forward_equivalents(per, updates),
+            "forward_equivalents_by_network": {k: v * updates for k, v in per.items()},
+            "teacher_evals": int(per.get("teacher", 0) * updates / FORWARD),
+            "student_passes": int(per.get("student", 0) * updates / TRAINED), "wall_clock_s": round(wall, 1),
+            "device": str(ctx.device), "threads": torch.get_num_threads()}
+
+
+def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int) -> dict:
+    """A student's own evaluation (rank 0): `steps` steps of its sampler on its grid and the teacher's DDIM at the same
+    step count, on the same per-index noise, scored with the run's round metric -> {metric, student_value,
+    teacher_ddim_value, samples, nfe}."""
+    import torch
+
+    from fastdiff import registry
+    from fastdiff.distill.stages import sample_model
+    from fastdiff.grids import make_grid
+    from fastdiff.samplers import initial_noise
+
+    cfg, shape, n = ctx.cfg, tuple(ctx.teacher0.data_shape), ctx.cfg.eval_samples
+    x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device, rng=cfg.noise)
+    with torch.no_grad():
+        out = registry.sampler(sampler).run(net, x, make_grid(grid, steps, ctx.schedule), schedule=ctx.schedule,
+                                            param=cfg.param, clip=ctx.clip, generator=gens, guidance=None)
+    teacher = sample_model(ctx.teacher0, out.nfe, n, shape, ctx.schedule, ctx.teacher0.param, cfg.seed, ctx.device,
+                           clip=ctx.clip, rng=cfg.noise)
+    name, score = ctx.scorer
+    return {"metric": name, "student_value": f"{score(ctx.decode(out.x)):.6g}",
+            "teacher_ddim_value": f"{score(ctx.decode(teacher)):.6g}", "samples": n, "nfe": out.nfe}
+
+
+def save_student(ctx: "DistillRun", name: str, net, *, method: Method, sampler: str, grid: str, steps: int,
+                 cost: dict, evaluation: dict | list | None = None, swept: bool = True) -> None:
+    """students/<name>.pt (rank 0): a student checkpoint fastdiff.load_student, the sweep, fastdiff.sample and
+    fastdiff.export read, naming its role (method, sampler, own grid, N, swept, its evaluation) and its cost."""
+    from fastdiff import distributed as dist
+    from fastdiff.checkpoint import save_checkpoint
+
+    if not dist.is_main():
+        return
+    save_checkpoint(ctx.run / "students" / f"{name}.pt", {
+        "kind": "student", "method": method.name, "config": ctx.student_cfg, "network": ctx.student_network,
+        "param": ctx.cfg.param, "steps": steps, "schedule": ctx.schedule.to_dict(),
+        "data_shape": list(ctx.teacher0.data_shape), "model": net.state_dict(), "updates": cost.get("updates"),
+        "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided, "cost": cost,
+        "role": {"method": method.name, "sampler": sampler, "grid": grid, "steps": steps, "swept": swept,
+                 "evaluation": evaluation}, **ctx.latent_payload})
