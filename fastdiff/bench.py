@@ -10,9 +10,10 @@ Sweeps (sampler, step count) pairs over one model family and appends one long-fo
   multistep solvers as diffusers runs them, on the uniform-logSNR grid, NFE = steps;
 - ``heun`` (Karras et al. 2022 Alg. 1, Karras grid, steps = (nfe + 1) // 2 so that its NFE = 2 steps - 1 tracks
   the step counts; the true NFE is recorded);
-- ``distilled``: every student `<distill_dir>/students/student_N{N}.pt`, DDIM eta 0 on its own grid i/N.
-- ``consistency``: the consistency-distilled student `<distill_dir>/students/cd.pt` (distill --method cd),
-  multistep consistency sampling on grid cd{N} (fastdiff.grids.consistency_grid) at every step count <= N.
+- the students of `--distill-dir`: every checkpoint in its students/ whose role names a sampler of the sweep
+  (fastdiff.checkpoint.role_of), by that sampler's row rule (fastdiff.registry): ``distilled`` (progressive
+  students, DDIM eta 0 on their own grid i/N, one row each), ``consistency`` (the CD student students/cd.pt,
+  multistep consistency sampling on grid cd{N} at every step count <= N), and any registered method's.
 
 Every row uses the same `n_samples` and the same noise per sample index (fastdiff.noise: Philox keyed by (seed,
 k, draw, element); `--noise torch-cpu` for fastdiff <= 0.5's CPU generators), so sample k is the same whatever

@@ -163,7 +163,6 @@ class LoadedModel:
     network: dict | None = None  # the network it holds, as checkpoints describe it (network_to_dict)
     cost: dict | None = None  # a student's training cost, cumulative from its teacher (see distill.stages)
     source: dict | None = None  # a diffusers model: where it came from and its scheduler's inference-grid keys
-    cd: dict | None = None  # a consistency student's distillation settings (its discretization `steps`, ...)
     codec: object = None  # a latent model's autoencoder (fastdiff.latent.Codec): it samples latents, decoded to images
     role: dict | None = None  # a student's method, sampler, own grid and N, and whether a sweep samples it (role_of)
 
@@ -228,7 +227,7 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
                        dataset=cfg["dataset"], kind=ckpt.get("kind", "teacher"), steps=ckpt.get("steps"),
                        hash=weights_hash(ckpt, state), config=cfg,
                        data_shape=tuple(ckpt.get("data_shape", ())), path=path, network=network_to_dict(network),
-                       cost=ckpt.get("cost"), cd=ckpt.get("cd"), codec=_codec(ckpt, device), role=role_of(ckpt, path))
+                       cost=ckpt.get("cost"), codec=_codec(ckpt, device), role=role_of(ckpt, path))
 
 
 ROLE_KEYS = ("method", "sampler", "grid", "steps", "swept")

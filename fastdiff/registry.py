@@ -96,8 +96,32 @@ def unregister_sampler(name: str) -> None:
     _SAMPLERS.pop(name, None)
 
 
+PLUGIN_GROUP = "fastdiff.methods"  # entry points naming modules that register a method and its samplers
+_plugins_loaded: list[str] = []
+
+
+def load_plugins() -> list[str]:
+    """Import every module an installed package names in the `fastdiff.methods` entry-point group (pyproject:
+    `[project.entry-points."fastdiff.methods"] mine = "mypkg.mymethod"`), once; -> the modules imported. A module
+    that fails to import is a FastdiffError naming it."""
+    if _plugins_loaded:
+        return _plugins_loaded[1:]
+    _plugins_loaded.append("")  # loading: a plugin's own registry calls do not load again
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            importlib.import_module(ep.value.partition(":")[0])
+        except Exception as err:  # noqa: BLE001 - any failure of a third-party module
+            raise FastdiffError(f"the fastdiff method plugin {ep.name!r} ({ep.value}) failed to import: "
+                                f"{type(err).__name__}: {err}") from None
+        _plugins_loaded.append(ep.value)
+    return _plugins_loaded[1:]
+
+
 def sampler(name: str) -> SamplerEntry:
     """The entry of `name`; FastdiffError naming the registered ones otherwise."""
+    load_plugins()
     try:
         return _SAMPLERS[name]
     except KeyError:
@@ -105,16 +129,19 @@ def sampler(name: str) -> SamplerEntry:
 
 
 def find(name: str) -> SamplerEntry | None:
+    load_plugins()
     return _SAMPLERS.get(name)
 
 
 def sampler_names() -> tuple[str, ...]:
     """Every registered sampler, in registration order (the sweep's default order)."""
+    load_plugins()
     return tuple(_SAMPLERS)
 
 
 def student_samplers() -> tuple[str, ...]:
     """The samplers of distilled students."""
+    load_plugins()
     return tuple(n for n, e in _SAMPLERS.items() if e.student)
 
 

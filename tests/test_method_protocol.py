@@ -207,3 +207,34 @@ def test_a_method_is_refused_unless_registered_and_named_once():
     assert [m.name for m in protocol.parse_methods("pd+cd")] == ["pd", "cd"]  # the spelling of before
     with pytest.raises(FastdiffError, match="registered already"):
         protocol.register_method(copy.copy(protocol.get_method("pd")))
+
+
+def test_an_installed_package_adds_its_method_through_an_entry_point(tmp_path, monkeypatch):
+    """`[project.entry-points."fastdiff.methods"] plug = "plug_method"`: the module is imported on the first look at
+    either registry, so `python -m fastdiff.distill --method plug` (and the report's labels) know it."""
+    import importlib.metadata
+    import sys
+
+    (tmp_path / "plug_method.py").write_text(
+        "from fastdiff import registry\n"
+        "from fastdiff.distill import protocol\n"
+        "class Plug(protocol.Method):\n"
+        "    name, samplers = 'plug', ('plug-1step',)\n"
+        "registry.register_sampler(registry.SamplerEntry('plug-1step', lambda *a, **k: None, 'own', model='plug'))\n"
+        "protocol.register_method(Plug())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = [importlib.metadata.EntryPoint("plug", "plug_method", registry.PLUGIN_GROUP)]
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: found if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(registry, "_plugins_loaded", [])
+    try:
+        assert "plug" in protocol.method_names() and registry.samplers_of("plug") == ("plug-1step",)
+        assert "plug-1step" in registry.student_samplers()
+    finally:
+        protocol.unregister_method("plug")
+        registry.unregister_sampler("plug-1step")
+        sys.modules.pop("plug_method", None)
+    found[:] = [importlib.metadata.EntryPoint("broken", "no_such_module_here", registry.PLUGIN_GROUP)]
+    monkeypatch.setattr(registry, "_plugins_loaded", [])
+    with pytest.raises(FastdiffError, match="plugin 'broken' .* failed to import: ModuleNotFoundError"):
+        registry.sampler_names()

@@ -315,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep_and_report(run, cfg)
         dist.barrier()
         if dist.is_main():  # inside: once the process group is gone every process counts as rank 0
-            print(f"done: students in {run / 'students'}, per-round table {run / 'rounds.csv'} "
-                  f"(total {time.perf_counter() - t0:.0f} s)")
+            logs = [str(run / m.training_log[0]) for m in parse_methods(cfg.method) if m.training_log]
+            print(f"done: students in {run / 'students'}" + (f", their evaluation in {', '.join(logs)}" if logs else "")
+                  + f" (total {time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -14,13 +14,11 @@ gradients is 1, a forward with its backward is 3 (a backward = 2 forwards), per 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from fastdiff.errors import FastdiffError
 
-if TYPE_CHECKING:
-    from fastdiff.distill.config import DistillConfig
-    from fastdiff.distill.stages import DistillRun
+# (type names in quotes: "DistillConfig" is fastdiff.distill.config's, "DistillRun" fastdiff.distill.stages'; neither
+# is imported here, so that the config can read the registry)
 
 FORWARD, TRAINED = 1, 3  # forward-equivalents per example: an evaluation; a forward + backward (backward = 2)
 
@@ -91,6 +89,9 @@ def _builtins() -> None:
             importlib.import_module(module)
     finally:
         _loading.clear()
+    from fastdiff.registry import load_plugins
+
+    load_plugins()  # installed packages' methods (entry-point group fastdiff.methods)
 
 
 def method_names() -> tuple[str, ...]:
@@ -150,17 +151,16 @@ def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int
     import torch
 
     from fastdiff import registry
-    from fastdiff.distill.stages import sample_model
     from fastdiff.grids import make_grid
-    from fastdiff.samplers import initial_noise
+    from fastdiff.samplers import initial_noise, sample
 
     cfg, shape, n = ctx.cfg, tuple(ctx.teacher0.data_shape), ctx.cfg.eval_samples
     x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device, rng=cfg.noise)
     with torch.no_grad():
         out = registry.sampler(sampler).run(net, x, make_grid(grid, steps, ctx.schedule), schedule=ctx.schedule,
                                             param=cfg.param, clip=ctx.clip, generator=gens, guidance=None)
-    teacher = sample_model(ctx.teacher0, out.nfe, n, shape, ctx.schedule, ctx.teacher0.param, cfg.seed, ctx.device,
-                           clip=ctx.clip, rng=cfg.noise)
+    teacher = sample(ctx.teacher0.net, n, shape, make_grid("student", out.nfe, ctx.schedule), schedule=ctx.schedule,
+                     param=ctx.teacher0.param, seed=cfg.seed, device=ctx.device, clip=ctx.clip, rng=cfg.noise)
     name, score = ctx.scorer
     return {"metric": name, "student_value": f"{score(ctx.decode(out.x)):.6g}",
             "teacher_ddim_value": f"{score(ctx.decode(teacher)):.6g}", "samples": n, "nfe": out.nfe}
