@@ -142,7 +142,8 @@ def run_consistency(ctx) -> None:
 
     from fastdiff import distributed as dist
     from fastdiff import runs
-    from fastdiff.checkpoint import load_resumable, save_checkpoint
+    from fastdiff.checkpoint import load_resumable
+    from fastdiff.distill.protocol import save_student
     from fastdiff.distill.guided import w_student
     from fastdiff.distill.stages import batch_cond
     from fastdiff.guidance import conditional, guided_x0_eps
@@ -204,19 +205,14 @@ def run_consistency(ctx) -> None:
         """students/cd_u{update}.pt and its cd.csv rows (rank 0); the evaluation's time is not training cost."""
         t_eval = time.perf_counter()
         cost = cd_cost(cfg, update, t_eval - timing["start"] - timing["eval_s"], device)
-        payload = {"kind": "student", "method": "cd", "config": ctx.student_cfg, "network": ctx.student_network,
-                   "param": cfg.param, "steps": 1, "schedule": schedule.to_dict(),
-                   "data_shape": list(ctx.teacher0.data_shape), "model": ema.state_dict(), "updates": update,
-                   "teacher": str(ctx.teacher0.path), "guided": cfg.guided, "cost": cost, "cd": meta,
-                   **ctx.latent_payload}
         recent = timing["loss"][-50:]
         rows = evaluate_cd(ctx, ema, log, update, sum(recent) / max(len(recent), 1), cost)
-        role = {"method": "cd", "sampler": "consistency", "grid": f"cd{cfg.cd_steps}", "steps": cfg.cd_steps,
-                "evaluation": [{k: row[k] for k in ("nfe", "metric", "student_value", "teacher_ddim_value")}
-                               for row in rows]}
-        save_checkpoint(snapshot_path(ctx.run, update), {**payload, "role": {**role, "swept": False}})
-        if update == total:
-            save_checkpoint(final, {**payload, "role": {**role, "swept": True}})
+        evaluation = [{k: row[k] for k in ("nfe", "metric", "student_value", "teacher_ddim_value")} for row in rows]
+        # (the top-level steps: 1 of fastdiff before 0.7, which its model id covers; the role's steps is its N)
+        for path, swept in ((snapshot_path(ctx.run, update), False),) + (((final, True),) if update == total else ()):
+            save_student(ctx, path, ema, method="cd", sampler="consistency", grid=f"cd{cfg.cd_steps}",
+                         steps=cfg.cd_steps, cost=cost, evaluation=evaluation, swept=swept,
+                         extra={"steps": 1, "updates": update, "cd": meta})
         timing["eval_s"] += time.perf_counter() - t_eval
 
     def after_update(update, loss, lr, grad_norm) -> None:

@@ -166,19 +166,26 @@ def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int
             "teacher_ddim_value": f"{score(ctx.decode(teacher)):.6g}", "samples": n, "nfe": out.nfe}
 
 
-def save_student(ctx: "DistillRun", name: str, net, *, method: Method, sampler: str, grid: str, steps: int,
-                 cost: dict, evaluation: dict | list | None = None, swept: bool = True) -> None:
-    """students/<name>.pt (rank 0): a student checkpoint fastdiff.load_student, the sweep, fastdiff.sample and
-    fastdiff.export read, naming its role (method, sampler, own grid, N, swept, its evaluation) and its cost."""
+def save_student(ctx: "DistillRun", name, net, *, method: "Method | str", sampler: str | None, grid: str,
+                 steps: int | None, cost: dict | None, evaluation: dict | list | None = None, swept: bool = True,
+                 extra: dict | None = None) -> None:
+    """students/<name>.pt (or the path `name`; rank 0): a student checkpoint fastdiff.load_student, the sweep,
+    fastdiff.sample and fastdiff.export read, naming its role (method, sampler, own grid, N, swept, its evaluation)
+    and its cost; `extra` adds keys of the method's own (a progressive student's round). A stage that is not a
+    student of the sweep (guided distillation's first stage) has sampler None and steps None."""
+    from pathlib import Path
+
     from fastdiff import distributed as dist
     from fastdiff.checkpoint import save_checkpoint
 
     if not dist.is_main():
         return
-    save_checkpoint(ctx.run / "students" / f"{name}.pt", {
-        "kind": "student", "method": method.name, "config": ctx.student_cfg, "network": ctx.student_network,
+    method = method if isinstance(method, str) else method.name
+    path = name if isinstance(name, Path) else ctx.run / "students" / f"{name}.pt"
+    save_checkpoint(path, {
+        "kind": "student", "method": method, "config": ctx.student_cfg, "network": ctx.student_network,
         "param": ctx.cfg.param, "steps": steps, "schedule": ctx.schedule.to_dict(),
-        "data_shape": list(ctx.teacher0.data_shape), "model": net.state_dict(), "updates": cost.get("updates"),
+        "data_shape": list(ctx.teacher0.data_shape), "model": net.state_dict(), "updates": (cost or {}).get("updates"),
         "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided, "cost": cost,
-        "role": {"method": method.name, "sampler": sampler, "grid": grid, "steps": steps, "swept": swept,
-                 "evaluation": evaluation}, **ctx.latent_payload})
+        "role": {"method": method, "sampler": sampler, "grid": grid, "steps": steps or 0, "swept": swept,
+                 "evaluation": evaluation}, **ctx.latent_payload, **(extra or {})})

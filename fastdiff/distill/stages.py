@@ -12,7 +12,7 @@ import torch
 
 from fastdiff import distributed as dist
 from fastdiff import runs
-from fastdiff.checkpoint import LoadedModel, load_model, load_resumable, save_checkpoint
+from fastdiff.checkpoint import LoadedModel, load_model, load_resumable
 from fastdiff.distill.config import DistillConfig
 from fastdiff.distill.progressive import student_loss, teacher_fn
 from fastdiff.errors import FastdiffError
@@ -142,16 +142,11 @@ def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r:
     """students/<name>.pt (rank 0): a checkpoint fastdiff.load_student reads, with its grid N, the schedule,
     `cost`, what it took to make it (`training_cost`), and its role (fastdiff.checkpoint.role_of): method pd, sampler
     distilled on grid student with N steps, and `evaluation`, its own score beside the teacher's DDIM at N steps."""
-    if dist.is_main():
-        save_checkpoint(path, {"kind": "student", "config": ctx.student_cfg, "network": ctx.student_network,
-                               "param": ctx.cfg.param, "steps": n_student, "schedule": ctx.schedule.to_dict(),
-                               "data_shape": list(ctx.teacher0.data_shape), "model": student.state_dict(), "round": r,
-                               "updates": updates, "teacher": str(ctx.teacher0.path), "guided": ctx.cfg.guided,
-                               "cost": cost, "role": {"method": "pd", "sampler": "distilled" if n_student else None,
-                                                      "grid": "student" if n_student else "",
-                                                      "steps": n_student or 0, "swept": bool(n_student),
-                                                      "evaluation": evaluation},
-                               **ctx.latent_payload})
+    from fastdiff.distill.protocol import save_student as save
+
+    save(ctx, path, student, method="pd", sampler="distilled" if n_student else None,
+         grid="student" if n_student else "", steps=n_student, cost=cost, evaluation=evaluation,
+         swept=bool(n_student), extra={"round": r, "updates": updates})
 
 
 def finished_student(ctx: DistillRun, rounds: RoundLog, r: int, path: Path):
