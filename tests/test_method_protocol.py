@@ -238,3 +238,22 @@ def test_an_installed_package_adds_its_method_through_an_entry_point(tmp_path, m
     monkeypatch.setattr(registry, "_plugins_loaded", [])
     with pytest.raises(FastdiffError, match="plugin 'broken' .* failed to import: ModuleNotFoundError"):
         registry.sampler_names()
+
+
+def test_a_run_dir_of_pd_plus_cd_is_the_run_of_pd_comma_cd(tmp_path):
+    """config.json stores one spelling of the methods: a run dir written as pd+cd (every run dir before the protocol)
+    is the same run as --method pd,cd; another list of methods is another run."""
+    import json
+
+    from fastdiff.distill.cli import check_distill_dir
+    from fastdiff.distill.config import PRESETS
+
+    cfg = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "t.pt"), out_dir=str(tmp_path / "run"),
+                              method="pd+cd")
+    resolved = check_distill_dir(cfg, prepare=True)
+    assert resolved["method"] == "pd+cd"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(resolved))
+    check_distill_dir(dataclasses.replace(cfg, method="pd,cd"))
+    check_distill_dir(dataclasses.replace(cfg, method=" pd , cd"))
+    with pytest.raises(FastdiffError, match="holds a different config .*method: 'pd\\+cd' -> 'cd\\+pd'"):
+        check_distill_dir(dataclasses.replace(cfg, method="cd,pd"))
