@@ -178,6 +178,8 @@ def test_cd_run_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["method"] == "cd" and a["cd"]["steps"] == 8
     assert a["cost"]["updates"] == 12 and a["cost"]["teacher_evals"] == 12 * cfg.batch_size
+    # forward-equivalents: 1 teacher step, 1 target evaluation, 1 student forward + backward (3) per example
+    assert a["cost"]["forward_equivalents"] == 12 * cfg.batch_size * (1 + 1 + 3)
     rows = [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(run / "cd.csv"))]
     assert rows == [{k: v for k, v in r.items() if k != "wall_clock_s"} for r in csv.DictReader(open(ref / "cd.csv"))]
     # snapshots at 5, 10 and the end, each with its cost so far (the EMA weights, restored on resume too)

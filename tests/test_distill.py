@@ -112,6 +112,7 @@ def test_resume_inside_a_round_gives_complete_table(tmp_path):
     c1, c2 = (load_checkpoint(run / "students" / f"student_N{n}.pt")["cost"] for n in (1, 2))
     assert (c2["updates"], c1["updates"]) == (60, 120)
     assert c1["teacher_evals"] == 2 * cfg.batch_size * 120 and c1["student_passes"] == cfg.batch_size * 120
+    assert c1["forward_equivalents"] == (2 + 3) * cfg.batch_size * 120  # a backward = 2 forwards
     assert c1["wall_clock_s"] > c2["wall_clock_s"] > 0 and c1["device"] == "cpu"
 
 

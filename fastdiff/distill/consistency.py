@@ -114,11 +114,15 @@ CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim
 def cd_cost(cfg, updates: int, wall: float, device) -> dict:
     """What a consistency student cost after `updates` updates, per example: 1 teacher ODE step (2 evaluations for
     Heun, twice that for a guided teacher's conditional and unconditional halves), 1 target-network forward, 1
-    student forward + backward; the teacher's own training is not included."""
+    student forward + backward (in forward-equivalents: `Consistency.update_cost`); the teacher's own training is not
+    included."""
+    from fastdiff.distill.protocol import forward_equivalents
+
     batch = cfg.batch_size
     per_step = (2 if cfg.cd_solver == "heun" else 1) * (2 if cfg.guided else 1)
     return {"updates": updates, "teacher_evals": batch * updates * per_step,
-            "target_evals": batch * updates, "student_passes": batch * updates, "wall_clock_s": round(wall, 1),
+            "target_evals": batch * updates, "student_passes": batch * updates,
+            "forward_equivalents": forward_equivalents(Consistency().update_cost(cfg), updates), "wall_clock_s": round(wall, 1),
             "device": str(device), "threads": torch.get_num_threads()}
 
 
