@@ -240,7 +240,9 @@ def test_cd_gets_the_pd_rounds_updates_and_snapshots_at_each_pd_students_cost():
     student where each PD student is done, so that the report compares the two at equal updates."""
     import dataclasses
 
-    from fastdiff.distill.config import PRESETS, cd_snapshots, cd_total, pd_costs, round_updates
+    from fastdiff.distill.config import PRESETS
+    from fastdiff.distill.consistency import cd_snapshots, cd_total
+    from fastdiff.distill.pd import pd_costs, round_updates
 
     cfg = PRESETS["digits"]
     assert cfg.method == "pd+cd" and cfg.cd_updates == 0

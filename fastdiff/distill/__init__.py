@@ -17,8 +17,8 @@ import importlib
 
 _WHERE = {"load_student": "fastdiff.checkpoint", "distill": "fastdiff.distill.cli", "main": "fastdiff.distill.cli",
           "sweep_and_report": "fastdiff.distill.cli", "PRESETS": "fastdiff.distill.config",
-          "DistillConfig": "fastdiff.distill.config", "num_rounds": "fastdiff.distill.config",
-          "round_updates": "fastdiff.distill.config", "distill_target": "fastdiff.distill.progressive",
+          "DistillConfig": "fastdiff.distill.config", "num_rounds": "fastdiff.distill.pd",
+          "round_updates": "fastdiff.distill.pd", "distill_target": "fastdiff.distill.progressive",
           "student_loss": "fastdiff.distill.progressive", "teacher_fn": "fastdiff.distill.progressive"}
 
 __all__ = sorted(_WHERE)

@@ -11,8 +11,6 @@ from fastdiff.noise import NoiseRNG
 from fastdiff.param import Param
 from fastdiff.train import PRESETS as TRAIN_PRESETS
 
-ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
-                "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
 NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_samples", "bench", "results_dir",
                      "bench_steps",
                      "eval_guidance", "inception_weights", "deterministic", "append_results", "bench_samples",
@@ -128,37 +126,6 @@ def fields_of_other_methods(cfg: DistillConfig) -> tuple[str, ...]:
 
     mine = methods_of(cfg)
     return tuple(f for name in method_names() if name not in mine for f in get_method(name).fields)
-
-
-def num_rounds(cfg: DistillConfig) -> int:
-    full = int(math.log2(cfg.start_steps))
-    return min(cfg.rounds, full) if cfg.rounds > 0 else full
-
-
-def round_updates(cfg: DistillConfig, r: int) -> int:
-    """Updates in round r (0-based); the paper doubles the last two rounds (to 1 and 2 steps)."""
-    return cfg.updates_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
-
-
-def pd_costs(cfg: DistillConfig) -> list[int]:
-    """Optimiser updates, cumulative from the teacher, at which each progressive student is done (round order); a
-    guided run's w-conditioned first stage counts too."""
-    base = cfg.guided_base_updates if cfg.guided else 0
-    return [base + sum(round_updates(cfg, i) for i in range(r + 1)) for r in range(num_rounds(cfg))]
-
-
-def cd_total(cfg: DistillConfig) -> int:
-    """Updates of consistency distillation: --cd-updates, or (0) the PD rounds' total, so that the two methods
-    get the same number of optimiser updates of the same batch."""
-    return cfg.cd_updates or pd_costs(cfg)[-1]
-
-
-def cd_snapshots(cfg: DistillConfig) -> list[int]:
-    """The updates at which CD saves a student and writes its cd.csv rows: every PD student's cumulative cost (the
-    equal-cost comparison), every --cd-eval-every updates, and the last one."""
-    total = cd_total(cfg)
-    every = list(range(cfg.cd_eval_every, total, cfg.cd_eval_every)) if cfg.cd_eval_every else []
-    return sorted({u for u in pd_costs(cfg) + every if u < total} | {total})
 
 
 def validate(cfg: DistillConfig) -> None:

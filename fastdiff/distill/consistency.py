@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 
-from fastdiff.distill.config import cd_snapshots, cd_total
 from fastdiff.distill.protocol import FORWARD, TRAINED, Method, register_method
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import consistency_boundaries as boundaries  # noqa: F401  (the CD discretization)
@@ -104,6 +103,28 @@ def sample_student(net, x, ts, **kw):
     return consistency(net, x, ts, **kw)
 
 
+def cd_total(cfg) -> int:
+    """Updates of consistency distillation: --cd-updates, or (0) the PD rounds' total, so that the two methods
+    get the same number of optimiser updates of the same batch."""
+    return cfg.cd_updates or _pd_budgets(cfg)[-1]
+
+
+def _pd_budgets(cfg) -> list[int]:
+    """The cumulative updates of the progressive students of this config (the equal-cost points CD snapshots at,
+    whether or not PD runs here)."""
+    from fastdiff.distill.protocol import get_method
+
+    return get_method("pd").budgets(cfg)
+
+
+def cd_snapshots(cfg) -> list[int]:
+    """The updates at which CD saves a student and writes its cd.csv rows: every PD student's cumulative cost (the
+    equal-cost comparison), every --cd-eval-every updates, and the last one."""
+    total = cd_total(cfg)
+    every = list(range(cfg.cd_eval_every, total, cfg.cd_eval_every)) if cfg.cd_eval_every else []
+    return sorted({u for u in _pd_budgets(cfg) + every if u < total} | {total})
+
+
 # --- the training stage -------------------------------------------------------------------------------------------
 
 EVAL_NFE = (1, 2, 4)
@@ -134,7 +155,7 @@ def run_consistency(ctx) -> None:
     """Consistency distillation of ctx's teacher (Song et al. 2023, Alg. 2) through runs.fit, resumable from
     state.pt (with the target network theta- and the weights EMA). The saved and evaluated student is the EMA of
     the weights (decay cd_ema_decay), separate from theta- (decay target_ema). At every update of
-    `config.cd_snapshots` (each PD student's cumulative updates, every cd_eval_every, the last):
+    `cd_snapshots` (each PD student's cumulative updates, every cd_eval_every, the last):
     students/cd_u{updates}.pt and cd.csv rows (FID of 1/2/4-step consistency sampling beside the teacher's
     DDIM at the same NFE, with the cost so far); the last one is also students/cd.pt.
 
@@ -292,6 +313,9 @@ class Consistency(Method):
         cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
         cfgs.check_range(cfg, "cd_ema_decay", 0 <= cfg.cd_ema_decay < 1, "in [0, 1)")
         cfgs.check_range(cfg, "cd_eval_every", cfg.cd_eval_every >= 0, ">= 0 (0: only at the end)")
+
+    def budgets(self, cfg) -> list[int]:
+        return cd_snapshots(cfg)
 
     def plan(self, cfg) -> list[str]:
         return [(f"guided (LCM-style, w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]) " if cfg.guided else "")

@@ -6,10 +6,11 @@ holds each round's evaluation."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from fastdiff import distributed as dist
-from fastdiff.distill.config import ROUND_FIELDS, DistillConfig, num_rounds, round_updates
+from fastdiff.distill.config import DistillConfig
 from fastdiff.distill.guided import guided_base
 from fastdiff.distill.protocol import FORWARD, TRAINED, Method, register_method
 from fastdiff.distill.stages import (DistillRun, evaluate_round, finished_student, save_student, train_stage,
@@ -18,6 +19,26 @@ from fastdiff.models import build_model, network_from_dict
 from fastdiff.runs import RoundLog
 
 log = logging.getLogger(__name__)
+
+ROUND_FIELDS = ["round", "teacher_steps", "student_steps", "updates", "loss", "metric", "student_value",
+                "teacher_ddim_value", "student_accuracy", "teacher_accuracy", "wall_clock_s"]
+
+
+def num_rounds(cfg: DistillConfig) -> int:
+    full = int(math.log2(cfg.start_steps))
+    return min(cfg.rounds, full) if cfg.rounds > 0 else full
+
+
+def round_updates(cfg: DistillConfig, r: int) -> int:
+    """Updates in round r (0-based); the paper doubles the last two rounds (to 1 and 2 steps)."""
+    return cfg.updates_per_round * (cfg.last_rounds_factor if r >= num_rounds(cfg) - 2 else 1)
+
+
+def pd_costs(cfg: DistillConfig) -> list[int]:
+    """Optimiser updates, cumulative from the teacher, at which each progressive student is done (round order); a
+    guided run's w-conditioned first stage counts too. (Progressive.budgets: other methods snapshot there.)"""
+    base = cfg.guided_base_updates if cfg.guided else 0
+    return [base + sum(round_updates(cfg, i) for i in range(r + 1)) for r in range(num_rounds(cfg))]
 
 
 def run_rounds(ctx: DistillRun) -> None:
@@ -73,6 +94,9 @@ class Progressive(Method):
 
     def run(self, ctx: DistillRun) -> None:
         run_rounds(ctx)
+
+    def budgets(self, cfg: DistillConfig) -> list[int]:
+        return pd_costs(cfg)
 
     def update_cost(self, cfg: DistillConfig) -> dict[str, float]:
         """Per update and example: 2 teacher evaluations (two DDIM steps; the guided stage's conditional and

@@ -48,6 +48,11 @@ class Method:
         """Train (or resume) and save its students; a finished run does nothing."""
         raise NotImplementedError
 
+    def budgets(self, cfg: "DistillConfig") -> list[int]:
+        """The updates, cumulative from the teacher, at which it saves students: the points where methods are
+        compared at equal cost."""
+        return []
+
     def update_cost(self, cfg: "DistillConfig") -> dict[str, float]:
         """Forward-equivalents of one update per network ("teacher", "student", any other), for the global batch."""
         return {}
