@@ -1,9 +1,11 @@
 """The distillation command, `python -m fastdiff.distill`: a teacher, its students by every method asked for, their
 evaluation, and the sweep and report that compare them.
 
-`--method` pd (progressive distillation, Salimans & Ho 2022, Alg. 2: rounds from `start_steps` down to 1 step, each
-halving the student's grid), cd (consistency distillation, Song et al. 2023, Alg. 2) or pd+cd (both from the same
-teacher at equal cost: CD gets the PD rounds' total updates and is evaluated at each PD student's cumulative cost);
+`--method`: registered methods (fastdiff.distill.protocol), joined by ',' and run in order: pd (progressive
+distillation, Salimans & Ho 2022, Alg. 2: rounds from `start_steps` down to 1 step, each halving the student's grid;
+fastdiff.distill.pd), cd (consistency distillation, Song et al. 2023, Alg. 2) or pd,cd (also written pd+cd: both from
+the same teacher at equal cost: CD gets the PD rounds' total updates and is evaluated at each PD student's cumulative
+cost);
 `--guided` first distils a classifier-free-guided teacher into a student that takes w as its input (Meng et al. 2023),
 then runs the method(s) on it. With no arguments it runs the bundled default (preset `digits`: PD and CD) end to end
 on a CPU: train (or reuse) the `digits` teacher, distil and evaluate, then the sweep (DDPM on the full grid, strided
