@@ -132,19 +132,16 @@ CD_FIELDS = ["updates", "nfe", "times", "metric", "student_value", "teacher_ddim
              "student_passes", "wall_clock_s", "student_accuracy", "teacher_accuracy"]
 
 
-def cd_cost(cfg, updates: int, wall: float, device) -> dict:
-    """What a consistency student cost after `updates` updates, per example: 1 teacher ODE step (2 evaluations for
-    Heun, twice that for a guided teacher's conditional and unconditional halves), 1 target-network forward, 1
-    student forward + backward (in forward-equivalents: `Consistency.update_cost`); the teacher's own training is not
-    included."""
-    from fastdiff.distill.protocol import forward_equivalents
+def cd_cost(ctx, updates: int, wall: float) -> dict:
+    """What a consistency student cost after `updates` updates (`wall` s of training), per example: 1 teacher ODE
+    step (2 evaluations for Heun, twice that for a guided teacher's conditional and unconditional halves), 1
+    target-network forward, 1 student forward + backward (`Consistency.update_cost`, counted by
+    protocol.student_cost); the teacher's own training is not included."""
+    from fastdiff.distill.protocol import get_method, student_cost
 
-    batch = cfg.batch_size
-    per_step = (2 if cfg.cd_solver == "heun" else 1) * (2 if cfg.guided else 1)
-    return {"updates": updates, "teacher_evals": batch * updates * per_step,
-            "target_evals": batch * updates, "student_passes": batch * updates,
-            "forward_equivalents": forward_equivalents(Consistency().update_cost(cfg), updates), "wall_clock_s": round(wall, 1),
-            "device": str(device), "threads": torch.get_num_threads()}
+    method = get_method("cd")
+    return {**student_cost(ctx, method, updates, wall),
+            "target_evals": int(method.update_cost(ctx.cfg)["target"] * updates / FORWARD)}
 
 
 def snapshot_path(run, updates: int):
@@ -229,7 +226,7 @@ def run_consistency(ctx) -> None:
     def snapshot(update: int) -> None:
         """students/cd_u{update}.pt and its cd.csv rows (rank 0); the evaluation's time is not training cost."""
         t_eval = time.perf_counter()
-        cost = cd_cost(cfg, update, t_eval - timing["start"] - timing["eval_s"], device)
+        cost = cd_cost(ctx, update, t_eval - timing["start"] - timing["eval_s"])
         recent = timing["loss"][-50:]
         rows = evaluate_cd(ctx, ema, log, update, sum(recent) / max(len(recent), 1), cost)
         evaluation = [{k: row[k] for k in ("nfe", "metric", "student_value", "teacher_ddim_value")} for row in rows]
@@ -265,8 +262,8 @@ def run_consistency(ctx) -> None:
 
 
 def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> list[dict]:
-    """-> the cd.csv rows it adds at `updates`: the student's 1-, 2- and 4-step consistency sampling and the teacher's DDIM at the
-    same NFE, on the same per-index noise, scored with the round metric, with the cost so far. Guided: both at
+    """-> the cd.csv rows it adds at `updates`: the student's 1-, 2- and 4-step consistency sampling and the
+    teacher's DDIM at the same NFE, on the same per-index noise, scored with the round metric, with the cost so far. Guided: both at
     w = eval_guidance on the evaluation conditions, with the accuracy on the asked-for digit."""
     from fastdiff.distill.stages import accuracy_columns, guided_pair, sample_model
     from fastdiff.samplers import consistency, initial_noise

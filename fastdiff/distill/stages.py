@@ -128,17 +128,13 @@ def training_cost(ctx: DistillRun, rounds: RoundLog, r: int, updates: int, wall:
     every finished stage before it in rounds.csv (the guided first stage is round -1). Per update each example costs
     2 teacher network evaluations (two DDIM steps of progressive distillation; the conditional and unconditional
     halves of the guided stage) and 1 student forward + backward pass: 5 forward-equivalents (a backward = 2 forwards;
-    fastdiff.distill.pd.Progressive.update_cost). The teacher's own training is not included."""
-    from fastdiff.distill.protocol import forward_equivalents, get_method
+    fastdiff.distill.pd.Progressive.update_cost, counted by protocol.student_cost). The teacher's own training is not
+    included."""
+    from fastdiff.distill.protocol import get_method, student_cost
 
     earlier = [row for row in rounds.rows if int(row["round"]) < r]
     total_updates = updates + sum(int(row["updates"]) for row in earlier)
-    batch = ctx.cfg.batch_size
-    return {"updates": total_updates, "teacher_evals": 2 * batch * total_updates,
-            "student_passes": batch * total_updates,
-            "forward_equivalents": forward_equivalents(get_method("pd").update_cost(ctx.cfg), total_updates),
-            "wall_clock_s": round(wall + sum(float(row["wall_clock_s"]) for row in earlier), 1),
-            "device": str(ctx.device), "threads": torch.get_num_threads()}
+    return student_cost(ctx, get_method("pd"), total_updates, wall + sum(float(row["wall_clock_s"]) for row in earlier))
 
 
 def save_student(ctx: DistillRun, path: Path, student, n_student: int | None, r: int, updates: int,
