@@ -230,9 +230,6 @@ def load_model(path_or_run_dir, device="cpu", use_ema: bool = True, dataset: str
                        cost=ckpt.get("cost"), codec=_codec(ckpt, device), role=role_of(ckpt, path))
 
 
-ROLE_KEYS = ("method", "sampler", "grid", "steps", "swept")
-
-
 def role_of(ckpt: dict, path: Path | None = None) -> dict | None:
     """A student checkpoint's role: {method, sampler, grid, steps (its N), swept} as the method wrote it (its
     `role` entry), or as fastdiff before 0.7 implied it: a file with a consistency block is a CD student (sampler

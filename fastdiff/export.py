@@ -91,10 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="the student N of a distillation run dir (default: "
                         "the fewest)")
     args = parser.parse_args(argv)
+    from fastdiff import registry
     from fastdiff.checkpoint import load_checkpoint, load_model
     from fastdiff.interop import export
-
-    from fastdiff import registry
 
     path = pick(args.source, args.steps)
     model = load_model(path)

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from fastdiff import samplers as S
 
 RowRule = Literal["full", "strided", "every", "heun", "own", "upto"]
-STUDENT_ROWS = ("own", "upto")
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,7 @@ def student_samplers() -> tuple[str, ...]:
 
 def samplers_of(method: str) -> tuple[str, ...]:
     """The samplers of the students of distillation method `method`."""
+    load_plugins()
     return tuple(n for n, e in _SAMPLERS.items() if e.model == method)
 
 
@@ -161,34 +161,30 @@ def line_label(sampler_name: str, grid: str, eta, variance: str) -> str:
 # module) when called.
 
 
-def _lazy(target: str, **fixed) -> Callable[..., "S.Sample"]:
-    """`run` calling "module:function" (imported at the first call) with the registry's signature; eta and variance
-    reach it only where it takes them (`fixed` binds the rest)."""
+def _lazy(target: str, takes: tuple[str, ...] = (), **fixed) -> Callable[..., "S.Sample"]:
+    """`run` calling "module:function" (imported at the first call) with the registry's signature; the row's eta and
+    variance reach it only where it `takes` them; `fixed` binds other arguments."""
     module, _, attr = target.partition(":")
 
     def run(net, x, ts, *, eta=None, variance="", **kw):
-        fn = getattr(importlib.import_module(module), attr)
-        extra = {"eta": 0.0 if eta is None else eta} if "eta" in fixed.get("_takes", ()) else {}
-        if "variance" in fixed.get("_takes", ()):
-            extra["variance"] = variance or "large"
-        return fn(net, x, ts, **{k: v for k, v in fixed.items() if k != "_takes"}, **extra, **kw)
+        row = {"eta": 0.0 if eta is None else eta, "variance": variance or "large"}
+        return getattr(importlib.import_module(module), attr)(net, x, ts, **fixed, **{k: row[k] for k in takes}, **kw)
 
-    run.target = target
     return run
 
 
 _S = "fastdiff.samplers"
 for _entry in (
-    SamplerEntry("ddpm", _lazy(f"{_S}:ddpm", _takes=("variance",)), "full", grid="full", eta=None,
+    SamplerEntry("ddpm", _lazy(f"{_S}:ddpm", ("variance",)), "full", grid="full", eta=None,
                  deterministic=False, graphable=True, summary=2, diffusers="DDPMScheduler",
                  description="DDPM ancestral sampling on the full grid (Ho et al. 2020)"),
-    SamplerEntry("ddpm-strided", _lazy(f"{_S}:ddpm", _takes=("variance",)), "strided", eta=None, deterministic=False,
+    SamplerEntry("ddpm-strided", _lazy(f"{_S}:ddpm", ("variance",)), "strided", eta=None, deterministic=False,
                  graphable=True, summary=3, diffusers="DDPMScheduler",
                  description="DDPM on a strided sub-grid (Nichol & Dhariwal 2021)"),
-    SamplerEntry("ddim", _lazy(f"{_S}:ddim", _takes=("eta",)), "strided", eta=0.0, graphable=True, summary=4, show_eta=True,
-                 diffusers="DDIMScheduler", description="DDIM, eta = 0 (Song et al. 2021)"),
-    SamplerEntry("ddim-eta1", _lazy(f"{_S}:ddim", _takes=("eta",)), "strided", eta=1.0, deterministic=False, show_eta=True,
-                 full_only=True, diffusers="DDIMScheduler", description="DDIM, eta = 1"),
+    SamplerEntry("ddim", _lazy(f"{_S}:ddim", ("eta",)), "strided", eta=0.0, graphable=True, summary=4,
+                 show_eta=True, diffusers="DDIMScheduler", description="DDIM, eta = 0 (Song et al. 2021)"),
+    SamplerEntry("ddim-eta1", _lazy(f"{_S}:ddim", ("eta",)), "strided", eta=1.0, deterministic=False,
+                 show_eta=True, full_only=True, diffusers="DDIMScheduler", description="DDIM, eta = 1"),
     SamplerEntry("dpm++2m", _lazy(f"{_S}:dpm_solver_pp_2m"), "every", grid="logsnr", summary=5,
                  diffusers="DPMSolverMultistepScheduler", description="DPM-Solver++(2M) (Lu et al. 2022)"),
     SamplerEntry("dpm++3m", _lazy(f"{_S}:dpm_solver_pp_3m"), "every", grid="logsnr", summary=6, full_only=True,

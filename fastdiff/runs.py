@@ -13,6 +13,7 @@ run dir and its CSV logs, one writer per run dir, a graceful stop on SIGTERM/SIG
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime
@@ -332,8 +333,6 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
     trained = net if isinstance(net, dict) else {"model": Trained(net, opt, loss_fn)}
     if not trained or any(t.steps < 1 for t in trained.values()):
         raise FastdiffError(f"{label}: fit needs at least one network, each with steps >= 1")
-    import copy
-
     kept = {name: copy.deepcopy(trained[src].net).eval().requires_grad_(False) for name, (src, _) in
             (emas or {}).items()}
     update, recent, wall = (_resume(resume, trained, kept, gen, device, salt) if resume is not None
@@ -357,10 +356,10 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
                                          "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
         saved = update
 
-    where = f"in {label}" if len(trained) == 1 else None
     steps = {name: (t, _Update(t.net, dist.wrap_ddp(t.net, device), t.opt, t.loss_fn,
                                grad_clip if t.grad_clip is None else t.grad_clip, accumulate,
-                               autocast and device.type == "cuda", where or f"in {label} ({name})", state_path))
+                               autocast and device.type == "cuda",
+                               f"in {label}" + ("" if len(trained) == 1 else f" ({name})"), state_path))
              for name, t in trained.items()}
     # The bar closes on any exit, so that an error line starts on a line of its own.
     with tqdm(total=total, initial=update, desc=label, disable=not progress or not dist.is_main(),

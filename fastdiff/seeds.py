@@ -21,7 +21,7 @@ from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.errors import FastdiffError, run_cli
 from fastdiff.io import write_text
-from fastdiff.report.common import student_samplers
+from fastdiff.registry import student_samplers
 from fastdiff.results import CSV_NAME
 
 

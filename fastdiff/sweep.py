@@ -298,7 +298,7 @@ def load_students(folder: Path, samplers, teacher, device) -> dict[str, tuple[Ne
             continue
         if st.schedule != teacher.schedule:
             raise FastdiffError(f"student {path} uses schedule {st.schedule}, its teacher {teacher.schedule}")
-        found.setdefault(st.role["sampler"], []).append(as_network(st, st.role))
+        found.setdefault(st.role["sampler"], []).append(as_network(st))
     for name in wanted:
         if name not in found:
             log.info("no %s student in %s", name, folder)
@@ -315,13 +315,13 @@ def accuracy_metric(spec: Spec, network: Network, dataset: str) -> str | None:
     return "prompt_accuracy" if network.cond == "text" else "class_accuracy"
 
 
-def as_network(model, role: dict | None = None) -> Network:
-    """A loaded teacher or student (fastdiff.checkpoint.LoadedModel) as a sweep's Network; `role` (a student's
-    sampler, grid and N: fastdiff.checkpoint.student_role) where it is a swept student."""
+def as_network(model) -> Network:
+    """A loaded teacher or student (fastdiff.checkpoint.LoadedModel) as a sweep's Network (a student with the
+    sampler, grid and N of its role: fastdiff.checkpoint.role_of)."""
     from fastdiff.data import static_info
 
     cond = model.config.get("cond", "none") or "none"
-    role = role or {}
+    role = getattr(model, "role", None) or {}
     return Network(model.net, model.schedule, model.param, model.hash,
                    static_info(model.dataset)[1] if cond != "none" else 0, bool(model.config.get("scalar_cond")),
                    cond, model.cost, getattr(model, "codec", None), role.get("sampler", ""), role.get("grid", ""),

@@ -47,7 +47,7 @@ def test_row_rules_give_the_rows_of_the_sweep():
 
 def test_a_registered_sampler_is_a_choice_of_the_config_and_runs(monkeypatch):
     """A new sampler is one register_sampler call: the configs accept it, the sweep runs it, the report labels it."""
-    from fastdiff.report.common import line_label, student_samplers
+    from fastdiff.report.common import line_label
     from fastdiff.samplers import ddim
     from fastdiff.schedules import Schedule
     from fastdiff.sweep import Spec, run_sampler
@@ -62,7 +62,8 @@ def test_a_registered_sampler_is_a_choice_of_the_config_and_runs(monkeypatch):
     try:
         assert cfgs._parse("samplers", hint, "ddim,mine") == ("ddim", "mine")
         cfgs.check_choices(BenchConfig(model="m", samplers=("mine",)))
-        assert "mine" in student_samplers() and line_label("mine", "student", "0.0", "") == "my students (student)"
+        assert "mine" in registry.student_samplers()
+        assert line_label("mine", "student", "0.0", "") == "my students (student)"
         with pytest.raises(FastdiffError, match="registered already"):
             registry.register_sampler(registry.SamplerEntry("mine", run, "own"))
         schedule = Schedule("cosine", 1000)

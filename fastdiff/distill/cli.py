@@ -242,17 +242,16 @@ def sweep_config(dcfg: DistillConfig, run_dir) -> BenchConfig:
     sweep leaves out FULL_ONLY_SAMPLERS; --full runs them and adds 10 and 20 steps."""
     dataset = dataset_of(dcfg)
     base = BENCH_PRESETS.get(dataset, BenchConfig())
+    own = tuple(n for m in parse_methods(dcfg.method) for n in m.samplers)  # the samplers of the run's students
     if dcfg.guided:  # the guided family: DDIM on the CFG teacher vs the w-conditioned students, over w
-        students = tuple(n for m in parse_methods(dcfg.method) for n in m.samplers)
-        base = dataclasses.replace(base, samplers=("ddim",) + students, spacings=("linspace",), guidance=GUIDANCE_SWEEP)
+        base = dataclasses.replace(base, samplers=("ddim",) + own, spacings=("linspace",), guidance=GUIDANCE_SWEEP)
     steps = {"steps": tuple(dcfg.bench_steps)} if dcfg.bench_steps else {}
     if dcfg.bench_samplers:
         steps["samplers"] = tuple(dcfg.bench_samplers)
     elif not dcfg.full and not dcfg.guided:
         steps["samplers"] = tuple(s for s in base.samplers if s not in FULL_ONLY_SAMPLERS)
-    own = [n for m in parse_methods(dcfg.method) for n in m.samplers]  # a method's students join a preset's sweep
-    if not dcfg.bench_samplers and any(n not in steps.get("samplers", base.samplers) for n in own):
-        chosen = steps.get("samplers", base.samplers)
+    chosen = steps.get("samplers", base.samplers)
+    if not dcfg.bench_samplers and any(n not in chosen for n in own):  # a method's students join a preset's sweep
         steps["samplers"] = tuple(chosen) + tuple(n for n in own if n not in chosen)
     if dcfg.full:
         steps["steps"] = tuple(sorted(set(steps.get("steps", base.steps)) | set(FULL_EXTRA_STEPS)))

@@ -28,7 +28,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fastdiff.report.common import _save, md_table, student_samplers
+from fastdiff.registry import student_samplers
+from fastdiff.report.common import _save, md_table
 from fastdiff.results import MARGIN_NAME
 
 ALPHA = 0.05

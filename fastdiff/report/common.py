@@ -46,11 +46,6 @@ def read_results(path: Path) -> pd.DataFrame:
     return df
 
 
-def student_samplers() -> tuple[str, ...]:
-    """The samplers of distilled students (the rest of a sweep samples the teacher): fastdiff.registry's."""
-    return registry.student_samplers()
-
-
 def line_label(sampler: str, grid: str, eta: str, variance: str) -> str:
     """The legend entry of one curve: its sampler's (fastdiff.registry), by default sampler + its grid + eta (where
     not 0) or variance (DDPM)."""
