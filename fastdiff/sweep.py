@@ -91,7 +91,8 @@ class Family:
 
     def student_names(self) -> dict[str, list[str]]:
         """{sampler: ["grid/N", ...]}: the students of the sweep, as its bench_config.json records them."""
-        return {name: sorted(f"{n.grid}/{n.steps}" for n in nets) for name, nets in sorted(self.students.items())}
+        return {name: [f"{n.grid}/{n.steps}" for n in sorted(nets, key=lambda n: (n.grid, n.steps))]
+                for name, nets in sorted(self.students.items())}
 
 
 @dataclass(frozen=True)
