@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 
 # the sweep's samplers: every entry of the sampler registry (fastdiff.registry), checked when the config is
 SamplerName = Annotated[str, cfgs.OneOf(registry.sampler_names)]
-SAMPLERS: tuple[str, ...] = registry.sampler_names()  # fastdiff's own, in the order of a sweep
+SAMPLERS: tuple[str, ...] = registry.installed_sampler_names()  # fastdiff's own (+ plugins'), in a sweep's order
 CONFIG_NAME, SAMPLES_DIR, PARTIAL_DIR = "bench_config.json", "samples", "partial"
 PROMPTS_NAME = "prompts.csv"  # a text family's prompt per sample index
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)

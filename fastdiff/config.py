@@ -5,6 +5,11 @@ rate`), which becomes the field's --help text; a field typed `Literal[...]` (or 
 checked here, in one place, on the command line and for configs built in code (`check_choices`). A field typed
 `Annotated[str, OneOf(names)]` takes its choices from `names()` when checked: a registry that grows (a sampler a new
 method registers) without a change here.
+
+A field whose type is itself a (frozen) dataclass is a section: `cfg.cd.updates`, on the command line `--cd.updates`,
+in config.json `{"cd": {"updates": ...}}`. A section class may map its fields to the flat names they had before it
+existed (`FLAT = {"updates": "cd_updates"}`): those stay accepted as options (`--cd-updates`). Code addresses a field
+anywhere by its dotted path (`get`, `replace`, `flatten`).
 """
 from __future__ import annotations
 
@@ -49,6 +54,65 @@ def _one_of(tp) -> OneOf | None:
     return None
 
 
+def is_section(tp) -> bool:
+    """Whether a field of type `tp` is a nested config (a dataclass) rather than a value."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def leaves(cls, prefix: str = ""):
+    """(dotted path, type, dataclass field) of every value field of `cls`, sections expanded, in field order."""
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if is_section(types[f.name]):
+            yield from leaves(types[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, types[f.name], f
+
+
+def get(cfg, path: str):
+    """The value at dotted `path` (`"cd.updates"`) of a config."""
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def replace(cfg, changes: dict[str, Any]):
+    """A copy of frozen config `cfg` with the values at the dotted paths of `changes` replaced (sections copied)."""
+    direct, nested = {}, {}
+    for path, value in changes.items():
+        head, dot, rest = path.partition(".")
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[path] = value
+    for head, sub in nested.items():
+        direct[head] = replace(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **direct)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A config dict with its sections' keys as dotted paths (`{"cd": {"updates": 0}}` -> `{"cd.updates": 0}`)."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def flat_names(cls) -> dict[str, str]:
+    """{the flat name a section's field had before: its dotted path} over the sections of `cls` (their `FLAT`)."""
+    out = {}
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if is_section(types[f.name]):
+            sub = types[f.name]
+            out.update({old: f"{f.name}.{new}" for new, old in getattr(sub, "FLAT", {}).items()})
+            out.update({old: f"{f.name}.{new}" for old, new in flat_names(sub).items()})
+    return out
+
+
 def _choices(tp) -> tuple | None:
     """The allowed values of a Literal type, a OneOf-annotated str (or of a tuple of them), else None."""
     if typing.get_origin(tp) is tuple:
@@ -87,20 +151,20 @@ def _parse(name: str, tp, text: str):
 
 
 def check_range(cfg, name: str, ok: bool, need: str) -> None:
-    """FastdiffError naming the option, what it needs and the value it got, unless `ok`."""
+    """FastdiffError naming the option (`name` a field or a dotted path), what it needs and the value it got, unless
+    `ok`."""
     if not ok:
-        raise FastdiffError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)!r}")
+        raise FastdiffError(f"--{name.replace('_', '-')} must be {need}, got {get(cfg, name)!r}")
 
 
 def check_choices(cfg) -> None:
-    """FastdiffError for a Literal-typed field of `cfg` holding a value outside its choices."""
-    types = _field_types(type(cfg))
-    for f in dataclasses.fields(cfg):
-        allowed = _choices(types[f.name])
-        value = getattr(cfg, f.name)
+    """FastdiffError for a Literal-typed field of `cfg` (or of its sections) holding a value outside its choices."""
+    for path, tp, _ in leaves(type(cfg)):
+        allowed = _choices(tp)
+        value = get(cfg, path)
         for v in (value if isinstance(value, tuple) else (value,)) if allowed else ():
             if v not in allowed:
-                raise _bad_choice(f.name, v, allowed)
+                raise _bad_choice(path, v, allowed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,16 +180,23 @@ def field_help(cls) -> dict[str, str]:
     return helps
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (), prefix: str = "") -> None:
     """One `--field-name VALUE` option per dataclass field, with the field's comment as help; tuples are
-    comma-separated."""
+    comma-separated; a section's fields are `--section.field-name` (and their `FLAT` names of before)."""
     helps = field_help(cls)
+    types = _field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        tp = _field_types(cls)[f.name]
+        tp = types[f.name]
+        if is_section(tp):
+            add_dataclass_args(parser, tp, prefix=f"{prefix}{f.name}.")
+            continue
+        flags = [f"--{prefix}{f.name.replace('_', '-')}"]
+        if f.name in getattr(cls, "FLAT", {}):
+            flags.append(f"--{cls.FLAT[f.name].replace('_', '-')}")
         flag = {"nargs": "?", "const": "true"} if tp is bool else {}  # a bare --flag means true
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=_metavar(tp), **flag,
+        parser.add_argument(*flags, dest=prefix + f.name, default=None, metavar=_metavar(tp), **flag,
                             help=f"{helps.get(f.name, f.name)} (default: the preset's; {f.default!r} in the base "
                                  "config)".replace("%", "%%"))
 
@@ -140,37 +211,74 @@ def _metavar(tp) -> str:
 
 
 def overrides_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-    """The fields the user set on the command line, parsed to their types."""
-    types = _field_types(cls)
+    """The fields the user set on the command line, parsed to their types: {dotted path: value}."""
     out = {}
-    for f in dataclasses.fields(cls):
-        text = getattr(args, f.name, None)
+    for path, tp, _ in leaves(cls):
+        text = getattr(args, path, None)
         if text is not None:
-            out[f.name] = _parse(f.name, types[f.name], text)
+            out[path] = _parse(path, tp, text)
     return out
 
 
 def to_dict(cfg) -> dict[str, Any]:
-    """JSON-ready dict of a config (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    """JSON-ready dict of a config (tuples become lists, sections dicts)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def renamed_fields(cls) -> dict[str, str]:
+    """{a field name of an earlier fastdiff: its dotted path now}: `cls.RENAMED` and the sections' flat names."""
+    return {**flat_names(cls), **getattr(cls, "RENAMED", {})}
 
 
 def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict written by an earlier fastdiff with today's field names (`cls.RENAMED`: old -> new)."""
-    renamed = getattr(cls, "RENAMED", {})
-    return {renamed.get(k, k): v for k, v in data.items()}
+    """A config dict written by an earlier fastdiff with today's field names (`renamed_fields`; the flat name of a
+    section's field moves into the section)."""
+    renamed, types = renamed_fields(cls), _field_types(cls)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        new = renamed.get(k, k)
+        head, dot, rest = new.partition(".")
+        if dot:
+            out.setdefault(head, {})[rest] = v
+        elif isinstance(v, dict) and head in types and is_section(types[head]):
+            out.setdefault(head, {}).update(v)
+        else:
+            out[new] = v
+    return out
 
 
 def from_dict(cls, data: dict[str, Any]):
-    """Inverse of to_dict; fields renamed since (cls.RENAMED) are mapped, other unknown keys are an error (a config
-    from another version)."""
+    """Inverse of to_dict; fields renamed since (`renamed_fields`) are mapped, other unknown keys are an error (a
+    config from another version)."""
     data = upgrade(cls, data)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise FastdiffError(f"config has unknown fields {sorted(unknown)}; was it written by another fastdiff version?")
     types = _field_types(cls)
-    return cls(**{k: tuple(v) if typing.get_origin(types[k]) is tuple else v for k, v in data.items()})
+
+    def value(k, v):
+        if is_section(types[k]):
+            return from_dict(types[k], _nest(v))
+        return tuple(v) if typing.get_origin(types[k]) is tuple else v
+
+    return cls(**{k: value(k, v) for k, v in data.items()})
+
+
+def _nest(data: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys of a section's dict back into sub-dicts (the inverse of `flatten`)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        head, dot, rest = k.partition(".")
+        if dot:
+            out.setdefault(head, {})[rest] = v
+        else:
+            out[k] = v
+    return out
 
 
 def dumps(cfg) -> str:
@@ -178,6 +286,7 @@ def dumps(cfg) -> str:
 
 
 def diff(a: dict, b: dict) -> list[str]:
-    """Human-readable differences between two config dicts."""
+    """Human-readable differences between two config dicts (sections by dotted path)."""
+    a, b = flatten(a), flatten(b)
     keys = sorted(set(a) | set(b))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

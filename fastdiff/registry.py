@@ -97,6 +97,7 @@ def unregister_sampler(name: str) -> None:
 
 PLUGIN_GROUP = "fastdiff.methods"  # entry points naming modules that register a method and its samplers
 _plugins_loaded: list[str] = []
+_installed: list[str] = []  # fastdiff's own samplers and those of the plugins load_plugins imported
 
 
 def load_plugins() -> list[str]:
@@ -108,6 +109,8 @@ def load_plugins() -> list[str]:
     _plugins_loaded.append("")  # loading: a plugin's own registry calls do not load again
     from importlib.metadata import entry_points
 
+    before = set(_SAMPLERS)
+
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             importlib.import_module(ep.value.partition(":")[0])
@@ -115,6 +118,7 @@ def load_plugins() -> list[str]:
             raise FastdiffError(f"the fastdiff method plugin {ep.name!r} ({ep.value}) failed to import: "
                                 f"{type(err).__name__}: {err}") from None
         _plugins_loaded.append(ep.value)
+    _installed.extend(n for n in _SAMPLERS if n not in before)
     return _plugins_loaded[1:]
 
 
@@ -136,6 +140,13 @@ def sampler_names() -> tuple[str, ...]:
     """Every registered sampler, in registration order (the sweep's default order)."""
     load_plugins()
     return tuple(_SAMPLERS)
+
+
+def installed_sampler_names() -> tuple[str, ...]:
+    """fastdiff's own samplers and those of installed plugins (entry points), not ones registered later in the
+    process (a BenchConfig's default sweep: it must not depend on what a caller registered before importing it)."""
+    load_plugins()
+    return tuple(n for n in _SAMPLERS if n in _installed)
 
 
 def student_samplers() -> tuple[str, ...]:
@@ -215,3 +226,4 @@ for _entry in (
                  description="a consistency-distilled student: multistep consistency sampling on its grid cd{N}"),
 ):
     register_sampler(_entry)
+_installed.extend(_SAMPLERS)

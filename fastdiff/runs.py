@@ -162,7 +162,7 @@ def config_from_argv(argv: Sequence[str] | None, cls, presets: dict, prog: str, 
     args = parser.parse_args(argv)
     if args.preset not in presets:
         raise FastdiffError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)}")
-    return dataclasses.replace(presets[args.preset], **cfgs.overrides_from_args(cls, args)), args
+    return cfgs.replace(presets[args.preset], cfgs.overrides_from_args(cls, args)), args
 
 
 def resolve_device(name: str) -> torch.device:

@@ -104,9 +104,14 @@ def test_choices_are_declared_once_checked_in_one_place_and_every_field_has_help
     assert cfgs._choices(typing.get_type_hints(TrainConfig)["weighting"]) == WEIGHTINGS
     assert cfgs._choices(typing.get_type_hints(BenchConfig, include_extras=True)["samplers"]) == SAMPLERS
     assert cfgs._choices(typing.get_type_hints(BenchConfig)["spacings"]) == SPACINGS
-    for cls in (TrainConfig, DistillConfig, BenchConfig):
+    sections = [typing.get_type_hints(DistillConfig)[name] for name in ("pd", "cd")]  # the methods' options
+    for cls in (TrainConfig, DistillConfig, BenchConfig, *sections):
         helps = cfgs.field_help(cls)
-        assert {f.name for f in dataclasses.fields(cls)} <= set(helps), cls
+        values = {f.name for f in dataclasses.fields(cls) if not cfgs.is_section(typing.get_type_hints(cls)[f.name])}
+        assert values <= set(helps), cls
+    assert [path for path, _, _ in cfgs.leaves(DistillConfig) if "." in path][:2] == ["pd.start_steps", "pd.rounds"]
+    with pytest.raises(FastdiffError, match="--cd.metric 'lpips' is not one of pseudo-huber, l2"):
+        cfgs.check_choices(cfgs.replace(DistillConfig(), {"cd.metric": "lpips"}))
     with pytest.raises(FastdiffError, match="--schedule 'sqrt' is not one of linear, cosine"):
         cfgs.check_choices(dataclasses.replace(TrainConfig(), schedule="sqrt"))
     with pytest.raises(FastdiffError, match="--samplers 'euler' is not one of ddpm"):

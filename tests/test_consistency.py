@@ -161,8 +161,8 @@ def test_cd_run_resumes_to_the_same_weights(tmp_path):
     from fastdiff.errors import Preempted
     from test_distill import _tiny_toy
 
-    cfg = _tiny_toy(tmp_path, method="cd", cd_updates=12, ckpt_every=4, cd_steps=8, eval_samples=64,
-                    cd_eval_every=5)
+    cfg = _tiny_toy(tmp_path, method="cd", ckpt_every=4, eval_samples=64, **{"cd.updates": 12, "cd.steps": 8,
+                                                                           "cd.eval_every": 5})
     ref = distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")), progress=False)
 
     def stop_at_6(r, update):
@@ -209,7 +209,7 @@ def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path, share
     from fastdiff.report import write_report
     from test_distill import _tiny_toy
 
-    cfg = _tiny_toy(tmp_path, method="pd+cd", cd_updates=4, cd_steps=8, eval_samples=64)
+    cfg = _tiny_toy(tmp_path, method="pd+cd", eval_samples=64, **{"cd.updates": 4, "cd.steps": 8})
     run = distill(dataclasses.replace(cfg), progress=False)
     out = tmp_path / "results"
     assert bench_main(["--distill-dir", str(run), "--samplers", "consistency,distilled,ddim", "--steps", "1,2,16",
@@ -225,33 +225,38 @@ def test_pd_and_cd_students_join_the_sweep_as_their_own_families(tmp_path, share
     assert {r["train_updates"] for r in rows if r["sampler"] == "ddim"} == {""}  # the teacher's rows
     pd = {int(r["steps"]): r["train_updates"] for r in rows if r["sampler"] == "distilled"}
     assert pd == {2: "60", 1: "120"}  # both methods from one run dir: PD's rounds, then CD
-    # distill's own sweep and report copy the run's training logs beside the sweep: FID vs training cost
+    # distill's own sweep and report put the methods' training points beside the sweep: FID vs training cost
     from fastdiff.distill import sweep_and_report
 
     report = sweep_and_report(run, dataclasses.replace(cfg, results_dir=str(tmp_path / "res"), bench=True,
                                                        bench_samples=64, bench_steps=(1, 2)))
     text = report.read_text()
-    assert "![FID vs training cost](toy2d/fid_vs_training_cost.png)" in text and "updates to reach" in text
-    assert (tmp_path / "res" / "toy2d" / "training_pd.csv").is_file()
+    assert "![FID vs training cost](toy2d/fid_vs_training_cost.png)" in text
+    assert "consistency: updates (forward-equivalents) to reach the progressive FID" in text
+    points = list(csv.DictReader(open(tmp_path / "res" / "toy2d" / "training.csv")))
+    pd_points = {(int(r["nfe"]), int(r["updates"])) for r in points if r["method"] == "progressive"}
+    assert pd_points == {(2, 60), (1, 120)}  # each round's student at its cumulative updates
+    cd_points = [r for r in points if r["method"] == "consistency"]
+    assert {(int(r["nfe"]), int(r["updates"])) for r in cd_points} == {(1, 4), (2, 4), (4, 4)}  # its one student
+    assert all(float(r["forward_equivalents"]) > 0 for r in points)
 
 
 def test_cd_gets_the_pd_rounds_updates_and_snapshots_at_each_pd_students_cost():
     """Equal cost by default: CD runs as many updates (same batch) as the PD rounds of the same config and saves a
     student where each PD student is done, so that the report compares the two at equal updates."""
-    import dataclasses
-
+    from fastdiff import config as cfgs
     from fastdiff.distill.config import PRESETS
     from fastdiff.distill.consistency import cd_snapshots, cd_total
     from fastdiff.distill.pd import pd_costs, round_updates
 
     cfg = PRESETS["digits"]
-    assert cfg.method == "pd+cd" and cfg.cd_updates == 0
+    assert cfg.method == "pd+cd" and cfg.cd.updates == 0
     costs = pd_costs(cfg)
     assert costs == [sum(round_updates(cfg, i) for i in range(r + 1)) for r in range(6)]
     assert cd_total(cfg) == costs[-1] and cd_snapshots(cfg) == costs
-    every = dataclasses.replace(cfg, cd_eval_every=costs[0] * 3)
+    every = cfgs.replace(cfg, {"cd.eval_every": costs[0] * 3})
     assert cd_snapshots(every) == sorted(set(costs) | set(range(costs[0] * 3, costs[-1], costs[0] * 3)))
-    short = dataclasses.replace(cfg, cd_updates=costs[1] + 1)
+    short = cfgs.replace(cfg, {"cd.updates": costs[1] + 1})
     assert cd_total(short) == costs[1] + 1 and cd_snapshots(short) == costs[:2] + [costs[1] + 1]
 
 
@@ -260,6 +265,7 @@ def test_bare_bool_flags_and_the_full_sweep_option(monkeypatch, tmp_path):
     UniPC variants (and keeps DDPM on the full grid and strided DDPM), with it they and 10 and 20 steps are swept (an
     explicit --bench-samplers wins)."""
     import fastdiff.distill.cli as cli
+    from fastdiff import config as cfgs
     from fastdiff import runs
     from fastdiff.distill.config import PRESETS, DistillConfig
 
@@ -279,21 +285,15 @@ def test_bare_bool_flags_and_the_full_sweep_option(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_sweep", fake_sweep)
     for full in (False, True):
         with pytest.raises(Stop):
-            cli.sweep_and_report(tmp_path, cfgs_replace(PRESETS["digits"], full=full))
+            cli.sweep_and_report(tmp_path, cfgs.replace(PRESETS["digits"], {"full": full}))
     lean, full = seen
     assert not set(cli.FULL_ONLY_SAMPLERS) & set(lean.samplers) and set(cli.FULL_ONLY_SAMPLERS) <= set(full.samplers)
     assert {"consistency", "distilled", "ddpm", "ddpm-strided", "ddim", "dpm++2m", "unipc2-bh2",
             "heun"} <= set(lean.samplers)
     assert lean.steps == (1, 2, 4, 8, 16, 32, 64) and full.steps == (1, 2, 4, 8, 10, 16, 20, 32, 64)
     with pytest.raises(Stop):
-        cli.sweep_and_report(tmp_path, cfgs_replace(PRESETS["digits"], bench_samplers=("ddpm", "ddim")))
+        cli.sweep_and_report(tmp_path, cfgs.replace(PRESETS["digits"], {"bench_samplers": ("ddpm", "ddim")}))
     assert seen[-1].samplers == ("ddpm", "ddim")
-
-
-def cfgs_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_a_pd_run_dir_does_not_depend_on_the_cd_fields(tmp_path):
@@ -301,6 +301,7 @@ def test_a_pd_run_dir_does_not_depend_on_the_cd_fields(tmp_path):
     is refused."""
     import json
 
+    from fastdiff import config as cfgs
     from fastdiff.distill.cli import check_distill_dir
     from fastdiff.distill.config import DistillConfig
     from fastdiff.errors import FastdiffError
@@ -309,6 +310,6 @@ def test_a_pd_run_dir_does_not_depend_on_the_cd_fields(tmp_path):
     pd = DistillConfig(method="pd", out_dir=str(out), teacher=str(tmp_path / "t.pt"))
     (out).mkdir()
     (out / "config.json").write_text(json.dumps(check_distill_dir(pd)))
-    check_distill_dir(cfgs_replace(pd, cd_updates=2000, target_ema=0.0))
+    check_distill_dir(cfgs.replace(pd, {"cd.updates": 2000, "cd.target_ema": 0.0}))
     with pytest.raises(FastdiffError, match="different config"):
-        check_distill_dir(cfgs_replace(pd, method="pd+cd"))
+        check_distill_dir(cfgs.replace(pd, {"method": "pd+cd"}))

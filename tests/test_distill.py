@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from fastdiff import config as cfgs
 from fastdiff.param import append_dims
 from fastdiff.analytic import GaussianDenoiser
 from fastdiff.distill import PRESETS, DistillConfig, distill, distill_target, main, teacher_fn
@@ -72,9 +73,10 @@ def _tiny_toy(tmp_path, **kw) -> DistillConfig:
     from fastdiff.train import train
 
     train(teacher_cfg, progress=False)
-    base = dataclasses.replace(PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=4, updates_per_round=30,
-                               ckpt_every=10, eval_samples=100, bench=False, out_dir=str(tmp_path / "distill"))
-    return dataclasses.replace(base, **kw)
+    base = cfgs.replace(PRESETS["toy2d"], {"teacher": str(tmp_path / "teacher"), "pd.start_steps": 4,
+                                           "pd.updates_per_round": 30, "ckpt_every": 10, "eval_samples": 100,
+                                           "bench": False, "out_dir": str(tmp_path / "distill")})
+    return cfgs.replace(base, kw)
 
 
 @pytest.mark.slow
@@ -127,7 +129,7 @@ def test_a_student_that_outputs_the_target_has_zero_loss(param, weighting):
     schedule, n = Schedule("cosine", 1000), 4
     teacher = GaussianDenoiser(0.3, 0.5, schedule, "v")
     target_fn = teacher_fn(teacher, "v", schedule)
-    cfg = DistillConfig(param=param, weighting=weighting)
+    cfg = cfgs.replace(DistillConfig(), {"param": param, "pd.weighting": weighting})
 
     def exact_student(z, t):
         x_tilde = distill_target(z, t, target_fn, schedule, n)
@@ -164,6 +166,38 @@ def test_a_run_dir_of_another_config_is_refused_before_any_teacher_is_trained(tm
     assert run_cli(main, ["--preset", "toy2d", "--start-steps", "8", "--out-dir", "d"]) == 2
     assert run_cli(main, ["--preset", "toy2d", "--start-steps", "4", "--rounds", "5", "--out-dir", "e"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and "holds a different config (" in err[0] and "start_steps: 4 -> 8" in err[0]
-    assert err[1] == "error: --rounds must be in [0, 2] for --start-steps 4 (0: down to 1 step), got 5"
+    assert len(err) == 2 and "holds a different config (" in err[0] and "pd.start_steps: 4 -> 8" in err[0]
+    assert err[1] == "error: --pd.rounds must be in [0, 2] for --pd.start-steps 4 (0: down to 1 step), got 5"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no runs/teacher-toy2d
+
+
+def test_method_options_are_sections_and_their_flat_names_of_before_still_work(tmp_path):
+    """`cfg.pd` / `cfg.cd` hold each method's options (`--cd.updates`); the flat options of before (`--cd-updates`,
+    `--target-ema`, `--start-steps`) set the same fields, config.json nests them, and a run dir whose config.json a
+    flat-config fastdiff wrote is the same run (and refused once a section's field differs)."""
+    import json
+
+    from fastdiff.distill.cli import check_distill_dir
+    from fastdiff.errors import FastdiffError
+    from fastdiff.runs import config_from_argv
+
+    new, _ = config_from_argv(["--cd.updates", "7", "--pd.start-steps", "8", "--cd.target-ema", "0.5"], DistillConfig,
+                              PRESETS, "p", "d")
+    old, _ = config_from_argv(["--cd-updates", "7", "--start-steps", "8", "--target-ema", "0.5"], DistillConfig,
+                              PRESETS, "p", "d")
+    assert new == old and (new.cd.updates, new.pd.start_steps, new.cd.target_ema) == (7, 8, 0.5)
+    assert new.pd.updates_per_round == PRESETS["digits"].pd.updates_per_round == 100  # the preset's, kept
+    assert cfgs.from_dict(DistillConfig, cfgs.to_dict(new)) == new
+
+    cfg = dataclasses.replace(new, out_dir=str(tmp_path / "run"), teacher=str(tmp_path / "t.pt"))
+    resolved = check_distill_dir(cfg)
+    assert resolved["cd"]["updates"] == 7 and "cd_updates" not in resolved  # what config.json holds now
+    flat_name = {path: name for name, path in cfgs.renamed_fields(DistillConfig).items()}
+    written_before = {flat_name.get(k, k): v for k, v in cfgs.flatten(resolved).items()}
+    assert written_before["cd_updates"] == 7 and written_before["start_steps"] == 8
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(written_before))
+    check_distill_dir(cfg)  # the same run
+    assert cfgs.from_dict(DistillConfig, written_before) == cfgs.from_dict(DistillConfig, resolved)
+    with pytest.raises(FastdiffError, match=r"cd.updates: 7 -> 9"):
+        check_distill_dir(cfgs.replace(cfg, {"cd.updates": 9}))

@@ -18,18 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdiff import config as cfgs
 from fastdiff import distributed as dist
 from fastdiff.errors import FastdiffError
 
 WORKER_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 240
 # The tiny teacher and distillation round every test here uses (toy2d MLP, 4 -> 2 steps, 16 updates).
 TEACHER = dict(updates=30, hidden=32, layers=1, batch_size=64, sample_every=10_000, device="cpu")
-ROUND = dict(start_steps=4, rounds=1, updates_per_round=8, batch_size=64, ckpt_every=3, eval_samples=64, bench=False,
-             device="cpu")
+ROUND = {"pd.start_steps": 4, "pd.rounds": 1, "pd.updates_per_round": 8, "batch_size": 64, "ckpt_every": 3,
+         "eval_samples": 64, "bench": False, "device": "cpu"}
 STOP_AT = 5  # rank 1 alone is asked to stop here; both ranks stop after this update with state.pt written
 
 WORKER = '''
 import dataclasses, json, os, sys
+from fastdiff import config as cfgs
 from pathlib import Path
 import torch
 from fastdiff import distributed as dist
@@ -64,7 +66,7 @@ with dist.init_from_env("cpu", timeout_s=WORKER_TIMEOUT_S):
 
         teacher = train(dataclasses.replace(TRAIN_PRESETS["toy2d"], out_dir=str(out / "teacher"), **TEACHER),
                         progress=False)
-        cfg = dataclasses.replace(PRESETS["toy2d"], teacher=str(teacher), out_dir=str(out / "run"), **ROUND)
+        cfg = cfgs.replace(PRESETS["toy2d"], {"teacher": str(teacher), "out_dir": str(out / "run"), **ROUND})
 
         import signal
         from fastdiff import runs

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from fastdiff import config as cfgs
 from fastdiff.guidance import combine, conditional, guided
 from fastdiff.models import MLPConfig, MLPDenoiser, UNet, UNetConfig
 from fastdiff.samplers import ddim, ddpm, make_grid, sample_generators
@@ -67,9 +68,10 @@ def test_guided_distillation_end_to_end(tmp_path):
     teacher = dataclasses.replace(TRAIN["toy2d"], cond="class", updates=300, hidden=64, layers=2,
                                   out_dir=str(tmp_path / "teacher"), sample_every=10_000)
     train(teacher, progress=False)
-    cfg = dataclasses.replace(PRESETS["digits-guided"], teacher=str(tmp_path / "teacher"), teacher_preset="toy2d",
-                              start_steps=4, rounds=1, updates_per_round=20, guided_base_updates=30, batch_size=64,
-                              eval_samples=64, out_dir=str(tmp_path / "distill"))
+    cfg = cfgs.replace(PRESETS["digits-guided"], {
+        "teacher": str(tmp_path / "teacher"), "teacher_preset": "toy2d", "pd.start_steps": 4, "pd.rounds": 1,
+        "pd.updates_per_round": 20, "pd.guided_base_updates": 30, "batch_size": 64, "eval_samples": 64,
+        "out_dir": str(tmp_path / "distill")})
     run = distill(cfg, progress=False)
     rows = list(csv.DictReader(open(run / "rounds.csv")))
     assert [int(r["round"]) for r in rows] == [-1, 0]

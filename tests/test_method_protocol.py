@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import os
 import time
 
 import pytest
@@ -167,6 +168,11 @@ def test_a_toy_method_runs_end_to_end_from_one_file(tmp_path, toy_method, shared
     assert {(r["grid"], r["steps"], r["nfe"]) for r in toy_rows} == {("student", "2", "2")}
     assert {r["train_updates"] for r in toy_rows} == {str(UPDATES)}
     assert "toy students (own student grid)" in report.read_text()
+    # its student's own evaluation is a training point (read from the checkpoint), beside the sweep and in the report
+    points = list(csv.DictReader(open(tmp_path / "res" / "toy2d" / "training.csv")))
+    assert [(r["method"], r["short"], r["nfe"], r["updates"]) for r in points] == [("toy", "TOY", "2", str(UPDATES))]
+    assert float(points[0]["forward_equivalents"]) == UPDATES * 64 * (1 + 5 + 6)
+    assert "| toy: FID at updates (forward-equivalents) |" in report.read_text()
     assert "toy students (own student grid)" in write_report(tmp_path / "res").read_text()
 
     # fastdiff.sample follows the sampler the checkpoint names
@@ -257,3 +263,47 @@ def test_a_run_dir_of_pd_plus_cd_is_the_run_of_pd_comma_cd(tmp_path):
     check_distill_dir(dataclasses.replace(cfg, method=" pd , cd"))
     with pytest.raises(FastdiffError, match="holds a different config .*method: 'pd\\+cd' -> 'cd\\+pd'"):
         check_distill_dir(dataclasses.replace(cfg, method="cd,pd"))
+
+
+def test_an_installed_methods_options_become_its_config_section(tmp_path):
+    """A method an installed package registers (entry point) brings its options dataclass: `cfg.<name>`, its
+    `--<name>.<field>` options with their comments as --help, and its own checks (exit 2, one line). In a fresh
+    process: the section exists once the entry point is seen before fastdiff.distill.config is first imported."""
+    import subprocess
+    import sys
+
+    (tmp_path / "plug_opts.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from fastdiff import config as cfgs\n"
+        "from fastdiff.distill import protocol\n"
+        "@dataclass(frozen=True)\n"
+        "class Opts:\n"
+        "    critic_updates: int = 2  # critic updates per generator update\n"
+        "class PlugOpts(protocol.Method):\n"
+        "    name, options = 'plugopts', Opts\n"
+        "    def validate(self, cfg):\n"
+        "        cfgs.check_range(cfg, 'plugopts.critic_updates', cfg.plugopts.critic_updates >= 1, '>= 1')\n"
+        "protocol.register_method(PlugOpts())\n")
+    info = tmp_path / "plug_opts-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plug-opts\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fastdiff.methods]\nplugopts = plug_opts\n")
+    script = (
+        "import contextlib, io\n"
+        "from fastdiff.distill.config import DistillConfig, PRESETS\n"
+        "from fastdiff.distill.cli import main\n"
+        "from fastdiff.errors import run_cli\n"
+        "from fastdiff.runs import config_from_argv\n"
+        "cfg, _ = config_from_argv(['--method', 'plugopts', '--plugopts.critic-updates', '5'], DistillConfig, PRESETS,"
+        " 'p', 'd')\n"
+        "print('section', cfg.plugopts.critic_updates, DistillConfig().plugopts.critic_updates)\n"
+        "help = io.StringIO()\n"
+        "with contextlib.redirect_stdout(help), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "print('help', 'critic updates per generator update' in help.getvalue())\n"
+        "print('rc', run_cli(main, ['--method', 'plugopts', '--plugopts.critic-updates', '0', '--dry-run']))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert "section 5 2" in out.stdout and "help True" in out.stdout and "rc 2" in out.stdout, out.stderr[-2000:]
+    assert "error: --plugopts.critic-updates must be >= 1, got 0" in out.stderr

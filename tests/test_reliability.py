@@ -18,6 +18,7 @@ import torch
 import torch_fidelity
 
 import fastdiff
+from fastdiff import config as cfgs
 from fastdiff import bench as B
 from fastdiff import checkpoint as CK
 from fastdiff import distill as DI
@@ -195,10 +196,11 @@ def _tiny_toy_distill(tmp_path, **kw) -> DI.DistillConfig:
     teacher_cfg = dataclasses.replace(T.PRESETS["toy2d"], updates=60, hidden=32, layers=1, batch_size=64,
                                       out_dir=str(tmp_path / "teacher"), sample_every=10_000)
     T.train(teacher_cfg, progress=False)
-    base = dataclasses.replace(DI.PRESETS["toy2d"], teacher=str(tmp_path / "teacher"), start_steps=2,
-                               updates_per_round=6, batch_size=64, ckpt_every=4, eval_samples=100, bench=False,
-                               out_dir=str(tmp_path / "distill"), device="cpu")
-    return dataclasses.replace(base, **kw)
+    base = cfgs.replace(DI.PRESETS["toy2d"], {"teacher": str(tmp_path / "teacher"), "pd.start_steps": 2,
+                                              "pd.updates_per_round": 6, "batch_size": 64, "ckpt_every": 4,
+                                              "eval_samples": 100, "bench": False, "out_dir": str(tmp_path / "distill"),
+                                              "device": "cpu"})
+    return cfgs.replace(base, kw)
 
 
 # --- dropout: resume bit-exact ----------------------------------------------------------------------------------
@@ -209,8 +211,9 @@ def test_distillation_with_dropout_resumes_bit_exact(tmp_path, shared_cache, pic
     tcfg = tiny_unet("digits", dropout=0.3, updates=6, batch_size=8, ckpt_every=3, log_every=3,
                      out_dir=str(tmp_path / "teacher"))
     T.train(tcfg, progress=False)
-    base = DI.DistillConfig(teacher=str(tmp_path / "teacher"), teacher_preset="digits", start_steps=2,
-                            updates_per_round=7, batch_size=8, ckpt_every=3, eval_samples=8, bench=False, device="cpu")
+    base = cfgs.replace(DI.DistillConfig(), {"teacher": str(tmp_path / "teacher"), "teacher_preset": "digits",
+                                             "pd.start_steps": 2, "pd.updates_per_round": 7, "batch_size": 8,
+                                             "ckpt_every": 3, "eval_samples": 8, "bench": False, "device": "cpu"})
 
     class Kill(Exception):
         pass

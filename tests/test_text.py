@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from fastdiff import config as cfgs
 from fastdiff import ops
 from fastdiff.conditioning import Conditioner, eval_condition, null_condition
 from fastdiff.errors import FastdiffError
@@ -257,9 +258,10 @@ def test_text_teacher_trains_and_distils_with_guided_pd_and_cd(tmp_path, capsys)
     train(teacher, progress=False)
     loaded = load_model(tmp_path / "teacher")
     assert loaded.config["cond"] == "text" and loaded.net.text is not None
-    cfg = dataclasses.replace(PRESETS["digits-text"], teacher=str(tmp_path / "teacher"), start_steps=4, rounds=1,
-                              updates_per_round=4, guided_base_updates=4, cd_eval_every=0, batch_size=16,
-                              eval_samples=20, bench=False, out_dir=str(tmp_path / "distill"))
+    cfg = cfgs.replace(PRESETS["digits-text"], {
+        "teacher": str(tmp_path / "teacher"), "pd.start_steps": 4, "pd.rounds": 1, "pd.updates_per_round": 4,
+        "pd.guided_base_updates": 4, "cd.eval_every": 0, "batch_size": 16, "eval_samples": 20, "bench": False,
+        "out_dir": str(tmp_path / "distill")})
     run = distill(cfg, progress=False)
     rounds = list(csv.DictReader(open(run / "rounds.csv")))
     cd = list(csv.DictReader(open(run / "cd.csv")))

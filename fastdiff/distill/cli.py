@@ -41,7 +41,7 @@ from fastdiff.bench import GUIDANCE_SWEEP, BenchConfig, run_sweep
 from fastdiff.bench import PRESETS as BENCH_PRESETS
 from fastdiff.distill.config import (NON_RESULT_FIELDS, PRESETS, DistillConfig, dataset_of,
                                      fields_of_other_methods, methods_of, sweep_name, validate)
-from fastdiff.distill.protocol import parse_methods
+from fastdiff.distill.protocol import parse_methods, write_training_points
 from fastdiff.distill.stages import DistillRun
 from fastdiff.errors import FastdiffError
 from fastdiff.io import write_text
@@ -98,13 +98,15 @@ def teacher_exists(path: Path) -> bool:
 
 def check_teacher(teacher: LoadedModel, cfg: DistillConfig) -> None:
     """Refuse a teacher that does not fit the run: a schedule or data shape other than the preset's (a fastdiff
-    teacher), a student, a guided run without classes, or a first grid finer than a discrete teacher's T allows."""
+    teacher), a student, a guided run without classes, or one a method of the run cannot distil
+    (Method.check_teacher: e.g. PD's first grid finer than a discrete teacher's T allows)."""
+    _check_teacher_fits(teacher, cfg)
+    for method in parse_methods(cfg.method):
+        method.check_teacher(teacher, cfg)
+
+
+def _check_teacher_fits(teacher: LoadedModel, cfg: DistillConfig) -> None:
     if teacher.network and teacher.network.get("discrete"):  # a diffusers teacher: timesteps 0..T-1 only
-        T = teacher.schedule.T
-        if 2 * cfg.start_steps > T:  # round 1 calls the teacher at t - 0.5/N0 >= 1/T, i.e. timestep >= 0
-            raise FastdiffError(f"--start-steps {cfg.start_steps} is too fine for {teacher.path}, a discrete teacher "
-                                f"with T = {T}: its half-step 0.5/N0 must be >= 1/T, so N0 <= {T // 2} (the largest "
-                                f"power of two: {2 ** (T // 2).bit_length() // 2})")
         if cfg.guided and teacher.config.get("cond") != "text":
             raise FastdiffError("--guided needs a conditional teacher; diffusers UNet2DModel teachers are loaded "
                                 "unconditional (a text-to-image pipeline folder loads text-conditioned)")
@@ -175,8 +177,9 @@ def check_distill_dir(cfg: DistillConfig, prepare: bool = False) -> dict:
                 "method": "+".join(methods_of(cfg))}  # one spelling of the methods: pd,cd is the pd+cd of before
     check = runs.prepare_run_dir if prepare else runs.check_run_dir
     ignore = NON_RESULT_FIELDS + fields_of_other_methods(cfg)  # e.g. CD's, in a PD-only run
-    check(Path(cfg.out_dir), resolved, ignore, cfgs.to_dict(DistillConfig()), DistillConfig.RENAMED,
-          absolute_teacher)
+    # compared field by field (sections as dotted paths); a config.json of before names the methods' options flat
+    check(Path(cfg.out_dir), cfgs.flatten(resolved), ignore, cfgs.flatten(cfgs.to_dict(DistillConfig())),
+          cfgs.renamed_fields(DistillConfig), lambda old: cfgs.flatten(absolute_teacher(old)))
     return resolved
 
 
@@ -271,11 +274,8 @@ def sweep_and_report(run_dir, dcfg: DistillConfig) -> Path:
     csv_path = run_sweep(cfg)
     if not dist.is_main():
         return Path(cfg.out_dir) / "report.md"
-    # the run's own evaluation while training, beside the sweep: the report's FID-vs-training-cost figure
-    for method in parse_methods(dcfg.method):
-        if method.training_log and (Path(run_dir) / method.training_log[0]).exists():
-            name, copy = method.training_log
-            write_text(csv_path.parent / copy, (Path(run_dir) / name).read_text())
+    # the methods' own evaluation while training, beside the sweep: the report's FID-vs-training-cost figure
+    write_training_points(run_dir, parse_methods(dcfg.method), csv_path.parent)
     autoencoder = Path(TRAIN_PRESETS[dcfg.teacher_preset].autoencoder or "-") / AUTOENCODER_INFO
     if not dcfg.teacher and autoencoder.is_file():  # a latent family: its autoencoder's reconstruction floor beside it
         write_text(csv_path.parent / AUTOENCODER_INFO, autoencoder.read_text())
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep_and_report(run, cfg)
         dist.barrier()
         if dist.is_main():  # inside: once the process group is gone every process counts as rank 0
-            logs = [str(run / m.training_log[0]) for m in parse_methods(cfg.method) if m.training_log]
+            logs = [str(run / m.training_log) for m in parse_methods(cfg.method) if m.training_log]
             print(f"done: students in {run / 'students'}" + (f", their evaluation in {', '.join(logs)}" if logs else "")
                   + f" (total {time.perf_counter() - t0:.0f} s)")
     return 0

@@ -1,9 +1,8 @@
 """The configuration of a distillation run: `DistillConfig`, its presets, and the checks made before any work."""
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 from fastdiff import config as cfgs
 from fastdiff.errors import FastdiffError
@@ -18,9 +17,9 @@ NON_RESULT_FIELDS = ("out_dir", "data_root", "device", "ckpt_every", "eval_sampl
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """A distillation run (PD, CD or both, optionally guided); `teacher_preset` names the TrainConfig preset of the
-    teacher."""
+class DistillCommon:
+    """What every distillation run has (the teacher, the students' training, the evaluation, the sweep);
+    DistillConfig adds one section per registered method with options (`cfg.pd`, `cfg.cd`)."""
 
     # the teacher
     teacher: str = ""  # a teacher run dir, checkpoint, diffusers folder or hub id (empty: train/reuse the preset's)
@@ -30,14 +29,8 @@ class DistillConfig:
     dataset: str = ""  # the data set a diffusers --teacher was trained on (digits, cifar10, folder, ...)
     data_root: str = ""  # folder of that data set's files (cifar10: cifar-10-batches-py; folder: images)
     method: str = "pd"  # registered methods, comma-separated, run in order: pd (Salimans & Ho 2022), cd (Song et al. 2023), pd,cd
-    # progressive rounds (Salimans & Ho 2022, Alg. 2)
-    start_steps: int = 64  # sampling steps of the first teacher grid N0 (a power of two); rounds halve it
-    rounds: int = 0  # rounds to run (0: down to 1 step)
-    updates_per_round: int = 500  # optimiser updates per round
-    last_rounds_factor: int = 2  # the last two rounds get this many times the updates (the paper's 100k vs 50k)
     param: Param = "v"  # what the students predict (eps fails at few steps: the paper's point)
-    weighting: Literal["snr-trunc", "snr+1"] = "snr-trunc"  # x-space loss weight max(SNR, 1) or SNR + 1
-    lr: float = 2e-4  # Adam learning rate, annealed linearly to 0 in every round
+    lr: float = 2e-4  # Adam learning rate (PD: annealed linearly to 0 in every round)
     batch_size: int = 128  # global batch (split over torchrun ranks)
     seed: int = 0  # batches, noise, evaluation noise
     ckpt_every: int = 100  # updates between state checkpoints
@@ -45,19 +38,10 @@ class DistillConfig:
     out_dir: str = "runs/distill-digits"  # the run dir
     device: str = "auto"  # auto, cpu or cuda[:N]
     deterministic: bool = False  # deterministic CUDA algorithms: bit-exact resume on the GPU
-    # consistency distillation (Song et al. 2023, Alg. 2; --method cd)
-    cd_updates: int = 0  # optimiser updates of consistency distillation (0: the PD rounds' total, equal cost)
-    cd_steps: int = 18  # N: the karras discretization (rho = 7) has N + 1 boundaries
-    target_ema: float = 0.95  # mu of the target network theta- (0: theta- = theta, as in iCT)
-    cd_ema_decay: float = 0.99  # EMA of the weights that is saved and evaluated (apart from theta-; 0: the raw weights)
-    cd_eval_every: int = 0  # updates between extra student snapshots with cd.csv rows (besides the PD students' costs)
-    cd_metric: Literal["pseudo-huber", "l2"] = "pseudo-huber"  # the distance d (LPIPS needs weights not here)
-    cd_solver: Literal["ddim", "heun"] = "ddim"  # the teacher's one ODE step per update
-    # guided distillation (Meng et al. 2023)
-    guided: bool = False  # first distil the CFG teacher into a w-conditioned student, then run the PD rounds
+    # guided distillation (Meng et al. 2023; CD: LCM-style)
+    guided: bool = False  # distil the CFG teacher: PD first into a w-conditioned student, CD with w as an input
     w_min: float = 0.0  # guidance weights drawn from U[w_min, w_max] in training
     w_max: float = 4.0  # see w_min
-    guided_base_updates: int = 1000  # updates of the w-conditioned first stage
     eval_guidance: float = 2.0  # the w at which guided rounds are evaluated
     # the sweep and report at the end
     bench: bool = True  # run the FID-vs-steps sweep and write the report after the rounds
@@ -72,8 +56,28 @@ class DistillConfig:
     inception_weights: str = ""  # local Inception-v3 weights for RGB data (rounds' FID and the sweep)
 
 
-# field names of fastdiff before 0.2 (config.json)
-DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": "updates_per_round"}
+def _sections() -> list[tuple[str, type, dataclasses.Field]]:
+    from fastdiff.distill.protocol import get_method, method_names
+
+    return [(name, get_method(name).options, dataclasses.field(default_factory=get_method(name).options))
+            for name in method_names() if get_method(name).options is not None]
+
+
+# DistillCommon + a section per registered method with options: fastdiff's own (pd, cd) and installed packages'
+DistillConfig = dataclasses.make_dataclass("DistillConfig", _sections(), bases=(DistillCommon,), frozen=True)
+DistillConfig.__module__ = __name__
+DistillConfig.__doc__ = """A distillation run: DistillCommon's fields, and `cfg.<method>` the options of each registered
+method (fastdiff.distill.protocol.Method.options): `cfg.pd` progressive distillation's, `cfg.cd` consistency
+distillation's. `teacher_preset` names the TrainConfig preset of the teacher."""
+# field names of fastdiff before 0.2 (config.json); the flat names of the methods' options come from their FLAT
+DistillConfig.RENAMED = {"teacher_steps": "teacher_updates", "steps_per_round": "pd.updates_per_round"}
+
+
+def _options(method: str, **kw):
+    from fastdiff.distill.protocol import get_method
+
+    return get_method(method).options(**kw)
+
 
 PRESETS = {
     # Sized for a 2-core CPU, the whole default (teacher, both methods, sweep with the 1000-step DDPM row) within
@@ -81,34 +85,40 @@ PRESETS = {
     # teacher at equal cost (1200 updates each; CD is evaluated at each PD student's cumulative updates). PD's updates
     # go where they matter: 100 per round from 64 steps down to 4, 400 for the rounds to 2 and 1 step (the paper
     # doubles its last two rounds).
-    "digits": DistillConfig(method="pd+cd", updates_per_round=100, last_rounds_factor=4,
+    "digits": DistillConfig(method="pd+cd", pd=_options("pd", updates_per_round=100, last_rounds_factor=4),
                             bench_steps=(1, 2, 4, 8, 16, 32, 64)),
     # the digits run on the diffusers UNet2DModel architecture: its students export with python -m fastdiff.export
-    "digits-diffusers": DistillConfig(teacher_preset="digits-diffusers", start_steps=16, updates_per_round=400,
+    "digits-diffusers": DistillConfig(teacher_preset="digits-diffusers",
+                                      pd=_options("pd", start_steps=16, updates_per_round=400),
                                       out_dir="runs/distill-digits-diffusers",
                                       bench_steps=(1, 2, 4, 8, 16, 32, 64)),
-    "toy2d": DistillConfig(teacher_preset="toy2d", start_steps=64, updates_per_round=400, lr=5e-4, batch_size=512,
+    "toy2d": DistillConfig(teacher_preset="toy2d", pd=_options("pd", start_steps=64, updates_per_round=400), lr=5e-4,
+                           batch_size=512,
                            eval_samples=2000, out_dir="runs/distill-toy2d"),
     # Meng et al. 2023: a class-conditional teacher under classifier-free guidance, distilled first into one
     # network that takes the guidance weight w as an input, then progressively.
-    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True, start_steps=16, updates_per_round=300,
-                                   guided_base_updates=800, out_dir="runs/distill-digits-guided",
+    "digits-guided": DistillConfig(teacher_preset="digits-cond", guided=True,
+                                   pd=_options("pd", start_steps=16, updates_per_round=300, guided_base_updates=800),
+                                   out_dir="runs/distill-digits-guided",
                                    bench_steps=(1, 2, 4, 8, 16, 32)),
     # The text-conditioned digits teacher (captions with paraphrases, cross-attention) distilled under guidance: the
     # w-conditioned first stage and two PD rounds 16 -> 8 -> 4 steps (1400 updates), and LCM-style guided CD with as
     # many updates; the sweep: FID and prompt accuracy against w, the prompts held-out paraphrases.
-    "digits-text": DistillConfig(teacher_preset="digits-text", guided=True, method="pd+cd", start_steps=16, rounds=2,
-                                 updates_per_round=300, last_rounds_factor=1, guided_base_updates=800,
-                                 cd_eval_every=400, out_dir="runs/distill-digits-text",
+    "digits-text": DistillConfig(teacher_preset="digits-text", guided=True, method="pd+cd",
+                                 pd=_options("pd", start_steps=16, rounds=2, updates_per_round=300,
+                                             last_rounds_factor=1, guided_base_updates=800),
+                                 cd=_options("cd", eval_every=400), out_dir="runs/distill-digits-text",
                                  bench_steps=(1, 2, 4, 8, 16, 32)),
     # digits-text's protocol in the 4x4x4 latent space of the digits autoencoder (trained first if missing)
-    "digits-latent": DistillConfig(teacher_preset="digits-latent", guided=True, method="pd+cd", start_steps=16,
-                                   rounds=2, updates_per_round=300, last_rounds_factor=1, guided_base_updates=800,
-                                   cd_eval_every=400, out_dir="runs/distill-digits-latent",
+    "digits-latent": DistillConfig(teacher_preset="digits-latent", guided=True, method="pd+cd",
+                                   pd=_options("pd", start_steps=16, rounds=2, updates_per_round=300,
+                                               last_rounds_factor=1, guided_base_updates=800),
+                                   cd=_options("cd", eval_every=400), out_dir="runs/distill-digits-latent",
                                    bench_steps=(1, 2, 4, 8, 16, 32)),
     # Salimans & Ho 2022 (CIFAR-10): 8192 -> 1 steps, 50k updates per round (100k for the last two),
     # Adam lr 5e-5 linearly annealed to 0, batch 128, no EMA during distillation.
-    "cifar10": DistillConfig(teacher_preset="cifar10", start_steps=8192, updates_per_round=50_000, lr=5e-5,
+    "cifar10": DistillConfig(teacher_preset="cifar10", pd=_options("pd", start_steps=8192, updates_per_round=50_000),
+                             lr=5e-5,
                              ckpt_every=2000, eval_samples=10_000, out_dir="runs/distill-cifar10"),
 }
 
@@ -121,21 +131,22 @@ def methods_of(cfg: DistillConfig) -> tuple[str, ...]:
 
 
 def fields_of_other_methods(cfg: DistillConfig) -> tuple[str, ...]:
-    """The config fields that only methods not in this run read (its run dir does not depend on them)."""
-    from fastdiff.distill.protocol import get_method, method_names
+    """The dotted config fields (cfgs.flatten) that only methods not in this run read: the sections of the methods
+    neither run nor used by one that runs (its run dir does not depend on them)."""
+    from fastdiff.distill.protocol import get_method
 
     mine = methods_of(cfg)
-    return tuple(f for name in method_names() if name not in mine for f in get_method(name).fields)
+    read = set(mine) | {used for name in mine for used in get_method(name).uses}
+    return tuple(path for path, _, _ in cfgs.leaves(DistillConfig) if path.partition(".")[0] not in read
+                 and path.partition(".")[0] in {name for name, _, _ in _sections()})
 
 
 def validate(cfg: DistillConfig) -> None:
     if cfg.teacher_preset not in TRAIN_PRESETS:
         raise FastdiffError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of "
                             f"{', '.join(TRAIN_PRESETS)}")
-    if cfg.start_steps < 2 or cfg.start_steps & (cfg.start_steps - 1):
-        raise FastdiffError(f"--start-steps must be a power of two >= 2, got {cfg.start_steps}")
     cfgs.check_choices(cfg)
-    for name in ("updates_per_round", "batch_size", "ckpt_every", "eval_samples", "last_rounds_factor"):
+    for name in ("batch_size", "ckpt_every", "eval_samples"):
         if getattr(cfg, name) < 1:
             raise FastdiffError(f"--{name.replace('_', '-')} must be >= 1")
     from fastdiff.registry import sampler_names
@@ -144,9 +155,14 @@ def validate(cfg: DistillConfig) -> None:
     if unknown:
         raise FastdiffError(f"--bench-samplers: unknown {', '.join(unknown)}; choose from {', '.join(sampler_names())}")
     cfgs.check_range(cfg, "lr", cfg.lr > 0, "> 0")
-    from fastdiff.distill.protocol import parse_methods
+    from fastdiff.distill.protocol import get_method, parse_methods
 
     for method in parse_methods(cfg.method):
+        for needed in (method.name, *method.uses):
+            if get_method(needed).options is not None and not hasattr(cfg, needed):
+                raise FastdiffError(f"--method {method.name}: method {needed!r} has options but DistillConfig has no "
+                                    "section for it (register it before fastdiff.distill.config is imported, e.g. as "
+                                    "an entry point)")
         method.validate(cfg)
     if (cfg.dataset or cfg.data_root) and not cfg.teacher:
         raise FastdiffError("--dataset/--data-root name the data of a diffusers --teacher; a preset teacher's data "
@@ -154,9 +170,6 @@ def validate(cfg: DistillConfig) -> None:
     cfgs.check_range(cfg, "bench_samples", cfg.bench_samples >= 0, ">= 0 (0: the bench preset's)")
     cfgs.check_range(cfg, "bench_teacher_samples", cfg.bench_teacher_samples == 0 or cfg.bench_teacher_samples >= 10,
                      "0 (the bench preset's) or >= 10")
-    most = int(math.log2(cfg.start_steps))
-    cfgs.check_range(cfg, "rounds", 0 <= cfg.rounds <= most,
-                     f"in [0, {most}] for --start-steps {cfg.start_steps} (0: down to 1 step)")
 
 
 def dataset_of(cfg: DistillConfig) -> str:

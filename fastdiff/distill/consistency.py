@@ -15,11 +15,12 @@ decay mu). d = pseudo-Huber sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(d_
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 
-from fastdiff.distill.protocol import FORWARD, TRAINED, Method, register_method
+from fastdiff.distill.protocol import FORWARD, TRAINED, Method, get_method, register_method
 from fastdiff.errors import FastdiffError
 from fastdiff.grids import consistency_boundaries as boundaries  # noqa: F401  (the CD discretization)
 from fastdiff.grids import consistency_grid
@@ -103,25 +104,42 @@ def sample_student(net, x, ts, **kw):
     return consistency(net, x, ts, **kw)
 
 
+@dataclass(frozen=True)
+class CDOptions:
+    """Consistency distillation's options: `DistillConfig.cd`, `--cd.<field>` (or the flat name of before)."""
+
+    updates: int = 0  # optimiser updates of consistency distillation (0: the PD rounds' total, equal cost)
+    steps: int = 18  # N: the karras discretization (rho = 7) has N + 1 boundaries
+    target_ema: float = 0.95  # mu of the target network theta- (0: theta- = theta, as in iCT)
+    ema_decay: float = 0.99  # EMA of the weights that is saved and evaluated (apart from theta-; 0: the raw weights)
+    eval_every: int = 0  # updates between extra student snapshots with cd.csv rows (besides the PD students' costs)
+    metric: Literal["pseudo-huber", "l2"] = "pseudo-huber"  # the distance d (LPIPS needs weights not here)
+    solver: Literal["ddim", "heun"] = "ddim"  # the teacher's one ODE step per update
+
+
+# their names when DistillConfig was flat (still accepted: --cd-updates, config.json files of before)
+CDOptions.FLAT = {"updates": "cd_updates", "steps": "cd_steps", "target_ema": "target_ema",
+                  "ema_decay": "cd_ema_decay", "eval_every": "cd_eval_every", "metric": "cd_metric",
+                  "solver": "cd_solver"}
+
+
 def cd_total(cfg) -> int:
-    """Updates of consistency distillation: --cd-updates, or (0) the PD rounds' total, so that the two methods
+    """Updates of consistency distillation: --cd.updates, or (0) the PD rounds' total, so that the two methods
     get the same number of optimiser updates of the same batch."""
-    return cfg.cd_updates or _pd_budgets(cfg)[-1]
+    return cfg.cd.updates or _pd_budgets(cfg)[-1]
 
 
 def _pd_budgets(cfg) -> list[int]:
     """The cumulative updates of the progressive students of this config (the equal-cost points CD snapshots at,
     whether or not PD runs here)."""
-    from fastdiff.distill.protocol import get_method
-
     return get_method("pd").budgets(cfg)
 
 
 def cd_snapshots(cfg) -> list[int]:
     """The updates at which CD saves a student and writes its cd.csv rows: every PD student's cumulative cost (the
-    equal-cost comparison), every --cd-eval-every updates, and the last one."""
+    equal-cost comparison), every --cd.eval-every updates, and the last one."""
     total = cd_total(cfg)
-    every = list(range(cfg.cd_eval_every, total, cfg.cd_eval_every)) if cfg.cd_eval_every else []
+    every = list(range(cfg.cd.eval_every, total, cfg.cd.eval_every)) if cfg.cd.eval_every else []
     return sorted({u for u in _pd_budgets(cfg) + every if u < total} | {total})
 
 
@@ -137,7 +155,7 @@ def cd_cost(ctx, updates: int, wall: float) -> dict:
     step (2 evaluations for Heun, twice that for a guided teacher's conditional and unconditional halves), 1
     target-network forward, 1 student forward + backward (`Consistency.update_cost`, counted by
     protocol.student_cost); the teacher's own training is not included."""
-    from fastdiff.distill.protocol import get_method, student_cost
+    from fastdiff.distill.protocol import student_cost
 
     method = get_method("cd")
     return {**student_cost(ctx, method, updates, wall),
@@ -194,10 +212,10 @@ def run_consistency(ctx) -> None:
               else denoiser(teacher, schedule, ctx.teacher0.param))
         if ctx.teacher0.param == "eps" and ctx.clip:
             fn = clipped(fn, schedule)
-        return (heun_step if cfg.cd_solver == "heun" else ddim_step)(fn, schedule)
+        return (heun_step if cfg.cd.solver == "heun" else ddim_step)(fn, schedule)
 
     plain_step = teacher_step({})
-    ts = boundaries(schedule, cfg.cd_steps).to(device)
+    ts = boundaries(schedule, cfg.cd.steps).to(device)
     salt = cfg.seed * 7919 + 31337
     gen = torch.Generator().manual_seed(salt + dist.rank())
     torch.manual_seed(salt + 1 + dist.rank())
@@ -211,8 +229,8 @@ def run_consistency(ctx) -> None:
         ema.load_state_dict(resume["ema"])
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     local_batch = dist.local_batch_size(cfg.batch_size)
-    meta = {"steps": cfg.cd_steps, "target_ema": cfg.target_ema, "ema_decay": cfg.cd_ema_decay,
-            "metric": cfg.cd_metric, "solver": cfg.cd_solver, "t_top": float(ts[-1])}
+    meta = {"steps": cfg.cd.steps, "target_ema": cfg.cd.target_ema, "ema_decay": cfg.cd.ema_decay,
+            "metric": cfg.cd.metric, "solver": cfg.cd.solver, "t_top": float(ts[-1])}
 
     def loss_fn(model) -> torch.Tensor:
         idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
@@ -221,7 +239,7 @@ def run_consistency(ctx) -> None:
         f = consistency_fn(on(model), schedule, cfg.param)
         f_target = consistency_fn(on(target), schedule, cfg.param)
         step_fn = teacher_step(cond) if cond else plain_step
-        return cd_loss(f, f_target, step_fn, ctx.x_all[idx], schedule, ts.cpu(), gen, cfg.cd_metric).mean()
+        return cd_loss(f, f_target, step_fn, ctx.x_all[idx], schedule, ts.cpu(), gen, cfg.cd.metric).mean()
 
     def snapshot(update: int) -> None:
         """students/cd_u{update}.pt and its cd.csv rows (rank 0); the evaluation's time is not training cost."""
@@ -232,16 +250,16 @@ def run_consistency(ctx) -> None:
         evaluation = [{k: row[k] for k in ("nfe", "metric", "student_value", "teacher_ddim_value")} for row in rows]
         # (the top-level steps: 1 of fastdiff before 0.7, which its model id covers; the role's steps is its N)
         for path, swept in ((snapshot_path(ctx.run, update), False),) + (((final, True),) if update == total else ()):
-            save_student(ctx, path, ema, method="cd", sampler="consistency", grid=f"cd{cfg.cd_steps}",
-                         steps=cfg.cd_steps, cost=cost, evaluation=evaluation, swept=swept,
+            save_student(ctx, path, ema, method="cd", sampler="consistency", grid=f"cd{cfg.cd.steps}",
+                         steps=cfg.cd.steps, cost=cost, evaluation=evaluation, swept=swept,
                          extra={"steps": 1, "updates": update, "cd": meta})
         timing["eval_s"] += time.perf_counter() - t_eval
 
     def after_update(update, loss, lr, grad_norm) -> None:
         with torch.no_grad():  # theta- <- mu theta- + (1 - mu) theta; the weights EMA likewise with its own decay
             for pt, pe, p in zip(target.parameters(), ema.parameters(), student.parameters()):
-                pt.lerp_(p, 1 - cfg.target_ema)
-                pe.lerp_(p, 1 - cfg.cd_ema_decay)
+                pt.lerp_(p, 1 - cfg.cd.target_ema)
+                pe.lerp_(p, 1 - cfg.cd.ema_decay)
         timing["loss"] = timing["loss"][-49:] + [loss]
         if dist.is_main() and update in snapshots:
             snapshot(update)
@@ -275,7 +293,7 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> lis
         student_model, teacher_model, guidance = guided_pair(ctx, student, n)
     rows = []
     for nfe in EVAL_NFE:
-        ts = consistency_grid(ctx.schedule, cfg.cd_steps, nfe)
+        ts = consistency_grid(ctx.schedule, cfg.cd.steps, nfe)
         x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device, rng=cfg.noise)
         with torch.no_grad():
             xs = consistency(student_model, x, ts.to(torch.float64), schedule=ctx.schedule, param=cfg.param,
@@ -296,8 +314,10 @@ class Consistency(Method):
     name = "cd"
     title = "consistency distillation (Song et al. 2023)"
     samplers = ("consistency",)
-    fields = ("cd_updates", "cd_steps", "target_ema", "cd_ema_decay", "cd_eval_every", "cd_metric", "cd_solver")
-    training_log = ("cd.csv", "training_cd.csv")
+    options = CDOptions
+    uses = ("pd",)  # equal cost: snapshots at the progressive students' budgets (and --cd.updates 0: PD's total)
+    label, short = "consistency", "CD"
+    training_log = "cd.csv"
 
     def validate(self, cfg) -> None:
         from fastdiff import config as cfgs
@@ -305,19 +325,20 @@ class Consistency(Method):
         if cfg.param == "eps":
             raise FastdiffError("--method cd needs --param v or x0: an eps consistency function x0 = (x - sigma "
                                 "eps)/alpha divides by alpha ~ 0 at t = 1")
-        cfgs.check_range(cfg, "cd_updates", cfg.cd_updates >= 0, ">= 0 (0: the PD rounds' total)")
-        cfgs.check_range(cfg, "cd_steps", cfg.cd_steps >= 1, ">= 1")
-        cfgs.check_range(cfg, "target_ema", 0 <= cfg.target_ema < 1, "in [0, 1)")
-        cfgs.check_range(cfg, "cd_ema_decay", 0 <= cfg.cd_ema_decay < 1, "in [0, 1)")
-        cfgs.check_range(cfg, "cd_eval_every", cfg.cd_eval_every >= 0, ">= 0 (0: only at the end)")
+        cfgs.check_range(cfg, "cd.updates", cfg.cd.updates >= 0, ">= 0 (0: the PD rounds' total)")
+        cfgs.check_range(cfg, "cd.steps", cfg.cd.steps >= 1, ">= 1")
+        cfgs.check_range(cfg, "cd.target_ema", 0 <= cfg.cd.target_ema < 1, "in [0, 1)")
+        cfgs.check_range(cfg, "cd.ema_decay", 0 <= cfg.cd.ema_decay < 1, "in [0, 1)")
+        cfgs.check_range(cfg, "cd.eval_every", cfg.cd.eval_every >= 0, ">= 0 (0: only at the end)")
+        get_method("pd").validate(cfg)  # its budgets are CD's snapshots
 
     def budgets(self, cfg) -> list[int]:
         return cd_snapshots(cfg)
 
     def plan(self, cfg) -> list[str]:
         return [(f"guided (LCM-style, w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]) " if cfg.guided else "")
-                + f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd_steps} karras steps "
-                f"({cfg.cd_solver} teacher step, {cfg.cd_metric}, target EMA {cfg.target_ema}; students and 1/2/4-NFE "
+                + f"consistency distillation: {cd_total(cfg)} updates on {cfg.cd.steps} karras steps "
+                f"({cfg.cd.solver} teacher step, {cfg.cd.metric}, target EMA {cfg.cd.target_ema}; students and 1/2/4-NFE "
                 f"evaluation at updates {', '.join(map(str, cd_snapshots(cfg)))})"]
 
     def run(self, ctx) -> None:
@@ -326,7 +347,7 @@ class Consistency(Method):
     def update_cost(self, cfg) -> dict[str, float]:
         """Per update and example: the teacher's ODE step (1 evaluation, 2 for Heun, twice that guided), 1
         target-network evaluation, 1 student forward + backward."""
-        per_step = (2 if cfg.cd_solver == "heun" else 1) * (2 if cfg.guided else 1)
+        per_step = (2 if cfg.cd.solver == "heun" else 1) * (2 if cfg.guided else 1)
         return {"teacher": per_step * FORWARD * cfg.batch_size, "target": FORWARD * cfg.batch_size,
                 "student": TRAINED * cfg.batch_size}
 

@@ -34,12 +34,12 @@ def guided_base(ctx: DistillRun, rounds: RoundLog) -> torch.nn.Module:
         return done
     student = w_student(ctx)
     loss, wall = train_stage(ctx, -1, student, ctx.teacher0.net, ctx.teacher0.param, None,
-                              ctx.cfg.guided_base_updates, "guided stage 1: w-conditioned student")
-    save_student(ctx, path, student, None, -1, ctx.cfg.guided_base_updates,
-                 training_cost(ctx, rounds, -1, ctx.cfg.guided_base_updates, wall))
+                              ctx.cfg.pd.guided_base_updates, "guided stage 1: w-conditioned student")
+    save_student(ctx, path, student, None, -1, ctx.cfg.pd.guided_base_updates,
+                 training_cost(ctx, rounds, -1, ctx.cfg.pd.guided_base_updates, wall))
     if dist.is_main() and not rounds.done(-1):
-        rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.guided_base_updates,
+        rounds.add({"round": -1, "teacher_steps": "", "student_steps": "", "updates": ctx.cfg.pd.guided_base_updates,
                     "loss": f"{loss:.6f}", "wall_clock_s": f"{wall:.1f}",
-                    **evaluate_round(student, ctx, ctx.cfg.start_steps)})
+                    **evaluate_round(student, ctx, ctx.cfg.pd.start_steps)})
     dist.barrier()
     return student

@@ -2,13 +2,17 @@
 that one of its DDIM steps lands where two of the teacher's do, and the SNR-weighted x-space loss against it."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastdiff.param import append_dims, denoiser, to_x0_eps
 from fastdiff.checkpoint import LoadedModel
-from fastdiff.distill.config import DistillConfig
 from fastdiff.losses import noised, sample_t, x_space_loss
 from fastdiff.schedules import Schedule
+
+if TYPE_CHECKING:
+    from fastdiff.distill.config import DistillConfig
 
 
 def distill_target(z_t, t, x0_fn, schedule: Schedule, n_student: int, clip: bool = False) -> torch.Tensor:
@@ -66,7 +70,7 @@ def student_loss(student, target_fn, x0, schedule, cfg: DistillConfig, n_student
         target = (target_fn(z_t, t)[0] if n_student is None
                   else distill_target(z_t, t, target_fn, schedule, n_student, clip_target))
     x_hat, _ = to_x0_eps(student(z_t, t.to(x0), **(cond or {})), z_t, a, s, cfg.param)
-    return x_space_loss(x_hat, target, schedule.logsnr(t).to(x0), cfg.weighting)
+    return x_space_loss(x_hat, target, schedule.logsnr(t).to(x0), cfg.pd.weighting)
 
 
 def sample_student(net, x, ts, **kw):

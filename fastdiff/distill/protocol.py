@@ -27,18 +27,33 @@ class Method:
     """A distillation method. Subclasses set the class attributes and implement `run`; the rest has defaults.
 
     name: its `--method` name; title: what it is, with its paper (model cards, logs); samplers: the
-    fastdiff.registry entries of its students; fields: the DistillConfig fields only it reads (a run dir of other
-    methods ignores them); training_log: (file in the run dir, its copy beside the sweep's CSV) of its evaluation
-    while training, for the report, or None."""
+    fastdiff.registry entries of its students; options: a frozen dataclass of its own settings, or None: the
+    DistillConfig section `cfg.<name>` (`--<name>.<field>` on the command line; its fields' trailing comments are
+    their --help; a class attribute `FLAT` may map fields to older flat option names); a run dir of other methods
+    ignores it; uses: the other methods whose options it reads too (CD snapshots at PD's budgets); label / short:
+    its name in the report's training-cost figure and tables ("progressive" / "PD"; default: the name and its upper
+    case); training_log: the file in the run dir of its evaluation while training, if any (said when the run ends).
+    What the report plots against cost comes from `training_points` (by default: its students' own evaluations).
+
+    A method's section exists if the method was registered when fastdiff.distill.config was first imported (fastdiff's
+    own and installed packages' entry points are); its module must therefore not import fastdiff.distill.config at
+    module level (annotations under TYPE_CHECKING)."""
 
     name: str = ""
     title: str = ""
     samplers: tuple[str, ...] = ()
-    fields: tuple[str, ...] = ()
-    training_log: tuple[str, str] | None = None
+    options: type | None = None
+    uses: tuple[str, ...] = ()
+    label: str = ""
+    short: str = ""
+    training_log: str | None = None
 
     def validate(self, cfg: "DistillConfig") -> None:
         """FastdiffError (one line, naming the option) for a config this method cannot run."""
+
+    def check_teacher(self, teacher, cfg: "DistillConfig") -> None:
+        """FastdiffError for a teacher (a fastdiff.checkpoint.LoadedModel) this config of the method cannot
+        distil; called once the teacher is loaded, before any update."""
 
     def plan(self, cfg: "DistillConfig") -> list[str]:
         """What it would run, for --dry-run: one line per stage."""
@@ -56,6 +71,15 @@ class Method:
     def update_cost(self, cfg: "DistillConfig") -> dict[str, float]:
         """Forward-equivalents of one update per network ("teacher", "student", any other), for the global batch."""
         return {}
+
+    def training_points(self, run) -> list[dict]:
+        """Its students' own evaluations while training, one dict of TRAINING_FIELDS per (student, NFE): by default
+        read from the role and cost of every student checkpoint of this method in `run`/students."""
+        return students_evaluations(run, self)
+
+
+TRAINING_FIELDS = ("method", "short", "nfe", "updates", "forward_equivalents", "wall_clock_s", "metric", "value")
+TRAINING_NAME = "training.csv"  # beside the sweep's CSV: every method's training points (the report's cost figure)
 
 
 def forward_equivalents(costs: dict[str, float], updates: int) -> float:
@@ -100,8 +124,10 @@ def _builtins() -> None:
 
 
 def method_names() -> tuple[str, ...]:
+    """The registered methods' names: fastdiff's own in BUILTIN order, then the others in registration order."""
     _builtins()
-    return tuple(_METHODS)
+    rank = {module: i for i, module in enumerate(BUILTIN)}
+    return tuple(sorted(_METHODS, key=lambda n: rank.get(type(_METHODS[n]).__module__, len(BUILTIN))))
 
 
 def get_method(name: str) -> Method:
@@ -110,7 +136,8 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise FastdiffError(f"--method: unknown {name!r}; choose from {', '.join(_METHODS)} (several: pd,cd)") from None
+        raise FastdiffError(f"--method: unknown {name!r}; choose from {', '.join(method_names())} "
+                            "(several: pd,cd)") from None
 
 
 def parse_methods(text: str) -> tuple[Method, ...]:
@@ -121,6 +148,49 @@ def parse_methods(text: str) -> tuple[Method, ...]:
     if len(set(names)) < len(names):
         raise FastdiffError(f"--method {text!r} names a method twice")
     return tuple(get_method(n) for n in names)
+
+
+def students_evaluations(run, method: Method) -> list[dict]:
+    """TRAINING_FIELDS rows of `method`'s student checkpoints in `run`/students that carry their own evaluation
+    (role.evaluation: one dict or one per NFE) and cost, sorted by (updates, NFE)."""
+    from pathlib import Path
+
+    from fastdiff.checkpoint import load_checkpoint, role_of
+
+    rows = []
+    for path in sorted((Path(run) / "students").glob("*.pt")):
+        ckpt = load_checkpoint(path)
+        role, cost = role_of(ckpt, path), ckpt.get("cost") or {}
+        if role["method"] != method.name or role["sampler"] is None or not role.get("evaluation") \
+                or "updates" not in cost:  # (a guided run's first stage is no student of the sweep)
+            continue
+        evaluations = role["evaluation"] if isinstance(role["evaluation"], list) else [role["evaluation"]]
+        rows += [{"method": method.label or method.name, "short": method.short or method.name.upper(),
+                  "nfe": int(e["nfe"]), "updates": int(cost["updates"]),
+                  "forward_equivalents": cost.get("forward_equivalents", ""), "wall_clock_s": cost.get("wall_clock_s", ""),
+                  "metric": e["metric"], "value": e["student_value"]} for e in evaluations]
+    unique = {(r["updates"], r["nfe"]): r for r in rows}  # a final student may also be saved as a snapshot
+    return [unique[k] for k in sorted(unique)]
+
+
+def write_training_points(run, methods, out) -> Path | None:
+    """`out`/training.csv: the training points of `methods` (in order) from `run`; None (nothing written) when none
+    has any."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from fastdiff.io import write_text
+
+    rows = [row for method in methods for row in method.training_points(run)]
+    if not rows:
+        return None
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=TRAINING_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(Path(out) / TRAINING_NAME, text.getvalue())
+    return Path(out) / TRAINING_NAME
 
 
 # --- what a method's run shares -----------------------------------------------------------------------------------

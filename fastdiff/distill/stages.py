@@ -6,14 +6,13 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import LoadedModel, load_model, load_resumable
-from fastdiff.distill.config import DistillConfig
 from fastdiff.distill.progressive import student_loss, teacher_fn
 from fastdiff.errors import FastdiffError
 from fastdiff.guidance import guided_x0_eps
@@ -21,6 +20,9 @@ from fastdiff.runs import RoundLog
 from fastdiff.samplers import make_grid, sample
 from fastdiff.schedules import Schedule
 from fastdiff.train import TrainConfig
+
+if TYPE_CHECKING:  # not at import: fastdiff.distill.config imports the methods, which import this module
+    from fastdiff.distill.config import DistillConfig
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from fastdiff.report.sweep import (GUIDANCE_STEPS, MAX_GRID_BUDGETS, MAX_TABLE_B
                                    best_per_line, best_table, cost_table, grid_budgets, guidance_section,
                                    pivot_table, plot_fid, plot_other_metrics, plot_sample_grid, provenance_table,
                                    sweep_section, table_budgets)
-from fastdiff.report.training import TRAINING_CD, TRAINING_PD, training_points, training_section  # noqa: E402
+from fastdiff.report.training import TRAINING, TRAINING_CD, TRAINING_PD, training_points, training_section  # noqa: E402
 from fastdiff.results import COVERAGE_NAME, CSV_NAME  # noqa: E402
 
 __all__ = ["GUIDANCE_STEPS", "LINE", "MAX_GRID_BUDGETS", "MAX_TABLE_BUDGETS", "NUMERIC", "OTHER_METRICS", "SWEEP",
-           "TRAINING_CD", "TRAINING_PD", "best_per_line", "best_table", "cost_table", "gpu_section", "grid_budgets",
+           "TRAINING", "TRAINING_CD", "TRAINING_PD", "best_per_line", "best_table", "cost_table", "gpu_section", "grid_budgets",
            "guidance_section", "line_label", "main", "md_table", "pivot_table", "plot_fid", "plot_other_metrics",
            "plot_sample_grid", "provenance_table", "read_results", "sweep_section", "table_budgets",
            "training_points", "training_section", "write_report"]

@@ -265,29 +265,38 @@ def _inversion(u: dict) -> list[str]:
 
 
 def equal_cost(folder: Path) -> list[str]:
-    """PD vs CD at equal optimiser updates, from the run's training logs copied beside the sweep (training_pd.csv,
-    training_cd.csv; the round metric on the round's samples); [] without both."""
-    from fastdiff.report.training import TRAINING_CD, TRAINING_PD
+    """The run's methods at equal optimiser updates, where the first method saved a student (a PD round's end) and
+    the others snapshot; from the training points beside the sweep (the round metric on the round's samples);
+    [] with fewer than two methods."""
+    from fastdiff.report.training import methods_in_order, training_points
 
-    if not ((folder / TRAINING_PD).exists() and (folder / TRAINING_CD).exists()):
+    points = training_points(folder)
+    if points is None or len(methods_in_order(points)) < 2:
         return []
-    pd_rows = pd.read_csv(folder / TRAINING_PD).assign(cumulative=lambda d: d.updates.cumsum())
-    cd_rows = pd.read_csv(folder / TRAINING_CD)
+    first, *others = methods_in_order(points)
+    short = dict(zip(points.method, points.short))
+    ref = points[points.method == first]
     parts = []
     for nfe in (1, 2, 4):
-        p = pd_rows[pd_rows.student_steps == nfe]
-        c = cd_rows[(cd_rows.nfe == nfe) & cd_rows.updates.isin(p.cumulative)]
-        if len(p) and len(c):
-            parts.append(f"{nfe} NFE at {int(p.cumulative.iloc[0])} updates: PD {p.student_value.iloc[0]:.3g}, CD "
-                         f"{c.student_value.iloc[0]:.3g}")
+        p = ref[ref.nfe == nfe]
+        if not len(p):
+            continue
+        same = [points[(points.method == m) & (points.nfe == nfe) & (points.updates == p.updates.iloc[0])]
+                for m in others]
+        if all(len(c) for c in same):
+            parts.append(f"{nfe} NFE at {int(p.updates.iloc[0])} updates: {short[first]} {p.fid.iloc[0]:.3g}, "
+                         + ", ".join(f"{short[m]} {c.fid.iloc[0]:.3g}" for m, c in zip(others, same)))
     if not parts:
         return []
-    last = cd_rows[cd_rows.updates == cd_rows.updates.max()]
-    best = cd_rows.loc[cd_rows.groupby("nfe").student_value.idxmin()]
-    return ["At equal cost (optimiser updates of the same batch, cumulative from the teacher; the run's own "
-            f"evaluation, {pd_rows.metric.iloc[0]}): " + "; ".join(parts) + ". CD's best over its run: "
-            + ", ".join(f"{r.student_value:.3g} at {int(r.nfe)} NFE ({int(r.updates)} updates)"
-                        for r in best.itertuples()) + f"; it ran {int(last.updates.iloc[0])} updates.", ""]
+    text = ("At equal cost (optimiser updates of the same batch, cumulative from the teacher; the run's own "
+            f"evaluation, {points.metric.iloc[0]}): " + "; ".join(parts) + ".")
+    for m in others:
+        mine = points[points.method == m]
+        best = mine.loc[mine.groupby("nfe").fid.idxmin()]
+        text += (f" {short[m]}'s best over its run: " + ", ".join(
+            f"{r.fid:.3g} at {int(r.nfe)} NFE ({int(r.updates)} updates)" for r in best.itertuples())
+            + f"; it ran {int(mine.updates.max())} updates.")
+    return [text, ""]
 
 
 def update_readme(readme: Path, results_dir: Path) -> list[str]:
