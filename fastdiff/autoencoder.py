@@ -133,7 +133,7 @@ def train_autoencoder(cfg: AutoencoderConfig, progress: bool = True) -> Path:
         opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         x_all = data.x.to(device)
-        start = ckpt["step"] if ckpt is not None else 0
+        start = runs.update_of(ckpt) if ckpt is not None else 0
         metrics = runs.MetricsLog(run / "metrics.csv", ["update", "loss", "wall_s"], start)
         acc = [0.0, 0]
         t0 = time.perf_counter()

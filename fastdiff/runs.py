@@ -352,7 +352,7 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
                         "optimizers": {k: t.opt.state_dict() for k, t in trained.items()}}
             save_checkpoint(state_path, {**extra_state(), **nets,
                                          **({"emas": {k: e.state_dict() for k, e in kept.items()}} if kept else {}),
-                                         "step": update, "rng": rng, "recent": recent,
+                                         "update": update, "rng": rng, "recent": recent,
                                          "wall_clock_s": time.perf_counter() - t0}, keep_previous=True)
         saved = update
 
@@ -405,8 +405,14 @@ def _resume(state: dict, trained: dict[str, Trained], kept: dict, gen: torch.Gen
         module.load_state_dict(state["emas"][name])
     rng = state["rng"]
     dist.restore_streams(rng if isinstance(rng, dict) else {"data": rng, "torch": [torch.get_rng_state()]},
-                         gen, device, salt, state["step"])  # (a list: a state of fastdiff before 0.2)
-    return state["step"], list(state.get("recent", [])), state.get("wall_clock_s", 0.0)
+                         gen, device, salt, update_of(state))  # (a list: a state of fastdiff before 0.2)
+    return update_of(state), list(state.get("recent", [])), state.get("wall_clock_s", 0.0)
+
+
+def update_of(state: dict) -> int:
+    """The optimiser updates a state checkpoint (state.pt, a teacher's checkpoint.pt) holds: its key `update`, or
+    `step` in files of earlier versions."""
+    return int(state["update"] if "update" in state else state["step"])
 
 
 @dataclass

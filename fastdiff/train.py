@@ -250,7 +250,7 @@ def _fit_teacher(cfg: TrainConfig, run: Path, data, ckpt: dict | None, device, p
     start, acc = 0, [0.0, 0]  # the metrics row in progress: sum of losses, count
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
-        start, acc = ckpt["step"], list(ckpt.get("loss_acc", (0.0, 0)))  # so that metrics.csv matches too
+        start, acc = runs.update_of(ckpt), list(ckpt.get("loss_acc", (0.0, 0)))  # so that metrics.csv matches too
     if start >= cfg.updates:
         log.info("%s already finished (%d updates); nothing to do", run, start)
         return
@@ -328,7 +328,7 @@ def dry_run(cfg: TrainConfig) -> int:
     run = Path(cfg.out_dir)
     runs.check_run_dir(run, cfgs.to_dict(cfg), NON_RESULT_FIELDS, cfgs.to_dict(TrainConfig()), TrainConfig.RENAMED)
     ckpt = load_resumable(run / CKPT_NAME, set_aside=False) if run.is_dir() else None
-    start = 0 if ckpt is None else ckpt["step"]
+    start = 0 if ckpt is None else runs.update_of(ckpt)
     params = sum(p.numel() for p in build_network(cfg).parameters())
     print(f"{cfg.arch} of {params:,} parameters on {cfg.dataset} ({len(data.x)} examples), {cfg.schedule} schedule, "
           f"param {cfg.param}: updates {start} -> {cfg.updates} in {run}" + (" (resumed)" if start else ""))

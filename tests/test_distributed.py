@@ -214,7 +214,7 @@ def test_two_process_distillation_stopped_on_one_rank_then_resumed_by_the_cli(tm
     assert "state.pt" in after_kill and "rounds.csv" not in after_kill
     for r in range(2):  # the stop was agreed: both ranks stopped after the same update, with its state on disk
         assert f"at update {STOP_AT}/16" in (out / f"stopped_rank{r}.txt").read_text()
-    assert torch.load(out / "run" / "state.pt", weights_only=True)["step"] == STOP_AT
+    assert torch.load(out / "run" / "state.pt", weights_only=True)["update"] == STOP_AT
     for r in range(2):  # rank 0 refused the run dir, and every rank raised it
         assert "holds a different config" in (out / f"refused_rank{r}.txt").read_text()
 

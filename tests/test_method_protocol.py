@@ -148,7 +148,7 @@ def test_a_toy_method_runs_end_to_end_from_one_file(tmp_path, toy_method, shared
     with runs.graceful_stop(), pytest.raises(Preempted):
         distill(cfg, progress=False, on_step=stop_at_3)
     state = _load_state_ok(tmp_path / "distill")
-    assert state["stage"] == "toy" and state["step"] == 3 and set(state["modules"]) == {"critic", "student"}
+    assert state["stage"] == "toy" and state["update"] == 3 and set(state["modules"]) == {"critic", "student"}
     seen = []
     run = distill(cfg, progress=False, on_step=lambda r, u: seen.append(u))
     assert seen == [4, 5, 6]  # resumed after update 3

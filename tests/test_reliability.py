@@ -98,7 +98,7 @@ def test_sigterm_stops_training_after_the_update_with_a_checkpoint_and_exit_143(
 
     assert run_cli(stop_on_arrival, [*argv, "--out-dir", str(run)]) == 143
     assert "stopped by SIGTERM in train toy2d at update 1/30" in capsys.readouterr().err
-    assert CK.load_checkpoint(run / "checkpoint.pt")["step"] == 1
+    assert CK.load_checkpoint(run / "checkpoint.pt")["update"] == 1
 
     def sigint_at_13(step):  # a real signal, through the handler graceful_stop installs
         if step == 13:
@@ -106,7 +106,7 @@ def test_sigterm_stops_training_after_the_update_with_a_checkpoint_and_exit_143(
 
     with runs.graceful_stop(), pytest.raises(Preempted) as stop:
         T.train(_cfg(argv, run), progress=False, on_step=sigint_at_13)
-    assert stop.value.exit_code == 130 and CK.load_checkpoint(run / "checkpoint.pt")["step"] == 13
+    assert stop.value.exit_code == 130 and CK.load_checkpoint(run / "checkpoint.pt")["update"] == 13
     seen = []
     T.train(_cfg(argv, run), progress=False, on_step=seen.append)
     assert seen[0] == 14  # nothing lost: it goes on from the update it stopped at
@@ -276,7 +276,7 @@ def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(small_disk
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot write '{run}/")
     assert ("no space left on the device (needs 0." in err[0]) if fault == "full" else ("read-only" in err[0])
-    assert CK.load_checkpoint(run / "checkpoint.pt")["step"] == 10  # the last good checkpoint, intact
+    assert CK.load_checkpoint(run / "checkpoint.pt")["update"] == 10  # the last good checkpoint, intact
     assert not list(run.glob(".*.tmp"))  # no half-written file left behind
     if fault == "full":
         filler[0].unlink()

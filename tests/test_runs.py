@@ -42,7 +42,7 @@ def test_accumulated_micro_batches_make_the_full_batch_update(tmp_path):
     torch.testing.assert_close(a.bias, b.bias, rtol=0, atol=1e-6)
     assert abs(fitted_a.loss - fitted_b.loss) < 1e-5  # the mean loss of an update is the mean over its micro-batches
     saved = load_checkpoint(tmp_path / "a.pt")
-    assert saved["step"] == 3 and len(saved["recent"]) == 3 and "rng" in saved  # the final state is kept too
+    assert saved["update"] == 3 and len(saved["recent"]) == 3 and "rng" in saved  # the final state is kept too
 
 
 def test_a_non_finite_loss_stops_with_the_checkpoint_named(tmp_path):
@@ -61,13 +61,16 @@ def test_resumed_fit_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
     with pytest.raises(Preempted, match="at update 3/5"):
         _fit(tmp_path, noisy, total=5, name="cut", on_step=lambda u: runs.request_stop() if u == 3 else None)
     runs._stop_signal = None
+    state = load_checkpoint(tmp_path / "cut.pt")
+    state["step"] = state.pop("update")  # as earlier versions wrote it: resumes the same
+    assert runs.update_of(state) == 3
     torch.manual_seed(0)
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(0)
     runs.fit(net, opt, total=5, loss_fn=noisy(gen), lr_at=lambda u: 0.1, gen=gen, salt=0, device=torch.device("cpu"),
-             state_path=tmp_path / "cut.pt", ckpt_every=2, label="cut", resume=load_checkpoint(tmp_path / "cut.pt"),
-             progress=False, extra_state=lambda: {"config": {}})
+             state_path=tmp_path / "cut.pt", ckpt_every=2, label="cut", resume=state, progress=False,
+             extra_state=lambda: {"config": {}})
     assert torch.equal(net.weight, whole.weight) and torch.equal(net.bias, whole.bias)
 
 
@@ -106,7 +109,7 @@ def test_fit_trains_named_networks_on_a_schedule_and_resumes_them_bit_for_bit(tm
     assert calls == {"critic": 12, "student": 6}  # 2 critic steps, then 1 student step, per update
     saved = load_checkpoint(tmp_path / "whole.pt")
     assert set(saved["modules"]) == set(saved["optimizers"]) == {"critic", "student"} and "model" not in saved
-    assert set(saved["emas"]) == {"ema"} and saved["step"] == 6
+    assert set(saved["emas"]) == {"ema"} and saved["update"] == 6
     ema = fitted.emas["ema"]
     assert not torch.equal(ema.weight, student.weight) and not ema.weight.requires_grad
 

@@ -78,7 +78,7 @@ def _assert_same_state(a, b, where="checkpoint"):
 
 def _assert_same_run(run, ref, steps):
     got, want = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(ref / "checkpoint.pt")
-    assert got["step"] == want["step"] == steps
+    assert got["update"] == want["update"] == steps
     for key in ("model", "ema", "optimizer", "rng"):
         _assert_same_state(got[key], want[key], key)
     rows, ref_rows = _metrics(run), _metrics(ref)
@@ -98,7 +98,7 @@ def test_cli_writes_config_metrics_and_checkpoint(tmp_path, pictures):
     assert [int(r["update"]) for r in rows] == list(range(5, 41, 5))
     assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    assert ckpt["step"] == 40 and ckpt["kind"] == "teacher" and ckpt["param"] == cfg.param
+    assert ckpt["update"] == 40 and ckpt["kind"] == "teacher" and ckpt["param"] == cfg.param
     assert ckpt["config"] == cfgs.to_dict(cfg) and ckpt["data_shape"] == [1, 8, 8]
     assert not all(torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
     assert pictures == [(40, False)]  # drawn at the end, from the EMA net in eval mode (no dropout)
@@ -116,7 +116,7 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, pictures,
         mp.setattr(T, "save_sample_picture", interrupt)
         assert run_cli(T.main, [*UNET_ARGS, "--sample-every", "27", "--out-dir", str(run)]) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err
-    assert load_checkpoint(run / "checkpoint.pt")["step"] == 20
+    assert load_checkpoint(run / "checkpoint.pt")["update"] == 20
     assert [int(r["update"]) for r in _metrics(run)][-1] == 25  # logged past the checkpoint, trimmed on resume
 
     # 2) resume, then stop again at step 33 through train()'s callback
@@ -126,7 +126,7 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, pictures,
 
     with pytest.raises(KeyboardInterrupt):
         T.train(_cfg(UNET_ARGS, run), progress=False, on_step=stop_at_33)
-    assert load_checkpoint(run / "checkpoint.pt")["step"] == 30
+    assert load_checkpoint(run / "checkpoint.pt")["update"] == 30
 
     # 3) resume to the end
     assert run_cli(T.main, [*UNET_ARGS, "--out-dir", str(run)]) == 0
@@ -341,7 +341,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    step = load_checkpoint(run / "checkpoint.pt")["update"]
     assert step >= 40 and int(_metrics(run)[-1]["update"]) >= step
     final = ["--updates", str(step + 20)]
     with pytest.MonkeyPatch.context() as mp:
