@@ -78,16 +78,11 @@ def get(cfg, path: str):
 
 def replace(cfg, changes: dict[str, Any]):
     """A copy of frozen config `cfg` with the values at the dotted paths of `changes` replaced (sections copied)."""
-    direct, nested = {}, {}
-    for path, value in changes.items():
-        head, dot, rest = path.partition(".")
-        if dot:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            direct[path] = value
-    for head, sub in nested.items():
-        direct[head] = replace(getattr(cfg, head), sub)
-    return dataclasses.replace(cfg, **direct)
+    def value(name, new):  # a section's changes are a dict of its own paths
+        old = getattr(cfg, name)
+        return replace(old, new) if dataclasses.is_dataclass(old) and isinstance(new, dict) else new
+
+    return dataclasses.replace(cfg, **{name: value(name, new) for name, new in _nest(changes).items()})
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
