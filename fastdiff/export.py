@@ -40,7 +40,7 @@ def pick(source: str, steps: int) -> Path:
             role = role_of(load_checkpoint(f), f)
             if not role or not role["swept"] or not role["sampler"]:
                 continue
-            if registry.sampler(role["sampler"]).diffusers is None:
+            if not registry.sampler(role["sampler"]).exports(int(role["steps"])):
                 refused.add(role["sampler"])
                 continue
             found.setdefault(int(role["steps"]), f)
@@ -61,6 +61,8 @@ def own_evaluation(ckpt_path: Path, ckpt: dict, steps: int | None) -> str:
     """The student's own evaluation from its checkpoint (its `role`'s evaluation: metric, value, the teacher's DDIM
     at the same N), or, for a progressive student of fastdiff before 0.7, from its run's rounds.csv; else '-'."""
     row = (ckpt.get("role") or {}).get("evaluation")
+    if isinstance(row, list):  # one per NFE (a multistep student's): the one at its own N
+        row = next((r for r in row if int(r["nfe"]) == steps), row[-1] if row else None)
     rounds = ckpt_path.parent.parent / "rounds.csv"
     if row is None and steps and rounds.is_file() and not ckpt.get("role"):
         with open(rounds, newline="") as f:
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = load_checkpoint(path)
     if model.kind == "student":
         entry = registry.find(model.sampler)
-        if entry is None or entry.diffusers is None:
+        if entry is None or not entry.exports(int(model.role["steps"] or model.steps or 0)):
             why = entry.refusal if entry is not None else f"it has no sampler fastdiff knows ({model.sampler!r})"
             raise FastdiffError(f"{path}: a {entry.student_label if entry else 'student'} does not export to a stock "
                                 f"diffusers pipeline: {why}; sample it with python -m fastdiff.sample")

@@ -138,16 +138,29 @@ def consistency_grid(schedule: Schedule, n: int, steps: int) -> torch.Tensor:
     return torch.cat([bounds[idx], bounds.new_zeros(1)])
 
 
+def student_subgrid(n: int, steps: int) -> torch.Tensor:
+    """(steps+1,) `steps` <= n of the times of an n-step student's grid t = i/n: i = round(j n / steps) for
+    j = steps..1, then 0 (one step: t = 1; steps = n: the whole grid). The times a student trained on every point of
+    its n-step grid can be sampled at with fewer steps (a multistep generator that re-noises between steps)."""
+    if not 1 <= steps <= n:
+        raise FastdiffError(f"a student trained on {n} steps samples with 1 <= steps <= {n}, got {steps}")
+    return torch.tensor([round(j * n / steps) / n for j in range(steps, 0, -1)] + [0.0], dtype=torch.float64)
+
+
 def make_grid(kind: str, steps: int, schedule: Schedule) -> torch.Tensor:
-    """(steps+1,) the grid named `kind` (one of GRIDS, or "cd{n}") with `steps` steps for `schedule`.
+    """(steps+1,) the grid named `kind` (one of GRIDS, "cd{n}" or "student{n}") with `steps` steps for `schedule`.
 
     "full" is k/T and needs steps == schedule.T; "student" is i/steps (any steps >= 1); the spacings are
     strided sub-grids of schedule.T; "logsnr" and "karras" are continuous in t; "cd{n}" (e.g. cd18) is
-    `consistency_grid` of a consistency student trained on n karras steps.
+    `consistency_grid` of a consistency student trained on n karras steps; "student{n}" is `student_subgrid`: steps
+    <= n of the n-step student grid.
     """
     cd = re.fullmatch(r"cd([0-9]+)", kind)
     if cd:
         return consistency_grid(schedule, int(cd.group(1)), steps)
+    sub = re.fullmatch(r"student([0-9]+)", kind)
+    if sub:
+        return student_subgrid(int(sub.group(1)), steps)
     if kind not in GRIDS:
         raise FastdiffError(f"unknown grid {kind!r}; choose one of {', '.join(GRIDS)}")
     if steps < 1:

@@ -14,7 +14,8 @@ Row rules (`rows`):
 - ``every``: one row per step count on the entry's fixed `grid`;
 - ``heun``: one row per (n + 1) // 2 over the step counts n on the fixed `grid` (NFE = 2 steps - 1 tracks n);
 - ``own``: one row per student, on its own grid with its own step count (a progressive student's i/N);
-- ``upto``: one row per step count <= the student's N, on the student's own grid (multistep consistency sampling).
+- ``upto``: one row per step count <= the student's N, on the student's own grid (multistep consistency sampling, a
+  DMD2 generator's re-noising sampler).
 """
 from __future__ import annotations
 
@@ -55,8 +56,13 @@ class SamplerEntry:
     summary: int | None = None
     full_only: bool = False
     diffusers: str | None = None
+    diffusers_max_steps: int = 0  # a student of more steps does not export (its `refusal` says why); 0: any N
     refusal: str = ""
     description: str = ""
+
+    def exports(self, steps: int) -> bool:
+        """Whether a stock diffusers scheduler reproduces this sampler for a student of `steps` steps."""
+        return self.diffusers is not None and (not self.diffusers_max_steps or steps <= self.diffusers_max_steps)
 
     @property
     def student(self) -> bool:
@@ -224,6 +230,16 @@ for _entry in (
                          "scheduler runs that (DDIMScheduler starts at t = 1; LCMScheduler's boundary condition and "
                          "timesteps differ)",
                  description="a consistency-distilled student: multistep consistency sampling on its grid cd{N}"),
+    SamplerEntry("dmd2", _lazy("fastdiff.distill.dmd2:sample_student"), "upto",
+                 label="DMD2 student ({grid}, re-noised)", deterministic=False, model="dmd2",
+                 student_label="distribution-matching (DMD2) student", short="DMD2 student", summary=1,
+                 diffusers="DDIMScheduler", diffusers_max_steps=1,
+                 method_title="distribution-matching distillation, DMD2 (Yin et al. 2024)",
+                 refusal="an N-step DMD2 generator re-noises its x0^ with fresh noise between steps; DDIMPipeline "
+                         "turns any scheduler into DDIM, and LCMScheduler's boundary scalings are not exactly 0 and 1 "
+                         "(its 1-step student exports: one DDIM step from t = 1 is its sampler)",
+                 description="a distribution-matching (DMD2) generator: x0^, re-noised to each later time of its "
+                             "grid student{N}"),
 ):
     register_sampler(_entry)
 _installed.extend(_SAMPLERS)

@@ -310,7 +310,7 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
         after_update: Callable[[int, float, float, torch.Tensor | None], None] | None = None,
         on_step: Callable[[int], None] | None = None, grad_clip: float | None = None, accumulate: int = 1,
         autocast: bool = False, progress: bool = True,
-        emas: dict[str, tuple[str, float]] | None = None) -> Fitted:
+        emas: dict[str, tuple] | None = None) -> Fitted:
     """The one optimiser loop of fastdiff: teacher training and every distiller run their updates through it.
 
     It trains one network (`net`, `opt`, `loss_fn`) or a set of named ones (`net` = {name: Trained}): one update runs
@@ -319,7 +319,8 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
     syncs the gradients of the last one only), stops on a non-finite loss, clips the gradient norm to `grad_clip` if
     given and steps the optimiser; bf16 autocast on CUDA with `autocast`. `emas` {name: (trained name, decay)}: EMAs
     of any trained network, updated after every update (e <- decay e + (1 - decay) p), saved and restored with it
-    and returned in Fitted.emas. Then `after_update(update, loss, lr, grad_norm)` (of the last network: a method's
+    and returned in Fitted.emas; (trained name, decay, module) keeps the EMA in `module` (a copy of the network the
+    caller made: a method that samples its EMA while training, for snapshots). Then `after_update(update, loss, lr, grad_norm)` (of the last network: a method's
     bookkeeping, logging), a checkpoint every `ckpt_every` updates and at the end (`state_path`, the previous one
     kept: every network and optimiser, the EMAs, update, every RNG stream, the recent losses, the wall-clock and
     `extra_state()`), `on_step`, and a graceful stop if SIGTERM/SIGINT asked for one (agreed by every rank;
@@ -333,8 +334,9 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
     trained = net if isinstance(net, dict) else {"model": Trained(net, opt, loss_fn)}
     if not trained or any(t.steps < 1 for t in trained.values()):
         raise FastdiffError(f"{label}: fit needs at least one network, each with steps >= 1")
-    kept = {name: copy.deepcopy(trained[src].net).eval().requires_grad_(False) for name, (src, _) in
-            (emas or {}).items()}
+    kept = {name: (spec[2] if len(spec) > 2 else copy.deepcopy(trained[spec[0]].net)).eval().requires_grad_(False)
+            for name, spec in (emas or {}).items()}
+    decays = {name: (spec[0], spec[1]) for name, spec in (emas or {}).items()}
     update, recent, wall = (_resume(resume, trained, kept, gen, device, salt) if resume is not None
                             else (0, [], 0.0))
     if resume is not None:
@@ -370,7 +372,7 @@ def fit(net: torch.nn.Module | dict[str, Trained], opt: torch.optim.Optimizer | 
                 for _ in range(t.steps):
                     value, grad_norm = step(lr, update)
             with torch.no_grad():
-                for name, (src, decay) in (emas or {}).items():
+                for name, (src, decay) in decays.items():
                     for pe, p in zip(kept[name].parameters(), trained[src].net.parameters()):
                         pe.lerp_(p, 1 - decay)
             update += 1

@@ -432,7 +432,25 @@ def consistency(model, x, ts, *, schedule: Schedule, param: str, clip: bool = Fa
     """
     check_grid(ts)
     net = lambda x_t, t_net: _guided(*_evaluate(model, x_t, t_net, guidance), guidance)  # noqa: E731
-    f = consistency_fn(net, schedule, param)
+    return _renoise_loop(consistency_fn(net, schedule, param), x, ts, schedule, clip, generator, return_trajectory)
+
+
+def renoising(model, x, ts, *, schedule: Schedule, param: str, clip: bool = False, generator: Generators = None,
+              return_trajectory: bool = False, guidance: float | None = None) -> Sample:
+    """(B, ...) x at ts[0] -> Sample: a multistep generator's sampler (DMD2, Yin et al. 2024, Sec. 4.3), NFE = steps.
+
+    x0 = the model's x0 prediction at (x, ts[0]); at every later positive time tau of ts: x = alpha_tau x0 +
+    sigma_tau z with fresh z per sample from `generator`, x0 = its prediction at tau. Returns the last x0 (clamped
+    to [-1, 1] with clip). Multistep consistency sampling with the plain denoiser in place of the consistency
+    function (the two agree for v; for x0 the consistency function adds the c_skip boundary condition)."""
+    check_grid(ts)
+    net = lambda x_t, t_net: _guided(*_evaluate(model, x_t, t_net, guidance), guidance)  # noqa: E731
+    x0_eps = denoiser(net, schedule, param)
+    return _renoise_loop(lambda x_t, t: x0_eps(x_t, t)[0], x, ts, schedule, clip, generator, return_trajectory)
+
+
+def _renoise_loop(f, x, ts, schedule: Schedule, clip: bool, generator: Generators, return_trajectory: bool) -> Sample:
+    """x0 = f(x, t) at ts' first positive time, then re-noise to each later one and predict again."""
     b = x.shape[0]
     times = ts[ts > 0]
     trajectory = [x] if return_trajectory else None

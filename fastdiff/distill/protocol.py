@@ -88,7 +88,7 @@ def forward_equivalents(costs: dict[str, float], updates: int) -> float:
 
 
 _METHODS: dict[str, Method] = {}
-BUILTIN = ("fastdiff.distill.pd", "fastdiff.distill.consistency")  # fastdiff's own, registered when imported
+BUILTIN = ("fastdiff.distill.pd", "fastdiff.distill.consistency", "fastdiff.distill.dmd2")  # fastdiff's own, registered when imported
 
 
 def register_method(method: Method, replace: bool = False) -> Method:
