@@ -185,9 +185,10 @@ def test_a_dmd2_run_follows_its_schedule_resumes_bit_for_bit_and_joins_the_sweep
 @pytest.mark.slow
 def test_a_one_step_dmd2_student_exports_and_a_multistep_one_is_refused(tmp_path, shared_cache, capsys):
     """Of a tiny diffusers UNet2DModel teacher: the 1-step generator exports as a DDIMPipeline (one DDIM step from
-    t = 1 is its sampler; export samples the folder with diffusers and compares); a 2-step one is refused with the
-    reason, writing nothing."""
+    t = 1 is its sampler; export samples the folder with diffusers and compares); a 2-step one (trained with the GAN
+    head) is refused with the reason, writing nothing."""
     diffusers = pytest.importorskip("diffusers")
+    from fastdiff.checkpoint import load_checkpoint
     from fastdiff.distill.cli import main as distill_main
     from fastdiff.export import main as export_main
     from test_diffusers import T, tiny_unet
@@ -204,7 +205,13 @@ def test_a_one_step_dmd2_student_exports_and_a_multistep_one_is_refused(tmp_path
     assert "diffusers DDIMPipeline max rel diff" in card
     student = fastdiff.load_student(tmp_path / "one" / "students" / "dmd2.pt")
     assert fastdiff.load_model(tmp_path / "export").hash == student.hash
-    assert distill_main([*common, "--dmd2.steps", "2", "--out-dir", str(tmp_path / "two")]) == 0
+    # a 2-step generator, with DMD2's GAN head on the fake score's bottleneck (the diffusers UNet's mid_block)
+    assert distill_main([*common, "--dmd2.steps", "2", "--dmd2.gan", "--out-dir", str(tmp_path / "two")]) == 0
+    state = load_checkpoint(tmp_path / "two" / "state.pt")
+    assert any(k.startswith("head.") for k in state["modules"]["fake_score"])
+    two = fastdiff.load_student(tmp_path / "two" / "students" / "dmd2.pt")
+    # per update and example: teacher 1; generator 2 x (1 + 0.5) + 0.5 + 3; fake 2 x (3 + 2 x 3) + 1 + 3
+    assert two.cost["forward_equivalents"] == 2 * 8 * (1 + 6.5 + 22)
     capsys.readouterr()
     assert run_cli(export_main, [str(tmp_path / "two" / "students" / "dmd2.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "a distribution-matching (DMD2) student does not export to a stock diffusers pipeline: an N-step DMD2" \

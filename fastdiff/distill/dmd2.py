@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 from fastdiff import config as cfgs
 from fastdiff.distill.protocol import (FORWARD, TRAINED, Method, evaluate_student, forward_equivalents, get_method,
                                        register_method, resume_state, save_student, student_cost)
 from fastdiff.errors import FastdiffError
-from fastdiff.losses import noised
+from fastdiff.losses import T_MIN, noised
 
 if TYPE_CHECKING:
     from fastdiff.distill.config import DistillConfig
@@ -48,6 +49,9 @@ class DMD2Options:
     ema_decay: float = 0.99  # EMA of the generator that is saved and evaluated (0: the raw weights)
     grad_clip: float = 10.0  # gradient-norm clip of both networks (DMD2's max_grad_norm; 0: none)
     guidance: float = 2.0  # guided teachers: the CFG weight w of the real score (fastdiff's w: 1 is conditional)
+    gan: bool = False  # DMD2's GAN head on the fake score's bottleneck (Sec. 4.2): real data vs generator samples
+    gan_generator_weight: float = 3e-3  # weight of the non-saturating GAN loss in the generator's loss (DMD2 ImageNet)
+    gan_classifier_weight: float = 1e-2  # weight of the head's classification loss in the fake score's loss
     eval_every: int = 0  # updates between extra student snapshots (besides the PD students' costs and the end)
 
 
@@ -79,6 +83,52 @@ def fake_score_loss(fake_net, x: torch.Tensor, schedule, param: str, weighting: 
     from fastdiff.losses import diffusion_loss
 
     return diffusion_loss(fake_net, x.detach(), schedule, param, weighting, gen, y=y).mean()
+
+
+class GANHead(torch.nn.Module):
+    """DMD2's GAN classifier (Sec. 4.2) on a feature map (B, C, h, w) -> (B,) realism logits: conv 3x3, GroupNorm,
+    SiLU, the spatial mean, a linear layer (DMD2's head is convolutions down to 1x1; this one takes any h, w)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1),
+                                        torch.nn.GroupNorm(groups, channels), torch.nn.SiLU())
+        self.out = torch.nn.Linear(channels, 1)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(feat).mean((2, 3))).squeeze(1)
+
+
+def bottleneck(net: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is `net`'s bottleneck feature map: fastdiff's U-Net's last middle block, a diffusers
+    UNet2DModel's mid_block; FastdiffError for a network without one."""
+    if hasattr(net, "mid"):
+        return net.mid[-1]
+    unet = getattr(net, "unet", None)
+    if unet is not None and getattr(unet, "mid_block", None) is not None:
+        return unet.mid_block
+    raise FastdiffError(f"--dmd2.gan needs a U-Net with a bottleneck (fastdiff's UNet or a diffusers UNet2DModel), "
+                        f"not a {type(net).__name__}")
+
+
+class FakeScore(torch.nn.Module):
+    """The fake-score network with DMD2's GAN head: forward(x, t) is the network's; forward(x, t, logits=True) the
+    head's realism logits of x from the network's bottleneck at (x, t) (one forward of the network)."""
+
+    def __init__(self, net: torch.nn.Module, data_shape):
+        super().__init__()
+        self.net, self._feat = net, []
+        bottleneck(net).register_forward_hook(lambda _m, _i, out: self._feat.append(out))
+        with torch.no_grad():
+            net(torch.zeros(1, *data_shape, device=next(net.parameters()).device),
+                torch.full((1,), 0.5, device=next(net.parameters()).device))
+        self.head = GANHead(self._feat.pop().shape[1]).to(next(net.parameters()).device)
+
+    def forward(self, x, t, y=None, logits: bool = False):
+        out = self.net(x, t) if y is None else self.net(x, t, y)
+        feat = self._feat.pop()
+        return self.head(feat) if logits else out
 
 
 def generate(gen_x0: Callable, z: torch.Tensor, ts: torch.Tensor, k: int, schedule, gen: torch.Generator,
@@ -133,16 +183,22 @@ class DMD2(Method):
         cfgs.check_range(cfg, "dmd2.eval_every", o.eval_every >= 0, ">= 0 (0: at the PD students' costs and the end)")
         get_method("pd").validate(cfg)  # its budgets are DMD2's equal-cost points
 
+    def check_teacher(self, teacher, cfg: DistillConfig) -> None:
+        if cfg.dmd2.gan:
+            bottleneck(teacher.net)  # the GAN head needs one
+
     def update_cost(self, cfg: DistillConfig) -> dict[str, float]:
         """Per generator update and example: `fake_updates` fake-score steps, each on fresh generator samples (a
         generator forward, plus (N-1)/2 on average for backward simulation) and a fake-score forward + backward;
         then the generator step: its forward + backward (and the simulation's forwards), one teacher evaluation and
-        one fake-score evaluation at the noised sample."""
+        one fake-score evaluation at the noised sample. With the GAN head: the fake network's forward + backward on a
+        real and a generated batch in each fake-score step, and on the generated one in the generator step."""
         o, b = cfg.dmd2, cfg.batch_size
         sim = (o.steps - 1) / 2  # expected forwards of the backward simulation (k ~ U{0..N-1})
+        gan = TRAINED if o.gan else 0  # per pass of the GAN head: the fake network's forward + backward
         return {"teacher": FORWARD * b,
                 "generator": (o.fake_updates * (FORWARD + sim) + sim + TRAINED) * b,
-                "fake_score": (o.fake_updates * TRAINED + FORWARD) * b}
+                "fake_score": (o.fake_updates * (TRAINED + 2 * gan) + FORWARD + gan) * b}
 
     def total(self, cfg: DistillConfig) -> int:
         """--dmd2.updates, or (0) the updates whose forward-equivalents equal the PD rounds' total."""
@@ -199,6 +255,8 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
     generator.load_state_dict(teacher.state_dict())
     fake = build_model(network_from_dict(ctx.teacher0.network)).to(device)
     fake.load_state_dict(teacher.state_dict())
+    if o.gan:
+        fake = FakeScore(fake, ctx.teacher0.data_shape)
     ema = copy.deepcopy(generator)
     real_x0 = denoiser(teacher, schedule, ctx.teacher0.param)
     fake_x0 = denoiser(fake, schedule, ctx.teacher0.param)
@@ -223,16 +281,26 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
         with torch.set_grad_enabled(grad):
             return g_x0(x, t)[0]
 
+    t_clean = torch.full((local_batch,), T_MIN, device=device)  # where the GAN head sees its images (DMD2: sigma_min)
+
     def fake_loss(model) -> torch.Tensor:
         x = samples(generator, grad=False)
-        return fake_score_loss(model, x, schedule, ctx.teacher0.param, ctx.tcfg.weighting, gen)
+        loss = fake_score_loss(model, x, schedule, ctx.teacher0.param, ctx.tcfg.weighting, gen)
+        if o.gan:  # the head's non-saturating classification: data real, generator samples fake
+            real = ctx.x_all[torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)]
+            logits_real, logits_fake = model(real, t_clean, logits=True), model(x.detach(), t_clean, logits=True)
+            loss = loss + o.gan_classifier_weight * (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
+        return loss
 
     def generator_loss(model) -> torch.Tensor:
         x = samples(model, grad=True)
         t = o.t_min + (o.t_max - o.t_min) * torch.rand(local_batch, generator=gen, dtype=torch.float64)
         real = lambda x_t, t_: real_x0(x_t, t_)[0]  # noqa: E731
         fake_fn = lambda x_t, t_: fake_x0(x_t, t_)[0]  # noqa: E731
-        return dm_loss(x, t, real, fake_fn, schedule, gen)
+        loss = dm_loss(x, t, real, fake_fn, schedule, gen)
+        if o.gan:  # (its gradient in the fake network's weights is cleared before the next fake-score step)
+            loss = loss + o.gan_generator_weight * F.softplus(-fake(x, t_clean, logits=True)).mean()
+        return loss
 
     def snapshot(update: int) -> None:
         """students/dmd2_u{update}.pt (and dmd2.pt at the end) with the EMA's own evaluation; rank 0. The
