@@ -217,3 +217,29 @@ def test_a_one_step_dmd2_student_exports_and_a_multistep_one_is_refused(tmp_path
     assert "a distribution-matching (DMD2) student does not export to a stock diffusers pipeline: an N-step DMD2" \
         in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_report_compares_three_methods_at_equal_forward_equivalents(tmp_path):
+    """training.csv with PD (5 fwd-eq per example and update), CD (5) and DMD2 (25): the equal-cost line pairs each
+    PD student with the others' snapshots at the same forward-equivalents (DMD2 at a fifth of the updates), the
+    training-cost table and figure use forward-equivalents, and a method without a point at an NFE is left out there."""
+    from fastdiff.report.readme import equal_cost
+    from fastdiff.report.training import TRAINING, training_section
+
+    rows = ["method,short,nfe,updates,forward_equivalents,wall_clock_s,metric,value",
+            "progressive,PD,2,400,256000,1,fid,3.0", "progressive,PD,1,1200,768000,2,fid,2.5",
+            "consistency,CD,1,400,256000,1,fid,9.0", "consistency,CD,2,400,256000,1,fid,8.0",
+            "consistency,CD,1,1200,768000,2,fid,5.0", "consistency,CD,2,1200,768000,2,fid,4.0",
+            "distribution matching,DMD2,1,80,256000,1,fid,20.0", "distribution matching,DMD2,1,240,768000,2,fid,1.5"]
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / TRAINING).write_text("\n".join(rows) + "\n")
+    text = equal_cost(tmp_path / "digits")[0]
+    assert text.startswith("At equal cost (forward-equivalents of the same batch (a backward = 2 forwards")
+    assert "1 NFE at 7.68e+05 forward-equivalents (PD: 1200 updates): PD 2.5, CD 5, DMD2 1.5" in text
+    assert "; 2 NFE at 2.56e+05 forward-equivalents (PD: 400 updates): PD 3, CD 8." in text  # no 2-NFE DMD2
+    assert "DMD2's best over its run: 1.5 at 1 NFE (240 updates); it ran 240 updates." in text
+    section = "\n".join(training_section(tmp_path / "digits", tmp_path))
+    assert "| NFE | progressive: FID at updates (forward-equivalents) |" in section
+    assert "| 1 | 2.5 at 1200 (7.68e+05 fwd-eq) | 5 at 1200 (7.68e+05 fwd-eq) | never | 1.5 at 240 (7.68e+05 fwd-eq) " \
+           "| 240 (7.68e+05 fwd-eq) |" in section
+    assert (tmp_path / "digits" / "fid_vs_training_cost.png").is_file()

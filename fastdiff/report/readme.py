@@ -157,8 +157,9 @@ def beside_pixel(wide: pd.DataFrame, folder: Path, acc: str) -> list[str]:
         index=["line", "sampler", "nfe", "w"], columns="metric", values="value", aggfunc="first").reset_index()
     ws = sorted(wide.w.unique())
     rows = []
+    present = set(wide.sampler) | set(other.sampler)
     for sampler, label in (("ddim", "teacher, DDIM"),
-                           *((n, registry.sampler(n).short or n) for n in registry.student_samplers())):
+                           *((n, registry.sampler(n).short or n) for n in registry.student_samplers() if n in present)):
         for space, table in (("latent", wide), ("pixel", other)):
             t = table[table.sampler == sampler]
             nfe = int(t.nfe.max()) if sampler == "ddim" else 4
@@ -265,8 +266,9 @@ def _inversion(u: dict) -> list[str]:
 
 
 def equal_cost(folder: Path) -> list[str]:
-    """The run's methods at equal optimiser updates, where the first method saved a student (a PD round's end) and
-    the others snapshot; from the training points beside the sweep (the round metric on the round's samples);
+    """The run's methods at equal cost where the first method saved a student (a PD round's end) and the others
+    snapshot: at the same forward-equivalents (within 2 %: updates are whole) where the points carry them, else at
+    the same optimiser updates; from the training points beside the sweep (the round metric on the round's samples);
     [] with fewer than two methods."""
     from fastdiff.report.training import methods_in_order, training_points
 
@@ -274,6 +276,7 @@ def equal_cost(folder: Path) -> list[str]:
     if points is None or len(methods_in_order(points)) < 2:
         return []
     first, *others = methods_in_order(points)
+    with_fe = bool(points.forward_equivalents.notna().all())
     short = dict(zip(points.method, points.short))
     ref = points[points.method == first]
     parts = []
@@ -281,15 +284,22 @@ def equal_cost(folder: Path) -> list[str]:
         p = ref[ref.nfe == nfe]
         if not len(p):
             continue
-        same = [points[(points.method == m) & (points.nfe == nfe) & (points.updates == p.updates.iloc[0])]
-                for m in others]
-        if all(len(c) for c in same):
-            parts.append(f"{nfe} NFE at {int(p.updates.iloc[0])} updates: {short[first]} {p.fid.iloc[0]:.3g}, "
-                         + ", ".join(f"{short[m]} {c.fid.iloc[0]:.3g}" for m, c in zip(others, same)))
+        p = p.iloc[0]
+        here = points[points.nfe == nfe]
+        same = {m: here[(here.method == m) & (((here.forward_equivalents - p.forward_equivalents).abs()
+                                               <= 0.02 * p.forward_equivalents) if with_fe
+                                              else (here.updates == p.updates))] for m in others}
+        same = {m: c for m, c in same.items() if len(c)}
+        if same:
+            at = (f"{p.forward_equivalents:.3g} forward-equivalents ({short[first]}: {int(p.updates)} updates)"
+                  if with_fe else f"{int(p.updates)} updates")
+            parts.append(f"{nfe} NFE at {at}: {short[first]} {p.fid:.3g}, "
+                         + ", ".join(f"{short[m]} {c.fid.iloc[0]:.3g}" for m, c in same.items()))
     if not parts:
         return []
-    text = ("At equal cost (optimiser updates of the same batch, cumulative from the teacher; the run's own "
-            f"evaluation, {points.metric.iloc[0]}): " + "; ".join(parts) + ".")
+    unit = ("forward-equivalents of the same batch (a backward = 2 forwards, every network), cumulative from the "
+            "teacher" if with_fe else "optimiser updates of the same batch, cumulative from the teacher")
+    text = f"At equal cost ({unit}; the run's own evaluation, {points.metric.iloc[0]}): " + "; ".join(parts) + "."
     for m in others:
         mine = points[points.method == m]
         best = mine.loc[mine.groupby("nfe").fid.idxmin()]
