@@ -243,3 +243,31 @@ def test_the_report_compares_three_methods_at_equal_forward_equivalents(tmp_path
     assert "| 1 | 2.5 at 1200 (7.68e+05 fwd-eq) | 5 at 1200 (7.68e+05 fwd-eq) | never | 1.5 at 240 (7.68e+05 fwd-eq) " \
            "| 240 (7.68e+05 fwd-eq) |" in section
     assert (tmp_path / "digits" / "fid_vs_training_cost.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_guided_teacher_is_distilled_into_a_conditional_generator_without_a_w_input(tmp_path, shared_cache):
+    """A tiny class-conditional toy2d teacher, --guided: the real score is the CFG teacher at --dmd2.guidance (two
+    teacher evaluations per example and update), the generator is conditional on the class with no w input, its own
+    evaluation compares it with the CFG teacher at that w; a guided sweep is refused until it exists."""
+    from fastdiff.distill import PRESETS, distill
+    from fastdiff.errors import FastdiffError
+    from fastdiff.train import PRESETS as TRAIN
+    from fastdiff.train import train
+
+    teacher = dataclasses.replace(TRAIN["toy2d"], cond="class", updates=60, hidden=32, layers=1, batch_size=64,
+                                  out_dir=str(tmp_path / "teacher"), sample_every=10_000)
+    train(teacher, progress=False)
+    cfg = cfgs.replace(PRESETS["digits-guided"], {
+        "teacher": str(tmp_path / "teacher"), "teacher_preset": "toy2d", "method": "dmd2", "batch_size": 64,
+        "eval_samples": 64, "out_dir": str(tmp_path / "distill"), "bench": False,
+        "dmd2.updates": 3, "dmd2.fake_updates": 2, "dmd2.guidance": 3.0})
+    with pytest.raises(FastdiffError, match="pass --bench false"):
+        distill(cfgs.replace(cfg, {"bench": True}), progress=False)
+    run = distill(cfg, progress=False)
+    student = fastdiff.load_student(run / "students" / "dmd2.pt")
+    assert student.config["scalar_cond"] is False and student.config["cond"] == "class"
+    assert student.cost["forward_equivalents_by_network"]["teacher"] == 3 * 64 * 2
+    y = torch.zeros(4, dtype=torch.long)
+    assert student.net(torch.zeros(4, 2), torch.full((4,), 0.5), y).shape == (4, 2)  # class input, no w
+    assert [e["nfe"] for e in student.role["evaluation"]] == [1]

@@ -169,9 +169,9 @@ class DMD2(Method):
         if cfg.param == "eps":
             raise FastdiffError("--method dmd2 needs --param v or x0: an eps generator's x0 = (z - sigma eps)/alpha "
                                 "divides by alpha ~ 0 at t = 1")
-        if cfg.guided:
-            raise FastdiffError("--method dmd2 does not take --guided yet: the guided real score (the CFG teacher at "
-                                "--dmd2.guidance) is not implemented; run it on an unconditional teacher")
+        if cfg.guided and cfg.bench:
+            raise FastdiffError("--method dmd2 --guided: the guided sweep of a DMD2 student (no w input; distilled at "
+                                "--dmd2.guidance) is not implemented yet; pass --bench false")
         cfgs.check_range(cfg, "dmd2.updates", o.updates >= 0, ">= 0 (0: the PD rounds' forward-equivalents)")
         cfgs.check_range(cfg, "dmd2.steps", o.steps >= 1, ">= 1")
         cfgs.check_range(cfg, "dmd2.fake_updates", o.fake_updates >= 1, ">= 1")
@@ -181,6 +181,7 @@ class DMD2(Method):
         cfgs.check_range(cfg, "dmd2.ema_decay", 0 <= o.ema_decay < 1, "in [0, 1)")
         cfgs.check_range(cfg, "dmd2.grad_clip", o.grad_clip >= 0, ">= 0 (0: none)")
         cfgs.check_range(cfg, "dmd2.eval_every", o.eval_every >= 0, ">= 0 (0: at the PD students' costs and the end)")
+        cfgs.check_range(cfg, "dmd2.guidance", o.guidance >= 0, ">= 0 (fastdiff's w: 0 unconditional, 1 conditional)")
         get_method("pd").validate(cfg)  # its budgets are DMD2's equal-cost points
 
     def check_teacher(self, teacher, cfg: DistillConfig) -> None:
@@ -191,12 +192,12 @@ class DMD2(Method):
         """Per generator update and example: `fake_updates` fake-score steps, each on fresh generator samples (a
         generator forward, plus (N-1)/2 on average for backward simulation) and a fake-score forward + backward;
         then the generator step: its forward + backward (and the simulation's forwards), one teacher evaluation and
-        one fake-score evaluation at the noised sample. With the GAN head: the fake network's forward + backward on a
+        one fake-score evaluation at the noised sample (the teacher guided: two evaluations). With the GAN head: the fake network's forward + backward on a
         real and a generated batch in each fake-score step, and on the generated one in the generator step."""
         o, b = cfg.dmd2, cfg.batch_size
         sim = (o.steps - 1) / 2  # expected forwards of the backward simulation (k ~ U{0..N-1})
         gan = TRAINED if o.gan else 0  # per pass of the GAN head: the fake network's forward + backward
-        return {"teacher": FORWARD * b,
+        return {"teacher": FORWARD * b * (2 if cfg.guided else 1),  # guided: its conditional and unconditional halves
                 "generator": (o.fake_updates * (FORWARD + sim) + sim + TRAINED) * b,
                 "fake_score": (o.fake_updates * (TRAINED + 2 * gan) + FORWARD + gan) * b}
 
@@ -242,6 +243,7 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
     from fastdiff import distributed as dist
     from fastdiff import runs
     from fastdiff.grids import make_grid
+    from fastdiff.guidance import conditional, guided_x0_eps
     from fastdiff.models import build_model, network_from_dict
     from fastdiff.param import denoiser
 
@@ -251,15 +253,16 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
     if final.exists():
         return
     teacher = ctx.teacher0.net.eval().requires_grad_(False)
-    generator = build_model(network_from_dict(ctx.student_network)).to(device)
+    # the teacher's network (conditional like it, no w input even in a guided run: w is fixed, --dmd2.guidance)
+    network = {**ctx.teacher0.network, "scalar_cond": False}
+    generator = build_model(network_from_dict(network)).to(device)
     generator.load_state_dict(teacher.state_dict())
     fake = build_model(network_from_dict(ctx.teacher0.network)).to(device)
     fake.load_state_dict(teacher.state_dict())
     if o.gan:
         fake = FakeScore(fake, ctx.teacher0.data_shape)
     ema = copy.deepcopy(generator)
-    real_x0 = denoiser(teacher, schedule, ctx.teacher0.param)
-    fake_x0 = denoiser(fake, schedule, ctx.teacher0.param)
+    guided = cfg.guided
     ts = make_grid("student", n, schedule)
     lr = o.lr or cfg.lr
     salt = cfg.seed * 7919 + 4242
@@ -271,9 +274,20 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
     timing = {"start": time.perf_counter() - (resume["wall_clock_s"] if resume else 0.0),
               "eval_s": resume.get("eval_s", 0.0) if resume else 0.0}
 
-    def samples(model, grad: bool) -> torch.Tensor:
+    def condition() -> torch.Tensor | None:
+        """A guided run's batch of conditions: the labels of random training examples (a text teacher: a random
+        caption of each), as the teacher saw them; None unguided."""
+        if not guided:
+            return None
+        idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
+        return ctx.conditioner(ctx.y_all[idx], gen)
+
+    def on(net, y):
+        return net if y is None else conditional(net, y)
+
+    def samples(model, grad: bool, y) -> torch.Tensor:
         """A batch of the generator's x0 at a grid time drawn per batch, its input by backward simulation."""
-        g_x0 = denoiser(model, schedule, cfg.param)
+        g_x0 = denoiser(on(model, y), schedule, cfg.param)
         z = torch.randn((local_batch, *shape), generator=gen).to(device)
         k = int(torch.randint(n, (1,), generator=gen)) if n > 1 else 0
         x = generate(lambda x_, t_: g_x0(x_, t_)[0], z, ts, k, schedule, gen, ctx.clip)
@@ -284,22 +298,33 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
     t_clean = torch.full((local_batch,), T_MIN, device=device)  # where the GAN head sees its images (DMD2: sigma_min)
 
     def fake_loss(model) -> torch.Tensor:
-        x = samples(generator, grad=False)
-        loss = fake_score_loss(model, x, schedule, ctx.teacher0.param, ctx.tcfg.weighting, gen)
+        y = condition()
+        x = samples(generator, grad=False, y=y)
+        loss = fake_score_loss(model, x, schedule, ctx.teacher0.param, ctx.tcfg.weighting, gen, y=y)
         if o.gan:  # the head's non-saturating classification: data real, generator samples fake
-            real = ctx.x_all[torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)]
-            logits_real, logits_fake = model(real, t_clean, logits=True), model(x.detach(), t_clean, logits=True)
+            idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
+            real = ctx.x_all[idx]
+            real_y = None if y is None else ctx.conditioner(ctx.y_all[idx], gen)
+            logits_real = model(real, t_clean, None if y is None else real_y, logits=True)
+            logits_fake = model(x.detach(), t_clean, y, logits=True)
             loss = loss + o.gan_classifier_weight * (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
         return loss
 
     def generator_loss(model) -> torch.Tensor:
-        x = samples(model, grad=True)
+        y = condition()
+        x = samples(model, grad=True, y=y)
         t = o.t_min + (o.t_max - o.t_min) * torch.rand(local_batch, generator=gen, dtype=torch.float64)
+        if guided:  # the real score: the CFG teacher at w = --dmd2.guidance for the batch's conditions
+            w = torch.full((local_batch,), o.guidance, device=device)
+            real_x0 = guided_x0_eps(teacher, ctx.teacher0.param, schedule, y, w, ctx.num_classes)
+        else:
+            real_x0 = denoiser(teacher, schedule, ctx.teacher0.param)
+        fake_x0 = denoiser(on(fake, y), schedule, ctx.teacher0.param)
         real = lambda x_t, t_: real_x0(x_t, t_)[0]  # noqa: E731
         fake_fn = lambda x_t, t_: fake_x0(x_t, t_)[0]  # noqa: E731
         loss = dm_loss(x, t, real, fake_fn, schedule, gen)
         if o.gan:  # (its gradient in the fake network's weights is cleared before the next fake-score step)
-            loss = loss + o.gan_generator_weight * F.softplus(-fake(x, t_clean, logits=True)).mean()
+            loss = loss + o.gan_generator_weight * F.softplus(-fake(x, t_clean, y, logits=True)).mean()
         return loss
 
     def snapshot(update: int) -> None:
@@ -307,10 +332,14 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
         evaluation's time is not training cost."""
         t_eval = time.perf_counter()
         cost = student_cost(ctx, method, update, t_eval - timing["start"] - timing["eval_s"])
-        evaluation = [evaluate_student(ctx, ema, "dmd2", grid, nfe) for nfe in EVAL_NFE if nfe <= n]
+        evaluation = [evaluate_student(ctx, ema, "dmd2", grid, nfe, guidance=o.guidance if guided else None)
+                      for nfe in EVAL_NFE if nfe <= n]
         for path, swept in ((snapshot_path(ctx.run, update), False),) + (((final, True),) if update == total else ()):
             save_student(ctx, path, ema, method=method, sampler="dmd2", grid=grid, steps=n, cost=cost,
-                         evaluation=evaluation, swept=swept, extra={"updates": update, "dmd2": cfgs.to_dict(o)})
+                         evaluation=evaluation, swept=swept,
+                         extra={"updates": update, "dmd2": cfgs.to_dict(o), "network": network,
+                                "config": {**ctx.student_cfg, "scalar_cond": False},
+                                **({"guidance": o.guidance} if guided else {})})
         timing["eval_s"] += time.perf_counter() - t_eval
 
     def after_update(update, loss, lr_now, grad_norm) -> None:
@@ -327,8 +356,8 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
     runs.fit(nets, total=total, lr_at=lambda update: lr, gen=gen, salt=salt, device=device,
              state_path=ctx.state_path, ckpt_every=cfg.ckpt_every, label="DMD2", resume=resume,
              emas={"ema": ("generator", o.ema_decay, ema)}, after_update=after_update,
-             extra_state=lambda: {"kind": "distill-state", "config": ctx.student_cfg, "stage": "dmd2",
-                                  "network": ctx.student_network, "eval_s": timing["eval_s"]},
+             extra_state=lambda: {"kind": "distill-state", "config": {**ctx.student_cfg, "scalar_cond": False},
+                                  "stage": "dmd2", "network": network, "eval_s": timing["eval_s"]},
              on_step=None if ctx.on_step is None else lambda update: ctx.on_step(0, update),
              progress=ctx.progress)
     if dist.is_main() and not final.exists():  # a run stopped after its last update, before the snapshot

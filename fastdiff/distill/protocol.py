@@ -219,10 +219,13 @@ def student_cost(ctx: "DistillRun", method: Method, updates: int, wall: float) -
             "device": str(ctx.device), "threads": torch.get_num_threads()}
 
 
-def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int) -> dict:
+def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int,
+                     guidance: float | None = None) -> dict:
     """A student's own evaluation (rank 0): `steps` steps of its sampler on its grid and the teacher's DDIM at the same
     step count, on the same per-index noise, scored with the run's round metric -> {metric, student_value,
-    teacher_ddim_value, samples, nfe}."""
+    teacher_ddim_value, samples, nfe}. `guidance` w: a conditional student distilled from the CFG teacher at that w
+    (it has no w input): both sample the evaluation conditions (class k % C, or the held-out prompt asking for it),
+    the teacher under CFG at w, and the classifier's accuracy on the asked-for digit is added (image data)."""
     import torch
 
     from fastdiff import registry
@@ -230,15 +233,29 @@ def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int
     from fastdiff.samplers import initial_noise, sample
 
     cfg, shape, n = ctx.cfg, tuple(ctx.teacher0.data_shape), ctx.cfg.eval_samples
+    student, teacher_net = net, ctx.teacher0.net
+    if guidance is not None:
+        from fastdiff.conditioning import eval_condition
+        from fastdiff.guidance import conditional, guided
+
+        y = eval_condition(ctx.tcfg.cond, ctx.teacher0.net, range(n), ctx.num_classes, ctx.device)
+        student, teacher_net = conditional(net, y), guided(ctx.teacher0.net, y, ctx.num_classes)
     x, gens = initial_noise(range(n), shape, cfg.seed, ctx.device, rng=cfg.noise)
     with torch.no_grad():
-        out = registry.sampler(sampler).run(net, x, make_grid(grid, steps, ctx.schedule), schedule=ctx.schedule,
+        out = registry.sampler(sampler).run(student, x, make_grid(grid, steps, ctx.schedule), schedule=ctx.schedule,
                                             param=cfg.param, clip=ctx.clip, generator=gens, guidance=None)
-    teacher = sample(ctx.teacher0.net, n, shape, make_grid("student", out.nfe, ctx.schedule), schedule=ctx.schedule,
-                     param=ctx.teacher0.param, seed=cfg.seed, device=ctx.device, clip=ctx.clip, rng=cfg.noise)
+    teacher = sample(teacher_net, n, shape, make_grid("student", out.nfe, ctx.schedule), schedule=ctx.schedule,
+                     param=ctx.teacher0.param, seed=cfg.seed, device=ctx.device, clip=ctx.clip, rng=cfg.noise,
+                     guidance=guidance)
     name, score = ctx.scorer
-    return {"metric": name, "student_value": f"{score(ctx.decode(out.x)):.6g}",
-            "teacher_ddim_value": f"{score(ctx.decode(teacher)):.6g}", "samples": n, "nfe": out.nfe}
+    x_student, x_teacher = ctx.decode(out.x), ctx.decode(teacher)
+    accuracy = {}
+    if guidance is not None:
+        from fastdiff.distill.stages import accuracy_columns
+
+        accuracy = accuracy_columns(ctx, x_student, x_teacher)
+    return {"metric": name, "student_value": f"{score(x_student):.6g}",
+            "teacher_ddim_value": f"{score(x_teacher):.6g}", "samples": n, "nfe": out.nfe, **accuracy}
 
 
 def save_student(ctx: "DistillRun", name, net, *, method: "Method | str", sampler: str | None, grid: str,
