@@ -250,7 +250,7 @@ def test_cd_gets_the_pd_rounds_updates_and_snapshots_at_each_pd_students_cost():
     from fastdiff.distill.pd import pd_costs, round_updates
 
     cfg = PRESETS["digits"]
-    assert cfg.method == "pd+cd" and cfg.cd.updates == 0
+    assert cfg.method == "pd+cd+dmd2" and cfg.cd.updates == 0
     costs = pd_costs(cfg)
     assert costs == [sum(round_updates(cfg, i) for i in range(r + 1)) for r in range(6)]
     assert cd_total(cfg) == costs[-1] and cd_snapshots(cfg) == costs

@@ -116,7 +116,8 @@ def test_the_cost_and_the_equal_cost_budgets():
     from fastdiff.distill.config import PRESETS
     from fastdiff.distill.protocol import forward_equivalents, get_method
 
-    cfg = PRESETS["digits"]
+    cfg = cfgs.replace(PRESETS["digits"], {"dmd2.fake_updates": 5})  # DMD2's own (the preset takes 2)
+    assert PRESETS["digits"].dmd2.fake_updates == 2 and get_method("dmd2").total(PRESETS["digits"]) == 462
     method, pd = get_method("dmd2"), get_method("pd")
     assert forward_equivalents(method.update_cost(cfg), 1) == 25 * cfg.batch_size
     four = cfgs.replace(cfg, {"dmd2.steps": 4})

@@ -137,7 +137,7 @@ def test_a_toy_method_runs_end_to_end_from_one_file(tmp_path, toy_method, shared
     assert "stages: toy: 6 updates, 2 critic steps each" in capsys.readouterr().out
     assert run_cli(distill_main, ["--preset", "toy2d", "--teacher", cfg.teacher, "--method", "toy,nope",
                                   "--out-dir", str(tmp_path / "bad")]) == 2
-    assert "--method: unknown 'nope'; choose from pd, cd, toy" in capsys.readouterr().err
+    assert "--method: unknown 'nope'; choose from pd, cd, dmd2, toy" in capsys.readouterr().err
 
     ref = distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")), progress=False)
 

@@ -17,8 +17,9 @@ from fastdiff.errors import FastdiffError
 
 def test_every_sampler_of_the_sweep_is_one_registry_entry():
     assert SAMPLERS == registry.sampler_names()
-    assert registry.student_samplers() == ("distilled", "consistency")
+    assert registry.student_samplers() == ("distilled", "consistency", "dmd2")
     assert registry.samplers_of("pd") == ("distilled",) and registry.samplers_of("cd") == ("consistency",)
+    assert registry.samplers_of("dmd2") == ("dmd2",)
     for name in SAMPLERS:
         entry = registry.sampler(name)
         assert entry.name == name and entry.rows in typing.get_args(registry.RowRule)
@@ -30,7 +31,8 @@ def test_every_sampler_of_the_sweep_is_one_registry_entry():
 
 def test_row_rules_give_the_rows_of_the_sweep():
     cfg = BenchConfig(model="m", samplers=SAMPLERS, spacings=("linspace",), steps=(1, 2, 4, 64), variance="large")
-    specs = build_specs(cfg, 32, {"distilled": [("student", 4), ("student", 1)], "consistency": [("cd18", 18)]})
+    specs = build_specs(cfg, 32, {"distilled": [("student", 4), ("student", 1)], "consistency": [("cd18", 18)],
+                                  "dmd2": [("student2", 2)]})
     by = {}
     for s in specs:
         by.setdefault(s.sampler, []).append((s.grid, s.steps, s.eta, s.variance))
@@ -42,6 +44,7 @@ def test_row_rules_give_the_rows_of_the_sweep():
     assert by["heun"] == [("karras", n, 0.0, "") for n in (1, 2, 32)]
     assert by["distilled"] == [("student", 1, 0.0, ""), ("student", 4, 0.0, "")]
     assert by["consistency"] == [("cd18", n, 0.0, "") for n in (1, 2, 4)]
+    assert by["dmd2"] == [("student2", n, 0.0, "") for n in (1, 2)]  # up to its N
     assert [s.sampler for s in specs] == [n for n in SAMPLERS for _ in by[n]]  # in the order of cfg.samplers
 
 
@@ -85,9 +88,10 @@ def test_labels_and_flags_as_the_report_and_graphs_had_them():
     assert registry.line_label("ddpm", "full", "", "large") == "ddpm (full, large var.)"
     assert registry.line_label("dpm++2m", "logsnr", "0.0", "") == "dpm++2m (logsnr)"
     assert registry.line_label("consistency", "cd18", "0.0", "") == "consistency student (cd18, multistep)"
-    assert summary_samplers() == ("distilled", "consistency", "ddpm", "ddpm-strided", "ddim", "dpm++2m", "dpm++3m",
-                                  "unipc2-bh2", "unipc3-bh1", "heun")
-    assert students() == {"distilled": "progressive (PD) student", "consistency": "consistency (CD) student"}
+    assert summary_samplers() == ("distilled", "consistency", "dmd2", "ddpm", "ddpm-strided", "ddim", "dpm++2m",
+                                  "dpm++3m", "unipc2-bh2", "unipc3-bh1", "heun")
+    assert students() == {"distilled": "progressive (PD) student", "consistency": "consistency (CD) student",
+                          "dmd2": "distribution-matching (DMD2) student"}
     assert {n for n in SAMPLERS if registry.sampler(n).graphable} == {"ddpm", "ddpm-strided", "ddim", "distilled"}
     assert not use_graphs("auto", torch.device("cpu"), "ddim")
     from fastdiff.distill.cli import FULL_ONLY_SAMPLERS

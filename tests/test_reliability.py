@@ -459,9 +459,9 @@ def test_cifar10_preset_end_to_end_on_a_fake_folder(fake_cifar10, tmp_path, monk
     assert asked[0] == ("auto", "cifar10", (3, 32, 32), str(weights))
     assert all(isinstance(d, torch.device) and d.type == "cpu" for d in devices)
     rows = read_rows(tmp_path / "res" / "cifar10" / "fid_vs_steps.csv")
-    # every sampler of the sweep; a progressive run has no consistency student (distill --method cd makes one), and
-    # the samplers of the --full sweep are not in distill's default one
-    assert {r["sampler"] for r in rows} == set(B.SAMPLERS) - {"consistency"} - set(FULL_ONLY_SAMPLERS)
+    # every sampler of the sweep; a progressive run has no consistency or DMD2 student (distill --method cd / dmd2
+    # makes one), and the samplers of the --full sweep are not in distill's default one
+    assert {r["sampler"] for r in rows} == set(B.SAMPLERS) - {"consistency", "dmd2"} - set(FULL_ONLY_SAMPLERS)
     assert {r["extractor"] for r in rows} == {"test-pool"}
     assert {r["n_samples"] for r in rows} == {"6"} and (tmp_path / "res" / "report.md").exists()
 

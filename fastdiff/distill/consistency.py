@@ -283,7 +283,8 @@ def evaluate_cd(ctx, student, log, updates: int, loss: float, cost: dict) -> lis
     """-> the cd.csv rows it adds at `updates`: the student's 1-, 2- and 4-step consistency sampling and the
     teacher's DDIM at the same NFE, on the same per-index noise, scored with the round metric, with the cost so far. Guided: both at
     w = eval_guidance on the evaluation conditions, with the accuracy on the asked-for digit."""
-    from fastdiff.distill.stages import accuracy_columns, guided_pair, sample_model
+    from fastdiff.distill.protocol import accuracy_columns
+    from fastdiff.distill.stages import guided_pair, sample_model
     from fastdiff.samplers import consistency, initial_noise
 
     cfg, shape, n = ctx.cfg, tuple(ctx.teacher0.data_shape), ctx.cfg.eval_samples

@@ -251,11 +251,21 @@ def evaluate_student(ctx: "DistillRun", net, sampler: str, grid: str, steps: int
     x_student, x_teacher = ctx.decode(out.x), ctx.decode(teacher)
     accuracy = {}
     if guidance is not None:
-        from fastdiff.distill.stages import accuracy_columns
-
         accuracy = accuracy_columns(ctx, x_student, x_teacher)
     return {"metric": name, "student_value": f"{score(x_student):.6g}",
             "teacher_ddim_value": f"{score(x_teacher):.6g}", "samples": n, "nfe": out.nfe, **accuracy}
+
+
+def accuracy_columns(ctx: "DistillRun", x_student, x_teacher) -> dict:
+    """The classifier's accuracy on the digit samples 0..n-1 asked for (labelled image data sets only)."""
+    from fastdiff.conditioning import requested_classes
+    from fastdiff.metrics import class_accuracy
+
+    if len(ctx.teacher0.data_shape) != 3:
+        return {}
+    y = requested_classes(range(len(x_student)), ctx.num_classes, "cpu")
+    return {"student_accuracy": f"{class_accuracy(x_student, y, ctx.tcfg.dataset):.4f}",
+            "teacher_accuracy": f"{class_accuracy(x_teacher, y, ctx.tcfg.dataset):.4f}"}
 
 
 def save_student(ctx: "DistillRun", name, net, *, method: "Method | str", sampler: str | None, grid: str,

@@ -14,6 +14,7 @@ from fastdiff import distributed as dist
 from fastdiff import runs
 from fastdiff.checkpoint import LoadedModel, load_model, load_resumable
 from fastdiff.distill.progressive import student_loss, teacher_fn
+from fastdiff.distill.protocol import accuracy_columns
 from fastdiff.errors import FastdiffError
 from fastdiff.guidance import guided_x0_eps
 from fastdiff.runs import RoundLog
@@ -194,15 +195,3 @@ def guided_pair(ctx: DistillRun, student, n: int):
     y = eval_condition(ctx.tcfg.cond, ctx.teacher0.net, range(n), ctx.num_classes, ctx.device)
     w = torch.full((n,), ctx.cfg.eval_guidance, device=ctx.device)
     return conditional(student, y, w), guided(ctx.teacher0.net, y, ctx.num_classes), ctx.cfg.eval_guidance
-
-
-def accuracy_columns(ctx: DistillRun, x_student, x_teacher) -> dict:
-    """The classifier's accuracy on the digit samples 0..n-1 asked for (labelled image data sets only)."""
-    from fastdiff.conditioning import requested_classes
-    from fastdiff.metrics import class_accuracy
-
-    if len(ctx.teacher0.data_shape) != 3:
-        return {}
-    y = requested_classes(range(len(x_student)), ctx.num_classes, "cpu")
-    return {"student_accuracy": f"{class_accuracy(x_student, y, ctx.tcfg.dataset):.4f}",
-            "teacher_accuracy": f"{class_accuracy(x_teacher, y, ctx.tcfg.dataset):.4f}"}
