@@ -282,9 +282,9 @@ def test_diffusers_teacher_to_exported_student_round_trip(pipe_dir, teacher, tmp
     from fastdiff.export import main as export_main
 
     run = tmp_path / "run"
-    assert distill_main(["--teacher", str(pipe_dir), "--dataset", "digits", "--start-steps", "8", "--rounds", "1",
-                         "--updates-per-round", "3", "--batch-size", "8", "--eval-samples", "16", "--bench", "false",
-                         "--out-dir", str(run)]) == 0
+    assert distill_main(["--teacher", str(pipe_dir), "--dataset", "digits", "--method", "pd", "--start-steps", "8",
+                         "--rounds", "1", "--updates-per-round", "3", "--batch-size", "8", "--eval-samples", "16",
+                         "--bench", "false", "--out-dir", str(run)]) == 0
     student = fastdiff.load_student(run / "students" / "student_N4.pt")
     assert student.param == "v" and student.schedule == teacher.schedule and student.network == teacher.network
     assert export_main([str(run), "--out", str(tmp_path / "export")]) == 0
