@@ -140,8 +140,8 @@ def fields_of_other_methods(cfg: DistillConfig) -> tuple[str, ...]:
 
     mine = methods_of(cfg)
     read = set(mine) | {used for name in mine for used in get_method(name).uses}
-    return tuple(path for path, _, _ in cfgs.leaves(DistillConfig) if path.partition(".")[0] not in read
-                 and path.partition(".")[0] in {name for name, _, _ in _sections()})
+    unread = {name for name, _, _ in _sections()} - read
+    return tuple(path for path, _, _ in cfgs.leaves(DistillConfig) if path.partition(".")[0] in unread)
 
 
 def validate(cfg: DistillConfig) -> None:

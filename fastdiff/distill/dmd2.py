@@ -305,7 +305,7 @@ def run_dmd2(ctx: DistillRun, method: DMD2) -> None:
             idx = torch.randint(len(ctx.x_all), (local_batch,), generator=gen).to(device)
             real = ctx.x_all[idx]
             real_y = None if y is None else ctx.conditioner(ctx.y_all[idx], gen)
-            logits_real = model(real, t_clean, None if y is None else real_y, logits=True)
+            logits_real = model(real, t_clean, real_y, logits=True)
             logits_fake = model(x.detach(), t_clean, y, logits=True)
             loss = loss + o.gan_classifier_weight * (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
         return loss
